@@ -1,0 +1,62 @@
+# The one place that installs things. `make demo` and `make test` work on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+EDGE_VENV := .venv-edge
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip --disable-pip-version-check -q
+# torch must be installed first and pinned exactly: a newer or unpinned torch pulls a CUDA build.
+TORCH := torch==2.13.0
+# amqtt 0.11.4 pins typer 0.15.4, which breaks the flwr CLI; typer 0.20.1 serves both.
+TYPER := typer==0.20.1
+
+.PHONY: all setup system-deps demo test test-fast bench lint clean
+
+all: setup
+
+setup: $(VENV)/.stamp $(EDGE_VENV)/.stamp system-deps
+
+$(VENV)/.stamp: pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip setuptools wheel
+	$(PIP) install $(TORCH)
+	$(PIP) install -e ".[all]"
+	$(PIP) install $(TYPER)
+	@touch $@
+
+# An edge-only environment (the `edge` extra, no torch): the tests prove inference runs there.
+$(EDGE_VENV)/.stamp: pyproject.toml
+	test -x $(EDGE_VENV)/bin/python || $(PYTHON) -m venv $(EDGE_VENV)
+	$(EDGE_VENV)/bin/pip --disable-pip-version-check -q install -e ".[edge]"
+	@touch $@
+
+# Mosquitto is the production broker and every integration test runs against it.
+system-deps:
+	@if ! command -v mosquitto >/dev/null && [ ! -x /usr/sbin/mosquitto ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq mosquitto; \
+	  elif command -v sudo >/dev/null; then sudo apt-get update -qq && sudo apt-get install -y -qq mosquitto; \
+	  else echo "error: mosquitto is missing; install it (apt-get install mosquitto)"; exit 1; fi; \
+	fi
+
+demo: setup
+	$(VENV)/bin/bedside demo --out demo-output
+
+test: setup
+	$(PY) -m pytest -q
+
+# Unit tests only (no servers).
+test-fast: $(VENV)/.stamp
+	$(PY) -m pytest -q -m "not integration and not slow"
+
+bench: setup
+	$(PY) benchmarks/inference.py
+	$(PY) benchmarks/privacy_utility.py
+	$(PY) benchmarks/federation.py
+
+lint: $(VENV)/.stamp
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy bedside models edge aggregator demo
+
+clean:
+	rm -rf $(VENV) $(EDGE_VENV) demo-output .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -1,0 +1,249 @@
+"""The model schema: what a model takes in and what it puts out.
+
+A schema travels in every manifest, so that the edge can check inputs without the training code.
+It states, per input feature, its name, unit, the allowed range (values outside are refused: they
+are data-entry errors or a different unit) and the scaling constants ``loc``/``scale`` that the
+model applies inside its ONNX graph, ``(x - loc) / scale``. Scaling constants come from public
+knowledge (clinical ranges, published data set statistics) or from the central reference set held
+by the aggregator's data team, never from pooled clinic records.
+
+Two kinds of input:
+
+``tabular``
+    one row per prediction, a column per feature; model input shape ``[batch, n_features]``.
+``timeseries``
+    a window of ``window`` consecutive rows per prediction, grouped by ``group_column`` and
+    ordered by ``order_column`` in CSV form; model input shape ``[batch, n_features, window]``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from bedside.constants import INPUT_SCHEMA_VERSION
+from bedside.errors import SchemaError
+
+Kind = Literal["tabular", "timeseries"]
+
+
+@dataclass(frozen=True)
+class Feature:
+    """One input feature. ``min``/``max`` bound what is accepted; ``loc``/``scale`` normalise."""
+
+    name: str
+    unit: str = ""
+    min: float | None = None
+    max: float | None = None
+    loc: float = 0.0
+    scale: float = 1.0
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.name or not isinstance(self.name, str):
+            raise SchemaError("schema: every feature needs a non-empty string 'name'")
+        if not (math.isfinite(self.loc) and math.isfinite(self.scale) and self.scale > 0):
+            raise SchemaError(
+                f"schema: feature {self.name!r} needs a finite 'loc' and a positive 'scale' "
+                f"(got loc={self.loc}, scale={self.scale})"
+            )
+        if self.min is not None and self.max is not None and not self.min <= self.max:
+            raise SchemaError(
+                f"schema: feature {self.name!r} has min {self.min} > max {self.max}; swap them"
+            )
+
+
+@dataclass(frozen=True)
+class Schema:
+    """Input features (ordered), kind, window and output labels of a classifier."""
+
+    features: tuple[Feature, ...]
+    labels: tuple[str, ...]
+    kind: Kind = "tabular"
+    window: int | None = None
+    group_column: str | None = None
+    order_column: str | None = None
+    dtype: str = "float32"
+    version: int = INPUT_SCHEMA_VERSION
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.features:
+            raise SchemaError("schema: 'features' is empty; list the model's input columns in order")
+        names = [f.name for f in self.features]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise SchemaError(f"schema: feature names must be unique; repeated: {', '.join(dupes)}")
+        if len(self.labels) < 2:
+            raise SchemaError("schema: 'labels' needs at least two class labels")
+        if len(set(self.labels)) != len(self.labels):
+            raise SchemaError("schema: class labels must be unique")
+        if self.kind not in ("tabular", "timeseries"):
+            raise SchemaError(f"schema: 'kind' must be 'tabular' or 'timeseries', not {self.kind!r}")
+        if self.kind == "timeseries":
+            if not isinstance(self.window, int) or self.window < 2:
+                raise SchemaError("schema: a timeseries schema needs an integer 'window' >= 2")
+            if not self.group_column:
+                raise SchemaError(
+                    "schema: a timeseries schema needs 'group_column' (the CSV column naming each "
+                    "window)"
+                )
+        elif self.window is not None:
+            raise SchemaError("schema: 'window' is only valid for kind 'timeseries'")
+        if self.dtype != "float32":
+            raise SchemaError(f"schema: only dtype 'float32' is supported, not {self.dtype!r}")
+        if self.version != INPUT_SCHEMA_VERSION:
+            raise SchemaError(
+                f"schema: version {self.version} is not supported (this Bedside reads version "
+                f"{INPUT_SCHEMA_VERSION}); upgrade Bedside"
+            )
+
+    # -- shape ------------------------------------------------------------------------------
+    @property
+    def feature_names(self) -> list[str]:
+        return [f.name for f in self.features]
+
+    @property
+    def n_features(self) -> int:
+        return len(self.features)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def input_shape(self) -> list[int | None]:
+        """Model input shape with ``None`` for the (dynamic) batch dimension."""
+        if self.kind == "timeseries":
+            assert self.window is not None
+            return [None, self.n_features, self.window]
+        return [None, self.n_features]
+
+    def loc_scale(self) -> tuple[np.ndarray, np.ndarray]:
+        loc = np.array([f.loc for f in self.features], dtype=np.float32)
+        scale = np.array([f.scale for f in self.features], dtype=np.float32)
+        return loc, scale
+
+    # -- validation of arrays (what the predictor checks before every inference) -------------
+    def validate(self, x: np.ndarray, row_names: list[str] | None = None) -> np.ndarray:
+        """Check a batch against the schema and return it as contiguous float32.
+
+        Raises :class:`SchemaError` naming the row (by ``row_names`` when given, else its index)
+        and the feature for a wrong shape, a non-finite value or a value out of range.
+        """
+        arr = np.asarray(x)
+        if arr.dtype.kind not in "fiu":
+            raise SchemaError(f"input: expected numbers, got an array of dtype {arr.dtype}")
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        want = self.input_shape[1:]
+        if arr.ndim != len(want) + 1 or list(arr.shape[1:]) != want:
+            shown = ["batch", *want]
+            raise SchemaError(
+                f"input: shape {list(arr.shape)} does not match the model's input {shown}"
+                + ("; a window needs exactly "
+                   f"{self.window} time steps" if self.kind == "timeseries" else "")
+            )
+        lo = np.array([-np.inf if f.min is None else f.min for f in self.features], np.float32)
+        hi = np.array([np.inf if f.max is None else f.max for f in self.features], np.float32)
+        if self.kind == "timeseries":
+            lo, hi = lo[None, :, None], hi[None, :, None]
+        bad = ~np.isfinite(arr) | (arr < lo) | (arr > hi)
+        if bad.any():
+            idx = tuple(int(i) for i in np.argwhere(bad)[0])
+            row, feat = idx[0], self.features[idx[1]]
+            value = float(arr[idx])
+            who = row_names[row] if row_names else f"row {row}"
+            if not math.isfinite(value):
+                raise SchemaError(
+                    f"input: {who}, column {feat.name!r}: value is {value}; Bedside does not "
+                    "impute missing values: fill in or drop the row"
+                )
+            raise SchemaError(
+                f"input: {who}, column {feat.name!r}: value {value:g} is outside the allowed range "
+                f"[{feat.min:g}, {feat.max:g}]{' ' + feat.unit if feat.unit else ''}; check the "
+                "value and its unit"
+            )
+        return arr
+
+    # -- (de)serialisation --------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "version": self.version,
+            "kind": self.kind,
+            "dtype": self.dtype,
+            "shape": self.input_shape,
+            "features": [
+                {k: v for k, v in asdict(f).items() if v not in (None, "")} for f in self.features
+            ],
+            "labels": list(self.labels),
+        }
+        if self.kind == "timeseries":
+            d["window"] = self.window
+            d["group_column"] = self.group_column
+            if self.order_column:
+                d["order_column"] = self.order_column
+        if self.extra:
+            d["extra"] = dict(self.extra)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], source: str = "schema") -> Schema:
+        if not isinstance(d, Mapping):
+            raise SchemaError(f"{source}: expected a JSON object with 'features' and 'labels'")
+        allowed = {"version", "kind", "dtype", "shape", "features", "labels", "window",
+                   "group_column", "order_column", "extra"}
+        unknown = sorted(set(d) - allowed)
+        if unknown:
+            raise SchemaError(f"{source}: unknown key(s) {', '.join(unknown)}; allowed: "
+                              f"{', '.join(sorted(allowed))}")
+        raw_features = d.get("features")
+        if not isinstance(raw_features, list) or not raw_features:
+            raise SchemaError(f"{source}: 'features' must be a non-empty list")
+        feats = []
+        for i, f in enumerate(raw_features):
+            if isinstance(f, str):
+                f = {"name": f}
+            if not isinstance(f, Mapping):
+                raise SchemaError(f"{source}: features[{i}] must be an object or a name")
+            fkeys = {"name", "unit", "min", "max", "loc", "scale", "description"}
+            bad = sorted(set(f) - fkeys)
+            if bad:
+                raise SchemaError(f"{source}: features[{i}] has unknown key(s) {', '.join(bad)}")
+            try:
+                feats.append(Feature(
+                    name=str(f.get("name", "")),
+                    unit=str(f.get("unit", "")),
+                    min=None if f.get("min") is None else float(f["min"]),
+                    max=None if f.get("max") is None else float(f["max"]),
+                    loc=float(f.get("loc", 0.0)),
+                    scale=float(f.get("scale", 1.0)),
+                    description=str(f.get("description", "")),
+                ))
+            except (TypeError, ValueError) as exc:
+                raise SchemaError(f"{source}: features[{i}]: {exc}") from exc
+        labels = d.get("labels")
+        if not isinstance(labels, list):
+            raise SchemaError(f"{source}: 'labels' must be a list of class names")
+        window = d.get("window")
+        schema = cls(
+            features=tuple(feats),
+            labels=tuple(str(x) for x in labels),
+            kind=d.get("kind", "tabular"),
+            window=int(window) if window is not None else None,
+            group_column=d.get("group_column"),
+            order_column=d.get("order_column"),
+            dtype=d.get("dtype", "float32"),
+            version=int(d.get("version", INPUT_SCHEMA_VERSION)),
+            extra=dict(d.get("extra", {})),
+        )
+        shape = d.get("shape")
+        if shape is not None and list(shape)[1:] != schema.input_shape[1:]:
+            raise SchemaError(
+                f"{source}: 'shape' {shape} disagrees with the features/window "
+                f"{schema.input_shape}; fix or drop 'shape'"
+            )
+        return schema
