@@ -128,6 +128,20 @@ class Schema:
         scale = np.array([f.scale for f in self.features], dtype=np.float32)
         return loc, scale
 
+    def reference_rows(self, n: int = 1) -> np.ndarray:
+        """``n`` valid inputs at the scaling centre (``loc``), clipped to the allowed range.
+
+        Used for self-tests: a model must turn them into finite probabilities that sum to one.
+        """
+        loc, _ = self.loc_scale()
+        lo = np.array([-np.inf if f.min is None else f.min for f in self.features], np.float32)
+        hi = np.array([np.inf if f.max is None else f.max for f in self.features], np.float32)
+        row = np.clip(loc, lo, hi).astype(np.float32)
+        if self.kind == "timeseries":
+            assert self.window is not None
+            return np.repeat(np.repeat(row[None, :, None], self.window, axis=2), n, axis=0)
+        return np.repeat(row[None, :], n, axis=0)
+
     # -- validation of arrays (what the predictor checks before every inference) -------------
     def validate(self, x: np.ndarray, row_names: list[str] | None = None) -> np.ndarray:
         """Check a batch against the schema and return it as contiguous float32.

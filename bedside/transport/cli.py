@@ -1,0 +1,57 @@
+"""``bedside broker ...``: the embedded broker, and certificates for Mosquitto."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+from pathlib import Path
+
+from bedside.cli import print_json
+from bedside.constants import DEFAULT_HOST, DEFAULT_MQTT_PORT
+
+
+def build(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    p = sub.add_parser("serve", help="run the embedded MQTT broker (amqtt) until interrupted")
+    p.add_argument("--host", default=DEFAULT_HOST,
+                   help="address to bind (default 127.0.0.1; anything else is reachable from the "
+                   "network and has no TLS: use Mosquitto for that)")
+    p.add_argument("--port", type=int, default=DEFAULT_MQTT_PORT)
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("certs", help="create a CA, a broker certificate and one client "
+                       "certificate per identity, for Mosquitto's TLS + ACL")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR")
+    p.add_argument("--identity", action="append", default=[], metavar="ID",
+                   help="device id or 'aggregator' (repeatable)")
+    p.add_argument("--broker-host", action="append", default=[], metavar="HOST",
+                   help="name or IP clients use to reach the broker (default 127.0.0.1, "
+                   "localhost)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_certs)
+
+
+def _serve(ns: argparse.Namespace) -> int:
+    from bedside.transport.broker import EmbeddedBroker
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    with EmbeddedBroker(ns.host, ns.port) as broker:
+        print(f"embedded MQTT broker on {broker.url} (MQTT 3.1.1); Ctrl-C to stop", flush=True)
+        stop.wait()
+    return 0
+
+
+def _certs(ns: argparse.Namespace) -> int:
+    from bedside.transport.pki import create_fleet
+
+    out = create_fleet(ns.out, ns.identity, ns.broker_host or None)
+    files = sorted(p.name for p in out.iterdir())
+    if ns.json:
+        print_json({"dir": str(out), "files": files})
+    else:
+        print(f"wrote {', '.join(files)} to {out} (private keys mode 0600: keep them on their "
+              "owner's machine only)")
+    return 0

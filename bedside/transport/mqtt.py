@@ -1,0 +1,175 @@
+"""MQTT transport over paho-mqtt (protocol 3.1.1, which both Mosquitto and amqtt speak).
+
+* Connects to 127.0.0.1 unless configured otherwise; TLS with a client certificate when
+  ``ca_file``/``cert_file``/``key_file`` are set (Mosquitto's ``use_identity_as_username`` then
+  makes the certificate's CN the identity its ACL checks).
+* Reconnects by itself (paho's loop thread, back-off 0.2 s .. 5 s) and renews subscriptions.
+* Network callbacks only enqueue: ``on_message`` puts a :class:`~bedside.transport.Message` on a
+  queue, with an ``ack`` bound to paho's manual acknowledgement when ``manual_ack`` is on.
+* ``publish`` refuses when disconnected and waits for the PUBACK of a QoS 1 message; callers
+  keep their own durable outbox, so nothing is queued silently in memory.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import queue
+import ssl
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+
+from bedside.constants import DEFAULT_HOST, DEFAULT_MQTT_PORT, MQTT_KEEPALIVE_S
+from bedside.errors import ConfigError, TransportError
+from bedside.transport import Message
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_MQTT_PORT
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    username: str | None = None
+    password: str | None = None
+    keepalive: int = MQTT_KEEPALIVE_S
+    publish_timeout: float = 10.0
+    connect_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"mqtt port must be 1..65535, got {self.port}")
+        tls = [self.ca_file, self.cert_file, self.key_file]
+        if any(tls) and not self.ca_file:
+            raise ConfigError("mqtt TLS needs 'ca_file' (the CA that signed the broker's "
+                              "certificate)")
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ConfigError("mqtt TLS client authentication needs both 'cert_file' and "
+                              "'key_file'")
+        for p in tls:
+            if p is not None and not Path(p).is_file():
+                raise ConfigError(f"mqtt TLS file {p} does not exist")
+
+    @property
+    def tls(self) -> bool:
+        return self.ca_file is not None
+
+    def describe(self) -> str:
+        return f"mqtt{'s' if self.tls else ''}://{self.host}:{self.port}"
+
+
+class MqttTransport:
+    """A paho client implementing the :class:`~bedside.transport.Transport` protocol."""
+
+    def __init__(self, cfg: MqttConfig, client_id: str, *, clean_session: bool = False,
+                 manual_ack: bool = False, will: tuple[str, bytes] | None = None) -> None:
+        self.cfg = cfg
+        self.client_id = client_id
+        self.manual_ack = manual_ack
+        self._inbox: queue.Queue[Message] = queue.Queue()
+        self._filters: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._connected = threading.Event()
+        self.last_error: str | None = None
+        c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id,
+                        protocol=paho.MQTTv311, clean_session=clean_session)
+        c.manual_ack_set(manual_ack)
+        c.reconnect_delay_set(min_delay=1, max_delay=5)
+        c.max_inflight_messages_set(20)
+        if cfg.tls:
+            c.tls_set(ca_certs=str(cfg.ca_file),
+                      certfile=str(cfg.cert_file) if cfg.cert_file else None,
+                      keyfile=str(cfg.key_file) if cfg.key_file else None,
+                      cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        if cfg.username:
+            c.username_pw_set(cfg.username, cfg.password)
+        if will is not None:
+            c.will_set(will[0], will[1], qos=1, retain=True)
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_message = self._on_message
+        self._client = c
+        try:
+            c.connect_async(cfg.host, cfg.port, keepalive=cfg.keepalive)
+        except (OSError, ValueError) as exc:
+            raise TransportError(f"cannot connect to {cfg.describe()}: {exc}") from None
+        c.loop_start()
+
+    # -- paho callbacks: they only record state and enqueue -------------------------------------
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any,
+                    properties: Any) -> None:
+        if reason.is_failure:
+            self.last_error = f"broker refused the connection: {reason}"
+            log.warning("%s: %s", self.cfg.describe(), self.last_error)
+            return
+        self.last_error = None
+        with self._lock:
+            filters = list(self._filters.items())
+        for f, qos in filters:
+            client.subscribe(f, qos)
+        self._connected.set()
+        log.debug("%s connected as %s", self.cfg.describe(), self.client_id)
+
+    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any,
+                       properties: Any) -> None:
+        self._connected.clear()
+        if reason is not None and getattr(reason, "is_failure", False):
+            self.last_error = f"disconnected: {reason}"
+
+    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+        ack = None
+        if self.manual_ack and msg.qos > 0:
+            ack = functools.partial(client.ack, msg.mid, msg.qos)
+        self._inbox.put(Message(topic=msg.topic, payload=bytes(msg.payload), retain=msg.retain,
+                                qos=msg.qos, _ack=ack))
+
+    # -- Transport API ---------------------------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    def wait_connected(self, timeout: float | None = None) -> bool:
+        return self._connected.wait(self.cfg.connect_timeout if timeout is None else timeout)
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+        if not self._connected.is_set():
+            raise TransportError(f"not connected to {self.cfg.describe()}; cannot publish to "
+                                 f"{topic}" + (f" ({self.last_error})" if self.last_error else ""))
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            raise TransportError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
+        if qos == 0:
+            return
+        try:
+            info.wait_for_publish(self.cfg.publish_timeout)
+        except (RuntimeError, ValueError) as exc:
+            raise TransportError(f"publish to {topic} failed: {exc}") from None
+        if not info.is_published():
+            raise TransportError(f"the broker did not confirm the message on {topic} within "
+                                 f"{self.cfg.publish_timeout:g} s")
+
+    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        with self._lock:
+            self._filters[topic_filter] = qos
+        if self._connected.is_set():
+            self._client.subscribe(topic_filter, qos)
+
+    def get(self, timeout: float | None = None) -> Message | None:
+        try:
+            return self._inbox.get(timeout=timeout) if timeout else self._inbox.get_nowait()
+        except queue.Empty:
+            return None
+
+    def close(self) -> None:
+        try:
+            self._client.disconnect()
+        finally:
+            self._client.loop_stop()
+            self._connected.clear()

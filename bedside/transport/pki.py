@@ -1,0 +1,128 @@
+"""A small certificate authority for broker TLS: one certificate per device.
+
+Mosquitto (``deploy/mosquitto/mosquitto.conf``) requires a client certificate and takes its
+Common Name as the username its ACL checks (``use_identity_as_username``), so a device can publish
+only on its own topics. This module creates a CA, the broker's server certificate and one client
+certificate per identity (devices and the aggregator). It is what the integration tests use and
+what a pilot site can use; a hospital with its own PKI issues the same certificates from it.
+
+Private keys are written with mode 0600 and never logged.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from bedside.errors import InputError
+from bedside.manifest import atomic_write_bytes
+
+VALID_DAYS = 825
+
+
+def _key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+    atomic_write_bytes(path, data, mode=0o600)
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Bedside"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _cert(subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name,
+          issuer_key: ec.EllipticCurvePrivateKey, *, ca: bool = False, server_hosts: list[str] = (),
+          client: bool = False) -> x509.Certificate:
+    now = dt.datetime.now(dt.UTC)
+    b = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(issuer)
+         .public_key(key.public_key()).serial_number(x509.random_serial_number())
+         .not_valid_before(now - dt.timedelta(minutes=5))
+         .not_valid_after(now + dt.timedelta(days=VALID_DAYS))
+         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if ca:
+        b = b.add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True,
+                                          crl_sign=True, content_commitment=False,
+                                          key_encipherment=False, data_encipherment=False,
+                                          key_agreement=False, encipher_only=False,
+                                          decipher_only=False), critical=True)
+    if server_hosts:
+        alt: list[x509.GeneralName] = []
+        for h in server_hosts:
+            try:
+                alt.append(x509.IPAddress(ipaddress.ip_address(h)))
+            except ValueError:
+                alt.append(x509.DNSName(h))
+        b = b.add_extension(x509.SubjectAlternativeName(alt), critical=False)
+        b = b.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+                            critical=False)
+    if client:
+        b = b.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]),
+                            critical=False)
+    return b.sign(issuer_key, hashes.SHA256())
+
+
+def _pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def create_ca(out: Path, name: str = "Bedside fleet CA") -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "ca.key").exists():
+        raise InputError(f"{out / 'ca.key'} exists; refusing to replace a CA (remove it first)")
+    key = _key()
+    cert = _cert(name, key, _name(name), key, ca=True)
+    _write_key(out / "ca.key", key)
+    atomic_write_bytes(out / "ca.crt", _pem(cert))
+
+
+def _load_ca(out: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    try:
+        cert = x509.load_pem_x509_certificate((out / "ca.crt").read_bytes())
+        key = serialization.load_pem_private_key((out / "ca.key").read_bytes(), password=None)
+    except FileNotFoundError:
+        raise InputError(f"{out}: no ca.crt/ca.key; create the CA first") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise InputError(f"{out / 'ca.key'}: not an EC key")
+    return cert, key
+
+
+def issue(out: Path, identity: str, *, server_hosts: list[str] | None = None) -> tuple[Path, Path]:
+    """Issue ``identity.crt``/``identity.key`` signed by the CA in ``out``.
+
+    With ``server_hosts`` it is a server certificate for those names/IPs (the broker); otherwise
+    a client certificate whose CN is the identity (a device id or ``aggregator``).
+    """
+    if not identity or "/" in identity or identity.startswith("."):
+        raise InputError(f"invalid certificate identity {identity!r}")
+    ca_cert, ca_key = _load_ca(out)
+    key = _key()
+    cert = _cert(identity, key, ca_cert.subject, ca_key, server_hosts=server_hosts or [],
+                 client=not server_hosts)
+    crt_path, key_path = out / f"{identity}.crt", out / f"{identity}.key"
+    _write_key(key_path, key)
+    atomic_write_bytes(crt_path, _pem(cert))
+    return crt_path, key_path
+
+
+def create_fleet(out: str | Path, identities: list[str],
+                 broker_hosts: list[str] | None = None) -> Path:
+    """CA + broker certificate + one client certificate per identity, in ``out``."""
+    d = Path(out)
+    create_ca(d)
+    issue(d, "broker", server_hosts=broker_hosts or ["127.0.0.1", "localhost"])
+    for ident in identities:
+        issue(d, ident)
+    os.chmod(d, 0o700)
+    return d

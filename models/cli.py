@@ -1,0 +1,143 @@
+"""``bedside models ...``: export, import, inspect, verify."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from bedside.cli import print_json
+from bedside.errors import InputError
+
+
+def _param(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (JSON value), got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        raise argparse.ArgumentTypeError(
+            f"{key}: value {value!r} is not JSON (e.g. hidden=[64,32] or dropout=0.1)"
+        ) from None
+
+
+def build(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    p = sub.add_parser("export", help="train a starting model and export it to ONNX with a manifest")
+    p.add_argument("--arch", required=True, choices=["logreg", "mlp", "cnn1d"])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--dataset", choices=["wdbc", "digits", "vitals"],
+                     help="a reference data set shipped with Bedside")
+    src.add_argument("--data", type=Path, metavar="FILE.csv",
+                     help="your own tabular CSV (needs --label)")
+    p.add_argument("--label", help="label column of --data")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR")
+    p.add_argument("--epochs", type=int, help="training epochs (default depends on the data set)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--param", type=_param, action="append", default=[], metavar="KEY=JSON",
+                   help="architecture hyper-parameter, e.g. hidden=[64,32] (repeatable)")
+    p.add_argument("--quantize", choices=["int8"], help="also write a dynamic int8 model")
+    p.add_argument("--name", help="model name (default DATASET-ARCH)")
+    p.add_argument("--version", type=int, default=1)
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("import", help="wrap a foreign ONNX classifier (e.g. from skl2onnx)")
+    p.add_argument("file", type=Path, metavar="FILE.onnx")
+    p.add_argument("--schema", required=True, type=Path, metavar="schema.json")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR")
+    p.add_argument("--name")
+    p.add_argument("--version", type=int, default=1)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_import)
+
+    p = sub.add_parser("inspect", help="show a model directory's manifest and verify its files")
+    p.add_argument("model", type=Path, metavar="DIR")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_inspect)
+
+
+def _summary(m: Any, out: Path) -> str:
+    lines = [f"{m.name} v{m.version} -> {out}",
+             f"  schema: {m.schema.n_features} features ({m.schema.kind}), labels "
+             f"{list(m.schema.labels)}",
+             f"  onnx: opset {m.opset}, sha256 {m.sha256[:16]}..."]
+    if m.parity:
+        lines.append(f"  parity vs torch: max abs diff {m.parity['max_abs_diff']:.2e} on "
+                     f"{m.parity['rows']} held-out rows (tolerance {m.parity['tolerance']:g})")
+    test = m.metrics.get("test")
+    if test:
+        lines.append(f"  test: accuracy {test['accuracy']:.4f}, AUC {test['auc']:.4f} "
+                     f"({test['rows']} rows)")
+    q = m.extra.get("quantization")
+    if q:
+        lat = q["latency"]
+        lines.append(
+            f"  int8: accuracy {q['accuracy']['int8']:.4f} ({q['accuracy_change']:+.4f}), "
+            f"batch-1 p50 {lat['int8']['batch1_p50_ms']:.3f} ms vs fp32 "
+            f"{lat['fp32']['batch1_p50_ms']:.3f} ms, {q['bytes']['int8']} vs "
+            f"{q['bytes']['fp32']} bytes")
+    lines.append(f"  privacy: {m.privacy or 'none (trained without differential privacy)'}")
+    return "\n".join(lines)
+
+
+def _export(ns: argparse.Namespace) -> int:
+    from bedside.models import datasets
+    from bedside.models.pipeline import DEFAULT_EPOCHS, export_model
+    from bedside.models.train import TrainConfig
+
+    if ns.data is not None:
+        if not ns.label:
+            raise InputError("--data needs --label COLUMN (the column holding the class)")
+        ds = datasets.load_csv(ns.data, ns.label)
+        ds = datasets.fit_scaling_to(ds)
+    else:
+        if ns.label:
+            raise InputError("--label goes with --data, not --dataset")
+        ds = datasets.load(ns.dataset)
+    epochs = ns.epochs if ns.epochs is not None else DEFAULT_EPOCHS.get(ds.name, 30)
+    cfg = TrainConfig(epochs=epochs, batch_size=ns.batch_size, lr=ns.lr, seed=ns.seed)
+    m = export_model(ds, ns.arch, ns.out, name=ns.name, version=ns.version, train=cfg,
+                     params=dict(ns.param), split_seed=ns.seed, quantize=ns.quantize)
+    if ns.json:
+        print_json(m.to_dict())
+    else:
+        print(_summary(m, ns.out))
+    return 0
+
+
+def _import(ns: argparse.Namespace) -> int:
+    from bedside.models.importer import import_onnx
+    from bedside.schema import Schema
+
+    try:
+        raw = json.loads(ns.schema.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(f"{ns.schema}: no such file") from None
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{ns.schema}: not valid JSON ({exc})") from None
+    schema = Schema.from_dict(raw, str(ns.schema))
+    m = import_onnx(ns.file, schema, ns.out, name=ns.name, version=ns.version)
+    if ns.json:
+        print_json(m.to_dict())
+    else:
+        print(f"imported {ns.file} as {m.name} v{m.version} -> {ns.out} (inference-only; output "
+              f"{m.output['format']}, classes {m.output['classes']})")
+    return 0
+
+
+def _inspect(ns: argparse.Namespace) -> int:
+    from bedside.manifest import load_manifest, verify_model_file
+
+    m = load_manifest(ns.model)
+    verify_model_file(ns.model, m)
+    if ns.json:
+        print_json(m.to_dict())
+    else:
+        print(_summary(m, ns.model) + "\n  files verified: sha256 matches the manifest")
+    return 0

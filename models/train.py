@@ -1,0 +1,161 @@
+"""Training loops (torch): plain, and record-level DP-SGD with Opacus.
+
+DP-SGD (Abadi et al. 2016, "Deep Learning with Differential Privacy") clips each example's gradient
+to ``max_grad_norm`` and adds Gaussian noise with std ``noise_multiplier * max_grad_norm`` to the
+sum, over batches drawn by Poisson sampling with rate ``q = batch_size / n`` (Opacus
+``make_private(poisson_sampling=True)``). The loop only *describes* what it did (noise multiplier,
+sample rate, number of steps) in :class:`FitResult`; the privacy accountant turns that description
+into epsilon. Accounting is never mixed into the loop.
+
+Noise comes from a ``torch.Generator`` seeded from the OS's entropy unless a seed is given (tests).
+Opacus' ``secure_mode`` (a cryptographically secure sampler, which also resists floating-point
+attacks on the Gaussian sampler, Mironov 2012) needs torchcsprng, which is not installable here;
+this is stated in docs/privacy.md.
+"""
+
+from __future__ import annotations
+
+import secrets
+import warnings
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from bedside.errors import InputError
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 0.01
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    seed: int | None = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0:
+            raise InputError(f"epochs must be >= 0, got {self.epochs}")
+        if self.batch_size < 1:
+            raise InputError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise InputError(f"lr must be > 0, got {self.lr}")
+        if self.optimizer not in ("adam", "sgd"):
+            raise InputError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+
+
+@dataclass(frozen=True)
+class DPConfig:
+    """Record-level DP-SGD settings. ``noise_multiplier`` = noise std / ``max_grad_norm``."""
+
+    noise_multiplier: float
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.noise_multiplier > 0:
+            raise InputError(f"DP-SGD noise_multiplier must be > 0, got {self.noise_multiplier}")
+        if not self.max_grad_norm > 0:
+            raise InputError(f"DP-SGD max_grad_norm must be > 0, got {self.max_grad_norm}")
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """What a training run did. For DP-SGD this is the input to the accountant."""
+
+    rows: int
+    epochs: int
+    steps: int
+    final_loss: float
+    dp: bool
+    noise_multiplier: float = 0.0
+    sample_rate: float = 0.0
+    max_grad_norm: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def dp_sample_rate(rows: int, batch_size: int) -> float:
+    """Poisson sampling rate for an expected batch of ``batch_size`` out of ``rows``."""
+    return min(1.0, batch_size / rows)
+
+
+def dp_steps(rows: int, batch_size: int, epochs: int) -> int:
+    """Number of DP-SGD steps ``fit`` takes: Opacus runs ``1/q`` batches an epoch."""
+    q = dp_sample_rate(rows, batch_size)
+    return epochs * max(1, int(round(1.0 / q)))
+
+
+def _generator(seed: int | None) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(secrets.randbits(63) if seed is None else seed)
+    return g
+
+
+def fit(net: nn.Module, x: np.ndarray, y: np.ndarray, cfg: TrainConfig,
+        dp: DPConfig | None = None) -> FitResult:
+    """Train ``net`` in place on (x, y); with ``dp``, record-level DP-SGD via Opacus."""
+    if len(x) != len(y) or len(x) == 0:
+        raise InputError(f"training needs matching, non-empty x and y (got {len(x)}, {len(y)})")
+    gen = _generator(cfg.seed)
+    if cfg.seed is not None:
+        torch.manual_seed(cfg.seed)
+    data = TensorDataset(torch.from_numpy(np.ascontiguousarray(x, np.float32)),
+                         torch.from_numpy(np.asarray(y, np.int64)))
+    loader = DataLoader(data, batch_size=min(cfg.batch_size, len(data)), shuffle=True,
+                        generator=gen)
+    opt_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.SGD
+    optimizer = opt_cls(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model: nn.Module = net
+    net.train()
+    if dp is not None:
+        from opacus import PrivacyEngine
+
+        engine = PrivacyEngine(accountant="rdp")  # its accountant is unused: we account ourselves
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, optimizer, loader = engine.make_private(
+                module=net, optimizer=optimizer, data_loader=loader,
+                noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+                poisson_sampling=True, noise_generator=_generator(cfg.seed),
+            )
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+    steps, last = 0, float("nan")
+    for _ in range(cfg.epochs):
+        for xb, yb in loader:
+            # Poisson sampling can draw an empty batch. It must still be a noised step (Opacus
+            # adds noise to a zero gradient): skipping it would reveal that the batch was empty.
+            optimizer.zero_grad(set_to_none=True)
+            loss = loss_fn(model(xb), yb)
+            loss.backward()
+            optimizer.step()
+            steps += 1
+            if len(xb):
+                last = float(loss.detach())
+    model.eval()
+    net.eval()
+    if dp is None:
+        return FitResult(rows=len(x), epochs=cfg.epochs, steps=steps, final_loss=last, dp=False)
+    return FitResult(rows=len(x), epochs=cfg.epochs, steps=steps, final_loss=last, dp=True,
+                     noise_multiplier=dp.noise_multiplier,
+                     sample_rate=dp_sample_rate(len(x), min(cfg.batch_size, len(x))),
+                     max_grad_norm=dp.max_grad_norm)
+
+
+@torch.no_grad()
+def predict_proba(net: nn.Module, x: np.ndarray, batch: int = 4096) -> np.ndarray:
+    """Class probabilities from the torch network (used for parity and metrics)."""
+    net.eval()
+    out = []
+    for i in range(0, len(x), batch):
+        logits = net(torch.from_numpy(np.ascontiguousarray(x[i : i + batch], np.float32)))
+        if getattr(net, "probabilities", False):
+            out.append(logits.numpy())
+        else:
+            out.append(torch.softmax(logits, dim=-1).numpy())
+    return np.concatenate(out).astype(np.float64)

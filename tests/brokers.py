@@ -1,0 +1,125 @@
+"""Start real brokers for tests: Mosquitto with the project's own config, or the embedded one.
+
+Mosquitto runs ``deploy/mosquitto/mosquitto.conf`` and ``acl`` with only the paths and the port
+rewritten (to a temporary directory and a free 127.0.0.1 port), so the tests exercise the TLS,
+certificate identity and ACL that production uses.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from bedside.transport.broker import EmbeddedBroker, free_port
+from bedside.transport.mqtt import MqttConfig
+from bedside.transport.pki import create_fleet, issue
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy" / "mosquitto"
+
+
+def mosquitto_binary() -> str:
+    found = shutil.which("mosquitto") or ("/usr/sbin/mosquitto"
+                                          if Path("/usr/sbin/mosquitto").exists() else None)
+    if not found:
+        raise RuntimeError("mosquitto is not installed: run 'make setup' (apt-get install "
+                           "mosquitto)")
+    return found
+
+
+def _wait_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.02)
+    raise RuntimeError(f"broker did not listen on 127.0.0.1:{port} within {timeout} s")
+
+
+@dataclass
+class Broker:
+    kind: str
+    port: int
+    certs: Path | None = None
+    proc: subprocess.Popen | None = None
+    embedded: EmbeddedBroker | None = None
+    log: Path | None = None
+
+    def config(self, identity: str) -> MqttConfig:
+        """Client settings for ``identity`` (a device id or 'aggregator')."""
+        if self.certs is None:
+            return MqttConfig(host="127.0.0.1", port=self.port)
+        if not (self.certs / f"{identity}.crt").exists():
+            issue(self.certs, identity)
+        return MqttConfig(host="127.0.0.1", port=self.port, ca_file=self.certs / "ca.crt",
+                          cert_file=self.certs / f"{identity}.crt",
+                          key_file=self.certs / f"{identity}.key")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if self.embedded is not None:
+            self.embedded.stop()
+
+    def kill(self) -> None:
+        """Stop abruptly (SIGKILL for Mosquitto) to simulate an outage."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(5)
+        else:
+            self.stop()
+
+    def restart(self) -> None:
+        """Start again on the same port (and, for Mosquitto, the same persistence)."""
+        if self.kind == "mosquitto":
+            assert self.log is not None
+            self.proc = subprocess.Popen([mosquitto_binary(), "-c", str(self.log.parent /
+                                                                        "mosquitto.conf")],
+                                         stdout=subprocess.DEVNULL,
+                                         stderr=self.log.open("ab"))
+        else:
+            self.embedded = EmbeddedBroker("127.0.0.1", self.port).start()
+        _wait_port(self.port)
+
+
+def start_mosquitto(workdir: Path, identities: list[str] | None = None) -> Broker:
+    workdir.mkdir(parents=True, exist_ok=True)
+    certs = workdir / "certs"
+    create_fleet(certs, ["aggregator", *(identities or [])], ["127.0.0.1"])
+    shutil.copy(DEPLOY / "acl", certs / "acl")
+    port = free_port()
+    conf = (DEPLOY / "mosquitto.conf").read_text()
+    conf = conf.replace("/etc/bedside/mosquitto/", f"{certs}/")
+    conf = conf.replace("/var/lib/bedside/mosquitto/", f"{workdir}/")
+    conf = conf.replace("listener 8883 127.0.0.1", f"listener {port} 127.0.0.1")
+    assert f"listener {port} 127.0.0.1" in conf
+    if os.geteuid() == 0:
+        # As root, Mosquitto would drop to the 'mosquitto' user, who cannot enter pytest's private
+        # temporary directories. Tests only: production runs it as its own user.
+        conf = "user root\n" + conf
+    (workdir / "mosquitto.conf").write_text(conf)
+    log = workdir / "mosquitto.log"
+    proc = subprocess.Popen([mosquitto_binary(), "-c", str(workdir / "mosquitto.conf")],
+                            stdout=subprocess.DEVNULL, stderr=log.open("wb"))
+    try:
+        _wait_port(port)
+    except RuntimeError:
+        proc.kill()
+        raise RuntimeError(f"mosquitto failed to start: {log.read_text()[-2000:]}") from None
+    return Broker(kind="mosquitto", port=port, certs=certs, proc=proc, log=log)
+
+
+def start_embedded() -> Broker:
+    b = EmbeddedBroker("127.0.0.1", 0).start()
+    return Broker(kind="embedded", port=b.port, embedded=b)

@@ -1,0 +1,48 @@
+"""Shared fixtures. Exported models are built once per session (export takes about a second)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+
+def bedside_exe() -> str:
+    """The ``bedside`` console script of the venv running the tests."""
+    return str(VENV_BIN / "bedside")
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``exported(arch, dataset, **kw)`` -> a model directory, built once per argument set."""
+    cache: dict[tuple, Path] = {}
+
+    def make(arch: str, dataset: str, **kw: object) -> Path:
+        key = (arch, dataset, tuple(sorted(kw.items())))
+        if key not in cache:
+            from bedside.models import datasets
+            from bedside.models.pipeline import export_model
+
+            ds_kw = {"n_windows": 600} if dataset == "vitals" else {}
+            ds = datasets.load(dataset, **ds_kw)
+            out = tmp_path_factory.mktemp(f"{dataset}-{arch}")
+            export_model(ds, arch, out, **kw)  # type: ignore[arg-type]
+            cache[key] = out
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture()
+def clean_env() -> dict[str, str]:
+    """Environment for subprocesses: no debug tracebacks, no user site."""
+    env = dict(os.environ)
+    env.pop("BEDSIDE_DEBUG", None)
+    env["PYTHONNOUSERSITE"] = "1"
+    return env
