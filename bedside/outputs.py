@@ -18,8 +18,14 @@ from bedside.errors import ModelError
 
 
 def to_probabilities(output: Mapping[str, Any], raw: Any, labels: Sequence[str]) -> np.ndarray:
-    """``raw`` is the value of the probability output; returns float64 ``[N, len(labels)]``."""
+    """``raw`` is the value of the probability output; returns float64 ``[N, len(labels)]``.
+
+    ``output["classes"]`` are the model's own class keys in its output order (ZipMap keys, or the
+    column order of a tensor) and ``output["class_labels"]`` the schema label of each; both
+    default to the schema's labels (a Bedside-exported model).
+    """
     classes = [str(c) for c in output.get("classes", labels)]
+    class_labels = [str(c) for c in output.get("class_labels", classes)]
     if output.get("format", "tensor") == "zipmap":
         if not isinstance(raw, list):
             raise ModelError("model output: expected a sequence of maps (ZipMap)")
@@ -34,8 +40,12 @@ def to_probabilities(output: Mapping[str, Any], raw: Any, labels: Sequence[str])
     if probs.ndim != 2 or probs.shape[1] != len(classes):
         raise ModelError(f"model output: probabilities of shape {list(probs.shape)}, expected "
                          f"[N, {len(classes)}]")
-    if classes != [str(label) for label in labels]:
-        order = [classes.index(str(label)) for label in labels]
+    if class_labels != [str(label) for label in labels]:
+        try:
+            order = [class_labels.index(str(label)) for label in labels]
+        except ValueError:
+            raise ModelError(f"model output: classes {class_labels} do not cover the labels "
+                             f"{list(labels)}") from None
         probs = probs[:, order]
     return probs
 

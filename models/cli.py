@@ -95,7 +95,6 @@ def _export(ns: argparse.Namespace) -> int:
         if not ns.label:
             raise InputError("--data needs --label COLUMN (the column holding the class)")
         ds = datasets.load_csv(ns.data, ns.label)
-        ds = datasets.fit_scaling_to(ds)
     else:
         if ns.label:
             raise InputError("--label goes with --data, not --dataset")
@@ -103,7 +102,8 @@ def _export(ns: argparse.Namespace) -> int:
     epochs = ns.epochs if ns.epochs is not None else DEFAULT_EPOCHS.get(ds.name, 30)
     cfg = TrainConfig(epochs=epochs, batch_size=ns.batch_size, lr=ns.lr, seed=ns.seed)
     m = export_model(ds, ns.arch, ns.out, name=ns.name, version=ns.version, train=cfg,
-                     params=dict(ns.param), split_seed=ns.seed, quantize=ns.quantize)
+                     params=dict(ns.param), split_seed=ns.seed, quantize=ns.quantize,
+                     fit_scaling_on_train=ns.data is not None)
     if ns.json:
         print_json(m.to_dict())
     else:

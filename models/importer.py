@@ -70,18 +70,20 @@ def _io(proto: onnx.ModelProto, schema: Schema) -> dict[str, Any]:
             "input_batch_dynamic": dims[0] is None}
 
 
-def _class_order(proto: onnx.ModelProto, schema: Schema) -> list[str]:
+def _class_order(proto: onnx.ModelProto, schema: Schema) -> tuple[list[str], list[str]]:
+    """The model's class keys (as its outputs name them) and the schema label of each."""
     classes = _class_labels(proto)
     labels = list(schema.labels)
     if classes is None:
-        return labels
+        return [str(i) for i in range(len(labels))], labels
     if len(classes) != len(labels):
         raise SchemaError(f"the model has {len(classes)} classes {classes}; the schema lists "
                           f"{len(labels)} labels {labels}")
     if sorted(classes) == sorted(labels):
-        return classes
-    if classes == [str(i) for i in range(len(labels))]:
-        return labels  # integer classes 0..k-1 name the schema's labels by position
+        return classes, classes
+    if sorted(classes, key=int if all(c.lstrip("-").isdigit() for c in classes) else str) == [
+            str(i) for i in range(len(labels))]:
+        return classes, [labels[int(c)] for c in classes]  # integer classes index the labels
     raise SchemaError(f"the model's classes {classes} do not match the schema's labels {labels}; "
                       "use the same names, or integer classes 0..k-1 in the schema's order")
 
@@ -99,7 +101,7 @@ def import_onnx(model_file: str | Path, schema: Schema, out_dir: str | Path, *,
     except Exception as exc:
         raise ModelError(f"{path}: fails onnx.checker ({exc})") from None
     io = _io(proto, schema)
-    io["classes"] = _class_order(proto, schema)
+    io["classes"], io["class_labels"] = _class_order(proto, schema)
     io["labels"] = list(schema.labels)
     opset = max((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), default=0)
     manifest = Manifest(

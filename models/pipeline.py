@@ -44,12 +44,15 @@ def export_model(
     split_seed: int = 0,
     quantize: str | None = None,
     privacy: dict[str, Any] | None = None,
+    fit_scaling_on_train: bool = False,
 ) -> Manifest:
     """Train ``arch`` on ``ds`` (minus a held-out split), export, check, write ``out_dir``.
 
     ``privacy`` describes the DP guarantee of the training (empty for a non-private model); the
     caller computes it with the accountant from the returned :class:`FitResult` in
-    ``manifest.training['fit']``.
+    ``manifest.training['fit']``. ``fit_scaling_on_train`` sets the schema's scaling constants
+    from the training split (for a user's own CSV, which has no published ranges); the held-out
+    split never influences the model.
     """
     if quantize not in (None, "int8"):
         from bedside.errors import InputError
@@ -57,6 +60,13 @@ def export_model(
         raise InputError(f"--quantize supports only 'int8', not {quantize!r}")
     cfg = train or TrainConfig(epochs=DEFAULT_EPOCHS.get(ds.name, 30))
     train_ds, test_ds = train_test_split(ds, test_fraction=test_fraction, seed=split_seed)
+    if fit_scaling_on_train:
+        from dataclasses import replace
+
+        from bedside.models.datasets import fit_scaling
+
+        schema = fit_scaling(ds.schema, train_ds.x)
+        ds, train_ds, test_ds = (replace(d, schema=schema) for d in (ds, train_ds, test_ds))
     spec = ArchSpec.for_schema(arch, ds.schema, **(params or {}))
     net = build(spec, ds.schema, seed=cfg.seed)
     result: FitResult = fit(net, train_ds.x, train_ds.y, cfg, dp)

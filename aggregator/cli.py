@@ -1,0 +1,92 @@
+"""``bedside aggregator serve | enroll | status``."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+from bedside.cli import print_json
+
+
+def build(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    p = sub.add_parser("serve", help="run rounds until the planned rounds are done or stopped")
+    p.add_argument("--config", required=True, type=Path, metavar="aggregator.toml")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("enroll", help="enroll a device's public key (it may then send updates)")
+    p.add_argument("--config", required=True, type=Path, metavar="aggregator.toml")
+    p.add_argument("--device-id", required=True)
+    p.add_argument("--public-key", required=True, type=Path, metavar="FILE.pub")
+    p.add_argument("--force", action="store_true", help="replace an enrolled key")
+    p.set_defaults(func=_enroll)
+
+    p = sub.add_parser("status", help="rounds, model versions and privacy spent (offline)")
+    p.add_argument("--config", required=True, type=Path, metavar="aggregator.toml")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_status)
+
+
+def _serve(ns: argparse.Namespace) -> int:
+    from bedside.aggregator.config import load
+    from bedside.aggregator.service import Aggregator
+
+    agg = Aggregator(load(ns.config))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        agg.run(stop)
+    finally:
+        agg.transport.close()
+    return 0
+
+
+def _enroll(ns: argparse.Namespace) -> int:
+    from bedside.aggregator.config import load
+    from bedside.errors import InputError
+    from bedside.wire.signing import VerifyKey, validate_id
+
+    cfg = load(ns.config)
+    validate_id(ns.device_id, what="--device-id")
+    key = VerifyKey.load(ns.public_key)
+    cfg.devices.mkdir(parents=True, exist_ok=True)
+    dest = cfg.devices / f"{ns.device_id}.pub"
+    if dest.exists() and not ns.force:
+        existing = VerifyKey.load(dest)
+        if existing.fingerprint != key.fingerprint:
+            raise InputError(f"{ns.device_id} is already enrolled with another key "
+                             f"({existing.fingerprint}); use --force to replace it")
+    key.save(dest)
+    print(f"enrolled {ns.device_id} (fingerprint {key.fingerprint}); it takes part from the next "
+          "round")
+    return 0
+
+
+def _status(ns: argparse.Namespace) -> int:
+    from bedside.aggregator.config import load
+    from bedside.aggregator.state import State
+    from bedside.models.registry import Registry
+
+    cfg = load(ns.config)
+    state, registry = State(cfg.state_path), Registry(cfg.registry_path)
+    rounds: list[dict[str, Any]] = [
+        {"round": r.round, "status": r.status, "model_version": r.model_version,
+         "accepted": len(state.accepted(r.round)), "rejected": state.rejections(r.round),
+         "declined": state.declines(r.round)} for r in state.rounds()]
+    latest = registry.latest()
+    info = {"fleet": cfg.fleet, "versions": registry.versions(), "rounds": rounds,
+            "latest_privacy": registry.manifest(latest).privacy if latest else {},
+            "latest_metrics": registry.manifest(latest).metrics if latest else {}}
+    if ns.json:
+        print_json(info)
+    else:
+        print(f"fleet {cfg.fleet}: model versions {info['versions']}")
+        for r in rounds:
+            print(f"  round {r['round']}: {r['status']}, base v{r['model_version']}, accepted "
+                  f"{r['accepted']}, rejected {r['rejected'] or 0}, declined {r['declined'] or 0}")
+        print(f"  privacy (latest model): {info['latest_privacy']}")
+    return 0

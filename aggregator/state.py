@@ -1,0 +1,229 @@
+"""The aggregator's durable state (SQLite, WAL): rounds, accepted updates, rejections, privacy.
+
+An update is recorded in one transaction (its tensors, digest and nonce) before its MQTT message
+is acknowledged, so a crash (even SIGKILL) at any moment either keeps the update or lets the broker
+redeliver it; the (sender, round, nonce) key makes the redelivery a no-op instead of a double count.
+Accepted tensors are kept per round until the round is aggregated, then deleted; the digests stay
+for replay detection and audit.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bedside.errors import StateError
+
+SCHEMA = 1
+
+_DDL = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS rounds (
+    round INTEGER PRIMARY KEY,
+    model_version INTEGER NOT NULL,
+    opened_at REAL NOT NULL,
+    deadline REAL NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('open', 'closed', 'failed')),
+    announce BLOB NOT NULL,
+    settings TEXT NOT NULL,
+    closed_at REAL,
+    result TEXT
+);
+CREATE TABLE IF NOT EXISTS updates (
+    round INTEGER NOT NULL,
+    sender TEXT NOT NULL,
+    nonce TEXT NOT NULL,
+    digest TEXT NOT NULL,
+    weight REAL NOT NULL,
+    norm REAL NOT NULL,
+    received_at REAL NOT NULL,
+    info TEXT NOT NULL DEFAULT '{}',
+    tensors BLOB,
+    PRIMARY KEY (round, sender)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS updates_nonce ON updates (sender, round, nonce);
+CREATE TABLE IF NOT EXISTS declines (
+    round INTEGER NOT NULL, sender TEXT NOT NULL, reason TEXT NOT NULL, received_at REAL NOT NULL,
+    PRIMARY KEY (round, sender)
+);
+CREATE TABLE IF NOT EXISTS rejections (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    round INTEGER, sender TEXT, reason TEXT NOT NULL, detail TEXT NOT NULL, received_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS server_state (name TEXT PRIMARY KEY, tensors BLOB NOT NULL);
+"""
+
+
+@dataclass(frozen=True)
+class RoundRow:
+    round: int
+    model_version: int
+    opened_at: float
+    deadline: float
+    status: str
+    announce: bytes
+    settings: dict[str, Any]
+    closed_at: float | None
+    result: dict[str, Any] | None
+
+
+def _pack(tensors: dict[str, np.ndarray]) -> bytes:
+    from safetensors.numpy import save
+
+    return bytes(save({k: np.ascontiguousarray(v) for k, v in tensors.items()}))
+
+
+def _unpack(data: bytes) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load
+
+    return dict(load(data))
+
+
+class State:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30,
+                                      check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(_DDL)
+            row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+            if row is None:
+                self.db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA),))
+            elif int(row[0]) != SCHEMA:
+                raise StateError(f"{self.path}: state schema {row[0]} is not {SCHEMA}; use the "
+                                 "Bedside version that wrote it or migrate")
+        except sqlite3.DatabaseError as exc:
+            raise StateError(f"{self.path}: cannot open the aggregator state ({exc}); restore it "
+                             "from backup") from None
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- rounds ------------------------------------------------------------------------------------
+    def open_round(self, round_id: int, model_version: int, deadline: float, announce: bytes,
+                   settings: dict[str, Any]) -> None:
+        self.db.execute(
+            "INSERT INTO rounds (round, model_version, opened_at, deadline, status, announce, "
+            "settings) VALUES (?, ?, ?, ?, 'open', ?, ?)",
+            (round_id, model_version, time.time(), deadline, announce, json.dumps(settings)))
+
+    def _row(self, r: tuple[Any, ...]) -> RoundRow:
+        return RoundRow(round=r[0], model_version=r[1], opened_at=r[2], deadline=r[3],
+                        status=r[4], announce=bytes(r[5]), settings=json.loads(r[6]),
+                        closed_at=r[7], result=json.loads(r[8]) if r[8] else None)
+
+    def current_round(self) -> RoundRow | None:
+        r = self.db.execute("SELECT * FROM rounds ORDER BY round DESC LIMIT 1").fetchone()
+        return self._row(r) if r else None
+
+    def get_round(self, round_id: int) -> RoundRow | None:
+        r = self.db.execute("SELECT * FROM rounds WHERE round = ?", (round_id,)).fetchone()
+        return self._row(r) if r else None
+
+    def rounds(self) -> list[RoundRow]:
+        return [self._row(r) for r in self.db.execute("SELECT * FROM rounds ORDER BY round")]
+
+    def finish_round(self, round_id: int, status: str, result: dict[str, Any]) -> None:
+        """Close a round and drop its tensors (the digests stay), in one transaction."""
+        with self._tx():
+            self.db.execute("UPDATE rounds SET status = ?, closed_at = ?, result = ? WHERE round = ?",
+                            (status, time.time(), json.dumps(result), round_id))
+            self.db.execute("UPDATE updates SET tensors = NULL WHERE round = ?", (round_id,))
+
+    # -- updates -------------------------------------------------------------------------------------
+    def find_update(self, round_id: int, sender: str) -> tuple[str, str] | None:
+        r = self.db.execute("SELECT nonce, digest FROM updates WHERE round = ? AND sender = ?",
+                            (round_id, sender)).fetchone()
+        return (r[0], r[1]) if r else None
+
+    def nonce_seen(self, sender: str, nonce: str) -> tuple[int, str] | None:
+        r = self.db.execute("SELECT round, digest FROM updates WHERE sender = ? AND nonce = ?",
+                            (sender, nonce)).fetchone()
+        return (r[0], r[1]) if r else None
+
+    def add_update(self, round_id: int, sender: str, nonce: str, digest: str, weight: float,
+                   norm: float, tensors: dict[str, np.ndarray],
+                   info: dict[str, Any] | None = None) -> None:
+        with self._tx():
+            self.db.execute(
+                "INSERT INTO updates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (round_id, sender, nonce, digest, weight, norm, time.time(),
+                 json.dumps(info or {}), _pack(tensors)))
+
+    def add_decline(self, round_id: int, sender: str, reason: str) -> bool:
+        cur = self.db.execute("INSERT OR IGNORE INTO declines VALUES (?, ?, ?, ?)",
+                              (round_id, sender, reason, time.time()))
+        return cur.rowcount == 1
+
+    def accepted(self, round_id: int) -> list[dict[str, Any]]:
+        cols = ("sender", "nonce", "digest", "weight", "norm", "received_at", "info")
+        rows = [dict(zip(cols, r, strict=True)) for r in self.db.execute(
+            "SELECT sender, nonce, digest, weight, norm, received_at, info FROM updates "
+            "WHERE round = ? ORDER BY received_at", (round_id,))]
+        for r in rows:
+            r["info"] = json.loads(r["info"])
+        return rows
+
+    def answered(self, round_id: int) -> set[str]:
+        a = {r[0] for r in self.db.execute("SELECT sender FROM updates WHERE round = ?",
+                                           (round_id,))}
+        return a | {r[0] for r in self.db.execute("SELECT sender FROM declines WHERE round = ?",
+                                                  (round_id,))}
+
+    def declines(self, round_id: int) -> dict[str, str]:
+        return dict(self.db.execute("SELECT sender, reason FROM declines WHERE round = ?",
+                                    (round_id,)).fetchall())
+
+    def iter_updates(self, round_id: int) -> Iterator[tuple[dict[str, np.ndarray], float]]:
+        """Stream the round's accepted updates one at a time (memory: one update)."""
+        cur = self.db.execute("SELECT rowid FROM updates WHERE round = ? AND tensors IS NOT NULL "
+                              "ORDER BY received_at", (round_id,))
+        for (rowid,) in cur.fetchall():
+            blob, weight = self.db.execute("SELECT tensors, weight FROM updates WHERE rowid = ?",
+                                           (rowid,)).fetchone()
+            yield _unpack(bytes(blob)), float(weight)
+
+    # -- rejections ----------------------------------------------------------------------------------
+    def add_rejection(self, round_id: int | None, sender: str | None, reason: str,
+                      detail: str) -> None:
+        self.db.execute("INSERT INTO rejections (round, sender, reason, detail, received_at) "
+                        "VALUES (?, ?, ?, ?, ?)", (round_id, sender, reason, detail[:500],
+                                                   time.time()))
+
+    def rejections(self, round_id: int) -> dict[str, int]:
+        return dict(self.db.execute("SELECT reason, COUNT(*) FROM rejections WHERE round = ? "
+                                    "GROUP BY reason", (round_id,)).fetchall())
+
+    # -- server optimizer state --------------------------------------------------------------------
+    def load_server_state(self) -> dict[str, np.ndarray]:
+        r = self.db.execute("SELECT tensors FROM server_state WHERE name = 'optimizer'").fetchone()
+        return _unpack(bytes(r[0])) if r else {}
+
+    def save_server_state(self, tensors: dict[str, np.ndarray]) -> None:
+        self.db.execute("INSERT OR REPLACE INTO server_state VALUES ('optimizer', ?)",
+                        (_pack(tensors),))
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _tx(self) -> _Tx:
+        return _Tx(self.db)
+
+
+class _Tx:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, *rest: object) -> None:
+        self.db.execute("ROLLBACK" if exc_type else "COMMIT")

@@ -1,0 +1,466 @@
+"""``bedside demo``: a whole federation on one machine, from nothing to a report.
+
+What it does, as clinic IT and a hospital data team would, in one place:
+
+1. splits the data: a held-out reference set for the aggregator's data team (no clinic trains on
+   it) and K clinic shards (non-IID: Dirichlet over labels), each written only into its own
+   clinic's directory;
+2. exports version 1 of the model (untrained, its scaling constants from the schema's published
+   ranges, or for a user's CSV from the central reference set);
+3. creates keys, enrolls every clinic with the aggregator and pins the aggregator's key on every
+   clinic, writes ``aggregator.toml`` and one ``agent.toml`` per clinic, ingests each shard into
+   its clinic's record store;
+4. starts the embedded MQTT broker on 127.0.0.1, the aggregator and K agents as separate
+   processes, prints one table row per round (participants, rejected, held-out accuracy and AUC,
+   epsilon by device and by record, round time);
+5. writes ``report.json`` and ``report.png`` (accuracy and epsilon by round).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bedside.constants import AGGREGATOR_ID, topic_status, topic_status_all
+from bedside.errors import InputError, TransportError
+
+log = logging.getLogger("bedside.demo")
+
+
+@dataclass
+class DemoConfig:
+    clients: int = 5
+    rounds: int = 10
+    mode: str = "central"
+    target_epsilon: float = 8.0
+    delta: float = 1e-5
+    dataset: str = "wdbc"
+    data: Path | None = None
+    label: str | None = None
+    arch: str = "logreg"
+    alpha: float = 1.0
+    clip_norm: float = 1.0
+    noise_multiplier: float = 0.3
+    epochs: int = 2
+    batch_size: int = 16
+    lr: float = 0.05
+    optimizer: str = "adam"
+    server_optimizer: str = "sgd"
+    holdout: float = 0.2
+    seed: int = 0
+    out: Path | None = None
+    deadline: float = 60.0
+    timeout: float = 300.0
+    quiet: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# -- small TOML writer (the configs are flat tables of strings, numbers and booleans) -----------------
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, Path):
+        v = str(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def to_toml(d: dict[str, Any], prefix: str = "") -> str:
+    lines = [f"{k} = {_toml_value(v)}" for k, v in d.items() if not isinstance(v, dict)]
+    for k, v in d.items():
+        if isinstance(v, dict):
+            name = f"{prefix}.{k}" if prefix else k
+            lines.append(f"\n[{name}]")
+            lines.append(to_toml(v, name))
+    return "\n".join(lines) + "\n"
+
+
+# -- preparation ----------------------------------------------------------------------------------
+def _load_data(cfg: DemoConfig) -> tuple[Any, Any, list[np.ndarray]]:
+    from bedside.models import datasets
+    from bedside.models.partition import partition
+
+    if cfg.data is not None:
+        if not cfg.label:
+            raise InputError("--data needs --label COLUMN")
+        ds = datasets.load_csv(cfg.data, cfg.label)
+    else:
+        ds = datasets.load(cfg.dataset)
+    train, holdout = datasets.train_test_split(ds, test_fraction=cfg.holdout, seed=cfg.seed)
+    if cfg.data is not None:
+        # A user's CSV has no published ranges: scale from the central reference set, which the
+        # data team holds; never from the clinics' records.
+        schema = datasets.fit_scaling(ds.schema, holdout.x)
+        train, holdout = replace(train, schema=schema), replace(holdout, schema=schema)
+    min_size = max(4, cfg.batch_size // 2)
+    if len(train) < cfg.clients * min_size:
+        raise InputError(f"{len(train)} training rows cannot make {cfg.clients} clinics of at "
+                         f"least {min_size} rows; use fewer --clients or more data")
+    shards = partition(train.y, cfg.clients, scheme="dirichlet", alpha=cfg.alpha,
+                       min_size=min_size, seed=cfg.seed)
+    return train, holdout, shards
+
+
+def _initial_model(train: Any, holdout: Any, cfg: DemoConfig, out: Path) -> Any:
+    from bedside.constants import ONNX_INPUT, ONNX_OPSET, ONNX_OUTPUT
+    from bedside.manifest import Manifest, write_model_dir
+    from bedside.metrics import evaluate
+    from bedside.models.export import (
+        check_parameter_names,
+        check_parity,
+        onnx_probabilities,
+        to_onnx_bytes,
+    )
+    from bedside.models.spec import ArchSpec
+    from bedside.models.zoo import build
+
+    spec = ArchSpec.for_schema(cfg.arch, train.schema)
+    net = build(spec, train.schema, seed=cfg.seed)
+    data = to_onnx_bytes(net, train.schema)
+    params = check_parameter_names(net, data)
+    parity = check_parity(net, data, holdout.x)
+    m = Manifest(
+        name=f"{train.name}-{cfg.arch}-federated", version=1, schema=train.schema, sha256="",
+        opset=ONNX_OPSET, arch=spec.to_dict(), parameters=params, parity=parity,
+        output={"probabilities": ONNX_OUTPUT, "input": ONNX_INPUT,
+                "labels": list(train.schema.labels), "format": "tensor"},
+        metrics={"holdout": evaluate(holdout.y, onnx_probabilities(data, holdout.x))},
+        training={"note": "untrained starting point (seeded initialisation) for federation",
+                  "seed": cfg.seed},
+    )
+    write_model_dir(out, data, m)
+    return m
+
+
+def prepare(cfg: DemoConfig, work: Path) -> dict[str, Any]:
+    """Write everything the processes need into ``work``; return a description of it."""
+    from bedside.edge.store import RecordStore
+    from bedside.models import datasets
+    from bedside.models.partition import describe
+    from bedside.tabular import read_csv
+    from bedside.wire.signing import SigningKey
+
+    train, holdout, shards = _load_data(cfg)
+    agg_dir = work / "aggregator"
+    (agg_dir / "keys" / "devices").mkdir(parents=True, exist_ok=True)
+    model_v1 = _initial_model(train, holdout, cfg, work / "initial-model")
+    holdout_csv = datasets.to_csv(holdout, agg_dir / "reference.csv", label_column="label")
+    agg_key = SigningKey.generate()
+    agg_key.save(agg_dir / "keys" / "aggregator.key")
+    agg_key.public.save(agg_dir / "keys" / "aggregator.pub")
+    fleet = "demo"
+    clinics = []
+    shard_info = describe(shards, train.y, list(train.schema.labels))
+    for i, idx in enumerate(shards, start=1):
+        cid = f"clinic-{i}"
+        cdir = work / cid
+        (cdir / "keys").mkdir(parents=True, exist_ok=True)
+        shard = train.subset(idx)
+        csv_path = datasets.to_csv(shard, cdir / "records.csv", label_column="label")
+        key = SigningKey.generate()
+        key.save(cdir / "keys" / f"{cid}.key")
+        key.public.save(agg_dir / "keys" / "devices" / f"{cid}.pub")  # enrollment
+        agg_key.public.save(cdir / "keys" / "aggregator.pub")  # pinning
+        agent = {
+            "device_id": cid, "fleet": fleet, "data_dir": "data", "key": f"keys/{cid}.key",
+            "aggregator_key": "keys/aggregator.pub",
+            "mqtt": {"host": "127.0.0.1", "port": 0},
+            "privacy": {"record_epsilon": cfg.target_epsilon, "record_delta": cfg.delta,
+                        "max_grad_norm": 1.0, "device_epsilon": 1e6, "device_delta": cfg.delta},
+            "agent": {"resend_seconds": 2.0, "status_seconds": 5.0, "exit_when_done": True,
+                      "quality_tolerance": 0.25},
+        }
+        store = RecordStore(cdir / "data" / "records.db")
+        store.ingest(read_csv(csv_path, train.schema, "label"), train.schema, csv_path.name)
+        store.close()
+        clinics.append({"id": cid, "dir": cdir, "config": agent, "rows": len(idx),
+                        "labels": shard_info[i - 1]})
+    aggregator = {
+        "fleet": fleet, "data_dir": "data", "key": "keys/aggregator.key",
+        "devices": "keys/devices", "initial_model": str(work / "initial-model"),
+        "mqtt": {"host": "127.0.0.1", "port": 0},
+        "rounds": {"rounds": cfg.rounds, "min_participants": max(1, cfg.clients // 2),
+                   "deadline_seconds": cfg.deadline, "participation_rate": 1.0},
+        "training": {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
+                     "optimizer": cfg.optimizer},
+        "privacy": {"noise": cfg.mode, "clip_norm": cfg.clip_norm,
+                    "noise_multiplier": cfg.noise_multiplier, "delta": cfg.delta},
+        "strategy": {"rule": "fedavg", "optimizer": cfg.server_optimizer},
+        "evaluation": {"data": str(holdout_csv), "label": "label"},
+    }
+    return {"fleet": fleet, "aggregator_dir": agg_dir, "aggregator": aggregator,
+            "clinics": clinics, "model_v1": model_v1, "holdout_rows": len(holdout),
+            "train_rows": len(train), "dataset": train.name}
+
+
+def _write_configs(plan: dict[str, Any], port: int) -> None:
+    plan["aggregator"]["mqtt"]["port"] = port
+    (plan["aggregator_dir"] / "aggregator.toml").write_text(to_toml(plan["aggregator"]))
+    for c in plan["clinics"]:
+        c["config"]["mqtt"]["port"] = port
+        (c["dir"] / "agent.toml").write_text(to_toml(c["config"]))
+
+
+# -- running ------------------------------------------------------------------------------------------
+def _spawn(args: list[str], log_path: Path, cwd: Path) -> subprocess.Popen[bytes]:
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return subprocess.Popen([sys.executable, "-m", "bedside", *args], cwd=cwd,
+                            stdout=log_path.open("wb"), stderr=subprocess.STDOUT, env=env)
+
+
+def run(cfg: DemoConfig) -> dict[str, Any]:
+    from bedside.transport.broker import EmbeddedBroker
+    from bedside.transport.mqtt import MqttConfig, MqttTransport
+
+    if cfg.mode not in ("central", "local"):
+        raise InputError(f"--mode must be 'central' or 'local', not {cfg.mode!r}")
+    if cfg.clients < 2:
+        raise InputError("--clients must be at least 2")
+    if cfg.rounds < 1:
+        raise InputError("--rounds must be at least 1")
+    if not cfg.target_epsilon > 0:
+        raise InputError("--target-epsilon must be > 0")
+    started = time.monotonic()
+    work = cfg.out or Path(tempfile.mkdtemp(prefix="bedside-demo-"))
+    work.mkdir(parents=True, exist_ok=True)
+    logs = work / "logs"
+    logs.mkdir(exist_ok=True)
+    plan = prepare(cfg, work)
+    ui = _Table(cfg, plan)
+    ui.intro(work)
+    broker = EmbeddedBroker("127.0.0.1", 0).start()
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    watcher = None
+    rows: list[dict[str, Any]] = []
+    devices: dict[str, dict[str, Any]] = {}
+    final: dict[str, Any] | None = None
+    try:
+        _write_configs(plan, broker.port)
+        watcher = MqttTransport(MqttConfig(port=broker.port), client_id="demo-observer",
+                                clean_session=True)
+        if not watcher.wait_connected(10):
+            raise TransportError("the demo could not connect to its embedded broker")
+        watcher.subscribe(topic_status_all(plan["fleet"]))
+        procs["aggregator"] = _spawn(["aggregator", "serve", "--config", "aggregator.toml"],
+                                     logs / "aggregator.log", plan["aggregator_dir"])
+        for c in plan["clinics"]:
+            procs[c["id"]] = _spawn(["edge", "run", "--config", "agent.toml"],
+                                    logs / f"{c['id']}.log", c["dir"])
+        agg_topic = topic_status(plan["fleet"], AGGREGATOR_ID)
+        deadline = time.monotonic() + cfg.timeout
+        seen_rounds: set[int] = set()
+        while final is None:
+            if time.monotonic() > deadline:
+                raise TransportError(f"the federation did not finish within {cfg.timeout:g} s; "
+                                     f"see the logs in {logs}")
+            dead = [n for n, p in procs.items() if p.poll() not in (None, 0)]
+            if dead:
+                raise TransportError(f"{', '.join(dead)} exited with an error; see {logs}")
+            msg = watcher.get(0.5)
+            if msg is None:
+                continue
+            try:
+                body = json.loads(msg.payload)
+            except (ValueError, UnicodeDecodeError):
+                continue
+            if msg.topic == agg_topic:
+                if body.get("state") == "round_closed" and body["round"] not in seen_rounds:
+                    seen_rounds.add(body["round"])
+                    row = _row(body, devices)
+                    rows.append(row)
+                    ui.row(row)
+                elif body.get("state") == "done":
+                    final = body
+            else:
+                devices[msg.topic.rsplit("/", 1)[-1]] = body
+        for name, p in procs.items():
+            try:
+                p.wait(timeout=30 if name != "aggregator" else 10)
+            except subprocess.TimeoutExpired:
+                p.terminate()
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.terminate()
+        for p in procs.values():
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        if watcher is not None:
+            watcher.close()
+        broker.stop()
+    report = _report(cfg, plan, rows, devices, final, work, time.monotonic() - started)
+    (work / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    _plot(rows, work / "report.png")
+    report["files"] = {"report": str(work / "report.json"), "plot": str(work / "report.png"),
+                       "logs": str(logs)}
+    ui.outro(report)
+    return report
+
+
+def _row(body: dict[str, Any], devices: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    metrics = body.get("metrics") or {}
+    privacy = body.get("privacy") or {}
+    rec = body.get("record_epsilon") or {}
+    return {
+        "round": body["round"], "status": body.get("status"),
+        "model_version": body.get("model_version"),
+        "participants": body.get("accepted", 0),
+        "rejected": sum((body.get("rejected") or {}).values()),
+        "declined": len(body.get("declined") or {}),
+        "accuracy": metrics.get("accuracy"), "auc": metrics.get("auc"),
+        "epsilon_device": privacy.get("epsilon"), "epsilon_record": rec.get("max"),
+        "round_seconds": body.get("round_seconds"),
+    }
+
+
+def _weak_device_statement(eps: float | None, clients: int, mode: str) -> str:
+    if eps is None or not np.isfinite(eps):
+        return "no device-level guarantee was recorded"
+    text = (f"device-level epsilon {eps:.3g} (delta {1e-5:g}, {mode} noise) over the released "
+            "models: ")
+    if eps > 10:
+        text += (f"this is a weak guarantee. A fleet of {clients} clinics cannot hide one clinic's "
+                 "whole contribution without drowning the model in noise; device-level privacy "
+                 "needs hundreds of devices per round. The record-level guarantee (DP-SGD on each "
+                 "clinic) is the one that protects each patient here.")
+    elif eps > 1:
+        text += "a moderate guarantee."
+    else:
+        text += "a strong guarantee."
+    return text
+
+
+def _report(cfg: DemoConfig, plan: dict[str, Any], rows: list[dict[str, Any]],
+            devices: dict[str, dict[str, Any]], final: dict[str, Any] | None, work: Path,
+            seconds: float) -> dict[str, Any]:
+    last = next((r for r in reversed(rows) if r["accuracy"] is not None), None)
+    eps_device = final.get("privacy", {}).get("epsilon") if final else None
+    record_eps = [d.get("privacy", {}).get("record", {}).get("epsilon_spent")
+                  for d in devices.values()]
+    record_eps = [e for e in record_eps if isinstance(e, int | float)]
+    cfg_out = {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.__dict__.items()
+               if k not in ("extra", "quiet")}
+    return {
+        "config": cfg_out,
+        "data": {"dataset": plan["dataset"], "train_rows": plan["train_rows"],
+                 "holdout_rows": plan["holdout_rows"],
+                 "clinics": [{"id": c["id"], "rows": c["rows"], "labels": c["labels"]}
+                             for c in plan["clinics"]]},
+        "initial_model": plan["model_v1"].metrics.get("holdout"),
+        "rounds": rows,
+        "final": {"model_version": final.get("model_version") if final else None,
+                  "accuracy": last["accuracy"] if last else None,
+                  "auc": last["auc"] if last else None},
+        "privacy": {
+            "record": {"epsilon_max": max(record_eps) if record_eps else None,
+                       "budget": cfg.target_epsilon, "delta": cfg.delta,
+                       "mechanism": "DP-SGD on every clinic (Opacus, Poisson sampling), "
+                                    "accounted by each clinic's own ledger"},
+            "device": {"epsilon": eps_device, "delta": cfg.delta, "noise": cfg.mode,
+                       "noise_multiplier": cfg.noise_multiplier, "clip_norm": cfg.clip_norm,
+                       "statement": _weak_device_statement(eps_device, cfg.clients, cfg.mode)},
+        },
+        "devices": devices,
+        "seconds": round(seconds, 2),
+        "workdir": str(work),
+    }
+
+
+def _plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r = [x["round"] for x in rows]
+    fig, ax1 = plt.subplots(figsize=(7, 4))
+    ax1.plot(r, [x["accuracy"] if x["accuracy"] is not None else np.nan for x in rows], "o-",
+             label="held-out accuracy", color="tab:blue")
+    ax1.plot(r, [x["auc"] if x["auc"] is not None else np.nan for x in rows], "s--",
+             label="held-out AUC", color="tab:cyan")
+    ax1.set_xlabel("round")
+    ax1.set_ylabel("accuracy / AUC")
+    ax1.set_ylim(0, 1.02)
+    ax2 = ax1.twinx()
+    ax2.plot(r, [x["epsilon_record"] if x["epsilon_record"] is not None else np.nan
+                 for x in rows], "^-", color="tab:red", label="epsilon (record, max)")
+    ax2.set_ylabel("record-level epsilon spent")
+    lines = ax1.get_lines() + ax2.get_lines()
+    ax1.legend(lines, [ln.get_label() for ln in lines], loc="lower right")
+    ax1.set_title("Bedside federation: global model and privacy spent by round")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+class _Table:
+    """One printed row per round (works in a terminal and in CI logs)."""
+
+    cols = [("round", 5), ("model", 5), ("accepted", 8), ("rejected", 8), ("declined", 8),
+            ("accuracy", 8), ("AUC", 6), ("eps dev", 8), ("eps rec", 7), ("time s", 6)]
+
+    def __init__(self, cfg: DemoConfig, plan: dict[str, Any]) -> None:
+        from rich.console import Console
+
+        self.cfg, self.plan = cfg, plan
+        self.console = Console(stderr=False, highlight=False)
+        self.quiet = cfg.quiet
+
+    def _print(self, text: str = "") -> None:
+        if not self.quiet:
+            self.console.print(text, soft_wrap=True)
+
+    def intro(self, work: Path) -> None:
+        c = self.cfg
+        self._print(f"[bold]Bedside demo[/bold]: {len(self.plan['clinics'])} clinics, "
+                    f"{c.rounds} rounds, {self.plan['dataset']} ({self.plan['train_rows']} rows "
+                    f"across clinics, {self.plan['holdout_rows']} held out by the data team), "
+                    f"model {c.arch}")
+        self._print(f"privacy: record-level DP-SGD budget epsilon {c.target_epsilon:g} per clinic "
+                    f"(delta {c.delta:g}); updates clipped to L2 {c.clip_norm:g} with {c.mode} "
+                    f"noise multiplier {c.noise_multiplier:g}")
+        for cl in self.plan["clinics"]:
+            self._print(f"  {cl['id']}: {cl['rows']} records, labels {cl['labels']['labels']}")
+        self._print(f"working directory: {work}")
+        self._print("  ".join(f"{n:>{w}}" for n, w in self.cols))
+
+    def row(self, r: dict[str, Any]) -> None:
+        def f(v: Any, fmt: str) -> str:
+            return "-" if v is None else format(v, fmt)
+
+        vals = [str(r["round"]), f"v{r['model_version']}", str(r["participants"]),
+                str(r["rejected"]), str(r["declined"]), f(r["accuracy"], ".4f"),
+                f(r["auc"], ".4f"), f(r["epsilon_device"], ".3g"), f(r["epsilon_record"], ".3g"),
+                f(r["round_seconds"], ".2f")]
+        self._print("  ".join(f"{v:>{w}}" for v, (_, w) in zip(vals, self.cols, strict=True)))
+
+    def outro(self, report: dict[str, Any]) -> None:
+        fin, p = report["final"], report["privacy"]
+        self._print(f"final model v{fin['model_version']}: held-out accuracy "
+                    f"{fin['accuracy']:.4f}, AUC {fin['auc']:.4f} (starting point: accuracy "
+                    f"{report['initial_model']['accuracy']:.4f})"
+                    if fin["accuracy"] is not None else "no model was produced")
+        rec = p["record"]["epsilon_max"]
+        self._print(f"record-level: epsilon <= {rec:.3g} (delta {p['record']['delta']:g}) per "
+                    f"clinic, budget {p['record']['budget']:g}" if rec is not None else
+                    "record-level: not reported")
+        self._print(f"device-level: {p['device']['statement']}")
+        self._print(f"report: {report['files']['report']}  plot: {report['files']['plot']}  "
+                    f"({report['seconds']:.1f} s)")

@@ -1,0 +1,440 @@
+"""The edge agent: a clinic device's participation in federated training.
+
+:class:`Agent` is the edge's front door for federation. Its loop runs on its own thread; the
+transport's network thread only enqueues. For each signed round announcement it:
+
+1. verifies the aggregator's signature with the key pinned at enrollment;
+2. waits until it runs the announced model version (model releases are verified, self-tested and
+   hot-swapped by :class:`~bedside.edge.updater.ModelManager`);
+3. decides whether to take part: the participation coin (probability ``participation_rate``, from
+   the OS's entropy), records on hand, and its privacy **ledger**: it describes this round's
+   releases (record-level DP-SGD steps; device-level Gaussian on the clipped update) and refuses
+   if either budget would be exceeded; an unreadable ledger also refuses (fail closed). A refusal
+   is sent as a signed decline, logged, shown in the status, and inference goes on;
+4. trains locally (torch, Opacus DP-SGD at the noise multiplier that spreads the record-level
+   budget over the planned rounds), computes ``delta = w_local - w_global``, clips it to L2 norm
+   ``C`` and, in local mode, adds ``N(0, (z C)^2)``;
+5. records the releases in the ledger (before anything leaves the device), signs the update and
+   publishes it from the durable outbox, which re-sends until the aggregator's signed receipt
+   arrives or the round closes (then the update is dropped as stale, with a log line).
+
+Nothing derived from records leaves the device except the privatized update. The example count
+used for weighting is bucketed to a power of two; the reported epsilon is rounded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from bedside.constants import (
+    AGGREGATOR_ID,
+    KIND_ANNOUNCE,
+    KIND_MODEL,
+    KIND_RECEIPT,
+    KIND_UPDATE,
+    NOISE_CENTRAL,
+    NOISE_LOCAL,
+    UNIT_DEVICE,
+    UNIT_RECORD,
+    topic_model,
+    topic_receipt,
+    topic_round,
+    topic_status,
+    topic_update,
+)
+from bedside.edge.config import AgentConfig
+from bedside.edge.outbox import AgentState
+from bedside.edge.store import RecordStore
+from bedside.edge.updater import ModelManager
+from bedside.errors import (
+    BedsideError,
+    BudgetExceededError,
+    LedgerError,
+    TransportError,
+    WireError,
+)
+from bedside.transport import Message, Transport
+from bedside.wire.envelope import Envelope, decode, encode
+from bedside.wire.signing import KeyRing, SigningKey, VerifyKey
+
+log = logging.getLogger("bedside.edge.agent")
+ASSUMED_ROUNDS = 100  # for calibrating DP-SGD when the aggregator plans no end
+
+
+def bucket(n: int) -> int:
+    """Largest power of two <= n (what leaves the device instead of the exact record count)."""
+    return 1 << (max(1, n).bit_length() - 1)
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig, transport: Transport | None = None, *,
+                 clock: Callable[[], float] = time.time,
+                 rng: np.random.Generator | None = None) -> None:
+        from bedside.privacy.mechanisms import secure_rng
+
+        self.cfg = cfg
+        self.clock = clock
+        self.rng = rng if rng is not None else secure_rng()
+        self.key = SigningKey.load(cfg.key)
+        self.pinned = KeyRing()
+        self.pinned.add(AGGREGATOR_ID, VerifyKey.load(cfg.aggregator_key))
+        self.store = RecordStore(cfg.records_path)
+        self.state = AgentState(cfg.state_path)
+        self.models = ModelManager(cfg.models_path, threads=cfg.threads)
+        self._ledger: Any = None
+        self.ledger_error: str | None = None
+        self._open_ledger()
+        if transport is None:
+            from bedside.transport.mqtt import MqttTransport
+
+            will = (topic_status(cfg.fleet, cfg.device_id),
+                    json.dumps({"device": cfg.device_id, "state": "offline"}).encode())
+            transport = MqttTransport(cfg.mqtt, client_id=cfg.device_id, clean_session=False,
+                                      will=will)
+        self.transport = transport
+        self.announce: Envelope | None = None
+        self.done = False
+        self.refusing: str | None = None
+        self.last_model_error: str | None = None
+        self._calibrated: dict[tuple[Any, ...], float] = {}
+        self._last_status = 0.0
+        self._was_connected = False
+
+    # -- ledger ----------------------------------------------------------------------------------
+    def _open_ledger(self) -> None:
+        try:
+            from bedside.privacy.ledger import Ledger
+
+            self._ledger = Ledger(self.cfg.ledger_path, self.cfg.budgets())
+            self.ledger_error = None
+        except (LedgerError, ImportError) as exc:
+            self._ledger = None
+            self.ledger_error = str(exc)
+            log.error("privacy ledger unavailable, contributions refused: %s", exc)
+
+    def privacy_report(self) -> dict[str, Any]:
+        if self._ledger is None:
+            return {"error": self.ledger_error}
+        try:
+            return dict(self._ledger.report())
+        except LedgerError as exc:
+            return {"error": str(exc)}
+
+    # -- loop --------------------------------------------------------------------------------------
+    def start(self) -> None:
+        f = self.cfg.fleet
+        for topic in (topic_model(f), topic_round(f), topic_receipt(f, self.cfg.device_id)):
+            self.transport.subscribe(topic, qos=1)
+        self.publish_status(force=True)
+
+    def run(self, stop: threading.Event | None = None, poll: float = 0.2) -> None:
+        self.start()
+        stop = stop or threading.Event()
+        while not stop.is_set():
+            self.step(poll)
+            if self.done and self.cfg.exit_when_done and not self.state.pending():
+                break
+        self.publish_status(force=True, state="stopped")
+
+    def step(self, timeout: float = 0.2) -> None:
+        msg = self.transport.get(timeout)
+        while msg is not None:
+            self._handle(msg)
+            msg = self.transport.get(0)
+        self._maybe_participate()
+        self._flush_outbox()
+        self.publish_status()
+
+    def _handle(self, msg: Message) -> None:
+        f = self.cfg.fleet
+        try:
+            if msg.topic == topic_model(f):
+                self._on_model(msg.payload)
+            elif msg.topic == topic_round(f):
+                self._on_announce(msg.payload)
+            elif msg.topic == topic_receipt(f, self.cfg.device_id):
+                self._on_receipt(msg.payload)
+        except WireError as exc:
+            log.warning("ignored message on %s: %s (%s)", msg.topic, exc.reason, exc)
+        msg.ack()
+
+    # -- models ----------------------------------------------------------------------------------
+    def _on_model(self, payload: bytes) -> None:
+        env = decode(payload, self.pinned, kinds={KIND_MODEL})
+        onnx = env.tensors.get("onnx")
+        if onnx is None or onnx.dtype != np.uint8 or onnx.ndim != 1 or len(env.tensors) != 1:
+            log.warning("model release v%d malformed: expected one uint8 tensor 'onnx'",
+                        env.header.model_version)
+            return
+        version = env.header.model_version
+        current = self.models.current_version()
+        if current is not None and version <= current:
+            return  # a retained release we already run
+        manifest = env.header.meta.get("manifest")
+        if not isinstance(manifest, dict):
+            log.warning("model release v%d has no manifest; ignored", version)
+            return
+        records = None
+        if current is not None and self.cfg.quality_tolerance is not None:
+            m = self.models.manifest()
+            if m is not None and self.store.count(m.schema):
+                records = self.store.load(m.schema)
+        try:
+            self.models.install(onnx.tobytes(), manifest, version, records,
+                                self.cfg.quality_tolerance)
+            self.last_model_error = None
+        except BedsideError as exc:
+            self.last_model_error = f"v{version}: {exc}"
+            log.error("model v%d refused, v%s stays in service: %s", version, current, exc)
+        self.publish_status(force=True)
+
+    # -- rounds ----------------------------------------------------------------------------------
+    def _on_announce(self, payload: bytes) -> None:
+        env = decode(payload, self.pinned, kinds={KIND_ANNOUNCE})
+        meta = env.header.meta
+        if meta.get("fleet") != self.cfg.fleet:
+            log.warning("announcement for fleet %r ignored", meta.get("fleet"))
+            return
+        if self.announce is not None and env.header.round < self.announce.header.round:
+            return
+        self.announce = env
+        if meta.get("state") == "done":
+            if not self.done:
+                log.info("the aggregator announced the federation is done (model v%d)",
+                         env.header.model_version)
+            self.done = True
+        else:
+            self.done = False
+
+    def _round_open(self, env: Envelope) -> bool:
+        meta = env.header.meta
+        return meta.get("state") == "open" and self.clock() < float(meta.get("deadline", 0))
+
+    def _maybe_participate(self) -> None:
+        env = self.announce
+        if env is None or not self._round_open(env):
+            return
+        r = env.header.round
+        if self.state.handled(r):
+            return
+        current = self.models.current_version()
+        if current != env.header.model_version:
+            return  # wait for the release (retained) to arrive and install
+        manifest = self.models.manifest()
+        if manifest is None or manifest.sha256 != env.header.meta.get("model_sha256"):
+            self._decline(env, "model_mismatch")
+            return
+        self._participate(env, manifest)
+
+    def _decline(self, env: Envelope, reason: str, detail: str = "") -> None:
+        h = env.header
+        msg = encode(KIND_UPDATE, self.cfg.device_id, self.key, {}, round=h.round,
+                     model_version=h.model_version, meta={"decline": reason})
+        from bedside.wire.envelope import peek
+
+        self.state.queue(h.round, f"declined:{reason}", detail, peek(msg).nonce, "decline", msg)
+        log.info("round %d: declined (%s)%s", h.round, reason, f": {detail}" if detail else "")
+        self._flush_outbox()
+
+    def _plan(self, env: Envelope, n: int) -> tuple[list[Any], Any]:
+        """This round's releases (for the ledger) and the DP-SGD settings."""
+        from bedside.models.train import DPConfig, dp_sample_rate, dp_steps
+        from bedside.privacy.ledger import Release
+
+        meta, r = env.header.meta, env.header.round
+        train = meta["train"]
+        releases: list[Any] = []
+        dp = None
+        if self.cfg.record_epsilon is not None:
+            batch, epochs = int(train["batch_size"]), int(train["epochs"])
+            q = dp_sample_rate(n, batch)
+            steps = dp_steps(n, batch, epochs)
+            rounds = int(meta.get("planned_rounds") or 0) or ASSUMED_ROUNDS
+            sigma = self._calibrate(q, steps * rounds)
+            releases.append(Release(round=r, unit=UNIT_RECORD, mechanism="sampled_gaussian",
+                                    noise_multiplier=sigma, sample_rate=q, steps=steps,
+                                    note="DP-SGD (Opacus, Poisson sampling)"))
+            dp = DPConfig(noise_multiplier=sigma, max_grad_norm=self.cfg.max_grad_norm)
+        if self.cfg.device_epsilon is not None:
+            mode, z = meta["noise"], float(meta["noise_multiplier"])
+            qd = float(meta.get("participation_rate", 1.0))
+            if mode == NOISE_CENTRAL:
+                releases.append(Release(round=r, unit=UNIT_DEVICE,
+                                        mechanism="sampled_gaussian" if qd < 1 else "gaussian",
+                                        noise_multiplier=z, sample_rate=qd, steps=1,
+                                        note="central noise added by the aggregator"))
+            elif mode == NOISE_LOCAL:
+                releases.append(Release(round=r, unit=UNIT_DEVICE, mechanism="gaussian",
+                                        noise_multiplier=z / 2.0, sample_rate=1.0, steps=1,
+                                        note="local noise; sensitivity 2C (replace-one)"))
+            else:
+                raise BudgetExceededError("the round adds no device-level noise but this device "
+                                          "has a device-level budget; declining")
+        return releases, dp
+
+    def _calibrate(self, q: float, total_steps: int) -> float:
+        from bedside.privacy.accountant import calibrate
+
+        assert self.cfg.record_epsilon is not None
+        key = (q, total_steps, self.cfg.record_epsilon, self.cfg.record_delta)
+        if key not in self._calibrated:
+            # a hair below the budget, so rounding never makes the last planned round exceed it
+            self._calibrated[key] = calibrate(self.cfg.record_epsilon * 0.995,
+                                              self.cfg.record_delta, q, total_steps)
+            log.info("DP-SGD noise multiplier %.4f spreads record-level epsilon %.3g over %d "
+                     "steps at sample rate %.4f", self._calibrated[key], self.cfg.record_epsilon,
+                     total_steps, q)
+        return self._calibrated[key]
+
+    def _participate(self, env: Envelope, manifest: Any) -> None:
+        h, meta = env.header, env.header.meta
+        qd = float(meta.get("participation_rate", 1.0))
+        if self._ledger is None:
+            self._open_ledger()
+        if self._ledger is None:
+            self.refusing = f"ledger unavailable: {self.ledger_error}"
+            self._decline(env, "ledger_unavailable", str(self.ledger_error))
+            return
+        n = self.store.count(manifest.schema)
+        if n == 0:
+            self._decline(env, "no_records", "ingest records with 'bedside edge ingest'")
+            return
+        try:
+            releases, dp = self._plan(env, n)
+            self._ledger.check(releases)
+        except (BudgetExceededError, LedgerError) as exc:
+            self.refusing = str(exc)
+            log.warning("round %d: refusing to contribute: %s (inference continues)", h.round, exc)
+            self._decline(env, "budget" if isinstance(exc, BudgetExceededError) else
+                          "ledger_unavailable", str(exc))
+            self.publish_status(force=True)
+            return
+        self.refusing = None
+        if qd < 1.0 and self.rng.random() >= qd:
+            # Not sampled this round. Under Poisson sampling the round still counts for the
+            # device-level guarantee, so its device-level event is recorded all the same.
+            self._ledger.record([r for r in releases if r.unit == UNIT_DEVICE])
+            self._decline(env, "not_sampled")
+            return
+        self._train_and_send(env, manifest, releases, dp, n)
+
+    def _train_and_send(self, env: Envelope, manifest: Any, releases: list[Any], dp: Any,
+                        n: int) -> None:
+        from bedside.privacy.mechanisms import add_gaussian_noise, clip_update
+
+        h, meta = env.header, env.header.meta
+        started = self.clock()
+        self.publish_status(force=True, state="training")
+        try:
+            from bedside.edge.trainer import local_update
+        except ImportError as exc:
+            self._decline(env, "cannot_train", f"install bedside[train] to train ({exc})")
+            return
+        x, y = self.store.load(manifest.schema)
+        model_bytes = self.models.model_bytes()
+        assert model_bytes is not None
+        delta, fit = local_update(manifest, model_bytes, x, y, meta["train"], dp, self.cfg.seed)
+        names = list(manifest.parameters)
+        clip = float(meta["clip_norm"])
+        clipped, norm = clip_update([delta[k] for k in names], clip)
+        if meta["noise"] == NOISE_LOCAL:
+            clipped = add_gaussian_noise(clipped, float(meta["noise_multiplier"]), clip, self.rng)
+        try:
+            self._ledger.record(releases)  # before anything leaves the device
+        except (BudgetExceededError, LedgerError) as exc:
+            self.refusing = str(exc)
+            self._decline(env, "budget", str(exc))
+            return
+        spent = self._ledger.spent(UNIT_RECORD) if self.cfg.record_epsilon is not None else None
+        update_meta: dict[str, Any] = {"weight": bucket(n)}
+        if spent is not None:
+            update_meta["record_epsilon"] = math.ceil(spent * 100) / 100
+            update_meta["record_delta"] = self.cfg.record_delta
+        msg = encode(KIND_UPDATE, self.cfg.device_id, self.key,
+                     dict(zip(names, clipped, strict=True)), round=h.round,
+                     model_version=h.model_version, meta=update_meta)
+        from bedside.wire.envelope import peek
+
+        detail = (f"trained {fit.steps} steps in {self.clock() - started:.2f} s, update norm "
+                  f"{norm:.3f} (clip {clip:g})")
+        self.state.queue(h.round, "contributed", detail, peek(msg).nonce, "update", msg)
+        log.info("round %d: %s", h.round, detail)
+        self._flush_outbox()
+        self.publish_status(force=True)
+
+    # -- outbox and receipts -----------------------------------------------------------------------
+    def _flush_outbox(self) -> None:
+        pending = self.state.pending()
+        if not pending:
+            return
+        env = self.announce
+        now = self.clock()
+        for e in pending:
+            if env is None:
+                return  # after a restart: wait for the retained announcement before judging
+            if env.header.round != e.round or not self._round_open(env):
+                self.state.resolve(e.nonce, "stale", "round closed before delivery")
+                log.warning("round %d: dropped undelivered %s: the round closed before the "
+                            "aggregator confirmed it", e.round, e.kind)
+                continue
+            if e.last_sent_at is not None and now - e.last_sent_at < self.cfg.resend_seconds:
+                continue
+            if not self.transport.connected:
+                return
+            try:
+                self.transport.publish(topic_update(self.cfg.fleet, self.cfg.device_id),
+                                       e.envelope, qos=1)
+                self.state.mark_sent(e.nonce)
+            except TransportError as exc:
+                log.info("round %d: %s kept in the outbox (%s)", e.round, e.kind, exc)
+                return
+
+    def _on_receipt(self, payload: bytes) -> None:
+        env = decode(payload, self.pinned, kinds={KIND_RECEIPT})
+        meta = env.header.meta
+        if meta.get("device") != self.cfg.device_id:
+            return
+        nonce, status = str(meta.get("for_nonce", "")), str(meta.get("status", ""))
+        if status not in ("accepted", "rejected", "declined"):
+            return
+        if self.state.resolve(nonce, status, str(meta.get("reason", ""))):
+            level = logging.WARNING if status == "rejected" else logging.INFO
+            log.log(level, "round %d: aggregator %s our message%s", env.header.round, status,
+                    f" ({meta.get('reason')})" if meta.get("reason") else "")
+
+    # -- status --------------------------------------------------------------------------------------
+    def status(self, state: str | None = None) -> dict[str, Any]:
+        last = self.state.last_round()
+        return {
+            "device": self.cfg.device_id,
+            "state": state or ("refusing" if self.refusing else "idle"),
+            "model_version": self.models.current_version(),
+            "last_round": last[0] if last else None,
+            "last_action": last[1] if last else None,
+            "refusing": self.refusing,
+            "model_error": self.last_model_error,
+            "privacy": self.privacy_report(),
+            "outbox": self.state.counts(),
+            "connected": self.transport.connected,
+            "time": self.clock(),
+        }
+
+    def publish_status(self, force: bool = False, state: str | None = None) -> None:
+        now = self.clock()
+        if not force and now - self._last_status < self.cfg.status_seconds:
+            return
+        self._last_status = now
+        try:
+            self.transport.publish(topic_status(self.cfg.fleet, self.cfg.device_id),
+                                   json.dumps(self.status(state), default=float).encode(),
+                                   qos=1, retain=True)
+        except TransportError:
+            pass  # status is informational; the next one will go out when connected

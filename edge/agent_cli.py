@@ -1,0 +1,157 @@
+"""``bedside edge enroll | ingest | run | status | rollback`` (registered by bedside.edge.cli)."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+from bedside.cli import print_json
+from bedside.errors import BedsideError, InputError
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("enroll", help="create this device's signing key and check the pinned "
+                       "aggregator key; prints what the aggregator's operator needs")
+    p.add_argument("--config", required=True, type=Path, metavar="agent.toml")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_enroll)
+
+    p = sub.add_parser("ingest", help="validate a CSV against the model's schema and store its "
+                       "rows locally (only features and label are kept)")
+    p.add_argument("file", type=Path, metavar="FILE.csv")
+    p.add_argument("--config", required=True, type=Path, metavar="agent.toml")
+    p.add_argument("--label", default="label", help="label column (default: label)")
+    p.add_argument("--model", type=Path, metavar="DIR",
+                   help="model directory whose schema to use (default: the model in service)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_ingest)
+
+    p = sub.add_parser("run", help="run the agent: serve the model, take part in rounds")
+    p.add_argument("--config", required=True, type=Path, metavar="agent.toml")
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("status", help="model in service, privacy spent, outbox (offline)")
+    p.add_argument("--config", required=True, type=Path, metavar="agent.toml")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_status)
+
+    p = sub.add_parser("rollback", help="put the previous model version back in service")
+    p.add_argument("--config", required=True, type=Path, metavar="agent.toml")
+    p.set_defaults(func=_rollback)
+
+
+def _enroll(ns: argparse.Namespace) -> int:
+    from bedside.edge.config import load
+    from bedside.wire.signing import SigningKey, VerifyKey
+
+    cfg = load(ns.config)
+    created = False
+    if cfg.key.exists():
+        key = SigningKey.load(cfg.key)
+    else:
+        key = SigningKey.generate()
+        key.save(cfg.key)
+        created = True
+    pub_path = cfg.key.with_suffix(".pub")
+    key.public.save(pub_path)
+    agg = VerifyKey.load(cfg.aggregator_key)
+    info = {"device_id": cfg.device_id, "public_key_file": str(pub_path),
+            "fingerprint": key.public.fingerprint, "key_created": created,
+            "aggregator_fingerprint": agg.fingerprint,
+            "aggregator_command": f"bedside aggregator enroll --config aggregator.toml "
+                                  f"--device-id {cfg.device_id} --public-key {pub_path.name}"}
+    if ns.json:
+        print_json(info)
+    else:
+        print(f"device {cfg.device_id}: key {'created' if created else 'exists'} "
+              f"(fingerprint {info['fingerprint']})\n"
+              f"pinned aggregator key fingerprint: {agg.fingerprint} (check it with the "
+              "aggregator's operator)\n"
+              f"send {pub_path} to the aggregator's operator, who runs:\n  "
+              f"{info['aggregator_command']}")
+    return 0
+
+
+def _ingest(ns: argparse.Namespace) -> int:
+    from bedside.edge.config import load
+    from bedside.edge.store import RecordStore
+    from bedside.edge.updater import ModelManager
+    from bedside.manifest import load_manifest
+    from bedside.tabular import read_csv
+
+    cfg = load(ns.config)
+    if ns.model is not None:
+        schema = load_manifest(ns.model).schema
+    else:
+        m = ModelManager(cfg.models_path).manifest()
+        if m is None:
+            raise InputError("no model in service yet to validate against; start the agent once "
+                             "(it receives the model) or pass --model DIR")
+        schema = m.schema
+    table = read_csv(ns.file, schema, ns.label)  # all rows valid, or nothing is stored
+    store = RecordStore(cfg.records_path)
+    try:
+        result = store.ingest(table, schema, source=ns.file.name)
+    finally:
+        store.close()
+    if ns.json:
+        print_json({"added": result.added, "duplicates": result.duplicates,
+                    "total": result.total})
+    else:
+        print(f"{ns.file}: {result.added} record(s) stored, {result.duplicates} already present; "
+              f"{result.total} in the store (columns other than the model's features and "
+              f"{ns.label!r} were not stored)")
+    return 0
+
+
+def _run(ns: argparse.Namespace) -> int:
+    from bedside.edge.agent import Agent
+    from bedside.edge.config import load
+
+    cfg = load(ns.config)
+    agent = Agent(cfg)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        agent.run(stop)
+    finally:
+        agent.transport.close()
+    return 0
+
+
+def _status(ns: argparse.Namespace) -> int:
+    from bedside.edge.config import load
+    from bedside.edge.outbox import AgentState
+    from bedside.edge.updater import ModelManager
+
+    cfg = load(ns.config)
+    models = ModelManager(cfg.models_path)
+    state = AgentState(cfg.state_path)
+    info: dict[str, Any] = {"device": cfg.device_id, "model_version": models.current_version(),
+                            "last_round": state.last_round(), "outbox": state.counts()}
+    try:
+        from bedside.privacy.ledger import Ledger
+
+        info["privacy"] = Ledger(cfg.ledger_path, cfg.budgets()).report()
+    except BedsideError as exc:  # show a broken ledger instead of failing the status
+        info["privacy"] = {"error": str(exc)}
+    if ns.json:
+        print_json(info)
+    else:
+        for k, v in info.items():
+            print(f"{k}: {v}")
+    return 0
+
+
+def _rollback(ns: argparse.Namespace) -> int:
+    from bedside.edge.config import load
+    from bedside.edge.updater import ModelManager
+
+    cfg = load(ns.config)
+    v = ModelManager(cfg.models_path).rollback()
+    print(f"model v{v} is back in service (a running agent picks it up at its next inference)")
+    return 0
