@@ -29,7 +29,8 @@ class Table:
     row_ids: list[str]
 
 
-def _open_rows(path: Path) -> tuple[list[str], list[list[str]]]:
+def read_rows(path: Path) -> tuple[list[str], list[list[str]]]:
+    """Header and non-blank rows of a CSV file, with clear errors for unreadable files."""
     try:
         with path.open(newline="", encoding="utf-8-sig") as fh:
             reader = csv.reader(fh)
@@ -96,7 +97,8 @@ def _check_range(path: Path, schema: Schema, x: np.ndarray, where: list[str]) ->
             )
 
 
-def _labels(path: Path, schema: Schema, raw: list[str], where: list[str], column: str) -> np.ndarray:
+def _labels(path: Path, schema: Schema, raw: list[str], where: list[str],
+            column: str) -> np.ndarray:
     index = {name: i for i, name in enumerate(schema.labels)}
     out = np.empty(len(raw), dtype=np.int64)
     for i, value in enumerate(raw):
@@ -121,7 +123,7 @@ def _labels(path: Path, schema: Schema, raw: list[str], where: list[str], column
 def read_csv(path: str | Path, schema: Schema, label_column: str | None = None) -> Table:
     """Read ``path`` into a :class:`Table` shaped for ``schema``; labels only if asked for."""
     path = Path(path)
-    header, rows = _open_rows(path)
+    header, rows = read_rows(path)
     cols = [_column_index(path, header, f.name, "feature") for f in schema.features]
     label_idx = _column_index(path, header, label_column, "label") if label_column else None
     width = len(header)
@@ -182,7 +184,8 @@ def _read_windows(
             labels_raw.append(values.pop())
         where.append(span)
     _check_range(path, schema, x, where)
-    y = _labels(path, schema, labels_raw, where, header[label_idx]) if label_idx is not None else None
+    y = (_labels(path, schema, labels_raw, where, header[label_idx])
+         if label_idx is not None else None)
     return Table(x=x, y=y, row_ids=list(groups))
 
 
