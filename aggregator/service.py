@@ -193,7 +193,7 @@ class Aggregator:
         expected = self.cfg.rounds.expected_participants or len(self.devices)
         return len(self.state.answered(cur.round)) >= expected
 
-    # -- publishing ----------------------------------------------------------------------------------
+    # -- publishing --------------------------------------------------------------------------------
     def _publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
         try:
             self.transport.publish(topic, payload, qos=1, retain=retain)
@@ -212,14 +212,15 @@ class Aggregator:
         self._publish(topic_status(self.cfg.fleet, AGGREGATOR_ID),
                       json.dumps(body, default=float).encode(), retain=True)
 
-    def _receipt(self, device: str, round_id: int, nonce: str, status: str, reason: str = "") -> None:
+    def _receipt(self, device: str, round_id: int, nonce: str, status: str,
+                 reason: str = "") -> None:
         env = encode(KIND_RECEIPT, AGGREGATOR_ID, self.key, {}, round=round_id,
                      model_version=self._manifest.version if self._manifest else 0,
-                     meta={"device": device, "for_nonce": nonce, "status": status,
-                           "reason": reason})
+                     meta={"device": device, "fleet": self.cfg.fleet, "for_nonce": nonce,
+                           "status": status, "reason": reason})
         self._publish(topic_receipt(self.cfg.fleet, device), env)
 
-    # -- updates ---------------------------------------------------------------------------------------
+    # -- updates -----------------------------------------------------------------------------------
     def _handle(self, msg: Message) -> None:
         device = msg.topic.rsplit("/", 1)[-1]
         cur = self.state.current_round()
@@ -266,6 +267,9 @@ class Aggregator:
         if h.round != cur.round:
             raise ValidationError("wrong_round", f"update is for round {h.round}; the open round "
                                   f"is {cur.round} (stale or early)")
+        if h.meta.get("fleet") != self.cfg.fleet:
+            raise ValidationError("wrong_fleet", f"update is for fleet {h.meta.get('fleet')!r}, "
+                                  f"this aggregator serves {self.cfg.fleet!r}")
         if h.model_version != cur.model_version:
             raise ValidationError("wrong_model_version", f"update is based on model v"
                                   f"{h.model_version}; round {cur.round} trains v"
@@ -425,7 +429,7 @@ class Aggregator:
         if self.on_round_closed is not None:
             self.on_round_closed(body)
 
-    # -- privacy --------------------------------------------------------------------------------------
+    # -- privacy -----------------------------------------------------------------------------------
     def _record_epsilon(self, round_id: int) -> dict[str, Any]:
         """Record-level epsilon the round's contributors reported (each device accounts its own
         with its ledger; the aggregator only relays the figures, it cannot verify them)."""
@@ -461,7 +465,8 @@ class Aggregator:
             # Each device noises its own clipped update: L2 sensitivity 2C between any two of its
             # local data sets, so the effective noise multiplier is z / 2 (replace-one).
             event = acct.gaussian(p.noise_multiplier / 2.0, k)
-            out["trust"] = "holds against the aggregator (local DP); bound for a device in every round"
+            out["trust"] = ("holds against the aggregator (local DP); bound for a device in "
+                            "every round")
         out["epsilon"] = acct.epsilon(event, p.delta)
         return out
 
@@ -470,7 +475,8 @@ def _reported_privacy(meta: dict[str, Any]) -> dict[str, Any]:
     """The record-level epsilon a device reports with its update, if well-formed."""
     out: dict[str, Any] = {}
     eps, delta = meta.get("record_epsilon"), meta.get("record_delta")
-    if isinstance(eps, int | float) and not isinstance(eps, bool) and math.isfinite(eps) and eps >= 0:
+    if (isinstance(eps, int | float) and not isinstance(eps, bool) and math.isfinite(eps)
+            and eps >= 0):
         out["record_epsilon"] = round(float(eps), 4)
         if isinstance(delta, int | float) and not isinstance(delta, bool) and 0 < delta < 1:
             out["record_delta"] = float(delta)

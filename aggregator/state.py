@@ -55,7 +55,8 @@ CREATE TABLE IF NOT EXISTS declines (
 );
 CREATE TABLE IF NOT EXISTS rejections (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
-    round INTEGER, sender TEXT, reason TEXT NOT NULL, detail TEXT NOT NULL, received_at REAL NOT NULL
+    round INTEGER, sender TEXT, reason TEXT NOT NULL, detail TEXT NOT NULL,
+    received_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS server_state (name TEXT PRIMARY KEY, tensors BLOB NOT NULL);
 """
@@ -136,11 +137,12 @@ class State:
     def finish_round(self, round_id: int, status: str, result: dict[str, Any]) -> None:
         """Close a round and drop its tensors (the digests stay), in one transaction."""
         with self._tx():
-            self.db.execute("UPDATE rounds SET status = ?, closed_at = ?, result = ? WHERE round = ?",
+            self.db.execute("UPDATE rounds SET status = ?, closed_at = ?, result = ? "
+                            "WHERE round = ?",
                             (status, time.time(), json.dumps(result), round_id))
             self.db.execute("UPDATE updates SET tensors = NULL WHERE round = ?", (round_id,))
 
-    # -- updates -------------------------------------------------------------------------------------
+    # -- updates -----------------------------------------------------------------------------------
     def find_update(self, round_id: int, sender: str) -> tuple[str, str] | None:
         r = self.db.execute("SELECT nonce, digest FROM updates WHERE round = ? AND sender = ?",
                             (round_id, sender)).fetchone()
@@ -193,7 +195,7 @@ class State:
                                            (rowid,)).fetchone()
             yield _unpack(bytes(blob)), float(weight)
 
-    # -- rejections ----------------------------------------------------------------------------------
+    # -- rejections --------------------------------------------------------------------------------
     def add_rejection(self, round_id: int | None, sender: str | None, reason: str,
                       detail: str) -> None:
         self.db.execute("INSERT INTO rejections (round, sender, reason, detail, received_at) "

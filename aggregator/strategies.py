@@ -88,7 +88,7 @@ def make_optimizer(name: str, **params: Any) -> ServerOptimizer:
     return _construct(OPTIMIZERS, "server optimizer", name, params)  # type: ignore[no-any-return]
 
 
-# -- aggregation rules ------------------------------------------------------------------------------
+# -- aggregation rules -----------------------------------------------------------------------------
 @register_rule("fedavg")
 @dataclass
 class FedAvg:

@@ -21,7 +21,8 @@ from bedside.errors import BedsideError
 
 # group name -> (module that owns it, one-line help). Order is the order of ``bedside --help``.
 GROUPS: dict[str, tuple[str, str]] = {
-    "edge": ("bedside.edge.cli", "run on a clinic device: infer, ingest records, enroll, run the agent"),
+    "edge": ("bedside.edge.cli",
+             "run on a clinic device: infer, ingest records, enroll, run the agent"),
     "aggregator": ("bedside.aggregator.cli", "run the central aggregator service"),
     "models": ("bedside.models.cli", "train, export, import and inspect models"),
     "privacy": ("bedside.privacy.cli", "plan privacy budgets: epsilon, calibrate, gaussian-sigma"),

@@ -83,7 +83,9 @@ KIND_MODEL: Final = "model"
 KIND_ANNOUNCE: Final = "announce"
 KIND_RECEIPT: Final = "receipt"
 KIND_MANIFEST: Final = "manifest"
-ENVELOPE_KINDS: Final = frozenset({KIND_UPDATE, KIND_MODEL, KIND_ANNOUNCE, KIND_RECEIPT, KIND_MANIFEST})
+ENVELOPE_KINDS: Final = frozenset(
+    {KIND_UPDATE, KIND_MODEL, KIND_ANNOUNCE, KIND_RECEIPT, KIND_MANIFEST}
+)
 
 # ---------------------------------------------------------------------------------------------
 # Privacy defaults.

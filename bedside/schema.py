@@ -73,7 +73,8 @@ class Schema:
 
     def __post_init__(self) -> None:
         if not self.features:
-            raise SchemaError("schema: 'features' is empty; list the model's input columns in order")
+            raise SchemaError(
+                "schema: 'features' is empty; list the model's input columns in order")
         names = [f.name for f in self.features]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -83,7 +84,8 @@ class Schema:
         if len(set(self.labels)) != len(self.labels):
             raise SchemaError("schema: class labels must be unique")
         if self.kind not in ("tabular", "timeseries"):
-            raise SchemaError(f"schema: 'kind' must be 'tabular' or 'timeseries', not {self.kind!r}")
+            raise SchemaError(
+                f"schema: 'kind' must be 'tabular' or 'timeseries', not {self.kind!r}")
         if self.kind == "timeseries":
             if not isinstance(self.window, int) or self.window < 2:
                 raise SchemaError("schema: a timeseries schema needs an integer 'window' >= 2")

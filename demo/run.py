@@ -27,7 +27,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -55,7 +55,7 @@ class DemoConfig:
     batch_size: int = 16
     lr: float = 0.05
     optimizer: str = "adam"
-    server_optimizer: str = "sgd"
+    server_optimizer: str = "fedavgm"
     holdout: float = 0.2
     seed: int = 0
     out: Path | None = None
@@ -65,7 +65,7 @@ class DemoConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-# -- small TOML writer (the configs are flat tables of strings, numbers and booleans) -----------------
+# -- small TOML writer (the configs are flat tables of strings, numbers and booleans) --------------
 def _toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
@@ -214,7 +214,7 @@ def _write_configs(plan: dict[str, Any], port: int) -> None:
         (c["dir"] / "agent.toml").write_text(to_toml(c["config"]))
 
 
-# -- running ------------------------------------------------------------------------------------------
+# -- running ---------------------------------------------------------------------------------------
 def _spawn(args: list[str], log_path: Path, cwd: Path) -> subprocess.Popen[bytes]:
     env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
@@ -236,8 +236,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     if not cfg.target_epsilon > 0:
         raise InputError("--target-epsilon must be > 0")
     started = time.monotonic()
-    work = cfg.out or Path(tempfile.mkdtemp(prefix="bedside-demo-"))
-    work.mkdir(parents=True, exist_ok=True)
+    work = _workdir(cfg.out)
     logs = work / "logs"
     logs.mkdir(exist_ok=True)
     plan = prepare(cfg, work)
@@ -314,6 +313,27 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     return report
 
 
+MARKER = ".bedside-demo"
+
+
+def _workdir(out: Path | None) -> Path:
+    """A fresh working directory. A previous demo's output is replaced; anything else is kept."""
+    if out is None:
+        work = Path(tempfile.mkdtemp(prefix="bedside-demo-"))
+    else:
+        work = out
+        if work.exists() and any(work.iterdir()):
+            if not (work / MARKER).exists():
+                raise InputError(f"--out {work} exists and is not a previous demo's output; "
+                                 "choose an empty or new directory")
+            import shutil
+
+            shutil.rmtree(work)
+        work.mkdir(parents=True, exist_ok=True)
+    (work / MARKER).write_text("created by bedside demo; replaced by the next run\n")
+    return work
+
+
 def _row(body: dict[str, Any], devices: dict[str, dict[str, Any]]) -> dict[str, Any]:
     metrics = body.get("metrics") or {}
     privacy = body.get("privacy") or {}
@@ -352,7 +372,7 @@ def _report(cfg: DemoConfig, plan: dict[str, Any], rows: list[dict[str, Any]],
             seconds: float) -> dict[str, Any]:
     last = next((r for r in reversed(rows) if r["accuracy"] is not None), None)
     eps_device = final.get("privacy", {}).get("epsilon") if final else None
-    record_eps = [d.get("privacy", {}).get("record", {}).get("epsilon_spent")
+    record_eps = [d.get("privacy", {}).get("record", {}).get("epsilon")
                   for d in devices.values()]
     record_eps = [e for e in record_eps if isinstance(e, int | float)]
     cfg_out = {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.__dict__.items()
@@ -413,8 +433,9 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
 class _Table:
     """One printed row per round (works in a terminal and in CI logs)."""
 
-    cols = [("round", 5), ("model", 5), ("accepted", 8), ("rejected", 8), ("declined", 8),
-            ("accuracy", 8), ("AUC", 6), ("eps dev", 8), ("eps rec", 7), ("time s", 6)]
+    cols: ClassVar[list[tuple[str, int]]] = [
+        ("round", 5), ("model", 5), ("accepted", 8), ("rejected", 8), ("declined", 8),
+        ("accuracy", 8), ("AUC", 6), ("eps dev", 8), ("eps rec", 7), ("time s", 6)]
 
     def __init__(self, cfg: DemoConfig, plan: dict[str, Any]) -> None:
         from rich.console import Console

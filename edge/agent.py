@@ -24,6 +24,7 @@ used for weighting is bucketed to a power of two; the reported epsilon is rounde
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -104,6 +105,7 @@ class Agent:
         self.done = False
         self.refusing: str | None = None
         self.last_model_error: str | None = None
+        self.refused_versions: set[int] = set()
         self._calibrated: dict[tuple[Any, ...], float] = {}
         self._last_status = 0.0
         self._was_connected = False
@@ -192,6 +194,7 @@ class Agent:
                                 self.cfg.quality_tolerance)
             self.last_model_error = None
         except BedsideError as exc:
+            self.refused_versions.add(version)
             self.last_model_error = f"v{version}: {exc}"
             log.error("model v%d refused, v%s stays in service: %s", version, current, exc)
         self.publish_status(force=True)
@@ -226,6 +229,9 @@ class Agent:
         if self.state.handled(r):
             return
         current = self.models.current_version()
+        if env.header.model_version in self.refused_versions:
+            self._decline(env, "model_refused", str(self.last_model_error))
+            return
         if current != env.header.model_version:
             return  # wait for the release (retained) to arrive and install
         manifest = self.models.manifest()
@@ -237,7 +243,8 @@ class Agent:
     def _decline(self, env: Envelope, reason: str, detail: str = "") -> None:
         h = env.header
         msg = encode(KIND_UPDATE, self.cfg.device_id, self.key, {}, round=h.round,
-                     model_version=h.model_version, meta={"decline": reason})
+                     model_version=h.model_version,
+                     meta={"decline": reason, "fleet": self.cfg.fleet})
         from bedside.wire.envelope import peek
 
         self.state.queue(h.round, f"declined:{reason}", detail, peek(msg).nonce, "decline", msg)
@@ -354,7 +361,7 @@ class Agent:
             self._decline(env, "budget", str(exc))
             return
         spent = self._ledger.spent(UNIT_RECORD) if self.cfg.record_epsilon is not None else None
-        update_meta: dict[str, Any] = {"weight": bucket(n)}
+        update_meta: dict[str, Any] = {"weight": bucket(n), "fleet": self.cfg.fleet}
         if spent is not None:
             update_meta["record_epsilon"] = math.ceil(spent * 100) / 100
             update_meta["record_delta"] = self.cfg.record_delta
@@ -400,7 +407,7 @@ class Agent:
     def _on_receipt(self, payload: bytes) -> None:
         env = decode(payload, self.pinned, kinds={KIND_RECEIPT})
         meta = env.header.meta
-        if meta.get("device") != self.cfg.device_id:
+        if meta.get("device") != self.cfg.device_id or meta.get("fleet") != self.cfg.fleet:
             return
         nonce, status = str(meta.get("for_nonce", "")), str(meta.get("status", ""))
         if status not in ("accepted", "rejected", "declined"):
@@ -410,7 +417,7 @@ class Agent:
             log.log(level, "round %d: aggregator %s our message%s", env.header.round, status,
                     f" ({meta.get('reason')})" if meta.get("reason") else "")
 
-    # -- status --------------------------------------------------------------------------------------
+    # -- status ------------------------------------------------------------------------------------
     def status(self, state: str | None = None) -> dict[str, Any]:
         last = self.state.last_round()
         return {
@@ -432,9 +439,8 @@ class Agent:
         if not force and now - self._last_status < self.cfg.status_seconds:
             return
         self._last_status = now
-        try:
+        # status is informational: if the broker is away, the next one goes out when connected
+        with contextlib.suppress(TransportError):
             self.transport.publish(topic_status(self.cfg.fleet, self.cfg.device_id),
                                    json.dumps(self.status(state), default=float).encode(),
                                    qos=1, retain=True)
-        except TransportError:
-            pass  # status is informational; the next one will go out when connected

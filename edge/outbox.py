@@ -43,15 +43,15 @@ class AgentState:
                 " kind TEXT NOT NULL, envelope BLOB NOT NULL, created_at REAL NOT NULL,"
                 " last_sent_at REAL, attempts INTEGER NOT NULL DEFAULT 0,"
                 " state TEXT NOT NULL DEFAULT 'pending', reason TEXT);"
-                "CREATE TABLE IF NOT EXISTS rounds (round INTEGER PRIMARY KEY, action TEXT NOT NULL,"
-                " detail TEXT NOT NULL, at REAL NOT NULL);")
+                "CREATE TABLE IF NOT EXISTS rounds (round INTEGER PRIMARY KEY,"
+                " action TEXT NOT NULL, detail TEXT NOT NULL, at REAL NOT NULL);")
         except sqlite3.DatabaseError as exc:
             raise StateError(f"{self.path}: cannot open the agent state ({exc})") from None
 
     def close(self) -> None:
         self.db.close()
 
-    # -- rounds --------------------------------------------------------------------------------------
+    # -- rounds ------------------------------------------------------------------------------------
     def handled(self, round_id: int) -> str | None:
         r = self.db.execute("SELECT action FROM rounds WHERE round = ?", (round_id,)).fetchone()
         return r[0] if r else None
@@ -64,7 +64,8 @@ class AgentState:
             self.db.execute("INSERT OR REPLACE INTO rounds VALUES (?, ?, ?, ?)",
                             (round_id, action, detail, time.time()))
             self.db.execute("INSERT INTO outbox (nonce, round, kind, envelope, created_at) "
-                            "VALUES (?, ?, ?, ?, ?)", (nonce, round_id, kind, envelope, time.time()))
+                            "VALUES (?, ?, ?, ?, ?)",
+                            (nonce, round_id, kind, envelope, time.time()))
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
@@ -79,7 +80,7 @@ class AgentState:
                             ).fetchone()
         return (int(r[0]), str(r[1])) if r else None
 
-    # -- outbox --------------------------------------------------------------------------------------
+    # -- outbox ------------------------------------------------------------------------------------
     def pending(self) -> list[OutboxEntry]:
         return [OutboxEntry(*r) for r in self.db.execute(
             "SELECT nonce, round, kind, envelope, created_at, last_sent_at, attempts FROM outbox "

@@ -63,7 +63,8 @@ class Predictor:
         try:
             self._session = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
         except Exception as exc:
-            raise ModelError(f"{self.model_dir}: onnxruntime cannot load the model: {exc}") from None
+            raise ModelError(
+                f"{self.model_dir}: onnxruntime cannot load the model: {exc}") from None
         out = self.manifest.output
         self._input = out.get("input") or self._session.get_inputs()[0].name
         self._output = out.get("probabilities") or self._session.get_outputs()[0].name

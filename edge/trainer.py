@@ -36,9 +36,10 @@ def local_update(manifest: Manifest, onnx_bytes: bytes, x: np.ndarray, y: np.nda
             if name not in global_w or tuple(global_w[name].shape) != tuple(p.shape):
                 raise ModelError(f"parameter {name} does not match the ONNX model's initializer")
             p.copy_(torch.from_numpy(np.array(global_w[name], dtype=np.float32)))
-    cfg = TrainConfig(epochs=int(train.get("epochs", 1)), batch_size=int(train.get("batch_size", 16)),
-                      lr=float(train.get("lr", 0.05)), optimizer=str(train.get("optimizer", "sgd")),
-                      seed=seed)
+    cfg = TrainConfig(epochs=int(train.get("epochs", 1)),
+                      batch_size=int(train.get("batch_size", 16)),
+                      lr=float(train.get("lr", 0.05)),
+                      optimizer=str(train.get("optimizer", "sgd")), seed=seed)
     result = fit(net, x, y, cfg, dp)
     delta = {name: (p.detach().numpy().astype(np.float32) - global_w[name])
              for name, p in net.named_parameters()}

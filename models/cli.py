@@ -26,7 +26,8 @@ def _param(text: str) -> tuple[str, Any]:
 def build(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 
-    p = sub.add_parser("export", help="train a starting model and export it to ONNX with a manifest")
+    p = sub.add_parser("export",
+                       help="train a starting model and export it to ONNX with a manifest")
     p.add_argument("--arch", required=True, choices=["logreg", "mlp", "cnn1d"])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--dataset", choices=["wdbc", "digits", "vitals"],

@@ -45,7 +45,8 @@ def to_onnx_bytes(net: BedsideNet, schema: Schema, opset: int = ONNX_OPSET) -> b
     net.eval()
     net.probabilities = True
     # The exporter logs one warning per torchvision operator it cannot register; not our concern.
-    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    for noisy in ("torch.onnx", "onnxscript", "onnx_ir"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings(), \
                 contextlib.redirect_stdout(io.StringIO()):

@@ -26,7 +26,7 @@ from bedside.models.zoo import build
 
 log = logging.getLogger(__name__)
 
-DEFAULT_EPOCHS = {"wdbc": 40, "digits": 30, "vitals": 15}
+DEFAULT_EPOCHS = {"wdbc": 40, "digits": 30, "vitals": 30}
 
 
 def export_model(
@@ -90,7 +90,8 @@ def export_model(
         privacy=privacy or {},
         parameters=parameters,
         training={"dataset": ds.name, "source": ds.source, "rows_train": len(train_ds),
-                  "rows_test": len(test_ds), "split_seed": split_seed, "test_fraction": test_fraction,
+                  "rows_test": len(test_ds), "split_seed": split_seed,
+                  "test_fraction": test_fraction,
                   "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
                   "fit": result.to_dict()},
     )

@@ -87,7 +87,7 @@ def dp_sample_rate(rows: int, batch_size: int) -> float:
 def dp_steps(rows: int, batch_size: int, epochs: int) -> int:
     """Number of DP-SGD steps ``fit`` takes: Opacus runs ``1/q`` batches an epoch."""
     q = dp_sample_rate(rows, batch_size)
-    return epochs * max(1, int(round(1.0 / q)))
+    return epochs * max(1, round(1.0 / q))
 
 
 def _generator(seed: int | None) -> torch.Generator:
@@ -99,6 +99,17 @@ def _generator(seed: int | None) -> torch.Generator:
 def fit(net: nn.Module, x: np.ndarray, y: np.ndarray, cfg: TrainConfig,
         dp: DPConfig | None = None) -> FitResult:
     """Train ``net`` in place on (x, y); with ``dp``, record-level DP-SGD via Opacus."""
+    with warnings.catch_warnings():
+        # Opacus warns that its secure RNG is off (documented above) and torch that a full
+        # backward hook fires on inputs without gradients (Opacus' per-sample hooks); both known.
+        warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
+        warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
+        warnings.filterwarnings("ignore", message=".*Optimal order is the (largest|smallest).*")
+        return _fit(net, x, y, cfg, dp)
+
+
+def _fit(net: nn.Module, x: np.ndarray, y: np.ndarray, cfg: TrainConfig,
+         dp: DPConfig | None) -> FitResult:
     if len(x) != len(y) or len(x) == 0:
         raise InputError(f"training needs matching, non-empty x and y (got {len(x)}, {len(y)})")
     gen = _generator(cfg.seed)
@@ -116,13 +127,11 @@ def fit(net: nn.Module, x: np.ndarray, y: np.ndarray, cfg: TrainConfig,
         from opacus import PrivacyEngine
 
         engine = PrivacyEngine(accountant="rdp")  # its accountant is unused: we account ourselves
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model, optimizer, loader = engine.make_private(
-                module=net, optimizer=optimizer, data_loader=loader,
-                noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-                poisson_sampling=True, noise_generator=_generator(cfg.seed),
-            )
+        model, optimizer, loader = engine.make_private(
+            module=net, optimizer=optimizer, data_loader=loader,
+            noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+            poisson_sampling=True, noise_generator=_generator(cfg.seed),
+        )
     loss_fn = nn.CrossEntropyLoss()
     model.train()
     steps, last = 0, float("nan")

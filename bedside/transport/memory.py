@@ -156,6 +156,7 @@ class MemoryTransport:
             self.broker.subscribe(self.client_id, topic_filter)
 
     def get(self, timeout: float | None = None) -> Message | None:
+        _ = self.connected  # like paho's loop thread: reconnect once the broker is back
         try:
             return self._inbox.get(timeout=timeout) if timeout else self._inbox.get_nowait()
         except queue.Empty:

@@ -55,8 +55,8 @@ def test_missing_file(tmp_path):
 def test_windows(tmp_path):
     ts = Schema(features=(Feature("hr"),), labels=("s", "d"), kind="timeseries", window=3,
                 group_column="w", order_column="t")
-    t = read_csv(_w(tmp_path, "w,t,hr,y\nA,2,30,d\nA,0,10,d\nA,1,20,d\nB,0,1,s\nB,1,2,s\nB,2,3,s\n"),
-                 ts, "y")
+    text = "w,t,hr,y\nA,2,30,d\nA,0,10,d\nA,1,20,d\nB,0,1,s\nB,1,2,s\nB,2,3,s\n"
+    t = read_csv(_w(tmp_path, text), ts, "y")
     np.testing.assert_array_equal(t.x[:, 0, :], [[10, 20, 30], [1, 2, 3]])
     assert t.row_ids == ["A", "B"] and t.y.tolist() == [1, 0]
     with pytest.raises(SchemaError, match="window 'B' \\(rows 4-5\\) has 2 rows"):

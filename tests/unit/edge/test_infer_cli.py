@@ -52,10 +52,12 @@ def _set(row_i, col, value):
     ("mutate", "drop", "expect"),
     [
         (None, "mean area", "column 'mean area' is missing"),
-        (_set(2, "mean texture", "abc"), None, "row 3 (line 4), column 'mean texture': 'abc' is not a number"),
+        (_set(2, "mean texture", "abc"), None,
+         "row 3 (line 4), column 'mean texture': 'abc' is not a number"),
         (_set(1, "worst area", "nan"), None, "row 2 (line 3), column 'worst area'"),
         (_set(0, "mean radius", ""), None, "row 1 (line 2), column 'mean radius'"),
-        (_set(3, "mean radius", "-4"), None, "row 4 (line 5), column 'mean radius': value -4 is outside"),
+        (_set(3, "mean radius", "-4"), None,
+         "row 4 (line 5), column 'mean radius': value -4 is outside"),
         (_set(4, "mean area", "1e9"), None, "row 5 (line 6), column 'mean area'"),
     ],
 )

@@ -1,0 +1,219 @@
+"""Build a small federation in a directory, for tests (reuses the demo's preparation)."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bedside.demo.run import DemoConfig, prepare, to_toml
+
+
+@dataclass
+class Fleet:
+    work: Path
+    plan: dict[str, Any]
+    threads: list[threading.Thread] = field(default_factory=list)
+
+    @property
+    def aggregator_toml(self) -> Path:
+        return self.plan["aggregator_dir"] / "aggregator.toml"
+
+    def agent_toml(self, i: int) -> Path:
+        return self.plan["clinics"][i]["dir"] / "agent.toml"
+
+    @property
+    def clinic_ids(self) -> list[str]:
+        return [c["id"] for c in self.plan["clinics"]]
+
+
+def make_fleet(work: Path, *, clients: int = 3, rounds: int = 3, mode: str = "central",
+               broker: Any = None, aggregator: dict[str, Any] | None = None,
+               agent: dict[str, Any] | None = None, extra_devices: int = 0, **demo: Any) -> Fleet:
+    """Prepare data, keys and configs; ``broker`` (tests.brokers.Broker) sets MQTT settings."""
+    cfg = DemoConfig(clients=clients, rounds=rounds, mode=mode, out=work, **demo)
+    work.mkdir(parents=True, exist_ok=True)
+    plan = prepare(cfg, work)
+    for section, overrides in (("aggregator", aggregator or {}),):
+        for k, v in overrides.items():
+            if isinstance(v, dict):
+                plan[section].setdefault(k, {}).update(v)
+            else:
+                plan[section][k] = v
+    for c in plan["clinics"]:
+        for k, v in (agent or {}).items():
+            if isinstance(v, dict):
+                c["config"].setdefault(k, {}).update(v)
+            else:
+                c["config"][k] = v
+    if extra_devices:  # enrolled devices that never answer: keep rounds open until the deadline
+        from bedside.wire.signing import SigningKey
+
+        for i in range(extra_devices):
+            SigningKey.generate().public.save(
+                plan["aggregator_dir"] / "keys" / "devices" / f"silent-{i}.pub")
+    fleet = Fleet(work=work, plan=plan)
+    if broker is not None:
+        set_broker(fleet, broker)
+    return fleet
+
+
+def set_broker(fleet: Fleet, broker: Any) -> None:
+    def mqtt(identity: str) -> dict[str, Any]:
+        c = broker.config(identity)
+        d: dict[str, Any] = {"host": "127.0.0.1", "port": broker.port}
+        if c.ca_file:
+            d.update(ca_file=str(c.ca_file), cert_file=str(c.cert_file), key_file=str(c.key_file))
+        return d
+
+    fleet.plan["aggregator"]["mqtt"] = mqtt("aggregator")
+    (fleet.aggregator_toml).write_text(to_toml(fleet.plan["aggregator"]))
+    for i, c in enumerate(fleet.plan["clinics"]):
+        c["config"]["mqtt"] = mqtt(c["id"])
+        fleet.agent_toml(i).write_text(to_toml(c["config"]))
+
+
+# -- in-memory federations (unit tests) ------------------------------------------------------------
+class Clock:
+    """A settable clock for deadlines."""
+
+    def __init__(self, start: float = 1_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@dataclass
+class MemFleet:
+    fleet: Fleet
+    broker: Any
+    aggregator: Any
+    agents: list[Any]
+    clock: Clock
+
+    def step(self, agents: list[Any] | None = None) -> bool:
+        alive = self.aggregator.step(0.0)
+        for a in self.agents if agents is None else agents:
+            a.step(0.0)
+        return bool(alive)
+
+    def run(self, max_steps: int = 2000, agents: list[Any] | None = None) -> None:
+        for _ in range(max_steps):
+            if not self.step(agents):
+                break
+        for a in self.agents if agents is None else agents:  # see the final release
+            a.step(0.0)
+
+    def new_agent(self, i: int) -> Any:
+        from bedside.edge.agent import Agent
+        from bedside.edge.config import load as load_agent
+        from bedside.transport.memory import MemoryTransport
+
+        cid = self.fleet.clinic_ids[i]
+        return Agent(load_agent(self.fleet.agent_toml(i)),
+                     MemoryTransport(self.broker, cid, clean_session=False), clock=self.clock)
+
+    def new_aggregator(self) -> Any:
+        from bedside.aggregator.config import load as load_agg
+        from bedside.aggregator.service import Aggregator
+        from bedside.transport.memory import MemoryTransport
+
+        return Aggregator(load_agg(self.fleet.aggregator_toml),
+                          MemoryTransport(self.broker, "aggregator", clean_session=False,
+                                          manual_ack=True), clock=self.clock,
+                          rng=__import__("numpy").random.default_rng(0))
+
+
+def mem_fleet(work: Path, **kw: Any) -> MemFleet:
+    from bedside.transport.memory import MemoryBroker
+
+    fleet = make_fleet(work, **kw)
+    fleet.plan["aggregator"]["mqtt"]["port"] = 1883
+    fleet.aggregator_toml.write_text(to_toml(fleet.plan["aggregator"]))
+    for i, c in enumerate(fleet.plan["clinics"]):
+        c["config"]["mqtt"]["port"] = 1883
+        c["config"].setdefault("agent", {})["seed"] = i
+        fleet.agent_toml(i).write_text(to_toml(c["config"]))
+    mf = MemFleet(fleet=fleet, broker=MemoryBroker(), aggregator=None, agents=[], clock=Clock())
+    mf.aggregator = mf.new_aggregator()
+    mf.agents = [mf.new_agent(i) for i in range(len(fleet.clinic_ids))]
+    mf.aggregator.start()
+    for a in mf.agents:
+        a.start()
+    return mf
+
+
+class GatedTransport:
+    """Wraps a real transport; while ``closed`` the device's uplink is down (publish fails)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.closed = False
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+        from bedside.errors import TransportError
+
+        if self.closed:
+            raise TransportError("uplink down (test gate)")
+        self.inner.publish(topic, payload, qos=qos, retain=retain)
+
+    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        self.inner.subscribe(topic_filter, qos)
+
+    def get(self, timeout: float | None = None) -> Any:
+        return self.inner.get(timeout)
+
+    @property
+    def connected(self) -> bool:
+        return not self.closed and bool(self.inner.connected)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def start_agent(fleet: Fleet, i: int, *, gated: bool = False) -> tuple[Any, threading.Event,
+                                                                       threading.Thread]:
+    """Run clinic i's agent in a thread over the fleet's broker settings."""
+    from bedside.edge.agent import Agent
+    from bedside.edge.config import load as load_agent
+    from bedside.transport.mqtt import MqttTransport
+
+    cfg = load_agent(fleet.agent_toml(i))
+    transport: Any = MqttTransport(cfg.mqtt, client_id=cfg.device_id, clean_session=False)
+    if gated:
+        transport = GatedTransport(transport)
+    agent = Agent(cfg, transport)
+    stop = threading.Event()
+    t = threading.Thread(target=agent.run, args=(stop,), kwargs={"poll": 0.05}, daemon=True,
+                         name=cfg.device_id)
+    t.start()
+    fleet.threads.append(t)
+    return agent, stop, t
+
+
+def start_aggregator(fleet: Fleet) -> tuple[Any, threading.Event, threading.Thread]:
+    from bedside.aggregator.config import load as load_agg
+    from bedside.aggregator.service import Aggregator
+
+    agg = Aggregator(load_agg(fleet.aggregator_toml))
+    stop = threading.Event()
+    t = threading.Thread(target=agg.run, args=(stop,), kwargs={"poll": 0.05}, daemon=True,
+                         name="aggregator")
+    t.start()
+    return agg, stop, t
+
+
+def wait_for(cond: Any, timeout: float, what: str, poll: float = 0.1) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")

@@ -1,0 +1,263 @@
+"""Aggregator and agents over the in-memory broker: the protocol's behaviour, deterministically.
+
+The same scenarios run against real Mosquitto in tests/integration; here they are fast and
+exhaustive about reasons and edge cases.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bedside.constants import KIND_UPDATE, topic_update
+from bedside.edge.predictor import Predictor
+from bedside.wire.envelope import decode, encode
+from bedside.wire.signing import SigningKey
+from tests.fleet import mem_fleet
+from tests.wire_tools import resign, with_nan
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    mf = mem_fleet(tmp_path_factory.mktemp("fed"), clients=3, rounds=3)
+    mf.run()
+    return mf
+
+
+def test_full_run(finished):
+    mf = finished
+    agg = mf.aggregator
+    assert agg.finished
+    rounds = agg.state.rounds()
+    assert [r.status for r in rounds] == ["closed"] * 3
+    assert [r.result["accepted"] for r in rounds] == [3, 3, 3]
+    assert agg.registry.versions() == [1, 2, 3, 4]
+    for a in mf.agents:
+        assert a.models.current_version() == 4
+        assert a.done
+        rep = a.privacy_report()
+        assert rep["record"]["epsilon"] <= rep["record"]["budget_epsilon"]
+        assert rep["record"]["rounds"] == 3
+        assert a.state.counts() == {"accepted": 3}
+    m = agg.registry.manifest(4)
+    assert m.parent_version == 3 and m.training["contributors"] == 3
+    assert m.privacy["unit"] == "device" and m.privacy["rounds"] == 3
+    assert 0 < m.privacy["epsilon"] < np.inf
+    assert m.metrics["holdout"]["rows"] == mf.fleet.plan["holdout_rows"]
+    # each round's privacy report grows with the rounds
+    eps = [r.result["privacy"]["epsilon"] for r in rounds]
+    assert eps == sorted(eps) and eps[0] < eps[-1]
+
+
+def test_nothing_but_privatized_updates_leaves_a_device(finished):
+    mf = finished
+    for topic, payload in mf.broker.published:
+        if "/update/" not in topic:
+            continue
+        env = decode(payload, mf.aggregator.devices, kinds={KIND_UPDATE})
+        assert set(env.header.meta) <= {"weight", "record_epsilon", "record_delta", "decline",
+                                        "fleet"}
+        w = env.header.meta.get("weight")
+        assert w is None or (w & (w - 1)) == 0  # counts leave only as powers of two
+        if env.tensors:
+            norm = np.sqrt(sum(float(np.sum(np.square(t, dtype=np.float64)))
+                               for t in env.tensors.values()))
+            assert norm <= 1.0 + 1e-5  # clipped to C (central mode: no local noise)
+
+
+def _open_round(tmp_path, **kw):
+    """A fleet with a silent enrolled device, so the round stays open until its deadline."""
+    mf = mem_fleet(tmp_path, clients=3, rounds=2, extra_devices=1, **kw)
+    return mf
+
+
+def _honest_update(mf, i):
+    """A well-formed update from clinic i for the open round (zeros)."""
+    agg = mf.aggregator
+    cur = agg.state.current_round()
+    cid = mf.fleet.clinic_ids[i]
+    key = SigningKey.load(mf.fleet.plan["clinics"][i]["dir"] / "keys" / f"{cid}.key")
+    tensors = {k: np.zeros(s, np.float32) for k, s in agg._shapes.items()}
+    return cid, key, encode(KIND_UPDATE, cid, key, tensors, round=cur.round,
+                            model_version=cur.model_version,
+                            meta={"weight": 1, "fleet": mf.fleet.plan["fleet"]})
+
+
+def test_malicious_updates_are_rejected_and_the_round_completes(tmp_path):
+    mf = _open_round(tmp_path)
+    agg, fleet = mf.aggregator, mf.fleet
+    send = mf.broker.publish
+    cid, key, good = _honest_update(mf, 0)
+    topic = topic_update(fleet.plan["fleet"], cid)
+    # forged signature: clinic-1's id, someone else's key
+    _, _, forged = _honest_update(mf, 0)
+    forged = resign(forged, SigningKey.generate())
+    send(topic, forged, False)
+    # NaN values, correctly signed by clinic-1
+    send(topic, with_nan(good, key), False)
+    # oversized
+    send(topic, b"\0" * (agg.cfg.max_update_bytes + 1), False)
+    # clinic-2's update published on clinic-1's topic
+    _, _, other = _honest_update(mf, 1)
+    send(topic, other, False)
+    # wrong round, wrong shapes, unknown sender, garbage
+    send(topic, resign(good, key, edit=lambda h: h.update(round=h["round"] + 5)), False)
+    bad_shape = encode(KIND_UPDATE, cid, key, {k: np.zeros(3, np.float32) for k in agg._shapes},
+                       round=1, model_version=1, meta={"fleet": fleet.plan["fleet"]})
+    send(topic, bad_shape, False)
+    stranger = SigningKey.generate()
+    send(topic_update(fleet.plan["fleet"], "stranger"),
+         encode(KIND_UPDATE, "stranger", stranger, {}, round=1, model_version=1,
+                meta={"decline": "x"}), False)
+    send(topic, b"not an envelope", False)
+    # an update signed for another fleet
+    send(topic, resign(good, key, edit=lambda h: h["meta"].update(fleet="elsewhere")), False)
+    # then a good update, and its replay
+    send(topic, good, False)
+    send(topic, good, False)
+    agg.step(0.0)
+    rej = agg.state.rejections(1)
+    assert rej == {"bad_signature": 1, "non_finite": 1, "too_large": 1, "topic_mismatch": 1,
+                   "wrong_round": 1, "shape_mismatch": 1, "unknown_sender": 1, "malformed": 1,
+                   "replay": 1, "wrong_fleet": 1}
+    assert [u["sender"] for u in agg.state.accepted(1)] == [cid]
+    # the honest agents take part, the silent device never answers: closes at the deadline
+    mf.run(max_steps=20)
+    assert agg.state.current_round().status == "open"
+    mf.clock.advance(agg.cfg.rounds.deadline_seconds + 1)
+    mf.step()
+    r1 = agg.state.get_round(1)
+    assert r1.status == "closed"
+    assert r1.result["accepted"] == 3  # the injected zero update counts for clinic-1 ...
+    assert r1.result["rejected"]["already_contributed"] == 1  # ... so its agent's is refused
+    assert sum(r1.result["rejected"].values()) == 11
+    assert mf.agents[0].state.counts()["rejected"] == 1  # its round-1 update
+
+
+def test_budget_refusal_survives_restart_and_inference_goes_on(tmp_path):
+    mf = mem_fleet(tmp_path, clients=3, rounds=4,
+                   agent={"privacy": {"device_epsilon": 25.0}})
+    mf.run()
+    agg = mf.aggregator
+    assert agg.finished
+    a = mf.agents[0]
+    actions = [a.state.handled(r) for r in (1, 2, 3, 4)]
+    assert actions[0] == "contributed" and actions[1:] == ["declined:budget"] * 3
+    rep = a.privacy_report()
+    assert rep["device"]["epsilon"] <= 25.0 and rep["record"]["epsilon"] <= 8.0
+    assert a.status()["state"] == "refusing"
+    # rounds closed with the declines counted, and the model kept improving without them
+    assert all(len(r.result["declined"]) == 3 for r in agg.state.rounds()[1:])
+    assert a.models.current_version() == agg.registry.latest()
+    pred = Predictor(a.models.root / "current")
+    assert pred.predict_proba(mf.fleet.plan["model_v1"].schema.reference_rows(1)).shape == (1, 2)
+    # restart: a new agent on the same data directory still refuses
+    a.transport.close()
+    b = mf.new_agent(0)
+    assert b.privacy_report()["device"]["epsilon"] == pytest.approx(rep["device"]["epsilon"])
+    from bedside.errors import BudgetExceededError
+    from bedside.privacy.ledger import Release
+
+    with pytest.raises(BudgetExceededError):
+        b._ledger.check([Release(round=9, unit="device", mechanism="gaussian",
+                                 noise_multiplier=0.3, sample_rate=1.0, steps=1)])
+
+
+def test_unreadable_ledger_refuses_to_contribute(tmp_path):
+    mf = mem_fleet(tmp_path, clients=2, rounds=1)
+    a = mf.agents[0]
+    a._ledger.close()
+    a.cfg.ledger_path.write_bytes(b"this is not a ledger" * 100)
+    for wal in a.cfg.ledger_path.parent.glob("ledger.db-*"):
+        wal.unlink()
+    a._ledger = None
+    mf.run()
+    assert a.state.handled(1) == "declined:ledger_unavailable"
+    assert a.status()["refusing"].startswith("ledger unavailable")
+
+
+def test_outbox_delivers_after_an_outage(tmp_path):
+    mf = _open_round(tmp_path)
+    a = mf.agents[0]
+    mf.broker.set_up(False)  # the device trains while the broker is unreachable
+    a.step(0.0)
+    assert a.state.handled(1) == "contributed"
+    assert len(a.state.pending()) == 1
+    mf.broker.set_up(True)
+    mf.clock.advance(a.cfg.resend_seconds)
+    mf.run(max_steps=10)
+    assert a.state.counts().get("accepted") == 1
+    assert mf.fleet.clinic_ids[0] in {u["sender"] for u in mf.aggregator.state.accepted(1)}
+
+
+def test_outbox_drops_a_stale_update(tmp_path):
+    mf = _open_round(tmp_path)
+    a, others = mf.agents[0], mf.agents[1:]
+    mf.broker.set_up(False)
+    a.step(0.0)
+    assert len(a.state.pending()) == 1
+    mf.broker.set_up(True)
+    # the round runs to its deadline without clinic-1
+    mf.run(max_steps=10, agents=others)
+    mf.clock.advance(mf.aggregator.cfg.rounds.deadline_seconds + 1)
+    mf.aggregator.step(0.0)
+    assert mf.aggregator.state.get_round(1).status == "closed"
+    a.step(0.0)  # sees round 2: drops the round-1 update as stale
+    assert a.state.counts().get("stale") == 1
+    assert mf.fleet.clinic_ids[0] not in {u["sender"] for u in mf.aggregator.state.accepted(1)}
+
+
+def test_aggregator_restart_mid_round_loses_nothing(tmp_path):
+    mf = _open_round(tmp_path)
+    mf.run(max_steps=5, agents=mf.agents[:2])
+    agg = mf.aggregator
+    assert len(agg.state.accepted(1)) == 2
+    announce = agg.state.current_round().announce
+    agg.transport._connected = False  # crash: no goodbye
+    mf.aggregator = mf.new_aggregator()
+    mf.aggregator.start()
+    assert mf.aggregator.state.current_round().announce == announce  # same signed round
+    assert len(mf.aggregator.state.accepted(1)) == 2
+    # the broker redelivers the two updates (as Mosquitto does for unacknowledged messages):
+    # they must not be counted twice
+    sent = [(t, p) for t, p in mf.broker.published if "/update/" in t]
+    assert len(sent) == 2
+    for topic, payload in sent:
+        mf.broker.publish(topic, payload, False)
+    mf.run(max_steps=20)
+    mf.clock.advance(mf.aggregator.cfg.rounds.deadline_seconds + 1)
+    mf.step()
+    r1 = mf.aggregator.state.get_round(1)
+    assert r1.status == "closed" and r1.result["accepted"] == 3
+    assert r1.result["rejected"] == {"replay": 2}
+
+
+def test_forged_model_and_announcement_are_ignored(tmp_path):
+    mf = mem_fleet(tmp_path, clients=2, rounds=1)
+    a = mf.agents[0]
+    mf.run(max_steps=1)
+    before = a.models.current_version()
+    evil = SigningKey.generate()
+    fleet = mf.fleet.plan["fleet"]
+    from bedside.constants import KIND_ANNOUNCE, KIND_MODEL, topic_model, topic_round
+
+    mf.broker.publish(topic_model(fleet), encode(
+        KIND_MODEL, "aggregator", evil, {"onnx": np.zeros(10, np.uint8)}, round=1,
+        model_version=99, meta={"manifest": {}}), True)
+    mf.broker.publish(topic_round(fleet), encode(
+        KIND_ANNOUNCE, "aggregator", evil, {}, round=50, model_version=99,
+        meta={"fleet": fleet, "state": "open"}), True)
+    a.step(0.0)
+    assert a.models.current_version() == before
+    assert a.announce is None or a.announce.header.round < 50
+
+
+def test_local_mode_noises_on_device(tmp_path):
+    mf = mem_fleet(tmp_path, clients=3, rounds=1, mode="local", noise_multiplier=0.05)
+    mf.run()
+    r = mf.aggregator.state.get_round(1)
+    assert r.status == "closed" and r.result["accepted"] == 3
+    norms = [u["norm"] for u in mf.aggregator.state.accepted(1)]
+    assert all(n > 1.0 for n in norms)  # clipped to 1, then noised by the device
+    rep = mf.agents[0].privacy_report()
+    assert rep["device"]["epsilon"] > 0
