@@ -82,6 +82,7 @@ class PrivacyConfig:
     noise_multiplier: float = 0.5
     delta: float = 1e-5
     weighting: str = "uniform"
+    noise_seed: int | None = None  # tests and reproducible demos only; production draws from the OS
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,7 @@ def load(path: str | Path) -> AggregatorConfig:
         noise_multiplier=p.number("noise_multiplier", 0.5, min=0.0),
         delta=p.number("delta", 1e-5, positive=True, max=0.1),
         weighting=p.choice("weighting", ("uniform", "examples"), "uniform"),
+        noise_seed=p.integer("noise_seed", None),
     )
     p.done()
     st = s.section("strategy")

@@ -79,6 +79,10 @@ class Aggregator:
         self.rule = make_rule(cfg.strategy.rule, **cfg.strategy.params)
         self.optimizer = make_optimizer(cfg.strategy.optimizer, **cfg.strategy.optimizer_params)
         self.clock = clock
+        if rng is None and cfg.privacy.noise_seed is not None:
+            log.warning("central noise is seeded (privacy.noise_seed): reproducible, for tests and "
+                        "demos only; never set it in production")
+            rng = np.random.default_rng(cfg.privacy.noise_seed)
         self.rng = rng if rng is not None else secure_rng()
         self.devices = self._load_devices()
         if transport is None:

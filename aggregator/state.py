@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from bedside.errors import StateError
+from bedside.sqlite import open_db
 
 SCHEMA = 1
 
@@ -90,13 +91,8 @@ def _unpack(data: bytes) -> dict[str, np.ndarray]:
 class State:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = open_db(self.path, "aggregator state", _DDL)
         try:
-            self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30,
-                                      check_same_thread=False)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")
-            self.db.executescript(_DDL)
             row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
             if row is None:
                 self.db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA),))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from typing import Any, Literal
 
 import numpy as np
@@ -145,6 +146,20 @@ class Schema:
         return np.repeat(row[None, :], n, axis=0)
 
     # -- validation of arrays (what the predictor checks before every inference) -------------
+    @cached_property
+    def _feature_shape(self) -> tuple[int, ...]:
+        return tuple(int(d) for d in self.input_shape[1:] if d is not None)
+
+    @cached_property
+    def _bounds(self) -> tuple[np.ndarray, np.ndarray, bool]:
+        """Allowed ranges as broadcastable float32 arrays, and whether all are finite."""
+        lo = np.array([-np.inf if f.min is None else f.min for f in self.features], np.float32)
+        hi = np.array([np.inf if f.max is None else f.max for f in self.features], np.float32)
+        bounded = bool(np.isfinite(lo).all() and np.isfinite(hi).all())
+        if self.kind == "timeseries":
+            lo, hi = lo[None, :, None], hi[None, :, None]
+        return lo, hi, bounded
+
     def validate(self, x: np.ndarray, row_names: list[str] | None = None) -> np.ndarray:
         """Check a batch against the schema and return it as contiguous float32.
 
@@ -152,21 +167,24 @@ class Schema:
         and the feature for a wrong shape, a non-finite value or a value out of range.
         """
         arr = np.asarray(x)
-        if arr.dtype.kind not in "fiu":
-            raise SchemaError(f"input: expected numbers, got an array of dtype {arr.dtype}")
-        arr = np.ascontiguousarray(arr, dtype=np.float32)
-        want = self.input_shape[1:]
-        if arr.ndim != len(want) + 1 or list(arr.shape[1:]) != want:
+        if arr.dtype != np.float32 or not arr.flags.c_contiguous:
+            if arr.dtype.kind not in "fiu":
+                raise SchemaError(f"input: expected numbers, got an array of dtype {arr.dtype}")
+            arr = np.ascontiguousarray(arr, dtype=np.float32)
+        want = self._feature_shape
+        if arr.shape[1:] != want or arr.ndim != len(want) + 1:
             shown = ["batch", *want]
             raise SchemaError(
                 f"input: shape {list(arr.shape)} does not match the model's input {shown}"
                 + ("; a window needs exactly "
                    f"{self.window} time steps" if self.kind == "timeseries" else "")
             )
-        lo = np.array([-np.inf if f.min is None else f.min for f in self.features], np.float32)
-        hi = np.array([np.inf if f.max is None else f.max for f in self.features], np.float32)
-        if self.kind == "timeseries":
-            lo, hi = lo[None, :, None], hi[None, :, None]
+        lo, hi, bounded = self._bounds
+        # One fused check on the hot path: NaN fails both comparisons; +-inf fails them too when
+        # every feature is bounded. The detailed (slower) search runs only when something is bad.
+        ok = np.logical_and(arr >= lo, arr <= hi).all()
+        if ok and (bounded or np.isfinite(arr).all()):
+            return arr
         bad = ~np.isfinite(arr) | (arr < lo) | (arr > hi)
         if bad.any():
             idx = tuple(int(i) for i in np.argwhere(bad)[0])

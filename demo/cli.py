@@ -31,7 +31,11 @@ def build(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--alpha", type=float, default=d.alpha,
                         help="Dirichlet concentration of the non-IID split (smaller: more skew)")
     parser.add_argument("--epochs", type=int, default=d.epochs, help="local epochs per round")
-    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--seed", type=int, default=d.seed,
+                        help="seed of the data split, clinic partition and initial weights")
+    parser.add_argument("--noise-seed", type=int, default=None,
+                        help="also seed every DP noise draw, for a reproducible run (never do this "
+                        "in production; by default noise comes from the OS)")
     parser.add_argument("--out", type=Path, help="working directory (default: a new temp dir)")
     parser.add_argument("--timeout", type=float, default=d.timeout)
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -39,8 +43,13 @@ def build(parser: argparse.ArgumentParser) -> None:
 
 
 def _demo(ns: argparse.Namespace) -> int:
+    import logging
+
     from bedside.demo.run import DemoConfig, run
     from bedside.errors import InputError
+
+    if not ns.verbose:  # the printed table is the demo's interface; -v shows the logs as well
+        logging.getLogger().setLevel(logging.WARNING)
 
     if ns.label and ns.data is None:
         raise InputError("--label goes with --data FILE.csv")
@@ -49,7 +58,7 @@ def _demo(ns: argparse.Namespace) -> int:
                      target_epsilon=ns.target_epsilon, noise_multiplier=ns.noise_multiplier,
                      clip_norm=ns.clip_norm, dataset=ns.dataset, data=ns.data, label=ns.label,
                      arch=arch, alpha=ns.alpha, epochs=ns.epochs, seed=ns.seed, out=ns.out,
-                     timeout=ns.timeout, quiet=ns.json)
+                     timeout=ns.timeout, quiet=ns.json, noise_seed=ns.noise_seed)
     report = run(cfg)
     if ns.json:
         print_json(report)

@@ -40,7 +40,7 @@ log = logging.getLogger("bedside.demo")
 @dataclass
 class DemoConfig:
     clients: int = 5
-    rounds: int = 10
+    rounds: int = 15
     mode: str = "central"
     target_epsilon: float = 8.0
     delta: float = 1e-5
@@ -50,16 +50,17 @@ class DemoConfig:
     arch: str = "logreg"
     alpha: float = 1.0
     clip_norm: float = 1.0
-    noise_multiplier: float = 0.3
-    epochs: int = 2
-    batch_size: int = 16
-    lr: float = 0.05
-    optimizer: str = "adam"
+    noise_multiplier: float = 0.2
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float = 0.5
+    optimizer: str = "sgd"
     server_optimizer: str = "fedavgm"
     holdout: float = 0.2
     seed: int = 0
     out: Path | None = None
     deadline: float = 60.0
+    noise_seed: int | None = None  # seeds every DP noise draw: reproducible runs, never production
     timeout: float = 300.0
     quiet: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
@@ -183,6 +184,8 @@ def prepare(cfg: DemoConfig, work: Path) -> dict[str, Any]:
             "agent": {"resend_seconds": 2.0, "status_seconds": 5.0, "exit_when_done": True,
                       "quality_tolerance": 0.25},
         }
+        if cfg.noise_seed is not None:
+            agent["agent"]["seed"] = cfg.noise_seed * 1000 + i
         store = RecordStore(cdir / "data" / "records.db")
         store.ingest(read_csv(csv_path, train.schema, "label"), train.schema, csv_path.name)
         store.close()
@@ -197,7 +200,8 @@ def prepare(cfg: DemoConfig, work: Path) -> dict[str, Any]:
         "training": {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
                      "optimizer": cfg.optimizer},
         "privacy": {"noise": cfg.mode, "clip_norm": cfg.clip_norm,
-                    "noise_multiplier": cfg.noise_multiplier, "delta": cfg.delta},
+                    "noise_multiplier": cfg.noise_multiplier, "delta": cfg.delta,
+                    **({"noise_seed": cfg.noise_seed} if cfg.noise_seed is not None else {})},
         "strategy": {"rule": "fedavg", "optimizer": cfg.server_optimizer},
         "evaluation": {"data": str(holdout_csv), "label": "label"},
     }
@@ -422,6 +426,7 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax2.plot(r, [x["epsilon_record"] if x["epsilon_record"] is not None else np.nan
                  for x in rows], "^-", color="tab:red", label="epsilon (record, max)")
     ax2.set_ylabel("record-level epsilon spent")
+    ax2.set_ylim(bottom=0)
     lines = ax1.get_lines() + ax2.get_lines()
     ax1.legend(lines, [ln.get_label() for ln in lines], loc="lower right")
     ax1.set_title("Bedside federation: global model and privacy spent by round")
@@ -458,7 +463,7 @@ class _Table:
                     f"(delta {c.delta:g}); updates clipped to L2 {c.clip_norm:g} with {c.mode} "
                     f"noise multiplier {c.noise_multiplier:g}")
         for cl in self.plan["clinics"]:
-            self._print(f"  {cl['id']}: {cl['rows']} records, labels {cl['labels']['labels']}")
+            self._print(f"  {cl['id']}: {cl['rows']} records, labels {cl['labels']['histogram']}")
         self._print(f"working directory: {work}")
         self._print("  ".join(f"{n:>{w}}" for n, w in self.cols))
 

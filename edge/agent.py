@@ -83,7 +83,9 @@ class Agent:
 
         self.cfg = cfg
         self.clock = clock
-        self.rng = rng if rng is not None else secure_rng()
+        if rng is None:
+            rng = secure_rng() if cfg.seed is None else np.random.default_rng(cfg.seed)
+        self.rng = rng
         self.key = SigningKey.load(cfg.key)
         self.pinned = KeyRing()
         self.pinned.add(AGGREGATOR_ID, VerifyKey.load(cfg.aggregator_key))
@@ -348,7 +350,10 @@ class Agent:
         x, y = self.store.load(manifest.schema)
         model_bytes = self.models.model_bytes()
         assert model_bytes is not None
-        delta, fit = local_update(manifest, model_bytes, x, y, meta["train"], dp, self.cfg.seed)
+        # A configured seed (tests, reproducible demos) is mixed with the round: noise must be
+        # fresh in every round, or differencing two releases would cancel it.
+        seed = None if self.cfg.seed is None else self.cfg.seed * 1_000_003 + h.round
+        delta, fit = local_update(manifest, model_bytes, x, y, meta["train"], dp, seed)
         names = list(manifest.parameters)
         clip = float(meta["clip_norm"])
         clipped, norm = clip_update([delta[k] for k in names], clip)

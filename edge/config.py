@@ -20,6 +20,7 @@ Example::
     device_delta = 1e-5
 
     [agent]
+    seed = 7                 # ONLY for tests and reproducible demos: seeds training and DP noise
     resend_seconds = 5       # re-send an unreceipted update this often while its round is open
     status_seconds = 10
     quality_tolerance = 0.15 # refuse a new model this much less accurate on local records

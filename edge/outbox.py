@@ -11,12 +11,11 @@ broker (which does not).
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bedside.errors import StateError
+from bedside.sqlite import open_db
 
 
 @dataclass(frozen=True)
@@ -33,20 +32,14 @@ class OutboxEntry:
 class AgentState:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")
-            self.db.executescript(
-                "CREATE TABLE IF NOT EXISTS outbox (nonce TEXT PRIMARY KEY, round INTEGER NOT NULL,"
-                " kind TEXT NOT NULL, envelope BLOB NOT NULL, created_at REAL NOT NULL,"
-                " last_sent_at REAL, attempts INTEGER NOT NULL DEFAULT 0,"
-                " state TEXT NOT NULL DEFAULT 'pending', reason TEXT);"
-                "CREATE TABLE IF NOT EXISTS rounds (round INTEGER PRIMARY KEY,"
-                " action TEXT NOT NULL, detail TEXT NOT NULL, at REAL NOT NULL);")
-        except sqlite3.DatabaseError as exc:
-            raise StateError(f"{self.path}: cannot open the agent state ({exc})") from None
+        self.db = open_db(
+            self.path, "agent state",
+            "CREATE TABLE IF NOT EXISTS outbox (nonce TEXT PRIMARY KEY, round INTEGER NOT NULL,"
+            " kind TEXT NOT NULL, envelope BLOB NOT NULL, created_at REAL NOT NULL,"
+            " last_sent_at REAL, attempts INTEGER NOT NULL DEFAULT 0,"
+            " state TEXT NOT NULL DEFAULT 'pending', reason TEXT);"
+            "CREATE TABLE IF NOT EXISTS rounds (round INTEGER PRIMARY KEY,"
+            " action TEXT NOT NULL, detail TEXT NOT NULL, at REAL NOT NULL);")
 
     def close(self) -> None:
         self.db.close()

@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from bedside.errors import StateError
+from bedside.errors import DataError
 from bedside.schema import Schema
+from bedside.sqlite import open_db
 from bedside.tabular import Table
 
 
@@ -44,24 +44,18 @@ class IngestResult:
 class RecordStore:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self.db = sqlite3.connect(self.path, isolation_level=None, timeout=30)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")
-            self.db.execute(
-                "CREATE TABLE IF NOT EXISTS records (id INTEGER PRIMARY KEY, schema TEXT NOT NULL, "
-                "digest TEXT NOT NULL, x BLOB NOT NULL, y INTEGER NOT NULL, source TEXT NOT NULL, "
-                "ingested_at REAL NOT NULL, UNIQUE (schema, digest))")
-        except sqlite3.DatabaseError as exc:
-            raise StateError(f"{self.path}: cannot open the record store ({exc})") from None
+        self.db = open_db(
+            self.path, "record store",
+            "CREATE TABLE IF NOT EXISTS records (id INTEGER PRIMARY KEY, schema TEXT NOT NULL, "
+            "digest TEXT NOT NULL, x BLOB NOT NULL, y INTEGER NOT NULL, source TEXT NOT NULL, "
+            "ingested_at REAL NOT NULL, UNIQUE (schema, digest))")
 
     def close(self) -> None:
         self.db.close()
 
     def ingest(self, table: Table, schema: Schema, source: str) -> IngestResult:
         if table.y is None:
-            raise StateError("records for training need labels; pass the label column")
+            raise DataError("records for training need labels; pass the label column (--label)")
         fp = schema_fingerprint(schema)
         added = 0
         self.db.execute("BEGIN IMMEDIATE")

@@ -27,6 +27,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from bedside.errors import InputError
 
+# Known, harmless warnings, silenced by message (module-level: catch_warnings is not thread-safe
+# and agents train on their own threads). Opacus warns that its secure RNG is off (see above);
+# torch, that a full backward hook fires on inputs without gradients (Opacus' per-sample hooks).
+warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
+warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -99,13 +105,7 @@ def _generator(seed: int | None) -> torch.Generator:
 def fit(net: nn.Module, x: np.ndarray, y: np.ndarray, cfg: TrainConfig,
         dp: DPConfig | None = None) -> FitResult:
     """Train ``net`` in place on (x, y); with ``dp``, record-level DP-SGD via Opacus."""
-    with warnings.catch_warnings():
-        # Opacus warns that its secure RNG is off (documented above) and torch that a full
-        # backward hook fires on inputs without gradients (Opacus' per-sample hooks); both known.
-        warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
-        warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
-        warnings.filterwarnings("ignore", message=".*Optimal order is the (largest|smallest).*")
-        return _fit(net, x, y, cfg, dp)
+    return _fit(net, x, y, cfg, dp)
 
 
 def _fit(net: nn.Module, x: np.ndarray, y: np.ndarray, cfg: TrainConfig,

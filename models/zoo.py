@@ -7,6 +7,10 @@ also the ONNX initializer names (checked at export).
 
 Networks return logits for training; with ``net.probabilities = True`` (set by the exporter) the
 forward pass ends in a softmax, which is what the ONNX file outputs.
+
+Binary classifiers have a single-logit head ``z`` (logistic regression proper): the logits are
+``[0, z]``, so the softmax is ``[1 - sigmoid(z), sigmoid(z)]``. A two-logit head has one redundant
+degree of freedom, and under differential privacy every redundant coordinate is pure added noise.
 """
 
 from __future__ import annotations
@@ -47,6 +51,8 @@ class BedsideNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.body(self.standardize(x))
+        if self.spec.n_classes == 2:  # single-logit head: logits [0, z]
+            logits = torch.cat([torch.zeros_like(logits), logits], dim=-1)
         return torch.softmax(logits, dim=-1) if self.probabilities else logits
 
 
@@ -60,6 +66,10 @@ class _GlobalAvgPool1d(nn.Module):
         return x.mean(dim=-1)
 
 
+def _head_width(spec: ArchSpec) -> int:
+    return 1 if spec.n_classes == 2 else spec.n_classes
+
+
 def _mlp_body(spec: ArchSpec, hidden: list[int]) -> nn.Module:
     layers: list[nn.Module] = [_Flatten()] if spec.window else []
     width = spec.flat_inputs
@@ -68,7 +78,7 @@ def _mlp_body(spec: ArchSpec, hidden: list[int]) -> nn.Module:
         if spec.params.get("dropout", 0.0):
             layers.append(nn.Dropout(float(spec.params["dropout"])))
         width = int(h)
-    layers.append(nn.Linear(width, spec.n_classes))
+    layers.append(nn.Linear(width, _head_width(spec)))
     return nn.Sequential(*layers)
 
 
@@ -83,7 +93,7 @@ def _cnn1d_body(spec: ArchSpec) -> nn.Module:
     layers.append(_GlobalAvgPool1d())
     if spec.params.get("dropout", 0.0):
         layers.append(nn.Dropout(float(spec.params["dropout"])))
-    layers.append(nn.Linear(width, spec.n_classes))
+    layers.append(nn.Linear(width, _head_width(spec)))
     return nn.Sequential(*layers)
 
 

@@ -135,7 +135,8 @@ def test_malicious_updates_are_rejected_and_the_round_completes(tmp_path):
 
 
 def test_budget_refusal_survives_restart_and_inference_goes_on(tmp_path):
-    mf = mem_fleet(tmp_path, clients=3, rounds=4,
+    # central noise 0.3: one round costs about epsilon 19 at device level, two about 30
+    mf = mem_fleet(tmp_path, clients=3, rounds=4, noise_multiplier=0.3,
                    agent={"privacy": {"device_epsilon": 25.0}})
     mf.run()
     agg = mf.aggregator

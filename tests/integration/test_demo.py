@@ -1,0 +1,117 @@
+"""``bedside demo`` end to end (separate processes, embedded broker), and loopback-only binding."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import subprocess
+import time
+
+import numpy as np
+import psutil
+import pytest
+
+from bedside.transport.broker import free_port
+from tests.conftest import bedside_exe
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+
+def _loopback(addr: str) -> bool:
+    return ipaddress.ip_address(addr.split("%")[0]).is_loopback
+
+
+def _run_watching_sockets(cmd: list[str], env: dict[str, str]) -> tuple[subprocess.CompletedProcess,
+                                                                           list[tuple]]:
+    """Run ``cmd`` and record every inet socket its process tree opens while it runs."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    seen: set[tuple] = set()
+    root = psutil.Process(proc.pid)
+    while proc.poll() is None:
+        try:
+            procs = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            break
+        for p in procs:
+            try:
+                for c in p.net_connections(kind="inet"):
+                    seen.add((p.pid, c.status, c.laddr.ip if c.laddr else None,
+                              c.raddr.ip if c.raddr else None))
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        time.sleep(0.2)
+    out, err = proc.communicate()
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err), sorted(seen, key=str)
+
+
+def test_default_demo(tmp_path, clean_env):
+    done, sockets = _run_watching_sockets(
+        [bedside_exe(), "demo", "--out", str(tmp_path / "demo"), "--noise-seed", "0", "--json"],
+        clean_env)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    report = json.loads(done.stdout)
+    rounds = report["rounds"]
+    assert len(rounds) == 15 and all(r["participants"] == 5 for r in rounds)
+    assert report["final"]["accuracy"] >= 0.95
+    rec, dev = report["privacy"]["record"], report["privacy"]["device"]
+    assert rec["epsilon_max"] <= 8.0 and rec["delta"] == 1e-5
+    assert dev["epsilon"] > 10 and "weak guarantee" in dev["statement"]
+    assert (tmp_path / "demo" / "report.json").exists()
+    assert (tmp_path / "demo" / "report.png").stat().st_size > 10_000
+    # every clinic holds only its own shard
+    for c in report["data"]["clinics"]:
+        assert sum(c["labels"]["histogram"].values()) == c["rows"]
+    # nothing listened or talked beyond loopback
+    assert sockets, "no sockets were observed"
+    for pid, status, laddr, raddr in sockets:
+        assert laddr is None or _loopback(laddr), (pid, status, laddr)
+        assert raddr is None or _loopback(raddr), (pid, status, raddr)
+
+
+def test_demo_on_a_users_multiclass_csv(tmp_path, clean_env):
+    rng = np.random.default_rng(7)
+    centres = {"low": [-2, 0, 1, 0], "mid": [0, 2, -1, 1], "high": [2, -1, 0, 3]}
+    lines = ["age,score_a,score_b,ratio,outcome"]
+    for label, c in centres.items():
+        for _ in range(120):
+            v = np.array(c, dtype=float) + rng.normal(0, 0.7, 4)
+            lines.append(f"{50 + 10 * v[0]:.1f},{v[1]:.3f},{v[2]:.3f},{v[3]:.3f},{label}")
+    csv = tmp_path / "cohort.csv"
+    csv.write_text("\n".join(lines) + "\n")
+    done = subprocess.run([bedside_exe(), "demo", "--data", str(csv), "--label", "outcome",
+                           "--clients", "3", "--rounds", "4", "--out", str(tmp_path / "demo"),
+                           "--json"], capture_output=True, env=clean_env, timeout=280)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    report = json.loads(done.stdout)
+    assert report["data"]["dataset"].startswith("cohort")
+    assert set(report["data"]["clinics"][0]["labels"]["histogram"]) == {"high", "low", "mid"}
+    assert report["final"]["accuracy"] > 0.6  # three classes: chance is 1/3
+    assert report["privacy"]["record"]["epsilon_max"] <= 8.0
+
+
+def test_demo_bad_input_exit_2(tmp_path, clean_env):
+    (tmp_path / "x.csv").write_text("a,b\n1,2\n")
+    done = subprocess.run([bedside_exe(), "demo", "--data", str(tmp_path / "x.csv"), "--label",
+                           "nope", "--out", str(tmp_path / "d")], capture_output=True, text=True,
+                          env=clean_env, timeout=120)
+    assert done.returncode == 2
+    assert "nope" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_broker_serve_binds_loopback_by_default(clean_env):
+    port = free_port()
+    proc = subprocess.Popen([bedside_exe(), "broker", "serve", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=clean_env)
+    try:
+        deadline = time.monotonic() + 30
+        listening: list = []
+        while time.monotonic() < deadline and not listening:
+            listening = [c for c in psutil.Process(proc.pid).net_connections(kind="inet")
+                         if c.status == psutil.CONN_LISTEN]
+            time.sleep(0.1)
+        assert listening, "the broker did not listen"
+        assert all(_loopback(c.laddr.ip) for c in listening), listening
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    assert proc.returncode == 0
