@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import numpy as np
 
@@ -54,20 +54,22 @@ RULES: dict[str, Callable[..., AggregationRule]] = {}
 OPTIMIZERS: dict[str, Callable[..., ServerOptimizer]] = {}
 
 
-def register_rule(name: str) -> Callable[[type], type]:
-    def deco(cls: type) -> type:
-        cls.name = name  # type: ignore[attr-defined]
-        RULES[name] = cls
-        return cls
-    return deco
+C = TypeVar("C", bound=type)
 
 
-def register_optimizer(name: str) -> Callable[[type], type]:
-    def deco(cls: type) -> type:
-        cls.name = name  # type: ignore[attr-defined]
-        OPTIMIZERS[name] = cls
-        return cls
-    return deco
+def _registrar(table: dict[str, Callable[..., Any]]) -> Callable[[str], Callable[[C], C]]:
+    """A class decorator factory that registers classes in ``table`` under a name."""
+    def register(name: str) -> Callable[[C], C]:
+        def deco(cls: C) -> C:
+            cls.name = name  # type: ignore[attr-defined]
+            table[name] = cls
+            return cls
+        return deco
+    return register
+
+
+register_rule = _registrar(RULES)
+register_optimizer = _registrar(OPTIMIZERS)
 
 
 def _construct(table: Mapping[str, Callable[..., Any]], kind: str, name: str,
@@ -81,11 +83,11 @@ def _construct(table: Mapping[str, Callable[..., Any]], kind: str, name: str,
 
 
 def make_rule(name: str, **params: Any) -> AggregationRule:
-    return _construct(RULES, "aggregation rule", name, params)  # type: ignore[no-any-return]
+    return _construct(RULES, "aggregation rule", name, params)
 
 
 def make_optimizer(name: str, **params: Any) -> ServerOptimizer:
-    return _construct(OPTIMIZERS, "server optimizer", name, params)  # type: ignore[no-any-return]
+    return _construct(OPTIMIZERS, "server optimizer", name, params)
 
 
 # -- aggregation rules -----------------------------------------------------------------------------

@@ -175,7 +175,7 @@ def prepare(cfg: DemoConfig, work: Path) -> dict[str, Any]:
         key.save(cdir / "keys" / f"{cid}.key")
         key.public.save(agg_dir / "keys" / "devices" / f"{cid}.pub")  # enrollment
         agg_key.public.save(cdir / "keys" / "aggregator.pub")  # pinning
-        agent = {
+        agent: dict[str, Any] = {
             "device_id": cid, "fleet": fleet, "data_dir": "data", "key": f"keys/{cid}.key",
             "aggregator_key": "keys/aggregator.pub",
             "mqtt": {"host": "127.0.0.1", "port": 0},
@@ -427,8 +427,8 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
                  for x in rows], "^-", color="tab:red", label="epsilon (record, max)")
     ax2.set_ylabel("record-level epsilon spent")
     ax2.set_ylim(bottom=0)
-    lines = ax1.get_lines() + ax2.get_lines()
-    ax1.legend(lines, [ln.get_label() for ln in lines], loc="lower right")
+    lines = [*ax1.get_lines(), *ax2.get_lines()]
+    ax1.legend(lines, [str(ln.get_label()) for ln in lines], loc="lower right")
     ax1.set_title("Bedside federation: global model and privacy spent by round")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

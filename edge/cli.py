@@ -61,7 +61,7 @@ def _infer(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _agent_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def _agent_commands(sub: argparse._SubParsersAction) -> None:
     """Enrollment, record ingestion and the participation agent (see bedside.edge.agent)."""
     try:
         from bedside.edge.agent_cli import register

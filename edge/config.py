@@ -125,7 +125,7 @@ def load(path: str | Path) -> AgentConfig:
         mqtt=cfgmod.mqtt_section(s.section("mqtt")),
         record_epsilon=record_eps, record_delta=record_delta, max_grad_norm=max_grad_norm,
         device_epsilon=device_eps, device_delta=device_delta, quality_tolerance=qt,
-        source=str(path), **agent,  # type: ignore[arg-type]
+        source=str(path), **agent,
     )
     s.done()
     return cfg

@@ -80,10 +80,10 @@ class RecordStore:
     def load(self, schema: Schema) -> tuple[np.ndarray, np.ndarray]:
         rows = self.db.execute("SELECT x, y FROM records WHERE schema = ? ORDER BY id",
                                (schema_fingerprint(schema),)).fetchall()
-        shape = schema.input_shape[1:]
-        x = np.empty((len(rows), *shape), dtype=np.float32)  # type: ignore[misc]
+        shape = tuple(int(d) for d in schema.input_shape[1:] if d is not None)
+        x = np.empty((len(rows), *shape), dtype=np.float32)
         y = np.empty(len(rows), dtype=np.int64)
         for i, (blob, label) in enumerate(rows):
-            x[i] = np.frombuffer(blob, dtype=np.float32).reshape(shape)  # type: ignore[arg-type]
+            x[i] = np.frombuffer(blob, dtype=np.float32).reshape(shape)
             y[i] = label
         return x, y

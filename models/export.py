@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 def to_onnx_bytes(net: BedsideNet, schema: Schema, opset: int = ONNX_OPSET) -> bytes:
     """Export ``net`` (softmax output, dynamic batch) and return the ONNX file's bytes."""
     loc, _ = schema.loc_scale()
-    shape = [2, *schema.input_shape[1:]]
+    shape = (2, *(int(d) for d in schema.input_shape[1:] if d is not None))
     example = torch.from_numpy(
         np.broadcast_to(loc.reshape((1, -1, 1) if schema.kind == "timeseries" else (1, -1)),
                         shape).copy()

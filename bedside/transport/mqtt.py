@@ -12,11 +12,11 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import queue
 import ssl
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -124,9 +124,12 @@ class MqttTransport:
             self.last_error = f"disconnected: {reason}"
 
     def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
-        ack = None
+        ack: Callable[[], None] | None = None
         if self.manual_ack and msg.qos > 0:
-            ack = functools.partial(client.ack, msg.mid, msg.qos)
+            mid, qos = msg.mid, msg.qos
+
+            def ack() -> None:
+                client.ack(mid, qos)
         self._inbox.put(Message(topic=msg.topic, payload=bytes(msg.payload), retain=msg.retain,
                                 qos=msg.qos, _ack=ack))
 

@@ -43,8 +43,8 @@ def _name(cn: str) -> x509.Name:
 
 
 def _cert(subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name,
-          issuer_key: ec.EllipticCurvePrivateKey, *, ca: bool = False, server_hosts: list[str] = (),
-          client: bool = False) -> x509.Certificate:
+          issuer_key: ec.EllipticCurvePrivateKey, *, ca: bool = False,
+          server_hosts: list[str] | None = None, client: bool = False) -> x509.Certificate:
     now = dt.datetime.now(dt.UTC)
     b = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(issuer)
          .public_key(key.public_key()).serial_number(x509.random_serial_number())
