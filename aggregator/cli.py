@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import signal
-import threading
 from pathlib import Path
 from typing import Any
 
-from bedside.cli import print_json
+from bedside.cli import print_json, run_until_signalled
 
 
 def build(parser: argparse.ArgumentParser) -> None:
@@ -35,14 +33,7 @@ def _serve(ns: argparse.Namespace) -> int:
     from bedside.aggregator.service import Aggregator
 
     agg = Aggregator(load(ns.config))
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    try:
-        agg.run(stop)
-    finally:
-        agg.transport.close()
-    return 0
+    return run_until_signalled(agg.run, agg.transport.close)
 
 
 def _enroll(ns: argparse.Namespace) -> int:

@@ -12,7 +12,9 @@ import importlib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -89,6 +91,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"bedside {group}: interrupted", file=sys.stderr)
         return 130
+
+
+def run_until_signalled(run: Callable[[threading.Event], object],
+                        close: Callable[[], None] | None = None) -> int:
+    """Run a service loop until SIGINT or SIGTERM sets its stop event, then clean up."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        run(stop)
+    finally:
+        if close is not None:
+            close()
+    return 0
 
 
 def print_json(obj: Any) -> None:

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import signal
-import threading
 from pathlib import Path
 from typing import Any
 
-from bedside.cli import print_json
+from bedside.cli import print_json, run_until_signalled
 from bedside.errors import BedsideError, InputError
 
 
@@ -111,16 +109,8 @@ def _run(ns: argparse.Namespace) -> int:
     from bedside.edge.agent import Agent
     from bedside.edge.config import load
 
-    cfg = load(ns.config)
-    agent = Agent(cfg)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    try:
-        agent.run(stop)
-    finally:
-        agent.transport.close()
-    return 0
+    agent = Agent(load(ns.config))
+    return run_until_signalled(agent.run, agent.transport.close)
 
 
 def _status(ns: argparse.Namespace) -> int:

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import signal
-import threading
 from pathlib import Path
 
-from bedside.cli import print_json
+from bedside.cli import print_json, run_until_signalled
 from bedside.constants import DEFAULT_HOST, DEFAULT_MQTT_PORT
 
 
@@ -35,13 +33,9 @@ def build(parser: argparse.ArgumentParser) -> None:
 def _serve(ns: argparse.Namespace) -> int:
     from bedside.transport.broker import EmbeddedBroker
 
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    with EmbeddedBroker(ns.host, ns.port) as broker:
-        print(f"embedded MQTT broker on {broker.url} (MQTT 3.1.1); Ctrl-C to stop", flush=True)
-        stop.wait()
-    return 0
+    broker = EmbeddedBroker(ns.host, ns.port).start()
+    print(f"embedded MQTT broker on {broker.url} (MQTT 3.1.1); Ctrl-C to stop", flush=True)
+    return run_until_signalled(lambda stop: stop.wait(), broker.stop)
 
 
 def _certs(ns: argparse.Namespace) -> int:
