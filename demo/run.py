@@ -335,7 +335,7 @@ def _workdir(out: Path | None) -> Path:
             shutil.rmtree(work)
         work.mkdir(parents=True, exist_ok=True)
     (work / MARKER).write_text("created by bedside demo; replaced by the next run\n")
-    return work
+    return work.resolve()  # configs written below refer to it from other directories
 
 
 def _row(body: dict[str, Any], devices: dict[str, dict[str, Any]]) -> dict[str, Any]:
