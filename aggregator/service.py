@@ -362,7 +362,8 @@ class Aggregator:
         rejected = self.state.rejections(cur.round)
         declined = self.state.declines(cur.round)
         result: dict[str, Any] = {
-            "round": cur.round, "base_version": cur.model_version, "accepted": len(accepted),
+            "round": cur.round, "base_version": cur.model_version,
+            "participants": len(self.state.answered(cur.round)), "accepted": len(accepted),
             "rejected": rejected, "declined": declined,
             "record_epsilon": self._record_epsilon(cur.round),
         }

@@ -345,7 +345,8 @@ def _row(body: dict[str, Any], devices: dict[str, dict[str, Any]]) -> dict[str, 
     return {
         "round": body["round"], "status": body.get("status"),
         "model_version": body.get("model_version"),
-        "participants": body.get("accepted", 0),
+        "participants": body.get("participants", 0),
+        "accepted": body.get("accepted", 0),
         "rejected": sum((body.get("rejected") or {}).values()),
         "declined": len(body.get("declined") or {}),
         "accuracy": metrics.get("accuracy"), "auc": metrics.get("auc"),
@@ -379,6 +380,7 @@ def _report(cfg: DemoConfig, plan: dict[str, Any], rows: list[dict[str, Any]],
     record_eps = [d.get("privacy", {}).get("record", {}).get("epsilon")
                   for d in devices.values()]
     record_eps = [e for e in record_eps if isinstance(e, int | float)]
+    record_eps += [r["epsilon_record"] for r in rows if r["epsilon_record"] is not None]
     cfg_out = {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.__dict__.items()
                if k not in ("extra", "quiet")}
     return {
@@ -439,7 +441,8 @@ class _Table:
     """One printed row per round (works in a terminal and in CI logs)."""
 
     cols: ClassVar[list[tuple[str, int]]] = [
-        ("round", 5), ("model", 5), ("accepted", 8), ("rejected", 8), ("declined", 8),
+        ("round", 5), ("model", 5), ("answered", 8), ("accepted", 8), ("rejected", 8),
+        ("declined", 8),
         ("accuracy", 8), ("AUC", 6), ("eps dev", 8), ("eps rec", 7), ("time s", 6)]
 
     def __init__(self, cfg: DemoConfig, plan: dict[str, Any]) -> None:
@@ -472,7 +475,7 @@ class _Table:
             return "-" if v is None else format(v, fmt)
 
         vals = [str(r["round"]), f"v{r['model_version']}", str(r["participants"]),
-                str(r["rejected"]), str(r["declined"]), f(r["accuracy"], ".4f"),
+                str(r["accepted"]), str(r["rejected"]), str(r["declined"]), f(r["accuracy"], ".4f"),
                 f(r["auc"], ".4f"), f(r["epsilon_device"], ".3g"), f(r["epsilon_record"], ".3g"),
                 f(r["round_seconds"], ".2f")]
         self._print("  ".join(f"{v:>{w}}" for v, (_, w) in zip(vals, self.cols, strict=True)))

@@ -51,7 +51,8 @@ def test_default_demo(tmp_path, clean_env):
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     report = json.loads(done.stdout)
     rounds = report["rounds"]
-    assert len(rounds) == 15 and all(r["participants"] == 5 for r in rounds)
+    assert len(rounds) == 15
+    assert all(r["participants"] == 5 and r["accepted"] == 5 for r in rounds)
     assert report["final"]["accuracy"] >= 0.95
     rec, dev = report["privacy"]["record"], report["privacy"]["device"]
     assert rec["epsilon_max"] <= 8.0 and rec["delta"] == 1e-5
