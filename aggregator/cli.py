@@ -66,7 +66,8 @@ def _status(ns: argparse.Namespace) -> int:
     state, registry = State(cfg.state_path), Registry(cfg.registry_path)
     rounds: list[dict[str, Any]] = [
         {"round": r.round, "status": r.status, "model_version": r.model_version,
-         "accepted": len(state.accepted(r.round)), "rejected": state.rejections(r.round),
+         "accepted": len(state.accepted(r.round)),
+         "rejected": {k: v for k, v in state.rejections(r.round).items() if k != "duplicate"},
          "declined": state.declines(r.round)} for r in state.rounds()]
     latest = registry.latest()
     info = {"fleet": cfg.fleet, "versions": registry.versions(), "rounds": rounds,

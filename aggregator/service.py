@@ -29,6 +29,7 @@ import hashlib
 import json
 import logging
 import math
+import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -57,7 +58,8 @@ from bedside.errors import BedsideError, ConfigError, TransportError, Validation
 from bedside.manifest import Manifest, load_manifest, verify_model_file
 from bedside.models.onnx_weights import read_weights, replace_weights
 from bedside.models.registry import Registry
-from bedside.privacy.mechanisms import add_gaussian_noise, l2_norm, secure_rng
+from bedside.privacy.mechanisms import add_gaussian_noise, clip_update, l2_norm, secure_rng
+from bedside.rounds import bounded_number
 from bedside.transport import Message, Transport
 from bedside.wire.envelope import decode, encode, peek
 from bedside.wire.signing import KeyRing, SigningKey
@@ -96,6 +98,7 @@ class Aggregator:
         self._evaluator: Any = None
         self._manifest: Manifest | None = None
         self._shapes: dict[str, tuple[int, ...]] = {}
+        self._max_update = cfg.max_update_bytes
         self.on_round_closed: Callable[[dict[str, Any]], None] | None = None
 
     # -- set-up ----------------------------------------------------------------------------------
@@ -132,13 +135,18 @@ class Aggregator:
     def _load_version(self, version: int) -> None:
         self._manifest = self.registry.manifest(version)
         self._shapes = {k: tuple(v) for k, v in self._manifest.parameters.items()}
+        # An update is the parameters in float32 plus a header: refuse anything much larger
+        # before parsing it (the configured limit is an upper cap).
+        expected = 4 * sum(int(np.prod(s)) for s in self._shapes.values())
+        self._max_update = min(self.cfg.max_update_bytes, 2 * expected + 256 * 1024)
 
     def _release(self, version: int, round_id: int) -> bytes:
         data = self.registry.model_bytes(version)
         m = self.registry.manifest(version)
         return encode(KIND_MODEL, AGGREGATOR_ID, self.key,
                       {"onnx": np.frombuffer(data, dtype=np.uint8)}, round=round_id,
-                      model_version=version, meta={"manifest": m.to_dict()})
+                      model_version=version, meta={"fleet": self.cfg.fleet,
+                                                   "manifest": m.to_dict()})
 
     def start(self) -> None:
         self._bootstrap_model()
@@ -232,14 +240,14 @@ class Aggregator:
         authentic = False
         nonce = ""
         try:
-            if len(msg.payload) > self.cfg.max_update_bytes:
+            if len(msg.payload) > self._max_update:
                 raise ValidationError("too_large", f"{len(msg.payload)} bytes > limit "
-                                      f"{self.cfg.max_update_bytes}")
-            declared = peek(msg.payload, max_bytes=self.cfg.max_update_bytes)  # untrusted: routing
+                                      f"{self._max_update} for this model")
+            declared = peek(msg.payload, max_bytes=self._max_update)  # untrusted: routing only
             expected = {} if not declared.tensors else {
                 k: ("float32", s) for k, s in self._shapes.items()}
             env = decode(msg.payload, self.devices, kinds={KIND_UPDATE}, expected=expected,
-                         max_bytes=self.cfg.max_update_bytes)
+                         max_bytes=self._max_update)
             authentic, nonce = True, env.header.nonce
             if env.header.sender != device:
                 raise ValidationError("topic_mismatch", f"signed by {env.header.sender!r} but "
@@ -254,6 +262,17 @@ class Aggregator:
         except BedsideError as exc:  # anything else we raise on bad input: never crash the loop
             log.warning("round %s: rejected message on %s: %s", round_id, msg.topic, exc)
             self.state.add_rejection(round_id, device, "invalid", str(exc))
+        except (sqlite3.Error, OSError):
+            # Our own storage failed: do not acknowledge, so the broker redelivers the message
+            # once the service is restarted with working storage.
+            log.exception("round %s: could not record the message on %s", round_id, msg.topic)
+            raise
+        except Exception as exc:  # a message must never stop the service (or be redelivered
+            # forever): reject it, keep the traceback in the log, acknowledge it.
+            log.exception("round %s: internal error on a message from %s; rejected", round_id,
+                          device)
+            self.state.add_rejection(round_id, device, "internal_error",
+                                     f"{type(exc).__name__}: {exc}")
         msg.ack()
 
     def _accept(self, cur: Any, env: Any, payload: bytes) -> None:
@@ -263,7 +282,14 @@ class Aggregator:
         if seen is not None:
             first_round, first_digest = seen
             if first_digest == digest and cur is not None and first_round == cur.round:
+                # The same message again in the same round: a device's re-send (its receipt was
+                # lost) or a verbatim replay. Either way it is harmless and not counted again.
+                log.info("round %d: duplicate of %s's accepted update (re-send or replay); not "
+                         "counted again", cur.round, h.sender)
+                self.state.add_rejection(cur.round, h.sender, "duplicate",
+                                         f"nonce {h.nonce[:12]}... already accepted")
                 self._receipt(h.sender, h.round, h.nonce, "accepted", "duplicate delivery")
+                return
             raise ValidationError("replay", f"nonce {h.nonce[:12]}... from {h.sender} was already "
                                   f"used in round {first_round}; not counted again")
         if cur is None or cur.status != "open":
@@ -294,17 +320,22 @@ class Aggregator:
             return
         weight = 1.0
         if self.cfg.privacy.weighting == "examples":
-            w = meta.get("weight")
-            if isinstance(w, bool) or not isinstance(w, int | float) or not 0 < w <= MAX_WEIGHT:
-                raise ValidationError("bad_weight", f"weight must be a number in (0, "
-                                      f"{MAX_WEIGHT:g}], got {w!r}")
-            weight = float(w)
+            w = bounded_number(meta.get("weight"), 1.0, MAX_WEIGHT)
+            if w is None:
+                raise ValidationError("bad_weight", f"weight must be a number in [1, "
+                                      f"{MAX_WEIGHT:g}]")
+            weight = w
         tensors = {k: np.asarray(v, dtype=np.float32) for k, v in env.tensors.items()}
         norm = l2_norm(list(tensors.values()))
         bound = self._norm_bound(cur)
         if norm > bound:
             raise ValidationError("norm_bound", f"update L2 norm {norm:.4g} exceeds the bound "
                                   f"{bound:.4g} for clip norm {cur.settings['clip_norm']:g}")
+        if cur.settings["noise"] != NOISE_LOCAL:
+            # accepted within float tolerance of C; clip exactly so the accounted bound holds
+            names = list(tensors)
+            clipped, _ = clip_update([tensors[k] for k in names], float(cur.settings["clip_norm"]))
+            tensors = dict(zip(names, clipped, strict=True))
         self.state.add_update(cur.round, h.sender, h.nonce, digest, weight, norm, tensors,
                               _reported_privacy(meta))
         log.info("round %d: accepted update from %s (norm %.3f)", cur.round, h.sender, norm)
@@ -360,11 +391,12 @@ class Aggregator:
         started = cur.opened_at
         accepted = self.state.accepted(cur.round)
         rejected = self.state.rejections(cur.round)
+        duplicates = rejected.pop("duplicate", 0)  # re-sends: not rejections, not counted twice
         declined = self.state.declines(cur.round)
         result: dict[str, Any] = {
             "round": cur.round, "base_version": cur.model_version,
             "participants": len(self.state.answered(cur.round)), "accepted": len(accepted),
-            "rejected": rejected, "declined": declined,
+            "rejected": rejected, "duplicates": duplicates, "declined": declined,
             "record_epsilon": self._record_epsilon(cur.round),
         }
         if len(accepted) < self.cfg.rounds.min_participants:
@@ -406,8 +438,7 @@ class Aggregator:
         result["delta_norm"] = round(l2_norm(list(delta.values())), 6)
         m.metrics = {"holdout": self._evaluator(new_bytes, m)} if self._evaluator else {}
         result["metrics"] = m.metrics.get("holdout", {})
-        closed = [r for r in self.state.rounds() if r.status == "closed"]
-        m.privacy = self.privacy_report(extra_rounds=1, rounds=closed, round_id=cur.round)
+        m.privacy = self.privacy_report(closing=cur)
         result["privacy"] = m.privacy
         m.training = {"round": cur.round, "contributors": n, "rule": self.rule.name,
                       "optimizer": self.optimizer.name, "result": result,
@@ -445,44 +476,56 @@ class Aggregator:
         return {"max": max(values), "min": min(values), "devices": len(values),
                 "delta": self.state.accepted(round_id)[0]["info"].get("record_delta")}
 
-    def privacy_report(self, extra_rounds: int = 0, rounds: list[Any] | None = None,
-                       round_id: int | None = None) -> dict[str, Any]:
-        """Device-level guarantee of the released models so far, from the accountant."""
+    def privacy_report(self, closing: Any | None = None) -> dict[str, Any]:
+        """Device-level guarantee of everything released so far, from the accountant.
+
+        Each round is accounted with the settings it ran under. Membership is public in Bedside
+        (the aggregator publishes how many devices contributed, and devices that do not take part
+        send a signed decline), so the honest adjacency is *replace one device's data*: a clipped
+        update can move by 2C, the L2 sensitivity of the sum is 2C and a round is a Gaussian
+        mechanism with noise multiplier z / 2. No amplification by sampling is claimed. Central
+        mode counts the rounds that released a model; local mode every round in which the
+        (untrusted) aggregator received updates. ``closing`` is the round being closed.
+        """
+        from collections import Counter
+
         from bedside.privacy import accountant as acct
 
+        counted: list[dict[str, Any]] = []
+        for r in self.state.rounds():
+            if closing is not None and r.round == closing.round:
+                continue
+            local = r.settings["noise"] == NOISE_LOCAL
+            if (local and self.state.accepted(r.round)) or (not local and r.status == "closed"):
+                counted.append(r.settings)
+        if closing is not None:
+            counted.append(closing.settings)
         p = self.cfg.privacy
-        closed = rounds if rounds is not None else [
-            r for r in self.state.rounds() if r.status == "closed"]
-        k = len(closed) + extra_rounds
-        out: dict[str, Any] = {"unit": "device", "noise": p.noise, "rounds": k,
+        out: dict[str, Any] = {"unit": "device", "noise": p.noise, "rounds": len(counted),
                                "delta": p.delta, "noise_multiplier": p.noise_multiplier,
-                               "clip_norm": p.clip_norm}
-        if p.noise == "none" or p.noise_multiplier <= 0:
+                               "clip_norm": p.clip_norm,
+                               "adjacency": "replace one device's data (membership is public)"}
+        if any(s["noise"] == "none" or float(s["noise_multiplier"]) <= 0 for s in counted):
             out["epsilon"] = math.inf
-            out["note"] = "no device-level noise: no device-level guarantee"
+            out["note"] = "a round without device-level noise: no device-level guarantee"
             return out
-        if p.noise == NOISE_CENTRAL:
-            q = self.cfg.rounds.participation_rate
-            event = acct.sampled_gaussian(p.noise_multiplier, q, k)
-            out["sample_rate"] = q
-            out["trust"] = "assumes the aggregator adds the announced noise (central DP)"
-        else:
-            # Each device noises its own clipped update: L2 sensitivity 2C between any two of its
-            # local data sets, so the effective noise multiplier is z / 2 (replace-one).
-            event = acct.gaussian(p.noise_multiplier / 2.0, k)
-            out["trust"] = ("holds against the aggregator (local DP); bound for a device in "
-                            "every round")
-        out["epsilon"] = acct.epsilon(event, p.delta)
+        by_z = Counter(float(s["noise_multiplier"]) for s in counted)
+        event = acct.compose([acct.gaussian(z / 2.0, k) for z, k in sorted(by_z.items())])
+        out["epsilon"] = acct.epsilon(event, p.delta) if counted else 0.0
+        out["trust"] = ("assumes the aggregator adds the announced noise (central DP)"
+                        if p.noise == NOISE_CENTRAL else
+                        "holds against the aggregator (local DP); bound for a device in every "
+                        "round")
         return out
 
 
 def _reported_privacy(meta: dict[str, Any]) -> dict[str, Any]:
     """The record-level epsilon a device reports with its update, if well-formed."""
     out: dict[str, Any] = {}
-    eps, delta = meta.get("record_epsilon"), meta.get("record_delta")
-    if (isinstance(eps, int | float) and not isinstance(eps, bool) and math.isfinite(eps)
-            and eps >= 0):
-        out["record_epsilon"] = round(float(eps), 4)
-        if isinstance(delta, int | float) and not isinstance(delta, bool) and 0 < delta < 1:
-            out["record_delta"] = float(delta)
+    eps = bounded_number(meta.get("record_epsilon"), 0.0, 1e6)
+    if eps is not None:
+        out["record_epsilon"] = round(eps, 4)
+        delta = bounded_number(meta.get("record_delta"), 1e-300, 0.5)
+        if delta is not None:
+            out["record_delta"] = delta
     return out

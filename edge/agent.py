@@ -41,7 +41,6 @@ from bedside.constants import (
     KIND_MODEL,
     KIND_RECEIPT,
     KIND_UPDATE,
-    NOISE_CENTRAL,
     NOISE_LOCAL,
     UNIT_DEVICE,
     UNIT_RECORD,
@@ -59,11 +58,14 @@ from bedside.errors import (
     BedsideError,
     BudgetExceededError,
     LedgerError,
+    PrivacyError,
     TransportError,
+    ValidationError,
     WireError,
 )
+from bedside.rounds import RoundSettings
 from bedside.transport import Message, Transport
-from bedside.wire.envelope import Envelope, decode, encode
+from bedside.wire.envelope import Envelope, decode, encode, peek
 from bedside.wire.signing import KeyRing, SigningKey, VerifyKey
 
 log = logging.getLogger("bedside.edge.agent")
@@ -104,6 +106,7 @@ class Agent:
                                       will=will)
         self.transport = transport
         self.announce: Envelope | None = None
+        self.settings: RoundSettings | None = None
         self.done = False
         self.refusing: str | None = None
         self.last_model_error: str | None = None
@@ -117,7 +120,10 @@ class Agent:
         try:
             from bedside.privacy.ledger import Ledger
 
-            self._ledger = Ledger(self.cfg.ledger_path, self.cfg.budgets())
+            # A device that has taken part before must find its ledger: a missing one is never
+            # silently re-created (that would reset its budget to zero).
+            fresh = self.state.last_round() is None
+            self._ledger = Ledger(self.cfg.ledger_path, self.cfg.budgets(), create=fresh)
             self.ledger_error = None
         except (LedgerError, ImportError) as exc:
             self._ledger = None
@@ -174,31 +180,34 @@ class Agent:
     def _on_model(self, payload: bytes) -> None:
         env = decode(payload, self.pinned, kinds={KIND_MODEL})
         onnx = env.tensors.get("onnx")
-        if onnx is None or onnx.dtype != np.uint8 or onnx.ndim != 1 or len(env.tensors) != 1:
-            log.warning("model release v%d malformed: expected one uint8 tensor 'onnx'",
-                        env.header.model_version)
-            return
         version = env.header.model_version
-        current = self.models.current_version()
-        if current is not None and version <= current:
-            return  # a retained release we already run
+        if onnx is None or onnx.dtype != np.uint8 or onnx.ndim != 1 or len(env.tensors) != 1:
+            log.warning("model release v%d malformed: expected one uint8 tensor 'onnx'", version)
+            return
+        if env.header.meta.get("fleet") != self.cfg.fleet:
+            log.warning("model release v%d for fleet %r ignored", version,
+                        env.header.meta.get("fleet"))
+            return
+        latest = self.models.latest_version()
+        if (latest is not None and version <= latest) or version in self.refused_versions:
+            return  # a retained release we already have (or refused)
         manifest = env.header.meta.get("manifest")
         if not isinstance(manifest, dict):
             log.warning("model release v%d has no manifest; ignored", version)
             return
         records = None
-        if current is not None and self.cfg.quality_tolerance is not None:
-            m = self.models.manifest()
-            if m is not None and self.store.count(m.schema):
-                records = self.store.load(m.schema)
+        serving = self.models.manifest()
+        if serving is not None and self.cfg.quality_tolerance is not None:
+            x, y = self.store.load(serving.schema)
+            records = (x, y) if len(x) else None
         try:
-            self.models.install(onnx.tobytes(), manifest, version, records,
-                                self.cfg.quality_tolerance)
-            self.last_model_error = None
-        except BedsideError as exc:
+            installed = self.models.install(onnx.tobytes(), manifest, version, records,
+                                            self.cfg.quality_tolerance)
+            self.last_model_error = installed.note or None  # kept local, never published
+        except BedsideError as exc:  # integrity or self-test: about the file, not the records
             self.refused_versions.add(version)
             self.last_model_error = f"v{version}: {exc}"
-            log.error("model v%d refused, v%s stays in service: %s", version, current, exc)
+            log.error("model v%d refused: %s", version, exc)
         self.publish_status(force=True)
 
     # -- rounds ----------------------------------------------------------------------------------
@@ -208,85 +217,92 @@ class Agent:
         if meta.get("fleet") != self.cfg.fleet:
             log.warning("announcement for fleet %r ignored", meta.get("fleet"))
             return
+        seen = self.state.get_meta("announce_round")
+        if seen is not None and env.header.round < int(seen):
+            return  # an old announcement replayed: never go back
         if self.announce is not None and env.header.round < self.announce.header.round:
             return
-        self.announce = env
+        self.state.set_meta("announce_round", str(env.header.round))
+        self.announce, self.settings = env, None
         if meta.get("state") == "done":
             if not self.done:
                 log.info("the aggregator announced the federation is done (model v%d)",
                          env.header.model_version)
             self.done = True
-        else:
-            self.done = False
+            return
+        self.done = False
+        try:
+            self.settings = RoundSettings.from_meta(meta)
+        except ValidationError as exc:
+            log.error("round %d: announcement refused: %s", env.header.round, exc)
+            if not self.state.handled(env.header.round):
+                self._decline(env, "bad_announcement", str(exc))
 
     def _round_open(self, env: Envelope) -> bool:
-        meta = env.header.meta
-        return meta.get("state") == "open" and self.clock() < float(meta.get("deadline", 0))
+        s = self.settings
+        return (s is not None and env is self.announce and self.clock() < s.deadline)
 
     def _maybe_participate(self) -> None:
-        env = self.announce
-        if env is None or not self._round_open(env):
+        env, s = self.announce, self.settings
+        if env is None or s is None or not self._round_open(env):
             return
-        r = env.header.round
+        r, version = env.header.round, env.header.model_version
         if self.state.handled(r):
             return
-        current = self.models.current_version()
-        if env.header.model_version in self.refused_versions:
-            self._decline(env, "model_refused", str(self.last_model_error))
+        if version in self.refused_versions or version in self.models.blocked():
+            self._decline(env, "model_unavailable", f"model v{version} was refused or blocked")
             return
-        if current != env.header.model_version:
+        manifest = self.models.manifest(version)
+        if manifest is None:
             return  # wait for the release (retained) to arrive and install
-        manifest = self.models.manifest()
-        if manifest is None or manifest.sha256 != env.header.meta.get("model_sha256"):
+        if manifest.sha256 != s.model_sha256:
             self._decline(env, "model_mismatch")
             return
-        self._participate(env, manifest)
+        try:
+            self._participate(env, s, manifest)
+        except Exception as exc:  # never crash-loop on a round: decline it and carry on
+            log.exception("round %d: could not take part", r)
+            if not self.state.handled(r):
+                self._decline(env, "training_failed", f"{type(exc).__name__}: {exc}")
 
     def _decline(self, env: Envelope, reason: str, detail: str = "") -> None:
         h = env.header
         msg = encode(KIND_UPDATE, self.cfg.device_id, self.key, {}, round=h.round,
                      model_version=h.model_version,
                      meta={"decline": reason, "fleet": self.cfg.fleet})
-        from bedside.wire.envelope import peek
-
         self.state.queue(h.round, f"declined:{reason}", detail, peek(msg).nonce, "decline", msg)
         log.info("round %d: declined (%s)%s", h.round, reason, f": {detail}" if detail else "")
         self._flush_outbox()
 
-    def _plan(self, env: Envelope, n: int) -> tuple[list[Any], Any]:
-        """This round's releases (for the ledger) and the DP-SGD settings."""
+    def _plan(self, r: int, s: RoundSettings, n: int) -> tuple[list[Any], Any]:
+        """This round's releases (for the ledger) and the DP-SGD settings.
+
+        Record level: DP-SGD as Opacus runs it (Poisson sampling at ``dp_sample_rate``, for
+        ``dp_steps`` steps; ``fit`` checks both). Device level: the clipped update as a Gaussian
+        mechanism under replace-one adjacency (sensitivity 2C, multiplier z / 2) in both modes;
+        membership is public, so no amplification by sampling is claimed.
+        """
         from bedside.models.train import DPConfig, dp_sample_rate, dp_steps
         from bedside.privacy.ledger import Release
 
-        meta, r = env.header.meta, env.header.round
-        train = meta["train"]
         releases: list[Any] = []
         dp = None
         if self.cfg.record_epsilon is not None:
-            batch, epochs = int(train["batch_size"]), int(train["epochs"])
+            batch, epochs = s.train.batch_size, s.train.epochs
             q = dp_sample_rate(n, batch)
             steps = dp_steps(n, batch, epochs)
-            rounds = int(meta.get("planned_rounds") or 0) or ASSUMED_ROUNDS
-            sigma = self._calibrate(q, steps * rounds)
+            sigma = self._calibrate(q, steps * (s.planned_rounds or ASSUMED_ROUNDS))
             releases.append(Release(round=r, unit=UNIT_RECORD, mechanism="sampled_gaussian",
                                     noise_multiplier=sigma, sample_rate=q, steps=steps,
                                     note="DP-SGD (Opacus, Poisson sampling)"))
             dp = DPConfig(noise_multiplier=sigma, max_grad_norm=self.cfg.max_grad_norm)
         if self.cfg.device_epsilon is not None:
-            mode, z = meta["noise"], float(meta["noise_multiplier"])
-            qd = float(meta.get("participation_rate", 1.0))
-            if mode == NOISE_CENTRAL:
-                releases.append(Release(round=r, unit=UNIT_DEVICE,
-                                        mechanism="sampled_gaussian" if qd < 1 else "gaussian",
-                                        noise_multiplier=z, sample_rate=qd, steps=1,
-                                        note="central noise added by the aggregator"))
-            elif mode == NOISE_LOCAL:
-                releases.append(Release(round=r, unit=UNIT_DEVICE, mechanism="gaussian",
-                                        noise_multiplier=z / 2.0, sample_rate=1.0, steps=1,
-                                        note="local noise; sensitivity 2C (replace-one)"))
-            else:
+            if s.noise == "none":
                 raise BudgetExceededError("the round adds no device-level noise but this device "
                                           "has a device-level budget; declining")
+            releases.append(Release(round=r, unit=UNIT_DEVICE, mechanism="gaussian",
+                                    noise_multiplier=s.noise_multiplier / 2.0, sample_rate=1.0,
+                                    steps=1, note=f"{s.noise} noise; replace-one, sensitivity 2C"))
         return releases, dp
 
     def _calibrate(self, q: float, total_steps: int) -> float:
@@ -303,43 +319,46 @@ class Agent:
                      total_steps, q)
         return self._calibrated[key]
 
-    def _participate(self, env: Envelope, manifest: Any) -> None:
-        h, meta = env.header, env.header.meta
-        qd = float(meta.get("participation_rate", 1.0))
+    def _round_rng(self, r: int) -> np.random.Generator:
+        """Fresh randomness for round ``r``: from the OS, or (tests, reproducible demos) derived
+        from the configured seed *and the round*, so no two rounds ever share noise."""
+        return self.rng if self.cfg.seed is None else np.random.default_rng([self.cfg.seed, r])
+
+    def _participate(self, env: Envelope, s: RoundSettings, manifest: Any) -> None:
+        r = env.header.round
         if self._ledger is None:
             self._open_ledger()
         if self._ledger is None:
             self.refusing = f"ledger unavailable: {self.ledger_error}"
             self._decline(env, "ledger_unavailable", str(self.ledger_error))
             return
-        n = self.store.count(manifest.schema)
-        if n == 0:
+        x, y = self.store.load(manifest.schema)  # one read: n and the data always agree
+        if len(x) == 0:
             self._decline(env, "no_records", "ingest records with 'bedside edge ingest'")
             return
+        rng = self._round_rng(r)
+        if s.participation_rate < 1.0 and rng.random() >= s.participation_rate:
+            self._decline(env, "not_sampled")  # nothing released, nothing to account
+            return
         try:
-            releases, dp = self._plan(env, n)
+            releases, dp = self._plan(r, s, len(x))
             self._ledger.check(releases)
         except (BudgetExceededError, LedgerError) as exc:
             self.refusing = str(exc)
-            log.warning("round %d: refusing to contribute: %s (inference continues)", h.round, exc)
+            log.warning("round %d: refusing to contribute: %s (inference continues)", r, exc)
             self._decline(env, "budget" if isinstance(exc, BudgetExceededError) else
                           "ledger_unavailable", str(exc))
             self.publish_status(force=True)
             return
         self.refusing = None
-        if qd < 1.0 and self.rng.random() >= qd:
-            # Not sampled this round. Under Poisson sampling the round still counts for the
-            # device-level guarantee, so its device-level event is recorded all the same.
-            self._ledger.record([r for r in releases if r.unit == UNIT_DEVICE])
-            self._decline(env, "not_sampled")
-            return
-        self._train_and_send(env, manifest, releases, dp, n)
+        self._train_and_send(env, s, manifest, releases, dp, x, y, rng)
 
-    def _train_and_send(self, env: Envelope, manifest: Any, releases: list[Any], dp: Any,
-                        n: int) -> None:
+    def _train_and_send(self, env: Envelope, s: RoundSettings, manifest: Any,
+                        releases: list[Any], dp: Any, x: np.ndarray, y: np.ndarray,
+                        rng: np.random.Generator) -> None:
         from bedside.privacy.mechanisms import add_gaussian_noise, clip_update
 
-        h, meta = env.header, env.header.meta
+        h = env.header
         started = self.clock()
         self.publish_status(force=True, state="training")
         try:
@@ -347,38 +366,40 @@ class Agent:
         except ImportError as exc:
             self._decline(env, "cannot_train", f"install bedside[train] to train ({exc})")
             return
-        x, y = self.store.load(manifest.schema)
-        model_bytes = self.models.model_bytes()
+        model_bytes = self.models.model_bytes(h.model_version)
         assert model_bytes is not None
         # A configured seed (tests, reproducible demos) is mixed with the round: noise must be
         # fresh in every round, or differencing two releases would cancel it.
         seed = None if self.cfg.seed is None else self.cfg.seed * 1_000_003 + h.round
-        delta, fit = local_update(manifest, model_bytes, x, y, meta["train"], dp, seed)
+        delta, fit = local_update(manifest, model_bytes, x, y, s.train.to_dict(), dp, seed)
+        record = [rel for rel in releases if rel.unit == UNIT_RECORD]
+        if record and (fit.steps != record[0].steps
+                       or abs(fit.sample_rate - record[0].sample_rate) > 1e-12):
+            raise PrivacyError(f"training ran {fit.steps} steps at sample rate "
+                               f"{fit.sample_rate:.6g}, the ledger plan says {record[0].steps} at "
+                               f"{record[0].sample_rate:.6g}; nothing is sent")
         names = list(manifest.parameters)
-        clip = float(meta["clip_norm"])
-        clipped, norm = clip_update([delta[k] for k in names], clip)
-        if meta["noise"] == NOISE_LOCAL:
-            clipped = add_gaussian_noise(clipped, float(meta["noise_multiplier"]), clip, self.rng)
+        clipped, norm = clip_update([delta[k] for k in names], s.clip_norm)
+        if s.noise == NOISE_LOCAL:
+            clipped = add_gaussian_noise(clipped, s.noise_multiplier, s.clip_norm, rng)
         try:
             self._ledger.record(releases)  # before anything leaves the device
         except (BudgetExceededError, LedgerError) as exc:
             self.refusing = str(exc)
             self._decline(env, "budget", str(exc))
             return
-        spent = self._ledger.spent(UNIT_RECORD) if self.cfg.record_epsilon is not None else None
-        update_meta: dict[str, Any] = {"weight": bucket(n), "fleet": self.cfg.fleet}
-        if spent is not None:
-            update_meta["record_epsilon"] = math.ceil(spent * 100) / 100
+        update_meta: dict[str, Any] = {"fleet": self.cfg.fleet}
+        if s.weighting == "examples":  # only when the aggregator weights by it (bucketed)
+            update_meta["weight"] = bucket(len(x))
+        if self.cfg.record_epsilon is not None:
+            update_meta["record_epsilon"] = math.ceil(self._ledger.spent(UNIT_RECORD) * 100) / 100
             update_meta["record_delta"] = self.cfg.record_delta
         msg = encode(KIND_UPDATE, self.cfg.device_id, self.key,
                      dict(zip(names, clipped, strict=True)), round=h.round,
                      model_version=h.model_version, meta=update_meta)
-        from bedside.wire.envelope import peek
-
-        detail = (f"trained {fit.steps} steps in {self.clock() - started:.2f} s, update norm "
-                  f"{norm:.3f} (clip {clip:g})")
+        detail = f"trained {fit.steps} steps in {self.clock() - started:.2f} s"
         self.state.queue(h.round, "contributed", detail, peek(msg).nonce, "update", msg)
-        log.info("round %d: %s", h.round, detail)
+        log.info("round %d: %s, update norm %.3f (clip %g)", h.round, detail, norm, s.clip_norm)
         self._flush_outbox()
         self.publish_status(force=True)
 
@@ -425,14 +446,15 @@ class Agent:
     # -- status ------------------------------------------------------------------------------------
     def status(self, state: str | None = None) -> dict[str, Any]:
         last = self.state.last_round()
+        # Published: nothing computed from records. Which version *serves* (the local quality
+        # gate's outcome) stays local; 'bedside edge status' shows it on the device.
         return {
             "device": self.cfg.device_id,
             "state": state or ("refusing" if self.refusing else "idle"),
-            "model_version": self.models.current_version(),
+            "model_version": self.models.latest_version(),
             "last_round": last[0] if last else None,
             "last_action": last[1] if last else None,
             "refusing": self.refusing,
-            "model_error": self.last_model_error,
             "privacy": self.privacy_report(),
             "outbox": self.state.counts(),
             "connected": self.transport.connected,

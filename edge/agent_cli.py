@@ -55,6 +55,9 @@ def _enroll(ns: argparse.Namespace) -> int:
         created = True
     pub_path = cfg.key.with_suffix(".pub")
     key.public.save(pub_path)
+    from bedside.privacy.ledger import Ledger
+
+    Ledger(cfg.ledger_path, cfg.budgets()).close()  # created now, with the budgets it enforces
     agg = VerifyKey.load(cfg.aggregator_key)
     info = {"device_id": cfg.device_id, "public_key_file": str(pub_path),
             "fingerprint": key.public.fingerprint, "key_created": created,
@@ -121,12 +124,16 @@ def _status(ns: argparse.Namespace) -> int:
     cfg = load(ns.config)
     models = ModelManager(cfg.models_path)
     state = AgentState(cfg.state_path)
-    info: dict[str, Any] = {"device": cfg.device_id, "model_version": models.current_version(),
+    info: dict[str, Any] = {"device": cfg.device_id,
+                            "serving_version": models.current_version(),
+                            "latest_version": models.latest_version(),
+                            "blocked_versions": sorted(models.blocked()),
                             "last_round": state.last_round(), "outbox": state.counts()}
     try:
         from bedside.privacy.ledger import Ledger
 
-        info["privacy"] = Ledger(cfg.ledger_path, cfg.budgets()).report()
+        # read only: the status never creates a ledger
+        info["privacy"] = Ledger(cfg.ledger_path, cfg.budgets(), create=False).report()
     except BedsideError as exc:  # show a broken ledger instead of failing the status
         info["privacy"] = {"error": str(exc)}
     if ns.json:

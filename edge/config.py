@@ -13,7 +13,8 @@ Example::
     port = 1883
 
     [privacy]
-    record_epsilon = 8.0     # record-level budget (DP-SGD); omit only to train without DP-SGD
+    record_epsilon = 8.0     # record-level budget (DP-SGD): required, unless
+    # allow_no_record_dp = true  # ... says in writing that this device trains without DP-SGD
     record_delta = 1e-5
     max_grad_norm = 1.0      # DP-SGD per-example clip
     device_epsilon = 200.0   # device-level budget; omit to take part without one
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from bedside import config as cfgmod
+from bedside.errors import ConfigError
 from bedside.transport.mqtt import MqttConfig
 
 
@@ -98,6 +100,14 @@ def load(path: str | Path) -> AgentConfig:
     validate_id(fleet, what="fleet")
     p = s.section("privacy")
     record_eps = p.number("record_epsilon", None, positive=True)
+    allow_no_dp = p.flag("allow_no_record_dp", False)
+    if record_eps is None and not allow_no_dp:
+        raise ConfigError(f"{path} [privacy]: 'record_epsilon' is required (the record-level "
+                          "budget this device enforces, e.g. 8.0); to train without DP-SGD, set "
+                          "allow_no_record_dp = true explicitly")
+    if record_eps is not None and allow_no_dp:
+        raise ConfigError(f"{path} [privacy]: set either 'record_epsilon' or "
+                          "'allow_no_record_dp = true', not both")
     device_eps = p.number("device_epsilon", None, positive=True)
     record_delta = p.number("record_delta", 1e-5, positive=True, max=0.1)
     max_grad_norm = p.number("max_grad_norm", 1.0, positive=True)

@@ -39,10 +39,18 @@ class AgentState:
             " last_sent_at REAL, attempts INTEGER NOT NULL DEFAULT 0,"
             " state TEXT NOT NULL DEFAULT 'pending', reason TEXT);"
             "CREATE TABLE IF NOT EXISTS rounds (round INTEGER PRIMARY KEY,"
-            " action TEXT NOT NULL, detail TEXT NOT NULL, at REAL NOT NULL);")
+            " action TEXT NOT NULL, detail TEXT NOT NULL, at REAL NOT NULL);"
+            "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);")
 
     def close(self) -> None:
         self.db.close()
+
+    def get_meta(self, key: str) -> str | None:
+        r = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return str(r[0]) if r else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
     # -- rounds ------------------------------------------------------------------------------------
     def handled(self, round_id: int) -> str | None:

@@ -2,22 +2,30 @@
 
 Layout under the agent's data directory::
 
-    models/v<N>/        model.onnx + manifest.json of version N
-    models/current      symlink to the version in service (swapped atomically)
+    models/v<N>/        model.onnx + manifest.json of version N (the last few are kept)
+    models/current      symlink to the version that serves inference (swapped atomically)
+    models/blocked.json versions an operator rolled back from: never installed again
 
 A release is installed only if it is signed by the pinned aggregator key (checked by the wire
 decoder before this module sees it), its manifest's sha256 matches the ONNX bytes, its version is
-newer than the current one (no downgrades from the network), it passes the Predictor's self-test,
-and, when the device holds labelled records, it is not much worse on them than the current model
-(``quality_tolerance``). Otherwise the current model stays in service. ``rollback`` returns to the
-previous version on an operator's request.
+newer than every version installed before (no downgrades from the network) and not blocked, and it
+passes the Predictor's self-test on the schema's reference rows. Such a version is kept, and the
+device trains on it when a round asks for it.
+
+Whether it also *serves* inference is a separate, local decision: when the device holds labelled
+records, a version much less accurate on them than the one in service (``quality_tolerance``)
+keeps the old one serving. That comparison is computed on patient records, so its outcome never
+leaves the device: it changes neither what the device sends nor whether it takes part.
+``rollback`` returns to the previous version on an operator's request and blocks the one left.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +33,25 @@ import numpy as np
 
 from bedside.edge.predictor import Predictor
 from bedside.errors import IntegrityError, ModelError
-from bedside.manifest import Manifest, sha256_bytes, write_model_dir
+from bedside.manifest import (
+    Manifest,
+    atomic_write_bytes,
+    load_manifest,
+    sha256_bytes,
+    verify_model_file,
+    write_model_dir,
+)
 from bedside.metrics import accuracy
 
 log = logging.getLogger("bedside.edge.updater")
 KEEP_VERSIONS = 3
+
+
+@dataclass(frozen=True)
+class Installed:
+    manifest: Manifest
+    serving: bool
+    note: str = ""
 
 
 class ModelManager:
@@ -39,16 +61,35 @@ class ModelManager:
         self.threads = threads
         self._predictor: Predictor | None = None
 
+    # -- what is installed ---------------------------------------------------------------------
     @property
     def current_link(self) -> Path:
         return self.root / "current"
 
     def current_version(self) -> int | None:
+        """The version serving inference."""
         link = self.current_link
         if not link.is_symlink():
             return None
         name = os.readlink(link)
         return int(name[1:]) if name.startswith("v") and name[1:].isdigit() else None
+
+    def versions(self) -> list[int]:
+        return sorted(int(p.name[1:]) for p in self.root.iterdir()
+                      if p.is_dir() and p.name.startswith("v") and p.name[1:].isdigit())
+
+    def latest_version(self) -> int | None:
+        """The newest verified version on the device (what it trains on when asked)."""
+        v = self.versions()
+        return v[-1] if v else None
+
+    def blocked(self) -> set[int]:
+        try:
+            return set(json.loads((self.root / "blocked.json").read_text()))
+        except FileNotFoundError:
+            return set()
+        except (ValueError, TypeError) as exc:
+            raise ModelError(f"{self.root / 'blocked.json'} is unreadable ({exc})") from None
 
     def predictor(self) -> Predictor | None:
         v = self.current_version()
@@ -58,31 +99,39 @@ class ModelManager:
             self._predictor = Predictor(self.root / f"v{v}", threads=self.threads)
         return self._predictor
 
-    def manifest(self) -> Manifest | None:
-        p = self.predictor()
-        return p.manifest if p else None
-
-    def model_bytes(self) -> bytes | None:
-        from bedside.manifest import verify_model_file
-
-        v = self.current_version()
-        if v is None:
+    def manifest(self, version: int | None = None) -> Manifest | None:
+        """Manifest of ``version`` (default: the one serving)."""
+        v = self.current_version() if version is None else version
+        if v is None or not (self.root / f"v{v}").is_dir():
             return None
-        d = self.root / f"v{v}"
-        return verify_model_file(d, self.manifest())  # type: ignore[arg-type]
+        return load_manifest(self.root / f"v{v}")
 
+    def model_bytes(self, version: int | None = None) -> bytes | None:
+        """Verified ONNX bytes of ``version`` (default: the one serving)."""
+        m = self.manifest(version)
+        if m is None:
+            return None
+        return verify_model_file(self.root / f"v{m.version}", m)
+
+    # -- installing ----------------------------------------------------------------------------
     def install(self, onnx_bytes: bytes, manifest_dict: dict[str, Any], version: int,
                 records: tuple[np.ndarray, np.ndarray] | None = None,
-                quality_tolerance: float | None = 0.15) -> Manifest:
-        """Verify and install ``version``; raises (keeping the current model) if it is bad."""
+                quality_tolerance: float | None = 0.15) -> Installed:
+        """Verify and keep ``version``; serve it unless the local quality gate says otherwise.
+
+        Raises (installing nothing) if the release is not what it claims or fails its self-test.
+        """
         m = Manifest.from_dict(manifest_dict, "model release manifest")
         if m.version != version:
             raise IntegrityError(f"release says version {version} but its manifest says "
                                  f"{m.version}; refused")
-        cur = self.current_version()
-        if cur is not None and m.version <= cur:
-            raise ModelError(f"model v{m.version} is not newer than the current v{cur}; refused "
-                             "(no downgrades over the network; use 'bedside edge rollback')")
+        latest = self.latest_version()
+        if latest is not None and m.version <= latest:
+            raise ModelError(f"model v{m.version} is not newer than v{latest} on this device; "
+                             "refused (no downgrades over the network; use 'bedside edge "
+                             "rollback')")
+        if m.version in self.blocked():
+            raise ModelError(f"model v{m.version} was rolled back by an operator; refused")
         digest = sha256_bytes(onnx_bytes)
         if digest != m.sha256:
             raise IntegrityError(f"model v{m.version}: sha256 {digest[:16]}... does not match its "
@@ -93,31 +142,39 @@ class ModelManager:
         try:
             candidate = Predictor(staging, threads=self.threads)
             candidate.self_test()
+            note = ""
             if records is not None and quality_tolerance is not None and len(records[0]):
-                self._quality_gate(candidate, records, quality_tolerance)
+                note = self._quality_gate(candidate, records, quality_tolerance)
         except Exception:
             shutil.rmtree(staging, ignore_errors=True)
             raise
         final = self.root / f"v{m.version}"
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
-        self._point_to(f"v{m.version}")
+        cur = self.current_version()
+        serving = not note
+        if serving:
+            self._point_to(f"v{m.version}")
+            log.info("model v%d installed and in service (was v%s)", m.version, cur)
+        else:
+            log.warning("model v%d installed for training; v%s keeps serving: %s", m.version,
+                        cur, note)
         self._prune()
-        log.info("model v%d installed and in service (was v%s)", m.version, cur)
-        return m
+        return Installed(manifest=m, serving=serving, note=note)
 
     def _quality_gate(self, candidate: Predictor, records: tuple[np.ndarray, np.ndarray],
-                      tolerance: float) -> None:
+                      tolerance: float) -> str:
+        """A reason to keep the current model serving, or "" (computed and kept locally)."""
         current = self.predictor()
         if current is None:
-            return
+            return ""
         x, y = records
         new_acc = accuracy(y, candidate.predict_proba(x))
         old_acc = accuracy(y, current.predict_proba(x))
         if new_acc < old_acc - tolerance:
-            raise ModelError(f"model v{candidate.version} is worse on this device's records "
-                             f"(accuracy {new_acc:.3f} vs {old_acc:.3f} for v{current.version}, "
-                             f"tolerance {tolerance}); kept v{current.version}")
+            return (f"less accurate on this device's records (accuracy {new_acc:.3f} vs "
+                    f"{old_acc:.3f} for v{current.version}, tolerance {tolerance})")
+        return ""
 
     def _point_to(self, name: str) -> None:
         tmp = self.root / ".current.tmp"
@@ -126,23 +183,25 @@ class ModelManager:
         os.replace(tmp, self.current_link)
         self._predictor = None
 
-    def _versions(self) -> list[int]:
-        return sorted(int(p.name[1:]) for p in self.root.iterdir()
-                      if p.is_dir() and p.name.startswith("v") and p.name[1:].isdigit())
-
     def _prune(self) -> None:
-        versions = self._versions()
-        for v in versions[:-KEEP_VERSIONS]:
-            shutil.rmtree(self.root / f"v{v}", ignore_errors=True)
+        cur = self.current_version()
+        for v in self.versions()[:-KEEP_VERSIONS]:
+            if v != cur:
+                shutil.rmtree(self.root / f"v{v}", ignore_errors=True)
 
     def rollback(self) -> int:
-        """Put the previous installed version back in service; returns it."""
+        """Put the previous installed version back in service and block the one left."""
         cur = self.current_version()
-        older = [v for v in self._versions() if cur is None or v < cur]
+        older = [v for v in self.versions() if cur is None or v < cur]
         if not older:
             raise ModelError("no earlier model version is kept on this device to roll back to")
         target = older[-1]
         Predictor(self.root / f"v{target}", threads=self.threads).self_test()
+        if cur is not None:
+            blocked = sorted(self.blocked() | {v for v in self.versions() if v >= cur})
+            atomic_write_bytes(self.root / "blocked.json", json.dumps(blocked).encode())
+            for v in blocked:  # versions rolled back from are not kept for training either
+                shutil.rmtree(self.root / f"v{v}", ignore_errors=True)
         self._point_to(f"v{target}")
-        log.warning("rolled back from v%s to v%d", cur, target)
+        log.warning("rolled back from v%s to v%d (blocked: v%s and newer)", cur, target, cur)
         return target

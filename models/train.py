@@ -15,6 +15,7 @@ this is stated in docs/privacy.md.
 
 from __future__ import annotations
 
+import math
 import secrets
 import warnings
 from dataclasses import asdict, dataclass
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from bedside.errors import InputError
+from bedside.errors import InputError, PrivacyError
 
 # Known, harmless warnings, silenced by message (module-level: catch_warnings is not thread-safe
 # and agents train on their own threads). Opacus warns that its secure RNG is off (see above);
@@ -85,21 +86,37 @@ class FitResult:
         return asdict(self)
 
 
+def _batches_per_epoch(rows: int, batch_size: int) -> int:
+    return math.ceil(rows / min(batch_size, rows))
+
+
 def dp_sample_rate(rows: int, batch_size: int) -> float:
-    """Poisson sampling rate for an expected batch of ``batch_size`` out of ``rows``."""
-    return min(1.0, batch_size / rows)
+    """The Poisson sampling rate DP-SGD uses for ``rows`` records and a batch of ``batch_size``.
+
+    Exactly what Opacus does (``DPDataLoader.from_data_loader``): ``1 / len(loader)`` with
+    ``len(loader) = ceil(rows / batch_size)``. The privacy ledger records this value, so it must
+    be the one training really uses (``fit`` checks).
+    """
+    return 1.0 / _batches_per_epoch(rows, batch_size)
 
 
 def dp_steps(rows: int, batch_size: int, epochs: int) -> int:
-    """Number of DP-SGD steps ``fit`` takes: Opacus runs ``1/q`` batches an epoch."""
-    q = dp_sample_rate(rows, batch_size)
-    return epochs * max(1, round(1.0 / q))
+    """DP-SGD steps ``fit`` takes: Opacus runs ``len(loader)`` Poisson batches per epoch."""
+    return epochs * _batches_per_epoch(rows, batch_size)
 
 
-def _generator(seed: int | None) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed(secrets.randbits(63) if seed is None else seed)
-    return g
+def _generators(seed: int | None) -> tuple[torch.Generator, torch.Generator]:
+    """Two independent generators (batch sampling, noise): from the OS, or derived from a seed."""
+    if seed is None:
+        seeds = [secrets.randbits(63), secrets.randbits(63)]
+    else:
+        seeds = [int(s) for s in np.random.SeedSequence(seed).generate_state(2, np.uint64) >> 1]
+    gens = []
+    for s in seeds:
+        g = torch.Generator()
+        g.manual_seed(s)
+        gens.append(g)
+    return gens[0], gens[1]
 
 
 def fit(net: nn.Module, x: np.ndarray, y: np.ndarray, cfg: TrainConfig,
@@ -112,7 +129,7 @@ def _fit(net: nn.Module, x: np.ndarray, y: np.ndarray, cfg: TrainConfig,
          dp: DPConfig | None) -> FitResult:
     if len(x) != len(y) or len(x) == 0:
         raise InputError(f"training needs matching, non-empty x and y (got {len(x)}, {len(y)})")
-    gen = _generator(cfg.seed)
+    gen, noise_gen = _generators(cfg.seed)
     if cfg.seed is not None:
         torch.manual_seed(cfg.seed)
     data = TensorDataset(torch.from_numpy(np.ascontiguousarray(x, np.float32)),
@@ -122,6 +139,7 @@ def _fit(net: nn.Module, x: np.ndarray, y: np.ndarray, cfg: TrainConfig,
     opt_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.SGD
     optimizer = opt_cls(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     model: nn.Module = net
+    actual_q = 0.0
     net.train()
     if dp is not None:
         from opacus import PrivacyEngine
@@ -130,8 +148,13 @@ def _fit(net: nn.Module, x: np.ndarray, y: np.ndarray, cfg: TrainConfig,
         model, optimizer, loader = engine.make_private(
             module=net, optimizer=optimizer, data_loader=loader,
             noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-            poisson_sampling=True, noise_generator=_generator(cfg.seed),
+            poisson_sampling=True, noise_generator=noise_gen,
         )
+        planned_q = dp_sample_rate(len(data), cfg.batch_size)
+        actual_q = float(getattr(loader, "sample_rate", -1.0))  # Opacus' DPDataLoader
+        if abs(actual_q - planned_q) > 1e-12:
+            raise PrivacyError(f"Opacus samples at rate {loader.sample_rate}, the plan at "
+                               f"{planned_q}; refusing to train with unaccounted privacy loss")
     loss_fn = nn.CrossEntropyLoss()
     model.train()
     steps, last = 0, float("nan")
@@ -152,7 +175,7 @@ def _fit(net: nn.Module, x: np.ndarray, y: np.ndarray, cfg: TrainConfig,
         return FitResult(rows=len(x), epochs=cfg.epochs, steps=steps, final_loss=last, dp=False)
     return FitResult(rows=len(x), epochs=cfg.epochs, steps=steps, final_loss=last, dp=True,
                      noise_multiplier=dp.noise_multiplier,
-                     sample_rate=dp_sample_rate(len(x), min(cfg.batch_size, len(x))),
+                     sample_rate=actual_q,  # what Opacus actually used
                      max_grad_norm=dp.max_grad_norm)
 
 

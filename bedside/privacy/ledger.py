@@ -217,6 +217,8 @@ class Ledger:
             the stored one raises LedgerError; a budget for a new unit is added.
         accountant: ``"auto"``, ``"rdp"`` or ``"pld"``. ``None`` uses the one stored at creation
             (``"auto"`` for a new ledger). Every choice gives a valid upper bound.
+        create: whether a missing file may be created. A device that has already taken part
+            passes ``False``: a ledger that vanished must not silently restart at epsilon 0.
 
     Raises:
         LedgerError: the file is missing (and no budgets were given), unreadable, corrupt, not a
@@ -229,6 +231,8 @@ class Ledger:
         path: str | os.PathLike[str],
         budgets: Mapping[str, Budget] | None = None,
         accountant: str | None = None,
+        *,
+        create: bool = True,
     ) -> None:
         self.path = Path(path)
         if accountant is not None:
@@ -238,6 +242,12 @@ class Ledger:
         self._cache: dict[tuple[str, int, int, str, float], dict[str, Any]] = {}
         self._conn: sqlite3.Connection | None = None
         if not self.path.exists():
+            if not create:
+                raise LedgerError(
+                    f"the privacy ledger {self.path} is missing, but this device has taken part "
+                    "before: refusing to start a new one at epsilon 0. Restore it from backup "
+                    "(never delete a ledger to reset a budget)"
+                )
             if wanted is None:
                 raise LedgerError(
                     f"no privacy ledger at {self.path}; a ledger is created by the device agent "

@@ -72,16 +72,22 @@ def test_install_verify_swap_and_rollback(exported, tmp_path):
     mm = ModelManager(tmp_path / "models")
     assert mm.current_version() is None and mm.predictor() is None
     data, d = _release(src, 1)
-    mm.install(data, d, 1)
-    assert mm.current_version() == 1
+    assert mm.install(data, d, 1).serving
     data2, d2 = _release(src, 2, bump=1e-3)
     mm.install(data2, d2, 2)
     assert mm.current_version() == 2 and mm.predictor().version == 2
     with pytest.raises(ModelError, match="not newer"):
         mm.install(data, d, 1)
     assert mm.rollback() == 1 and mm.current_version() == 1
-    with pytest.raises(ModelError, match="no earlier"):
-        mm.rollback()
+    # the version rolled back from is blocked: the retained release cannot bring it back
+    assert mm.blocked() == {2}
+    with pytest.raises(ModelError, match="rolled back"):
+        mm.install(data2, d2, 2)
+    assert mm.current_version() == 1
+    data3, d3 = _release(src, 3, bump=2e-3)
+    mm.install(data3, d3, 3)  # a newer version is welcome again
+    assert mm.current_version() == 3
+    assert ModelManager(tmp_path / "models").blocked() == {2}  # persisted
 
 
 def test_install_refuses_tampered_or_mislabelled(exported, tmp_path):
@@ -92,11 +98,11 @@ def test_install_refuses_tampered_or_mislabelled(exported, tmp_path):
         mm.install(data[:-1] + bytes([data[-1] ^ 1]), d, 1)
     with pytest.raises(IntegrityError, match="version"):
         mm.install(data, d, 7)
-    assert mm.current_version() is None
+    assert mm.current_version() is None and mm.latest_version() is None
     assert not list((tmp_path / "models").glob(".v*"))  # no staging left behind
 
 
-def test_quality_gate_keeps_the_current_model(exported, tmp_path):
+def test_quality_gate_decides_serving_only(exported, tmp_path):
     src = exported("mlp", "wdbc")
     ds = datasets.load("wdbc")
     mm = ModelManager(tmp_path / "models")
@@ -109,8 +115,10 @@ def test_quality_gate_keeps_the_current_model(exported, tmp_path):
     from bedside.manifest import sha256_bytes
 
     d2 = dict(d, version=2, sha256=sha256_bytes(bad))
-    with pytest.raises(ModelError, match="worse on this device"):
-        mm.install(bad, d2, 2, records=(ds.x, ds.y), quality_tolerance=0.15)
-    assert mm.current_version() == 1
-    mm.install(bad, d2, 2, records=None)  # without local records only the self-test applies
-    assert mm.current_version() == 2
+    got = mm.install(bad, d2, 2, records=(ds.x, ds.y), quality_tolerance=0.15)
+    assert not got.serving and "less accurate" in got.note
+    assert mm.current_version() == 1  # v1 keeps serving ...
+    assert mm.latest_version() == 2 and mm.model_bytes(2) == bad  # ... v2 is kept for training
+    d3 = dict(d, version=3, sha256=sha256_bytes(bad))
+    assert mm.install(bad, d3, 3, records=None).serving  # no local records: self-test only
+    assert mm.current_version() == 3
