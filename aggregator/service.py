@@ -506,7 +506,8 @@ class Aggregator:
                                "clip_norm": p.clip_norm,
                                "adjacency": "replace one device's data (membership is public)"}
         if any(s["noise"] == "none" or float(s["noise_multiplier"]) <= 0 for s in counted):
-            out["epsilon"] = math.inf
+            # null, not infinity: the report travels in signed JSON, which carries finite numbers
+            out["epsilon"] = None
             out["note"] = "a round without device-level noise: no device-level guarantee"
             return out
         by_z = Counter(float(s["noise_multiplier"]) for s in counted)

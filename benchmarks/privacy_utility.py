@@ -15,8 +15,9 @@ and each privacy level (non-private, epsilon 0.5, 1, 3, 8 at delta 1e-5) and eac
    multiplier from ``bedside.privacy.accountant.calibrate`` for that target epsilon, and evaluate
    on the test set (``bedside.metrics.evaluate``);
 4. re-check the guarantee with the accountant: the epsilon of ``sampled_gaussian(z, q, steps)``
-   with Bedside's ``q = batch / n`` and ``steps = dp_steps(n, batch, epochs)``, and also with the
-   sample rate and number of steps Opacus actually ran (``1 / len(loader)``, ``FitResult.steps``).
+   with Bedside's plan (``q = dp_sample_rate(n, batch)``, ``steps = dp_steps(n, batch, epochs)``)
+   and with the sample rate and number of steps Opacus actually ran (``FitResult.sample_rate``,
+   ``FitResult.steps``); the two must agree.
 
 The work is spread over a process pool (``--jobs``, default: the usable cores). Other benchmarks
 import :func:`run_arch` and :class:`HyperParams` from here (``benchmarks/federation.py``).
@@ -154,13 +155,13 @@ def noise_multiplier(epsilon: float, rows: int, batch: int, epochs: int) -> floa
     return calibrate(epsilon, DELTA, dp_sample_rate(rows, batch), dp_steps(rows, batch, epochs))
 
 
-def accounted(z: float, rows: int, hp: HyperParams, steps_run: int) -> dict[str, Any]:
+def accounted(z: float, rows: int, hp: HyperParams, q_run: float,
+              steps_run: int) -> dict[str, Any]:
     """Epsilon re-checked with the accountant: Bedside's (q, steps) and what Opacus ran."""
     from bedside.models.train import dp_sample_rate, dp_steps
     from bedside.privacy.accountant import epsilon, sampled_gaussian
 
     q, steps = dp_sample_rate(rows, hp.batch_size), dp_steps(rows, hp.batch_size, hp.epochs)
-    q_run = 1.0 / math.ceil(rows / min(hp.batch_size, rows))  # Opacus: 1 / len(data_loader)
     return {
         "noise_multiplier": round(z, 5), "sample_rate": round(q, 6), "steps": steps,
         "epsilon": round(epsilon(sampled_gaussian(z, q, steps), DELTA), 4),
@@ -195,7 +196,8 @@ def train_eval(arch: str, train: Any, test: Any, hp: HyperParams, level: Level,
     if not math.isfinite(out["log_loss"]):
         out["log_loss"] = 1e9  # a diverged run sorts last
     if check_privacy and dp is not None:
-        out["privacy"] = accounted(dp.noise_multiplier, len(train), hp, result.steps)
+        out["privacy"] = accounted(dp.noise_multiplier, len(train), hp,
+                                   float(result.sample_rate), result.steps)
     return out
 
 
@@ -347,10 +349,12 @@ def as_run_verdict(models: Mapping[str, Any]) -> str:
                 for arch, m in models.items() for key, s in m["levels"].items()
                 if s["epsilon_target"] is not None)
     ratio, arch, key = worst
-    if ratio <= 1.0:
-        return ("For this record count what Opacus ran stays within the accounted figure "
-                f"(largest ratio {ratio:.3f}, {arch} at epsilon {key}); for other record counts "
-                "it does not (see the federation section).")
+    if abs(ratio - 1.0) <= 1e-3:
+        return ("What Opacus ran is what was accounted: the same sample rate and number of steps "
+                "for every run (`fit` refuses to train if Opacus would sample at another rate).")
+    if ratio < 1.0:
+        return (f"What Opacus ran stays within the accounted figure (largest ratio {ratio:.3f}, "
+                f"{arch} at epsilon {key}).")
     return (f"What Opacus ran exceeds the accounted figure by up to {100 * (ratio - 1):.1f} % "
             f"({arch} at epsilon {key}).")
 
@@ -384,7 +388,7 @@ def markdown(results: Mapping[str, Any]) -> str:
         f"Centralized record-level DP-SGD (Opacus via `bedside.models.train.fit`, Poisson "
         f"sampling, batch {BATCH}) on WDBC ({cfg['rows']} rows), 80/20 stratified split, delta "
         f"{DELTA:g}. The noise multiplier for each target comes from "
-        "`bedside.privacy.accountant.calibrate(target, delta, q = batch / n, "
+        "`bedside.privacy.accountant.calibrate(target, delta, q = 1 / ceil(n / batch), "
         "steps = dp_steps(n, batch, epochs))`. Mean ± std over "
         f"{seeds} seeds; each seed changes the test split, the validation splits, the initial "
         "weights and the DP noise.",
@@ -407,9 +411,10 @@ def markdown(results: Mapping[str, Any]) -> str:
         "Notes:",
         "",
         "1. *epsilon accounted* is what Bedside reports: "
-        "`epsilon(sampled_gaussian(z, q = batch / n, dp_steps(n, batch, epochs)), delta)`. "
+        "`epsilon(sampled_gaussian(z, q = 1 / ceil(n / batch), dp_steps(n, batch, epochs)), "
+        "delta)`. "
         "*epsilon as Opacus ran it* uses the sample rate and number of steps Opacus actually "
-        f"used, `q = 1 / ceil(n / batch)` and `FitResult.steps` (here n = {cfg['train_rows']}: "
+        f"used, `FitResult.sample_rate` and `FitResult.steps` (here n = {cfg['train_rows']}: "
         f"q = {results['opacus_vs_bedside']['q_run']:.4f} for "
         f"{results['opacus_vs_bedside']['steps_per_epoch_run']} steps an epoch, against "
         f"Bedside's q = {results['opacus_vs_bedside']['q']:.4f} for "

@@ -18,6 +18,7 @@ What it does, as clinic IT and a hospital data team would, in one place:
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -63,7 +64,21 @@ class DemoConfig:
     noise_seed: int | None = None  # seeds every DP noise draw: reproducible runs, never production
     timeout: float = 300.0
     quiet: bool = False
+    # Overrides merged into the generated configs: {"aggregator": {...}, "agent": {...}} (every
+    # clinic). Tables merge key by key; a value of None removes the key. For tests and benchmarks
+    # (e.g. a non-private baseline); not a command-line option.
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def merge_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> None:
+    """Merge ``overrides`` into ``config`` in place (tables key by key; None removes a key)."""
+    for k, v in overrides.items():
+        if v is None:
+            config.pop(k, None)
+        elif isinstance(v, dict) and isinstance(config.get(k), dict):
+            merge_overrides(config[k], v)
+        else:
+            config[k] = copy.deepcopy(v)
 
 
 # -- small TOML writer (the configs are flat tables of strings, numbers and booleans) --------------
@@ -189,6 +204,7 @@ def prepare(cfg: DemoConfig, work: Path) -> dict[str, Any]:
         store = RecordStore(cdir / "data" / "records.db")
         store.ingest(read_csv(csv_path, train.schema, "label"), train.schema, csv_path.name)
         store.close()
+        merge_overrides(agent, cfg.extra.get("agent", {}))
         clinics.append({"id": cid, "dir": cdir, "config": agent, "rows": len(idx),
                         "labels": shard_info[i - 1]})
     aggregator = {
@@ -205,6 +221,7 @@ def prepare(cfg: DemoConfig, work: Path) -> dict[str, Any]:
         "strategy": {"rule": "fedavg", "optimizer": cfg.server_optimizer},
         "evaluation": {"data": str(holdout_csv), "label": "label"},
     }
+    merge_overrides(aggregator, cfg.extra.get("aggregator", {}))
     return {"fleet": fleet, "aggregator_dir": agg_dir, "aggregator": aggregator,
             "clinics": clinics, "model_v1": model_v1, "holdout_rows": len(holdout),
             "train_rows": len(train), "dataset": train.name}
@@ -376,6 +393,8 @@ def _report(cfg: DemoConfig, plan: dict[str, Any], rows: list[dict[str, Any]],
             devices: dict[str, dict[str, Any]], final: dict[str, Any] | None, work: Path,
             seconds: float) -> dict[str, Any]:
     last = next((r for r in reversed(rows) if r["accuracy"] is not None), None)
+    agg_privacy = plan["aggregator"]["privacy"]
+    record_budget = plan["clinics"][0]["config"]["privacy"].get("record_epsilon")
     eps_device = final.get("privacy", {}).get("epsilon") if final else None
     record_eps = [d.get("privacy", {}).get("record", {}).get("epsilon")
                   for d in devices.values()]
@@ -383,6 +402,8 @@ def _report(cfg: DemoConfig, plan: dict[str, Any], rows: list[dict[str, Any]],
     record_eps += [r["epsilon_record"] for r in rows if r["epsilon_record"] is not None]
     cfg_out = {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.__dict__.items()
                if k not in ("extra", "quiet")}
+    if cfg.extra:
+        cfg_out["overrides"] = cfg.extra
     return {
         "config": cfg_out,
         "data": {"dataset": plan["dataset"], "train_rows": plan["train_rows"],
@@ -396,12 +417,16 @@ def _report(cfg: DemoConfig, plan: dict[str, Any], rows: list[dict[str, Any]],
                   "auc": last["auc"] if last else None},
         "privacy": {
             "record": {"epsilon_max": max(record_eps) if record_eps else None,
-                       "budget": cfg.target_epsilon, "delta": cfg.delta,
+                       "budget": record_budget, "delta": cfg.delta,
                        "mechanism": "DP-SGD on every clinic (Opacus, Poisson sampling), "
-                                    "accounted by each clinic's own ledger"},
-            "device": {"epsilon": eps_device, "delta": cfg.delta, "noise": cfg.mode,
-                       "noise_multiplier": cfg.noise_multiplier, "clip_norm": cfg.clip_norm,
-                       "statement": _weak_device_statement(eps_device, cfg.clients, cfg.mode)},
+                                    "accounted by each clinic's own ledger"
+                                    if record_budget is not None else
+                                    "none: the clinics train without DP-SGD"},
+            "device": {"epsilon": eps_device, "delta": cfg.delta, "noise": agg_privacy["noise"],
+                       "noise_multiplier": agg_privacy["noise_multiplier"],
+                       "clip_norm": agg_privacy["clip_norm"],
+                       "statement": _weak_device_statement(eps_device, cfg.clients,
+                                                           agg_privacy["noise"])},
         },
         "devices": devices,
         "seconds": round(seconds, 2),

@@ -32,21 +32,10 @@ def make_fleet(work: Path, *, clients: int = 3, rounds: int = 3, mode: str = "ce
                broker: Any = None, aggregator: dict[str, Any] | None = None,
                agent: dict[str, Any] | None = None, extra_devices: int = 0, **demo: Any) -> Fleet:
     """Prepare data, keys and configs; ``broker`` (tests.brokers.Broker) sets MQTT settings."""
-    cfg = DemoConfig(clients=clients, rounds=rounds, mode=mode, out=work, **demo)
+    cfg = DemoConfig(clients=clients, rounds=rounds, mode=mode, out=work,
+                     extra={"aggregator": aggregator or {}, "agent": agent or {}}, **demo)
     work.mkdir(parents=True, exist_ok=True)
     plan = prepare(cfg, work)
-    for section, overrides in (("aggregator", aggregator or {}),):
-        for k, v in overrides.items():
-            if isinstance(v, dict):
-                plan[section].setdefault(k, {}).update(v)
-            else:
-                plan[section][k] = v
-    for c in plan["clinics"]:
-        for k, v in (agent or {}).items():
-            if isinstance(v, dict):
-                c["config"].setdefault(k, {}).update(v)
-            else:
-                c["config"][k] = v
     if extra_devices:  # enrolled devices that never answer: keep rounds open until the deadline
         from bedside.wire.signing import SigningKey
 

@@ -341,3 +341,31 @@ def test_a_vanished_ledger_is_not_silently_recreated(tmp_path):
     assert b._ledger is None and "missing" in b.ledger_error
     assert not a.cfg.ledger_path.exists()
     assert "error" in b.privacy_report()
+
+
+def test_merge_overrides_merges_tables_and_removes_keys():
+    from bedside.demo.run import merge_overrides
+
+    cfg = {"privacy": {"record_epsilon": 8.0, "device_epsilon": 1e6}, "fleet": "demo"}
+    merge_overrides(cfg, {"privacy": {"record_epsilon": None, "allow_no_record_dp": True},
+                          "fleet": "other", "new": {"a": 1}})
+    assert cfg == {"privacy": {"device_epsilon": 1e6, "allow_no_record_dp": True},
+                   "fleet": "other", "new": {"a": 1}}
+
+
+def test_non_private_baseline_claims_no_guarantee(tmp_path):
+    """The benchmark's non-private baseline (configured through overrides): no DP-SGD, no device
+    noise; it trains, and nobody reports a privacy figure it does not have."""
+    mf = mem_fleet(tmp_path, clients=3, rounds=2,
+                   aggregator={"privacy": {"noise": "none"}},
+                   agent={"privacy": {"record_epsilon": None, "device_epsilon": None,
+                                      "allow_no_record_dp": True}})
+    mf.run()
+    agg = mf.aggregator
+    assert [r.result["accepted"] for r in agg.state.rounds()] == [3, 3]
+    report = agg.privacy_report()
+    assert report["epsilon"] is None and "no device-level guarantee" in report["note"]
+    assert agg.registry.manifest(3).privacy["epsilon"] is None
+    for a in mf.agents:
+        rep = a.privacy_report()
+        assert "record" not in rep or rep["record"].get("epsilon", 0.0) == 0.0
