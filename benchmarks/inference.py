@@ -26,7 +26,6 @@ import argparse
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -34,18 +33,15 @@ import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from benchlib import README, REPO, load_average, log, machine, write_section
 
-REPO = Path(__file__).resolve().parents[1]
 RESULTS_JSON = REPO / "benchmarks" / "results" / "inference.json"
-README = REPO / "benchmarks" / "README.md"
 MAIN_VENV = REPO / ".venv"
 EDGE_VENV = REPO / ".venv-edge"
-MARK_START, MARK_END = "<!-- inference:start -->", "<!-- inference:end -->"
 
 BATCHES = (1, 256)
 CALLS = {1: 2000, 256: 200}  # measured calls per engine
@@ -112,11 +108,6 @@ class PreparedCase:
 # -------------------------------------------------------------------------------------------------
 # small helpers
 # -------------------------------------------------------------------------------------------------
-_T0 = time.perf_counter()
-
-
-def log(msg: str) -> None:
-    print(f"[{time.perf_counter() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
 def edge_python() -> tuple[Path, bool]:
@@ -581,16 +572,6 @@ def measure_venvs() -> dict[str, Any]:
 # -------------------------------------------------------------------------------------------------
 # 6. environment
 # -------------------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def edge_venv_versions() -> dict[str, Any]:
     python, is_edge = edge_python()
     code = ("import json, platform, numpy, onnxruntime; print(json.dumps({'python': "
@@ -610,19 +591,13 @@ def environment() -> dict[str, Any]:
     import torch
 
     return {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "cpu_model": cpu_model(),
-        "cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
+        **machine(),
         "torch": torch.__version__,
         "onnxruntime": onnxruntime.__version__,
         "numpy": np.__version__,
         "edge_venv": edge_venv_versions(),
         "torch_threads": torch.get_num_threads(),
         "onnxruntime_intra_op_threads": 1,
-        "load_average_start": [round(v, 2) for v in os.getloadavg()],
     }
 
 
@@ -812,22 +787,6 @@ def markdown(results: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_readme(section: str) -> None:
-    block = f"{MARK_START}\n{section}\n{MARK_END}"
-    if not README.exists():
-        README.write_text("# Benchmarks\n\nSide-by-side measurements; each script writes "
-                          "`results/<name>.json` and its section below.\n\n"
-                          f"## Inference\n\n{block}\n")
-        return
-    text = README.read_text()
-    if MARK_START in text and MARK_END in text:
-        head, _, rest = text.partition(MARK_START)
-        _, _, tail = rest.partition(MARK_END)
-        README.write_text(head + block + tail)
-    else:
-        README.write_text(text.rstrip("\n") + f"\n\n## Inference\n\n{block}\n")
-
-
 # -------------------------------------------------------------------------------------------------
 # the run
 # -------------------------------------------------------------------------------------------------
@@ -862,7 +821,7 @@ def run(cases: Sequence[ModelCase]) -> dict[str, Any]:
         cold = measure_cold_start(primary)
     log("venv sizes")
     venvs = measure_venvs()
-    env["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+    env["load_average_end"] = load_average()
     return {
         "benchmark": "inference",
         "environment": env,
@@ -912,7 +871,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
     RESULTS_JSON.write_text(json.dumps(results, indent=2) + "\n")
-    write_readme(markdown(results))
+    write_section("inference", "## Inference", markdown(results))
     log(f"wrote {RESULTS_JSON.relative_to(REPO)} and {README.relative_to(REPO)} "
         f"in {results['run_seconds']:.0f} s")
     for g in results["goals"]:

@@ -31,25 +31,21 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from functools import cache
 from itertools import product
 from multiprocessing import get_context
-from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from benchlib import README, REPO, load_average, log, machine, write_section
+
 RESULTS_JSON = REPO / "benchmarks" / "results" / "privacy_utility.json"
-README = REPO / "benchmarks" / "README.md"
 HEADING = "## Privacy-utility (centralized DP-SGD)"
-MARK_START, MARK_END = "<!-- privacy_utility:start -->", "<!-- privacy_utility:end -->"
 
 DATASET = "wdbc"
 TEST_FRACTION = 0.2
@@ -76,11 +72,6 @@ Level = float | None  # target epsilon, or None for non-private
 # -------------------------------------------------------------------------------------------------
 # small helpers
 # -------------------------------------------------------------------------------------------------
-_T0 = time.perf_counter()
-
-
-def log(msg: str) -> None:
-    print(f"[{time.perf_counter() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
 def level_key(level: Level) -> str:
@@ -283,16 +274,6 @@ def run_arch(arch: str, levels: Sequence[Level], seeds: Sequence[int],
 # -------------------------------------------------------------------------------------------------
 # environment and reporting
 # -------------------------------------------------------------------------------------------------
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def versions() -> dict[str, str]:
     from importlib.metadata import version
 
@@ -301,17 +282,7 @@ def versions() -> dict[str, str]:
 
 
 def environment() -> dict[str, Any]:
-    return {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "cpu_model": cpu_model(),
-        "cores": os.cpu_count(),
-        "usable_cores": len(os.sched_getaffinity(0)),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        **versions(),
-        "torch_threads_per_worker": 1,
-        "load_average_start": [round(v, 2) for v in os.getloadavg()],
-    }
+    return {**machine(), **versions(), "torch_threads_per_worker": 1}
 
 
 def fmt_pm(s: Mapping[str, float]) -> str:
@@ -435,17 +406,6 @@ def markdown(results: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_readme(section: str) -> None:
-    block = f"{MARK_START}\n{section}\n{MARK_END}"
-    text = README.read_text() if README.exists() else "# Benchmarks\n"
-    if MARK_START in text and MARK_END in text:
-        head, _, rest = text.partition(MARK_START)
-        _, _, tail = rest.partition(MARK_END)
-        README.write_text(head + block + tail)
-    else:
-        README.write_text(text.rstrip("\n") + f"\n\n{HEADING}\n\n{block}\n")
-
-
 # -------------------------------------------------------------------------------------------------
 # the run
 # -------------------------------------------------------------------------------------------------
@@ -466,7 +426,7 @@ def run(archs: Sequence[str], levels: Sequence[Level], seeds: Sequence[int],
         log(f"{arch}: {len(levels)} privacy levels x {len(seeds)} seeds, nested selection over "
             f"{len(grid(True))} settings x {VAL_REPEATS} validation splits")
         models[arch] = run_arch(arch, levels, seeds, jobs)
-    env["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+    env["load_average_end"] = load_average()
     return {
         "benchmark": "privacy_utility",
         "environment": env,
@@ -509,7 +469,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
     RESULTS_JSON.write_text(json.dumps(results, indent=2) + "\n")
-    write_readme(markdown(results))
+    write_section("privacy_utility", HEADING, markdown(results))
     log(f"wrote {RESULTS_JSON.relative_to(REPO)} and {README.relative_to(REPO)} "
         f"in {results['run_seconds']:.0f} s")
     for line in anchor_lines(results["models"]):

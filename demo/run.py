@@ -49,6 +49,7 @@ class DemoConfig:
     data: Path | None = None
     label: str | None = None
     arch: str = "logreg"
+    arch_params: dict[str, Any] = field(default_factory=dict)  # e.g. {"hidden": [64, 32]}
     alpha: float = 1.0
     clip_norm: float = 1.0
     noise_multiplier: float = 0.2
@@ -130,7 +131,8 @@ def _load_data(cfg: DemoConfig) -> tuple[Any, Any, list[np.ndarray]]:
     return train, holdout, shards
 
 
-def _initial_model(train: Any, holdout: Any, cfg: DemoConfig, out: Path) -> Any:
+def export_initial_model(train: Any, holdout: Any, cfg: DemoConfig, out: Path) -> Any:
+    """Version 1 of the federated model: untrained, seeded, exported and parity-checked."""
     from bedside.constants import ONNX_INPUT, ONNX_OPSET, ONNX_OUTPUT
     from bedside.manifest import Manifest, write_model_dir
     from bedside.metrics import evaluate
@@ -143,7 +145,7 @@ def _initial_model(train: Any, holdout: Any, cfg: DemoConfig, out: Path) -> Any:
     from bedside.models.spec import ArchSpec
     from bedside.models.zoo import build
 
-    spec = ArchSpec.for_schema(cfg.arch, train.schema)
+    spec = ArchSpec.for_schema(cfg.arch, train.schema, **cfg.arch_params)
     net = build(spec, train.schema, seed=cfg.seed)
     data = to_onnx_bytes(net, train.schema)
     params = check_parameter_names(net, data)
@@ -172,7 +174,7 @@ def prepare(cfg: DemoConfig, work: Path) -> dict[str, Any]:
     train, holdout, shards = _load_data(cfg)
     agg_dir = work / "aggregator"
     (agg_dir / "keys" / "devices").mkdir(parents=True, exist_ok=True)
-    model_v1 = _initial_model(train, holdout, cfg, work / "initial-model")
+    model_v1 = export_initial_model(train, holdout, cfg, work / "initial-model")
     holdout_csv = datasets.to_csv(holdout, agg_dir / "reference.csv", label_column="label")
     agg_key = SigningKey.generate()
     agg_key.save(agg_dir / "keys" / "aggregator.key")
