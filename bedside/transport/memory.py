@@ -25,8 +25,11 @@ class _Session:
 
 
 class MemoryBroker:
-    def __init__(self) -> None:
+    def __init__(self, *, keep_published: bool = True) -> None:
+        """``keep_published``: record every publish in :attr:`published` (tests inspect it;
+        long runs such as benchmarks turn it off so memory does not grow with traffic)."""
         self._lock = threading.RLock()
+        self.keep_published = keep_published
         self._retained: dict[str, bytes] = {}
         self._sessions: dict[str, _Session] = {}
         self._mid = 0
@@ -67,7 +70,8 @@ class MemoryBroker:
         with self._lock:
             if not self.up:
                 raise TransportError("memory broker is down")
-            self.published.append((topic, payload))
+            if self.keep_published:
+                self.published.append((topic, payload))
             if retain:
                 if payload:
                     self._retained[topic] = payload
