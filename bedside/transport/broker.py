@@ -8,6 +8,14 @@ Known difference from Mosquitto, which Bedside's protocol absorbs: amqtt 0.11 do
 messages for a persistent session while its client is offline. Devices therefore keep an update in
 their durable outbox until the aggregator's signed receipt arrives, and resend it, instead of
 relying on the broker's queue (see docs/mqtt.md).
+
+Known amqtt 0.11 race, worked around here: when a client connects, amqtt iterates its table of
+subscriptions with ``await`` inside the loop; another client subscribing at that moment raised
+``RuntimeError: dictionary changed size during iteration``, killed the first client's session and
+forced a reconnect (seen when the demo's processes connect together). The broker's table is
+replaced by :class:`SnapshotDict`, whose iteration walks a copy. In the same place amqtt sends a
+connecting client the retained messages of *every* client's subscriptions; Bedside's MQTT client
+drops messages that match none of its own subscriptions (``MqttTransport``).
 """
 
 from __future__ import annotations
@@ -32,6 +40,23 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+class SnapshotDict(dict[Any, Any]):
+    """A dict whose iteration (``for k in d``, ``keys``, ``values``, ``items``) walks a snapshot,
+    so that coroutines may add or remove entries while another one iterates across an await."""
+
+    def __iter__(self) -> Any:
+        return iter(list(super().keys()))
+
+    def keys(self) -> Any:
+        return list(super().keys())
+
+    def values(self) -> Any:
+        return list(super().values())
+
+    def items(self) -> Any:
+        return list(super().items())
 
 
 def free_port(host: str = DEFAULT_HOST) -> int:
@@ -80,6 +105,9 @@ class EmbeddedBroker:
 
             self._stop = asyncio.Event()
             broker = Broker(self._config())
+            subs = getattr(broker, "_subscriptions", None)
+            if isinstance(subs, dict):  # amqtt 0.11: see the module docstring
+                broker._subscriptions = SnapshotDict(subs)
             try:
                 await broker.start()
             except BaseException as exc:  # amqtt raises BrokerError and OSError here
@@ -88,7 +116,12 @@ class EmbeddedBroker:
                 return
             self._ready.set()
             await self._stop.wait()
-            await broker.shutdown()
+            try:
+                await broker.shutdown()
+            except asyncio.CancelledError:
+                # amqtt cancels its client handlers on shutdown and one of them can surface
+                # here: the broker is down either way.
+                log.debug("embedded broker: a client task was cancelled during shutdown")
 
         try:
             loop.run_until_complete(main())

@@ -41,3 +41,51 @@ def test_large_message_round_trip_without_nagle(broker):
     finally:
         sub.close()
         pub.close()
+
+
+def test_snapshot_dict_allows_changes_while_iterating():
+    from bedside.transport.broker import SnapshotDict
+
+    d = SnapshotDict(a=1, b=2)
+    for k in d:
+        d[k + "x"] = 0
+    for k, _ in d.items():
+        del d[k]
+    assert d == {} and isinstance(d.keys(), list)
+
+
+def test_embedded_broker_survives_clients_connecting_and_subscribing_together(caplog):
+    """amqtt 0.11 iterates its subscription table across awaits when a client connects (to send
+    retained messages); a client subscribing meanwhile used to kill the connecting client's
+    session (see bedside.transport.broker). Reproduce the demo's start: retained messages, then
+    many clients connecting and subscribing at once."""
+    import logging
+
+    caplog.set_level(logging.ERROR, logger="asyncio")
+    b = start_embedded()
+    clients = []
+    try:
+        owner = MqttTransport(b.config("aggregator"), client_id="aggregator", clean_session=True)
+        assert owner.wait_connected(10)
+        for i in range(30):
+            owner.subscribe(f"bedside/v1/t/status/s{i}", qos=1)
+            owner.publish(f"bedside/v1/t/status/s{i}", b"x", qos=1, retain=True)
+        owner.publish("bedside/v1/t/round", b"announce", qos=1, retain=True)
+        time.sleep(0.5)
+        for wave in range(3):
+            batch = [MqttTransport(b.config(f"c{wave}-{i}"), client_id=f"c{wave}-{i}",
+                                   clean_session=True) for i in range(10)]
+            for i, c in enumerate(batch):
+                c.subscribe(f"bedside/v1/t/receipt/c{wave}-{i}", qos=1)
+                c.subscribe("bedside/v1/t/round", qos=1)
+            clients += batch
+        assert all(c.wait_connected(10) for c in clients)
+        got = [c.get(10) for c in clients]
+        assert [m.topic if m else None for m in got] == ["bedside/v1/t/round"] * len(got)
+        crashes = [r for r in caplog.records if "client_connected_cb" in r.getMessage()]
+        assert not crashes, crashes[0].exc_info
+        owner.close()
+    finally:
+        for c in clients:
+            c.close()
+        b.stop()
