@@ -150,7 +150,7 @@ def _opacus_rdp_module() -> Any:
     importing it as ``opacus.accountants...`` would import torch (seconds) through the package."""
     spec = importlib.util.find_spec("opacus")
     if spec is None or not spec.submodule_search_locations:
-        pytest.skip("opacus is not installed")
+        pytest.fail("opacus is not installed: 'make setup' installs it (the train extra)")
     path = Path(next(iter(spec.submodule_search_locations))) / "accountants/analysis/rdp.py"
     mod_spec = importlib.util.spec_from_file_location("_opacus_rdp_analysis", path)
     assert mod_spec is not None and mod_spec.loader is not None
