@@ -23,6 +23,7 @@ Example::
     batch_size = 16
     lr = 0.05
     optimizer = "sgd"
+    lr_decay = 1.0             # round r trains with lr * lr_decay^(r - 1): less noise at the end
 
     [privacy]
     noise = "central"          # central | local | none
@@ -69,9 +70,12 @@ class TrainingConfig:
     batch_size: int = 16
     lr: float = 0.05
     optimizer: str = "sgd"
+    lr_decay: float = 1.0  # round r trains with lr * lr_decay ** (r - 1)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"epochs": self.epochs, "batch_size": self.batch_size, "lr": self.lr,
+    def for_round(self, round_id: int) -> dict[str, Any]:
+        """The local training settings announced for round ``round_id`` (1-based)."""
+        return {"epochs": self.epochs, "batch_size": self.batch_size,
+                "lr": self.lr * self.lr_decay ** max(0, round_id - 1),
                 "optimizer": self.optimizer}
 
 
@@ -138,7 +142,8 @@ def load(path: str | Path) -> AggregatorConfig:
     training = TrainingConfig(
         epochs=t.integer("epochs", 1, min=1), batch_size=t.integer("batch_size", 16, min=1),
         lr=t.number("lr", 0.05, positive=True), optimizer=t.choice("optimizer", ("sgd", "adam"),
-                                                                   "sgd"))
+                                                                   "sgd"),
+        lr_decay=t.number("lr_decay", 1.0, positive=True, max=1.0))
     t.done()
     p = s.section("privacy")
     privacy = PrivacyConfig(

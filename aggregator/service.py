@@ -349,13 +349,13 @@ class Aggregator:
         return c * (1.0 + 1e-5)
 
     # -- rounds ------------------------------------------------------------------------------------
-    def _settings(self) -> dict[str, Any]:
+    def _settings(self, round_id: int) -> dict[str, Any]:
         p, r = self.cfg.privacy, self.cfg.rounds
         return {"fleet": self.cfg.fleet, "state": "open", "clip_norm": p.clip_norm,
                 "noise": p.noise, "noise_multiplier": p.noise_multiplier, "delta": p.delta,
                 "participation_rate": r.participation_rate, "planned_rounds": r.rounds,
                 "min_participants": r.min_participants, "weighting": p.weighting,
-                "train": self.cfg.training.to_dict()}
+                "train": self.cfg.training.for_round(round_id)}
 
     def _open_next(self) -> None:
         rows = self.state.rounds()
@@ -366,7 +366,7 @@ class Aggregator:
         latest = self.registry.latest()
         assert latest is not None and self._manifest is not None
         round_id = (rows[-1].round if rows else 0) + 1
-        settings = self._settings()
+        settings = self._settings(round_id)
         deadline = self.clock() + self.cfg.rounds.deadline_seconds
         settings["deadline"] = deadline
         settings["model_sha256"] = self._manifest.sha256

@@ -91,7 +91,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
 }
 DEVICE_TARGET_EPSILON = 10.0  # a device-level guarantee worth the name, for the last setting
 SEEDS = (0, 1, 2)
-UNSEEDED_DEMO_RUNS = 5
+UNSEEDED_DEMO_RUNS = 10
 CENTRAL_EPSILONS = (1.0, 3.0, 8.0)
 
 # -- part 2 ---------------------------------------------------------------------------------------
@@ -582,22 +582,25 @@ def reading(res: Mapping[str, Any]) -> list[str]:
                  + "; ".join(f"epsilon {e}: {acc(f):.4f} vs {acc(c):.4f}"
                              for e, f, c in pairs if f and c) + ".")
     z1, zt = fed.get("device-central-1"), fed.get("device-central-target")
+    k = res["demo_settings"]["clients"]
     if z1 and zt:
         lines.append(
-            f"- Device-level guarantee: central noise z = 1 (noise std z C / 5 on the mean of 5 "
-            f"clipped updates) gives {acc(z1):.4f} (non-private {acc(fed['non-private']):.4f}) "
+            f"- Device-level guarantee: central noise z = 1 (noise std z C / {k} on the mean of "
+            f"{k} clipped updates) gives {acc(z1):.4f} (non-private "
+            f"{acc(fed['non-private']):.4f}) "
             f"but buys device-level epsilon {z1['device_epsilon_max']:.3g} over "
             f"{res['demo_settings']['rounds']} rounds, which protects no clinic. The noise for "
             f"device-level epsilon {DEVICE_TARGET_EPSILON:g}, z = {zt['noise_multiplier']:.3g}, "
-            f"gives {acc(zt):.4f} (min {zt['accuracy']['min']:.4f}). With 5 clinics the noise "
-            "is calibrated to one clinic's whole update and averaged over only 5 of them; "
+            f"gives {acc(zt):.4f} (min {zt['accuracy']['min']:.4f}). With {k} clinics the noise "
+            f"is calibrated to one clinic's whole update and averaged over only {k} of them; "
             "device-level privacy needs many more devices per round.")
     d = fed.get("demo-default")
     if d:
         lines.append(f"- The demo's default buys record-level epsilon <= "
                      f"{d['record_epsilon_max']:.3g} (the guarantee that protects each patient) "
                      f"at {acc(d):.4f}, and states its device-level epsilon "
-                     f"({d['device_epsilon_max']:.3g}), which is no guarantee for a fleet of 5.")
+                     f"({d['device_epsilon_max']:.3g}), which is no guarantee for a fleet of "
+                     f"{k}.")
     return lines
 
 

@@ -386,8 +386,9 @@ def markdown(results: Mapping[str, Any]) -> str:
         "delta)`. "
         "*epsilon as Opacus ran it* uses the sample rate and number of steps Opacus actually "
         f"used, `FitResult.sample_rate` and `FitResult.steps` (here n = {cfg['train_rows']}: "
-        f"q = {results['opacus_vs_bedside']['q_run']:.4f} for "
-        f"{results['opacus_vs_bedside']['steps_per_epoch_run']} steps an epoch, against "
+        f"q = {', '.join(f'{q:.4f}' for q in results['opacus_vs_bedside']['q_run'])} for "
+        f"{', '.join(f'{n:g}' for n in results['opacus_vs_bedside']['steps_per_epoch_run'])} "
+        "steps an epoch in every final run, against "
         f"Bedside's q = {results['opacus_vs_bedside']['q']:.4f} for "
         f"{results['opacus_vs_bedside']['steps_per_epoch']}). "
         + as_run_verdict(results["models"]),
@@ -409,12 +410,17 @@ def markdown(results: Mapping[str, Any]) -> str:
 # -------------------------------------------------------------------------------------------------
 # the run
 # -------------------------------------------------------------------------------------------------
-def opacus_vs_bedside(rows: int) -> dict[str, Any]:
+def opacus_vs_bedside(rows: int, models: Mapping[str, Any]) -> dict[str, Any]:
+    """Bedside's DP-SGD plan for ``rows`` records beside what Opacus ran (from every final run's
+    ``FitResult``: sample rate, and steps divided by epochs)."""
     from bedside.models.train import dp_sample_rate, dp_steps
 
+    ran = [r["privacy"] | {"epochs": r["hp"]["epochs"]} for m in models.values()
+           for runs in m["runs"].values() for r in runs if r.get("privacy")]
     return {"rows": rows, "batch": BATCH, "q": dp_sample_rate(rows, BATCH),
             "steps_per_epoch": dp_steps(rows, BATCH, 1),
-            "q_run": 1.0 / math.ceil(rows / BATCH), "steps_per_epoch_run": math.ceil(rows / BATCH)}
+            "q_run": sorted({p["sample_rate_run"] for p in ran}),
+            "steps_per_epoch_run": sorted({p["steps_run"] / p["epochs"] for p in ran})}
 
 
 def run(archs: Sequence[str], levels: Sequence[Level], seeds: Sequence[int],
@@ -442,7 +448,7 @@ def run(archs: Sequence[str], levels: Sequence[Level], seeds: Sequence[int],
                                 "validation log-loss); test set used once",
                    "anchors": {f"{k:g}": v for k, v in ANCHORS.items()},
                    "anchor_source": ANCHOR_SOURCE},
-        "opacus_vs_bedside": opacus_vs_bedside(len(train)),
+        "opacus_vs_bedside": opacus_vs_bedside(len(train), models),
         "models": models,
     }
 

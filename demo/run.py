@@ -76,7 +76,9 @@ def merge_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> None:
     for k, v in overrides.items():
         if v is None:
             config.pop(k, None)
-        elif isinstance(v, dict) and isinstance(config.get(k), dict):
+        elif isinstance(v, dict):
+            if not isinstance(config.get(k), dict):
+                config[k] = {}
             merge_overrides(config[k], v)
         else:
             config[k] = copy.deepcopy(v)
@@ -374,10 +376,11 @@ def _row(body: dict[str, Any], devices: dict[str, dict[str, Any]]) -> dict[str, 
     }
 
 
-def _weak_device_statement(eps: float | None, clients: int, mode: str) -> str:
+def _weak_device_statement(eps: float | None, clients: int, mode: str,
+                           delta: float = 1e-5) -> str:
     if eps is None or not np.isfinite(eps):
         return "no device-level guarantee was recorded"
-    text = (f"device-level epsilon {eps:.3g} (delta {1e-5:g}, {mode} noise) over the released "
+    text = (f"device-level epsilon {eps:.3g} (delta {delta:g}, {mode} noise) over the released "
             "models: ")
     if eps > 10:
         text += (f"this is a weak guarantee. A fleet of {clients} clinics cannot hide one clinic's "
@@ -391,12 +394,27 @@ def _weak_device_statement(eps: float | None, clients: int, mode: str) -> str:
     return text
 
 
+def configured_privacy(plan: dict[str, Any]) -> dict[str, Any]:
+    """The privacy settings the generated configs really hold (overrides included)."""
+    agg = plan["aggregator"].get("privacy", {})
+    budgets = [c["config"].get("privacy", {}).get("record_epsilon") for c in plan["clinics"]]
+    known = [b for b in budgets if b is not None]
+    return {
+        "record_budget": max(known) if known else None,
+        "record_dp_everywhere": len(known) == len(budgets),
+        "record_delta": max((c["config"].get("privacy", {}).get("record_delta", 1e-5)
+                             for c in plan["clinics"]), default=1e-5),
+        "noise": agg.get("noise", "central"), "noise_multiplier": agg.get("noise_multiplier"),
+        "clip_norm": agg.get("clip_norm"), "delta": agg.get("delta", 1e-5),
+    }
+
+
 def _report(cfg: DemoConfig, plan: dict[str, Any], rows: list[dict[str, Any]],
             devices: dict[str, dict[str, Any]], final: dict[str, Any] | None, work: Path,
             seconds: float) -> dict[str, Any]:
     last = next((r for r in reversed(rows) if r["accuracy"] is not None), None)
-    agg_privacy = plan["aggregator"]["privacy"]
-    record_budget = plan["clinics"][0]["config"]["privacy"].get("record_epsilon")
+    priv = configured_privacy(plan)
+    record_budget = priv["record_budget"]
     eps_device = final.get("privacy", {}).get("epsilon") if final else None
     record_eps = [d.get("privacy", {}).get("record", {}).get("epsilon")
                   for d in devices.values()]
@@ -419,16 +437,16 @@ def _report(cfg: DemoConfig, plan: dict[str, Any], rows: list[dict[str, Any]],
                   "auc": last["auc"] if last else None},
         "privacy": {
             "record": {"epsilon_max": max(record_eps) if record_eps else None,
-                       "budget": record_budget, "delta": cfg.delta,
+                       "budget": record_budget, "delta": priv["record_delta"],
                        "mechanism": "DP-SGD on every clinic (Opacus, Poisson sampling), "
                                     "accounted by each clinic's own ledger"
                                     if record_budget is not None else
                                     "none: the clinics train without DP-SGD"},
-            "device": {"epsilon": eps_device, "delta": cfg.delta, "noise": agg_privacy["noise"],
-                       "noise_multiplier": agg_privacy["noise_multiplier"],
-                       "clip_norm": agg_privacy["clip_norm"],
+            "device": {"epsilon": eps_device, "delta": priv["delta"], "noise": priv["noise"],
+                       "noise_multiplier": priv["noise_multiplier"],
+                       "clip_norm": priv["clip_norm"],
                        "statement": _weak_device_statement(eps_device, cfg.clients,
-                                                           agg_privacy["noise"])},
+                                                           priv["noise"], priv["delta"])},
         },
         "devices": devices,
         "seconds": round(seconds, 2),
@@ -489,9 +507,16 @@ class _Table:
                     f"{c.rounds} rounds, {self.plan['dataset']} ({self.plan['train_rows']} rows "
                     f"across clinics, {self.plan['holdout_rows']} held out by the data team), "
                     f"model {c.arch}")
-        self._print(f"privacy: record-level DP-SGD budget epsilon {c.target_epsilon:g} per clinic "
-                    f"(delta {c.delta:g}); updates clipped to L2 {c.clip_norm:g} with {c.mode} "
-                    f"noise multiplier {c.noise_multiplier:g}")
+        p = configured_privacy(self.plan)
+        record = (f"record-level DP-SGD budget epsilon {p['record_budget']:g} per clinic (delta "
+                  f"{p['record_delta']:g})" if p["record_budget"] is not None else
+                  "no record-level DP-SGD")
+        if p["record_budget"] is not None and not p["record_dp_everywhere"]:
+            record += " (some clinics train without it)"
+        device = (f"updates clipped to L2 {p['clip_norm']:g} with {p['noise']} noise multiplier "
+                  f"{p['noise_multiplier']:g}" if p["noise"] != "none" else
+                  f"updates clipped to L2 {p['clip_norm']:g}, no device-level noise")
+        self._print(f"privacy: {record}; {device}")
         for cl in self.plan["clinics"]:
             self._print(f"  {cl['id']}: {cl['rows']} records, labels {cl['labels']['histogram']}")
         self._print(f"working directory: {work}")

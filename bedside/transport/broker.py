@@ -15,7 +15,7 @@ subscriptions with ``await`` inside the loop; another client subscribing at that
 forced a reconnect (seen when the demo's processes connect together). The broker's table is
 replaced by :class:`SnapshotDict`, whose iteration walks a copy. In the same place amqtt sends a
 connecting client the retained messages of *every* client's subscriptions; Bedside's MQTT client
-drops messages that match none of its own subscriptions (``MqttTransport``).
+drops retained messages that match none of its own subscriptions (``MqttTransport``).
 """
 
 from __future__ import annotations
@@ -120,8 +120,13 @@ class EmbeddedBroker:
                 await broker.shutdown()
             except asyncio.CancelledError:
                 # amqtt cancels its client handlers on shutdown and one of them can surface
-                # here: the broker is down either way.
+                # here, before amqtt closed its listeners: close them, so that the port is
+                # released and late clients are refused rather than left waiting.
                 log.debug("embedded broker: a client task was cancelled during shutdown")
+                for server in getattr(broker, "_servers", {}).values():
+                    instance = getattr(server, "instance", None)
+                    if instance is not None:
+                        instance.close()
 
         try:
             loop.run_until_complete(main())

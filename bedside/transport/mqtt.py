@@ -141,16 +141,19 @@ class MqttTransport:
 
             def ack() -> None:
                 client.ack(mid, qos)
-        with self._lock:
-            filters = list(self._filters)
-        if not any(paho.topic_matches_sub(f, msg.topic) for f in filters):
-            # Not ours: amqtt 0.11 sends a connecting client the retained messages of every
-            # client's subscriptions. Drop it (and acknowledge it, or it would be redelivered).
-            log.debug("%s: dropped a message on %s, which matches none of its subscriptions",
-                      self.client_id, msg.topic)
-            if ack is not None:
-                ack()
-            return
+        if msg.retain:
+            with self._lock:
+                filters = list(self._filters)
+            if not any(paho.topic_matches_sub(f, msg.topic) for f in filters):
+                # Not ours: amqtt 0.11 sends a connecting client the retained messages of every
+                # client's subscriptions. Only retained messages are dropped: a persistent
+                # session's queued messages arrive (not retained) right after CONNACK, before
+                # this client has re-subscribed, and they must reach the inbox.
+                log.debug("%s: dropped a retained message on %s, which matches none of its "
+                          "subscriptions", self.client_id, msg.topic)
+                if ack is not None:
+                    ack()
+                return
         self._inbox.put(Message(topic=msg.topic, payload=bytes(msg.payload), retain=msg.retain,
                                 qos=msg.qos, _ack=ack))
 

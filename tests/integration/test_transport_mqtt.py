@@ -89,3 +89,46 @@ def test_embedded_broker_survives_clients_connecting_and_subscribing_together(ca
         for c in clients:
             c.close()
         b.stop()
+
+
+def test_queued_messages_reach_a_persistent_client_that_subscribes_late(tmp_path):
+    """Mosquitto queues QoS 1 messages for an offline persistent session and sends them right
+    after CONNACK, before the services call subscribe() again: they must reach the inbox (only
+    stray *retained* messages are dropped)."""
+    b = start_mosquitto(tmp_path / "mosquitto", ["clinic-1"])
+    try:
+        agg = MqttTransport(b.config("aggregator"), client_id="agg-p", clean_session=False,
+                            manual_ack=True)
+        assert agg.wait_connected(10)
+        agg.subscribe("bedside/v1/t/update/+", qos=1)
+        time.sleep(0.3)
+        agg.close()
+        dev = MqttTransport(b.config("clinic-1"), client_id="clinic-1")
+        assert dev.wait_connected(10)
+        dev.publish("bedside/v1/t/update/clinic-1", b"queued", qos=1)
+        time.sleep(0.3)
+        dev.close()
+        agg = MqttTransport(b.config("aggregator"), client_id="agg-p", clean_session=False,
+                            manual_ack=True)
+        assert agg.wait_connected(10)
+        time.sleep(0.5)  # the queued message arrives before the late subscribe below
+        agg.subscribe("bedside/v1/t/update/+", qos=1)
+        msg = agg.get(10)
+        assert msg is not None and msg.payload == b"queued" and not msg.retain
+        msg.ack()
+        agg.close()
+    finally:
+        b.stop()
+
+
+def test_embedded_broker_releases_its_port_when_stopped_with_clients_connected():
+    b = start_embedded()
+    clients = [MqttTransport(b.config(f"c{i}"), client_id=f"c{i}") for i in range(5)]
+    assert all(c.wait_connected(10) for c in clients)
+    b.stop()
+    try:
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", b.port)) != 0  # refused: nothing listens
+    finally:
+        for c in clients:
+            c.close()

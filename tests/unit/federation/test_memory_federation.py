@@ -348,7 +348,7 @@ def test_merge_overrides_merges_tables_and_removes_keys():
 
     cfg = {"privacy": {"record_epsilon": 8.0, "device_epsilon": 1e6}, "fleet": "demo"}
     merge_overrides(cfg, {"privacy": {"record_epsilon": None, "allow_no_record_dp": True},
-                          "fleet": "other", "new": {"a": 1}})
+                          "fleet": "other", "new": {"a": 1, "gone": None}})
     assert cfg == {"privacy": {"device_epsilon": 1e6, "allow_no_record_dp": True},
                    "fleet": "other", "new": {"a": 1}}
 
@@ -366,6 +366,30 @@ def test_non_private_baseline_claims_no_guarantee(tmp_path):
     report = agg.privacy_report()
     assert report["epsilon"] is None and "no device-level guarantee" in report["note"]
     assert agg.registry.manifest(3).privacy["epsilon"] is None
-    for a in mf.agents:
-        rep = a.privacy_report()
-        assert "record" not in rep or rep["record"].get("epsilon", 0.0) == 0.0
+    for a in mf.agents:  # no budget configured, so no unit is reported, and nothing recorded
+        assert a.privacy_report() == {}
+        assert a.state.counts() == {"accepted": 2}
+
+
+def test_lr_decay_is_announced_per_round(tmp_path):
+    from bedside.aggregator.state import State
+
+    mf = mem_fleet(tmp_path, clients=2, rounds=3, aggregator={"training": {"lr_decay": 0.5}})
+    mf.run()
+    lrs = [r.settings["train"]["lr"] for r in State(mf.aggregator.cfg.state_path).rounds()]
+    assert lrs == pytest.approx([0.5, 0.25, 0.125])  # the demo's lr 0.5, halved every round
+    assert all(r.status == "closed" for r in mf.aggregator.state.rounds())
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.5, -0.1])
+def test_lr_decay_outside_0_1_is_refused(tmp_path, bad):
+    from bedside.aggregator.config import load
+    from bedside.demo.run import to_toml
+    from bedside.errors import ConfigError
+    from tests.fleet import make_fleet
+
+    fleet = make_fleet(tmp_path, clients=2, rounds=1, aggregator={"training": {"lr_decay": bad}})
+    fleet.plan["aggregator"]["mqtt"]["port"] = 1883
+    fleet.aggregator_toml.write_text(to_toml(fleet.plan["aggregator"]))
+    with pytest.raises(ConfigError, match="lr_decay"):
+        load(fleet.aggregator_toml)
