@@ -50,19 +50,18 @@ def test_wdbc_shape_and_labels(wdbc):
     assert wdbc.description and "UCI" in wdbc.source
 
 
-def test_wdbc_scaling_from_published_table(wdbc):
+def test_wdbc_scaling_and_ranges(wdbc):
     f = {feat.name: feat for feat in wdbc.schema.features}
     r = f["mean radius"]
-    assert r.loc == pytest.approx((6.981 + 28.11) / 2)
-    assert r.scale == pytest.approx((28.11 - 6.981) / 2)
-    assert (r.min, r.max, r.unit) == (0.0, pytest.approx(56.22), "px")
+    assert (r.loc, r.scale) == (14.1273, 3.52095)  # mean and SD of the public data set
+    assert (r.min, r.max, r.unit) == (0.0, pytest.approx(56.22), "px")  # 2 x published max
     a = f["worst area"]
-    assert a.loc == pytest.approx((185.2 + 4254.0) / 2) and a.max == pytest.approx(8508.0)
+    assert a.loc == pytest.approx(880.583) and a.max == pytest.approx(8508.0)
     assert a.unit == "px^2"
     assert f["mean texture"].unit == "gray level"
     assert f["mean smoothness"].unit == "" and f["concavity error"].min == 0.0
     assert "no units" in f["mean radius"].description
-    assert f["mean concavity"].loc == pytest.approx(0.427 / 2)
+    assert f["mean concavity"].scale == pytest.approx(0.0796497)
 
 
 def test_wdbc_table_matches_installed_descr():
@@ -71,6 +70,19 @@ def test_wdbc_table_matches_installed_descr():
     parsed = datasets.parse_summary_statistics(load_breast_cancer().DESCR)
     assert parsed == datasets.WDBC_SUMMARY_STATISTICS
     assert len(parsed) == 30
+
+
+def test_wdbc_mean_sd_table_is_the_public_data_sets(wdbc):
+    # The stored loc/scale are the mean and population SD over all 569 rows, to 6 digits.
+    mean = np.array([v[0] for v in datasets.WDBC_MEAN_SD.values()])
+    sd = np.array([v[1] for v in datasets.WDBC_MEAN_SD.values()])
+    assert list(datasets.WDBC_MEAN_SD) == wdbc.schema.feature_names
+    x = wdbc.x.astype(np.float64)
+    np.testing.assert_allclose(x.mean(0), mean, rtol=1e-5)
+    np.testing.assert_allclose(x.std(0), sd, rtol=1e-5)
+    z = (x - mean) / sd  # what the model computes in its first layer: standardised inputs
+    np.testing.assert_allclose(z.mean(0), 0.0, atol=1e-4)
+    np.testing.assert_allclose(z.std(0), 1.0, atol=1e-4)
 
 
 def test_wdbc_published_range_is_close_to_the_data(wdbc):
