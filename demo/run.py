@@ -57,7 +57,7 @@ class DemoConfig:
     batch_size: int = 32
     lr: float = 0.5
     optimizer: str = "sgd"
-    server_optimizer: str = "sgd"  # plain FedAvg; momentum amplified the DP noise (docs/datasets.md)
+    server_optimizer: str = "sgd"  # plain FedAvg: momentum amplified DP noise (docs/datasets.md)
     holdout: float = 0.2
     seed: int = 0
     out: Path | None = None

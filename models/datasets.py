@@ -13,8 +13,8 @@ carries public scaling constants and allowed ranges (see ``docs/datasets.md``):
     pressure, temperature) labelled stable or deteriorating; generated, seeded.
 
 Scaling constants (``loc``/``scale``) never come from a training split at run time: the built-in
-sets use summary statistics of the public data set or clinical ranges, and a user's CSV gets ``loc`` 0 and
-``scale`` 1 until the caller fits them on a reference array it is entitled to use
+sets use summary statistics of the public data set or clinical ranges, and a user's CSV gets
+``loc`` 0 and ``scale`` 1 until the caller fits them on a reference array it is entitled to use
 (:func:`fit_scaling`).
 
 This module imports neither torch nor (except inside the two scikit-learn loaders) scikit-learn:
