@@ -70,6 +70,9 @@ from bedside.wire.signing import KeyRing, SigningKey, VerifyKey
 
 log = logging.getLogger("bedside.edge.agent")
 ASSUMED_ROUNDS = 100  # for calibrating DP-SGD when the aggregator plans no end
+# DP-SGD is calibrated a hair below the record budget, so rounding never makes the last planned
+# round exceed it.
+BUDGET_MARGIN = 0.995
 
 
 def bucket(n: int) -> int:
@@ -311,8 +314,7 @@ class Agent:
         assert self.cfg.record_epsilon is not None
         key = (q, total_steps, self.cfg.record_epsilon, self.cfg.record_delta)
         if key not in self._calibrated:
-            # a hair below the budget, so rounding never makes the last planned round exceed it
-            self._calibrated[key] = calibrate(self.cfg.record_epsilon * 0.995,
+            self._calibrated[key] = calibrate(self.cfg.record_epsilon * BUDGET_MARGIN,
                                               self.cfg.record_delta, q, total_steps)
             log.info("DP-SGD noise multiplier %.4f spreads record-level epsilon %.3g over %d "
                      "steps at sample rate %.4f", self._calibrated[key], self.cfg.record_epsilon,
