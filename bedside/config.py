@@ -125,7 +125,7 @@ def load(path: str | Path) -> Section:
 
 
 def mqtt_section(s: Section) -> MqttConfig:
-    from bedside.transport.mqtt import MqttConfig
+    from bedside.transport.mqtt import DEFAULT_MAX_INBOX_BYTES, INBOX_MESSAGE_COST, MqttConfig
 
     cfg = MqttConfig(
         host=s.text("host", "127.0.0.1"),
@@ -137,6 +137,8 @@ def mqtt_section(s: Section) -> MqttConfig:
         password=s.text("password"),
         keepalive=s.integer("keepalive", 30, min=5),
         publish_timeout=s.number("publish_timeout", 10.0, positive=True),
+        max_inbox_bytes=s.integer("max_inbox_bytes", DEFAULT_MAX_INBOX_BYTES,
+                                  min=INBOX_MESSAGE_COST),
     )
     s.done()
     return cfg

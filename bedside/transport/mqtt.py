@@ -6,6 +6,14 @@
 * Reconnects by itself (paho's loop thread, back-off 0.2 s .. 5 s) and renews subscriptions.
 * Network callbacks only enqueue: ``on_message`` puts a :class:`~bedside.transport.Message` on a
   queue, with an ``ack`` bound to paho's manual acknowledgement when ``manual_ack`` is on.
+* The queue is bounded (``max_inbox_bytes``: payloads plus a fixed cost per message), so a flood
+  on a subscribed topic cannot exhaust memory before anything validates it. When it is full, a new
+  message is dropped and, under manual acknowledgement, acknowledged: an unacknowledged message
+  would hold one of the broker's in-flight slots (Mosquitto: 20 a client) until the client
+  reconnects, and enough of them would stall every delivery. Nothing accepted is lost: a device
+  resends from its outbox until it has a signed receipt, and round announcements are retained.
+  A message always fits an empty queue, whatever its size (the size limits are the broker's and
+  the envelope decoder's).
 * ``publish`` refuses when disconnected and waits for the PUBACK of a QoS 1 message; callers
   keep their own durable outbox, so nothing is queued silently in memory.
 """
@@ -18,6 +26,7 @@ import queue
 import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +39,14 @@ from bedside.errors import ConfigError, TransportError
 from bedside.transport import Message
 
 log = logging.getLogger(__name__)
+
+#: What a queued message counts besides its payload (topic, objects), so that a flood of empty
+#: messages is bounded too.
+INBOX_MESSAGE_COST = 512
+#: Received messages waiting for the consumer, payloads plus ``INBOX_MESSAGE_COST`` each.
+DEFAULT_MAX_INBOX_BYTES = 256 * 1024 * 1024
+#: At most one "inbox full" warning in this many seconds (the count is in every line).
+DROP_LOG_INTERVAL_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -44,10 +61,14 @@ class MqttConfig:
     keepalive: int = MQTT_KEEPALIVE_S
     publish_timeout: float = 10.0
     connect_timeout: float = 10.0
+    max_inbox_bytes: int = DEFAULT_MAX_INBOX_BYTES
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
             raise ConfigError(f"mqtt port must be 1..65535, got {self.port}")
+        if self.max_inbox_bytes < INBOX_MESSAGE_COST:
+            raise ConfigError(f"mqtt max_inbox_bytes must be at least {INBOX_MESSAGE_COST}, got "
+                              f"{self.max_inbox_bytes}")
         tls = [self.ca_file, self.cert_file, self.key_file]
         if any(tls) and not self.ca_file:
             raise ConfigError("mqtt TLS needs 'ca_file' (the CA that signed the broker's "
@@ -84,6 +105,9 @@ class MqttTransport:
         self.client_id = client_id
         self.manual_ack = manual_ack
         self._inbox: queue.Queue[Message] = queue.Queue()
+        self._inbox_bytes = 0  # guarded by _lock
+        self.dropped = 0  # messages dropped because the inbox was full
+        self._last_drop_log = float("-inf")
         self._filters: dict[str, int] = {}
         self._lock = threading.Lock()
         self._connected = threading.Event()
@@ -154,6 +178,26 @@ class MqttTransport:
                 if ack is not None:
                     ack()
                 return
+        cost = len(msg.payload) + INBOX_MESSAGE_COST
+        with self._lock:
+            full = self._inbox_bytes > 0 and self._inbox_bytes + cost > self.cfg.max_inbox_bytes
+            if full:
+                self.dropped += 1
+                dropped, queued = self.dropped, self._inbox_bytes
+            else:
+                self._inbox_bytes += cost
+        if full:
+            if ack is not None:
+                ack()  # see the module docstring: an unacknowledged drop would hold a slot
+            now = time.monotonic()
+            if now - self._last_drop_log >= DROP_LOG_INTERVAL_S:
+                self._last_drop_log = now
+                log.warning("%s: inbox full (%d bytes waiting, limit %d): dropped a message on %s "
+                            "(%d dropped so far). Senders resend until they have a receipt. If "
+                            "this is no flood, the consumer is too slow or [mqtt] "
+                            "max_inbox_bytes too small", self.client_id, queued,
+                            self.cfg.max_inbox_bytes, msg.topic, dropped)
+            return
         self._inbox.put(Message(topic=msg.topic, payload=bytes(msg.payload), retain=msg.retain,
                                 qos=msg.qos, _ack=ack))
 
@@ -190,9 +234,12 @@ class MqttTransport:
 
     def get(self, timeout: float | None = None) -> Message | None:
         try:
-            return self._inbox.get(timeout=timeout) if timeout else self._inbox.get_nowait()
+            m = self._inbox.get(timeout=timeout) if timeout else self._inbox.get_nowait()
         except queue.Empty:
             return None
+        with self._lock:
+            self._inbox_bytes -= len(m.payload) + INBOX_MESSAGE_COST
+        return m
 
     def close(self) -> None:
         try:

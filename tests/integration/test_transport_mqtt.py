@@ -132,3 +132,52 @@ def test_embedded_broker_releases_its_port_when_stopped_with_clients_connected()
     finally:
         for c in clients:
             c.close()
+
+
+def test_full_inbox_drops_and_acknowledges_new_messages(broker, caplog):
+    """A flood cannot grow the inbox past max_inbox_bytes. Dropped messages are acknowledged, so
+    the broker's in-flight window (Mosquitto: 20 unacknowledged messages) never stalls delivery;
+    once the consumer catches up, messages are queued again."""
+    import dataclasses
+    import logging
+
+    from bedside.transport.mqtt import INBOX_MESSAGE_COST
+
+    caplog.set_level(logging.WARNING, logger="bedside.transport.mqtt")
+    size, room, sent = 1024, 10, 60
+    cfg = dataclasses.replace(broker.config("aggregator"),
+                              max_inbox_bytes=room * (size + INBOX_MESSAGE_COST))
+    sub = MqttTransport(cfg, client_id="aggregator-full", manual_ack=True)
+    pub = MqttTransport(broker.config("clinic-1"), client_id="clinic-1")
+    try:
+        assert sub.wait_connected(10) and pub.wait_connected(10)
+        sub.subscribe("bedside/v1/t/update/+", qos=1)
+        time.sleep(0.3)
+        for i in range(sent):
+            pub.publish("bedside/v1/t/update/clinic-1", bytes([i]) * size, qos=1)
+        deadline = time.monotonic() + 20
+        while sub.dropped + sub._inbox.qsize() < sent and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sub._inbox.qsize() == room and sub.dropped == sent - room
+        assert "inbox full" in caplog.text and "aggregator-full" in caplog.text
+        kept = []
+        while (m := sub.get(0.5)) is not None:
+            kept.append(m.payload[0])
+            m.ack()
+        assert kept == list(range(room))  # the first ones, in order
+        pub.publish("bedside/v1/t/update/clinic-1", b"after", qos=1)
+        m = sub.get(10)
+        assert m is not None and m.payload == b"after"
+        m.ack()
+        assert sub.dropped == sent - room
+    finally:
+        sub.close()
+        pub.close()
+
+
+def test_inbox_limit_is_checked():
+    from bedside.errors import ConfigError
+    from bedside.transport.mqtt import INBOX_MESSAGE_COST, MqttConfig
+
+    with pytest.raises(ConfigError, match="max_inbox_bytes"):
+        MqttConfig(max_inbox_bytes=INBOX_MESSAGE_COST - 1)

@@ -32,3 +32,16 @@ def test_bad_values_are_named(tmp_path, extra, match):
     (tmp_path / "agent.toml").write_text(text)
     with pytest.raises(Exception, match=match):
         load(tmp_path / "agent.toml")
+
+
+def test_mqtt_inbox_limit(tmp_path):
+    from bedside.transport.mqtt import DEFAULT_MAX_INBOX_BYTES
+
+    ok = BASE + "[privacy]\nrecord_epsilon = 3.0\n"
+    (tmp_path / "agent.toml").write_text(ok)
+    assert load(tmp_path / "agent.toml").mqtt.max_inbox_bytes == DEFAULT_MAX_INBOX_BYTES
+    (tmp_path / "agent.toml").write_text(ok + "[mqtt]\nmax_inbox_bytes = 1048576\n")
+    assert load(tmp_path / "agent.toml").mqtt.max_inbox_bytes == 1048576
+    (tmp_path / "agent.toml").write_text(ok + "[mqtt]\nmax_inbox_bytes = 10\n")
+    with pytest.raises(ConfigError, match="max_inbox_bytes' must be >= 512"):
+        load(tmp_path / "agent.toml")
