@@ -22,7 +22,9 @@ def build(parser: argparse.ArgumentParser) -> None:
                    help="model directory (model.onnx + manifest.json)")
     p.add_argument("--input", required=True, type=Path, metavar="FILE.csv",
                    help="CSV with a header; columns are matched by name, extra columns ignored")
-    p.add_argument("--output", type=Path, metavar="FILE", help="write here instead of stdout")
+    p.add_argument("--output", metavar="FILE",
+                   help="write here instead of stdout ('-' is stdout; a device or named pipe "
+                   "is written in place, a regular file replaced atomically)")
     p.add_argument("--json", action="store_true", help="JSON instead of CSV")
     p.add_argument("--threads", type=int, default=1, help="onnxruntime intra-op threads")
     p.add_argument("--quantized", action="store_true",
@@ -51,10 +53,10 @@ def _infer(ns: argparse.Namespace) -> int:
         for p in preds:
             w.writerow([p.row, p.label, *[f"{p.probabilities[lab]:.6f}" for lab in labels]])
         text = buf.getvalue()
-    if ns.output:
-        from bedside.manifest import atomic_write_bytes
+    if ns.output and ns.output != "-":
+        from bedside.files import write_output
 
-        atomic_write_bytes(ns.output, text.encode())
+        write_output(ns.output, text)
         print(f"wrote {len(preds)} predictions to {ns.output}", file=sys.stderr)
     else:
         sys.stdout.write(text)

@@ -33,9 +33,9 @@ import numpy as np
 
 from bedside.edge.predictor import Predictor
 from bedside.errors import IntegrityError, ModelError
+from bedside.files import atomic_write_bytes
 from bedside.manifest import (
     Manifest,
-    atomic_write_bytes,
     load_manifest,
     sha256_bytes,
     verify_model_file,

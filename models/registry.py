@@ -21,9 +21,9 @@ from pathlib import Path
 
 from bedside.constants import MANIFEST_FILE, MODEL_FILE
 from bedside.errors import IntegrityError, ModelError
+from bedside.files import atomic_write_bytes
 from bedside.manifest import (
     Manifest,
-    atomic_write_bytes,
     load_manifest,
     sha256_bytes,
     verify_model_file,

@@ -46,3 +46,22 @@ def clean_env() -> dict[str, str]:
     env.pop("BEDSIDE_DEBUG", None)
     env["PYTHONNOUSERSITE"] = "1"
     return env
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if the suite damaged the machine: /dev/null must still be a character device.
+
+    (Issue 17: an output path written by rename turned a root-run suite's /dev/null into a regular
+    file, after which non-root processes writing to it failed.)
+    """
+    import stat
+
+    try:
+        ok = stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    except OSError:
+        ok = False
+    if not ok:
+        sys.stderr.write("\nERROR: /dev/null is no longer a character device after the test run; "
+                         "a test or the code under test replaced it. Restore it (as root): "
+                         "rm /dev/null; mknod -m 666 /dev/null c 1 3\n")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -52,6 +52,7 @@ from typing import Any, Final, Literal
 
 from bedside.constants import LEDGER_SCHEMA, PRIVACY_UNITS
 from bedside.errors import BudgetExceededError, InputError, LedgerError
+from bedside.files import fsync_dir
 from bedside.privacy import accountant as acct
 
 __all__ = ["MECHANISMS", "Budget", "Ledger", "Mechanism", "Release", "Unit", "releases_event"]
@@ -338,7 +339,7 @@ class Ledger:
             # reconciled on open).
             with contextlib.suppress(FileExistsError):
                 os.link(tmp, self.path)
-            _fsync_dir(directory)
+            fsync_dir(directory)
         except (OSError, sqlite3.Error) as exc:
             raise LedgerError(f"cannot create the privacy ledger at {self.path}: {exc}") from exc
         finally:
@@ -690,17 +691,3 @@ def _check_releases(releases: Iterable[Release]) -> list[Release]:
         if not isinstance(r, Release):
             raise InputError(f"releases[{i}] must be a Release, got {type(r).__name__}")
     return items
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a new directory entry durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)

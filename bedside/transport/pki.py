@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from bedside.errors import InputError
-from bedside.manifest import atomic_write_bytes
+from bedside.files import atomic_write_bytes
 
 VALID_DAYS = 825
 

@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from bedside.constants import MAX_ID_LENGTH
 from bedside.errors import InputError, KeyStoreError, SignatureError, UnknownSenderError
-from bedside.manifest import atomic_write_bytes
+from bedside.files import atomic_write_bytes, fsync_dir
 
 __all__ = [
     "PUBLIC_KEY_PREFIX",
@@ -308,7 +308,7 @@ def _write_private(path: Path, data: bytes, *, overwrite: bool) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def _link_no_replace(tmp: Path, path: Path) -> None:
@@ -326,15 +326,6 @@ def _link_no_replace(tmp: Path, path: Path) -> None:
         if path.exists() or path.is_symlink():
             raise FileExistsError(errno.EEXIST, "file exists", str(path)) from None
         os.replace(tmp, path)
-
-
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def _read_small(path: Path, what: str, *, private: bool = False) -> bytes:

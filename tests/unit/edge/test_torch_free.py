@@ -27,13 +27,13 @@ def wdbc_csv(tmp_path):
     return tmp_path / "in.csv"
 
 
-def test_infer_does_not_import_torch(exported, wdbc_csv, clean_env):
+def test_infer_does_not_import_torch(exported, wdbc_csv, clean_env, tmp_path):
     model = exported("mlp", "wdbc")
     code = (
         "import sys, json\n"
         "from bedside.cli import main\n"
         f"rc = main(['edge', 'infer', '--model', {str(model)!r}, '--input', {str(wdbc_csv)!r},"
-        " '--json', '--output', '/dev/null'])\n"
+        f" '--json', '--output', {str(tmp_path / 'out.json')!r}])\n"
         "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'dp_accounting',"
         " 'scipy', 'opacus', 'sklearn'})\n"
         "print(json.dumps({'rc': rc, 'heavy': heavy}))\n"
