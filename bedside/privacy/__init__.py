@@ -3,7 +3,7 @@
 * :mod:`bedside.privacy.mechanisms`: clipping, Gaussian noise and adaptive clipping; pure
   functions over ``list[np.ndarray]`` with an explicit ``np.random.Generator`` (numpy only).
 * :mod:`bedside.privacy.accountant`: describe releases as dp-accounting events, then compute
-  epsilon with RDP or PLD; calibrate noise; the :class:`Accountant` front door.
+  epsilon with RDP or PLD; calibrate noise.
 * :mod:`bedside.privacy.ledger`: the device's own append-only ledger that refuses to exceed its
   budget.
 * :mod:`bedside.privacy.cli`: ``bedside privacy ...``.
@@ -30,7 +30,6 @@ from bedside.privacy.mechanisms import (
 
 if TYPE_CHECKING:  # pragma: no cover
     from bedside.privacy.accountant import (
-        Accountant,
         calibrate,
         compose,
         epsilon,
@@ -42,7 +41,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from bedside.privacy.ledger import Budget, Ledger, Release
 
 _LAZY: dict[str, str] = {
-    "Accountant": "bedside.privacy.accountant",
     "calibrate": "bedside.privacy.accountant",
     "compose": "bedside.privacy.accountant",
     "epsilon": "bedside.privacy.accountant",
@@ -56,7 +54,6 @@ _LAZY: dict[str, str] = {
 }
 
 __all__ = [
-    "Accountant",
     "AdaptiveClipping",
     "Budget",
     "Ledger",

@@ -37,15 +37,15 @@ module is cheap, and an inference-only device without the ``privacy`` extra neve
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Final, Literal, NotRequired, TypedDict
 
 import numpy as np
 
-from bedside.constants import DEFAULT_DELTA
 from bedside.errors import InputError, PrivacyError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -55,7 +55,6 @@ else:
 
 __all__ = [
     "ACCOUNTANTS",
-    "Accountant",
     "AccountantName",
     "EpsilonReport",
     "calibrate",
@@ -253,7 +252,101 @@ def compose(events: Iterable[DpEvent]) -> DpEvent:
 
 # ---------------------------------------------------------------------------------------------
 # Account: epsilon
+#
+# Everything Bedside releases is a composition of Gaussian mechanisms, some Poisson-subsampled.
+# Such an event is flattened into *groups* ``(noise_multiplier, sample_rate, count)`` (the same
+# mechanism composed ``count`` times), and the accountants' expensive per-mechanism work is done
+# once per process and reused (``functools.lru_cache``):
+#
+# * RDP: the per-step RDP curve of each (z, q) (``RdpAccountant.rdp`` after composing one step);
+#   a composition's curve is ``sum(count * curve)``, exactly what ``RdpAccountant`` accumulates,
+#   and epsilon is dp-accounting's ``compute_epsilon`` of it.
+# * PLD: the single-step PLD of each (z, q, grid) (``from_gaussian_mechanism``), self-composed
+#   ``count`` times and composed across groups, as ``PLDAccountant`` does; the composed PLD of a
+#   whole set of groups is cached too, so a device that checks, records and reports the same
+#   releases pays for one composition.
+#
+# A device checks its ledger every round with one more group count than before; without the
+# cache each check recomputed every RDP order and every PLD from scratch (about 0.1 s each,
+# several times per round). Events of other shapes take dp-accounting's accountants unchanged.
 # ---------------------------------------------------------------------------------------------
+Group = tuple[float, float, int]
+
+
+def _groups(event: DpEvent) -> tuple[Group, ...] | None:
+    """``event`` as sorted, merged (z, q, count) groups, or None if it has another shape."""
+    dpa = _dp_accounting()
+    counts: dict[tuple[float, float], int] = {}
+
+    def walk(e: Any, k: int) -> bool:
+        if isinstance(e, dpa.NoOpDpEvent):
+            return True
+        if isinstance(e, dpa.SelfComposedDpEvent):
+            return walk(e.event, k * int(e.count))
+        if isinstance(e, dpa.ComposedDpEvent):
+            return all(walk(x, k) for x in e.events)
+        if isinstance(e, dpa.GaussianDpEvent):
+            key = (float(e.noise_multiplier), 1.0)
+        elif isinstance(e, dpa.PoissonSampledDpEvent) and isinstance(e.event,
+                                                                      dpa.GaussianDpEvent):
+            if e.sampling_probability == 0:
+                return True
+            key = (float(e.event.noise_multiplier), float(e.sampling_probability))
+        else:
+            return False
+        counts[key] = counts.get(key, 0) + k
+        return True
+
+    if not walk(event, 1):
+        return None
+    return tuple((z, q, n) for (z, q), n in sorted(counts.items()) if n > 0)
+
+
+@functools.lru_cache(maxsize=512)
+def _rdp_curve(z: float, q: float) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(orders, RDP of one step of the Poisson-subsampled Gaussian (z, q)) from dp-accounting."""
+    dpa = _dp_accounting()
+    one = dpa.GaussianDpEvent(z) if q == 1.0 else dpa.PoissonSampledDpEvent(
+        q, dpa.GaussianDpEvent(z))
+    acc = dpa.rdp.RdpAccountant().compose(one)
+    return tuple(float(o) for o in acc.orders), tuple(float(r) for r in acc.rdp)
+
+
+def _rdp_epsilon_groups(groups: tuple[Group, ...], delta: float) -> float:
+    if not groups:
+        return 0.0
+    if any(z == 0.0 for z, _, _ in groups):
+        return math.inf
+    dpa = _dp_accounting()
+    orders = np.asarray(_rdp_curve(*groups[0][:2])[0])
+    total = np.zeros_like(orders)
+    for z, q, n in groups:
+        total += n * np.asarray(_rdp_curve(z, q)[1])
+    return float(dpa.rdp.rdp_privacy_accountant.compute_epsilon(orders, total, delta)[0])
+
+
+@functools.lru_cache(maxsize=256)
+def _pld_step(z: float, q: float, interval: float) -> Any:
+    dpa = _dp_accounting()
+    return dpa.pld.privacy_loss_distribution.from_gaussian_mechanism(
+        standard_deviation=z, value_discretization_interval=interval, sampling_prob=q)
+
+
+@functools.lru_cache(maxsize=64)
+def _pld_groups(groups: tuple[Group, ...], interval: float) -> Any:
+    """The PLD of ``groups`` composed in order, as ``PLDAccountant`` builds it."""
+    plds = _dp_accounting().pld.privacy_loss_distribution
+    pld = plds.identity(value_discretization_interval=interval)
+    for z, q, n in groups:
+        if q == 1.0:  # n Gaussians compose exactly into one with std z / sqrt(n)
+            part = plds.from_gaussian_mechanism(standard_deviation=z / math.sqrt(n),
+                                                value_discretization_interval=interval)
+        else:
+            part = _pld_step(z, q, interval).self_compose(n)
+        pld = pld.compose(part)
+    return pld
+
+
 def _compose_into(acc: Any, event: DpEvent, name: str) -> Any:
     dpa = _dp_accounting()
     try:
@@ -262,20 +355,30 @@ def _compose_into(acc: Any, event: DpEvent, name: str) -> Any:
         raise PrivacyError(f"the {name} accountant cannot account for {event!r}: {exc}") from exc
 
 
-def _rdp_epsilon(event: DpEvent, delta: float) -> float:
+def _rdp_epsilon(event: DpEvent, groups: tuple[Group, ...] | None, delta: float) -> float:
+    if groups is not None:
+        return _rdp_epsilon_groups(groups, delta)
     dpa = _dp_accounting()
     acc = _compose_into(dpa.rdp.RdpAccountant(), event, "rdp")
     return float(acc.get_epsilon(delta))
 
 
-def _pld_epsilon_at(event: DpEvent, delta: float, interval: float) -> float:
+def _pld_epsilon_at(event: DpEvent, groups: tuple[Group, ...] | None, delta: float,
+                    interval: float) -> float:
+    if groups is not None:
+        if not groups:
+            return 0.0
+        if any(z == 0.0 for z, _, _ in groups):
+            return math.inf
+        return float(_pld_groups(groups, interval).get_epsilon_for_delta(delta))
     dpa = _dp_accounting()
     acc = dpa.pld.PLDAccountant(value_discretization_interval=interval)
     acc = _compose_into(acc, event, "pld")
     return float(acc.get_epsilon(delta))
 
 
-def _pld_epsilon(event: DpEvent, delta: float, hint: float | None = None) -> float:
+def _pld_epsilon(event: DpEvent, groups: tuple[Group, ...] | None, delta: float,
+                 hint: float | None = None) -> float:
     """PLD epsilon. ``hint`` (the RDP epsilon of the same event, an upper bound) sizes the grid.
 
     The PLD accountant's cost grows with (privacy loss range / grid interval). For a weak
@@ -289,12 +392,12 @@ def _pld_epsilon(event: DpEvent, delta: float, hint: float | None = None) -> flo
     coarse = PLD_COARSE_INTERVAL
     if hint is not None and hint * PLD_WEAK_RELATIVE_INTERVAL > coarse:
         coarse = hint * PLD_WEAK_RELATIVE_INTERVAL
-    eps = _pld_epsilon_at(event, delta, coarse)
+    eps = _pld_epsilon_at(event, groups, delta, coarse)
     if math.isfinite(eps) and eps < PLD_REFINE_BELOW:
         interval = max(PLD_FINEST_INTERVAL, eps * PLD_RELATIVE_INTERVAL)
         if interval < PLD_COARSE_INTERVAL:
             # Both are pessimistic upper bounds; keep the tighter.
-            eps = min(eps, _pld_epsilon_at(event, delta, interval))
+            eps = min(eps, _pld_epsilon_at(event, groups, delta, interval))
     return max(0.0, eps)
 
 
@@ -309,13 +412,13 @@ def epsilon_report(event: DpEvent, delta: float, accountant: str = "auto") -> Ep
     d = _check_delta(delta)
     name = _check_accountant(accountant)
     ev = _check_event(event)
+    groups = _groups(ev)
+    rdp = _rdp_epsilon(ev, groups, d)
     if name == "rdp":
-        return {"epsilon": _rdp_epsilon(ev, d), "delta": d, "accountant": "rdp"}
+        return {"epsilon": rdp, "delta": d, "accountant": "rdp"}
+    pld = _pld_epsilon(ev, groups, d, rdp)
     if name == "pld":
-        return {"epsilon": _pld_epsilon(ev, d, _rdp_epsilon(ev, d)), "delta": d,
-                "accountant": "pld"}
-    rdp = _rdp_epsilon(ev, d)
-    pld = _pld_epsilon(ev, d, rdp)
+        return {"epsilon": pld, "delta": d, "accountant": "pld"}
     return {
         "epsilon": min(rdp, pld),
         "delta": d,
@@ -420,80 +523,3 @@ def gaussian_sigma(epsilon: float, delta: float, sensitivity: float = 1.0) -> fl
         raise InputError(f"sensitivity must be a finite number > 0, got {sensitivity!r}")
     dpa = _dp_accounting()
     return float(dpa.get_sigma_gaussian(eps, d)) * s
-
-
-_epsilon = epsilon  # for the Accountant class below, whose methods shadow the name
-
-
-# ---------------------------------------------------------------------------------------------
-# Front door
-# ---------------------------------------------------------------------------------------------
-class Accountant:
-    """One place to plan and account privacy, like Opacus' ``PrivacyEngine`` is for training.
-
-    Holds the accountant choice and the default delta; every method is a thin wrapper around
-    the module functions above::
-
-        acc = Accountant()                                    # auto (min of RDP and PLD), 1e-5
-        event = acc.sampled_gaussian(1.1, 256 / 60000, 14063)
-        acc.epsilon(event)                                    # about 2.39 (PLD)
-        acc.calibrate(target_epsilon=3.0, sample_rate=0.01, steps=1000)
-
-    The class keeps no history: the device's history lives in its :class:`~.ledger.Ledger`.
-    """
-
-    def __init__(self, accountant: str = "auto", delta: float = DEFAULT_DELTA) -> None:
-        self.accountant: str = _check_accountant(accountant)
-        self.delta: float = _check_delta(delta)
-
-    def __repr__(self) -> str:
-        return f"Accountant(accountant={self.accountant!r}, delta={self.delta!r})"
-
-    # describe
-    @staticmethod
-    def sampled_gaussian(noise_multiplier: float, sample_rate: float, steps: int) -> DpEvent:
-        """See :func:`sampled_gaussian`."""
-        return sampled_gaussian(noise_multiplier, sample_rate, steps)
-
-    @staticmethod
-    def gaussian(noise_multiplier: float, count: int = 1) -> DpEvent:
-        """See :func:`gaussian`."""
-        return gaussian(noise_multiplier, count)
-
-    @staticmethod
-    def compose(events: Sequence[DpEvent]) -> DpEvent:
-        """See :func:`compose`."""
-        return compose(events)
-
-    # account
-    def epsilon(self, event: DpEvent, delta: float | None = None) -> float:
-        """Epsilon of ``event`` at ``delta`` (default: this accountant's delta)."""
-        return _epsilon(event, self.delta if delta is None else delta, self.accountant)
-
-    def report(self, event: DpEvent, delta: float | None = None) -> EpsilonReport:
-        """See :func:`epsilon_report`."""
-        return epsilon_report(event, self.delta if delta is None else delta, self.accountant)
-
-    def dp_sgd_epsilon(
-        self, noise_multiplier: float, sample_rate: float, steps: int, delta: float | None = None
-    ) -> float:
-        """Epsilon of ``steps`` Poisson-sampled Gaussian steps (DP-SGD or DP-FedAvg)."""
-        return self.epsilon(sampled_gaussian(noise_multiplier, sample_rate, steps), delta)
-
-    def calibrate(
-        self, target_epsilon: float, sample_rate: float, steps: int, delta: float | None = None
-    ) -> float:
-        """See :func:`calibrate`."""
-        return calibrate(
-            target_epsilon,
-            self.delta if delta is None else delta,
-            sample_rate,
-            steps,
-            self.accountant,
-        )
-
-    def gaussian_sigma(
-        self, epsilon: float, delta: float | None = None, sensitivity: float = 1.0
-    ) -> float:
-        """See :func:`gaussian_sigma`."""
-        return gaussian_sigma(epsilon, self.delta if delta is None else delta, sensitivity)

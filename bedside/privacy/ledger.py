@@ -558,23 +558,6 @@ class Ledger:
         with self._guard() as conn, self._transaction(conn, "DEFERRED"):
             return float(self._unit_state(unit, self._load_budgets())["epsilon"])
 
-    def would_spend(self, unit: str, releases: Iterable[Release]) -> float:
-        """Epsilon ``unit`` would have spent if ``releases`` (those of this unit) were added.
-
-        Raises:
-            BudgetExceededError: ``unit`` has no budget (its delta is undefined; fail closed).
-        """
-        _check_unit(unit)
-        new = [r for r in _check_releases(releases) if r.unit == unit]
-        with self._guard() as conn, self._transaction(conn, "DEFERRED"):
-            budgets = self._load_budgets()
-            if unit not in budgets:
-                raise self._no_budget(unit)
-            if not new:
-                return float(self._unit_state(unit, budgets)["epsilon"])
-            rows = self._rows(unit)
-            return float(self._epsilon_report(rows + new, budgets[unit].delta)["epsilon"])
-
     def check(self, releases: Iterable[Release]) -> None:
         """Raise BudgetExceededError if recording ``releases`` would exceed any unit's budget.
 

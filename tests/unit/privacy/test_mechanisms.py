@@ -226,7 +226,7 @@ def test_secure_rng_is_a_fresh_generator_each_time() -> None:
 def test_importing_mechanisms_does_not_import_dp_accounting_or_scipy() -> None:
     code = (
         "import sys, bedside.privacy, bedside.privacy.mechanisms, bedside.privacy.accountant, "
-        "bedside.privacy.ledger, bedside.privacy.cli; bedside.privacy.Accountant; "
+        "bedside.privacy.ledger, bedside.privacy.cli; bedside.privacy.Ledger; "
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('dp_accounting', 'scipy')); "
         "print(bad); sys.exit(1 if bad else 0)"
     )
