@@ -54,9 +54,12 @@ bench: setup
 	$(PY) benchmarks/privacy_utility.py
 	$(PY) benchmarks/federation.py
 
+# ruff (style), mypy (types), vulture (dead code: product and benchmarks, with the names only a
+# framework uses listed in .ci/vulture_whitelist.py).
 lint: $(VENV)/.stamp
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy bedside models edge aggregator demo
+	$(VENV)/bin/vulture bedside models edge aggregator demo benchmarks .ci/vulture_whitelist.py --min-confidence 60
 
 clean:
 	rm -rf $(VENV) $(EDGE_VENV) demo-output .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -1,34 +1,32 @@
-"""The aggregator service: rounds, validation, aggregation, new model versions.
+"""The aggregator service: the MQTT driver of the round core.
 
 :class:`Aggregator` is the front door. One thread runs the loop (``run`` or repeated ``step``);
-the transport's network thread only enqueues messages. A round goes:
+the transport's network thread only enqueues messages. The round logic is the core's
+(:mod:`bedside.federation`); this module receives, calls the core, persists and publishes:
 
-1. **announce** (signed, retained): round id, model version and sha256, clip norm, noise mode and
-   multiplier, participation rate, local training settings, deadline, minimum participants;
-2. **collect** until every expected device has answered (an update or a decline) or the deadline;
-   each update is validated, in this order: topic matches the signed sender; size; envelope and
-   signature of an enrolled device; kind; round and model version; one update per device per
-   round and no replayed nonce; tensor names, dtypes and shapes; finite values; L2 norm within
-   the clip bound (central mode; in local mode within the bound plus a 1e-9 tail bound of the
-   noise); weight. Accepted updates are recorded durably, then acknowledged (MQTT manual ack),
-   then receipted to the device. A rejection is logged with its reason, counted, acknowledged,
-   and receipted when the sender is authentic. Nothing a device sends can stop a round;
-3. **aggregate** with the configured rule, add central noise ``N(0, (z C / n)^2)`` to the mean
-   (the sum's noise ``N(0, (z C)^2)`` divided by the n contributors), apply the server optimizer,
-   write the new weights into the previous ONNX file (no torch), evaluate on the reference set,
-   store version N+1 in the registry with its manifest, sign and publish it (retained).
+1. **announce** (signed, retained) the round's :class:`~bedside.federation.settings.RoundSettings`
+   (:meth:`FederationSettings.announce`);
+2. **collect** until every expected device has answered (an update or a decline) or the deadline:
+   each message goes through :func:`~bedside.federation.validate.open_update` and
+   :func:`~bedside.federation.validate.validate_update`; an accepted update is recorded durably
+   (:mod:`bedside.aggregator.state`), then acknowledged (MQTT manual ack), then receipted. A
+   rejection is logged with its reason, counted, acknowledged, and receipted when the sender is
+   authentic. Nothing a device sends can stop a round;
+3. **close**: :func:`~bedside.federation.aggregate.aggregate_round` (rule, central noise, server
+   optimizer, adaptive clip norm), weights written into the previous ONNX file (no torch),
+   evaluation on the reference set, version N+1 stored in the registry *with* the optimizer's
+   state (one commit point), signed and published (retained).
 
 Killed at any point and restarted, it resumes the open round from its database: accepted updates
-are neither lost nor counted twice (see :mod:`bedside.aggregator.state`).
+are neither lost nor counted twice, and a version stored before the crash is published, not
+recomputed.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
-import math
 import sqlite3
 import threading
 import time
@@ -38,15 +36,12 @@ from typing import Any
 import numpy as np
 
 from bedside.aggregator.config import AggregatorConfig
-from bedside.aggregator.state import State
-from bedside.aggregator.strategies import make_optimizer, make_rule
+from bedside.aggregator.state import RoundRow, State
 from bedside.constants import (
     AGGREGATOR_ID,
     KIND_ANNOUNCE,
     KIND_MODEL,
     KIND_RECEIPT,
-    KIND_UPDATE,
-    NOISE_CENTRAL,
     NOISE_LOCAL,
     topic_model,
     topic_receipt,
@@ -54,38 +49,47 @@ from bedside.constants import (
     topic_status,
     topic_updates_all,
 )
-from bedside.errors import BedsideError, ConfigError, TransportError, ValidationError, WireError
+from bedside.errors import BedsideError, ConfigError, TransportError, WireError
+from bedside.federation.aggregate import aggregate_round
+from bedside.federation.report import device_privacy
+from bedside.federation.seeds import round_rng
+from bedside.federation.settings import RoundSettings
+from bedside.federation.strategies import make_optimizer, make_rule
+from bedside.federation.validate import (
+    Accepted,
+    Declined,
+    Duplicate,
+    OpenRound,
+    Prior,
+    digest,
+    max_update_bytes,
+    open_update,
+    validate_update,
+)
 from bedside.manifest import Manifest, load_manifest, verify_model_file
 from bedside.models.onnx_weights import read_weights, replace_weights
 from bedside.models.registry import Registry
-from bedside.privacy.mechanisms import add_gaussian_noise, clip_update, l2_norm, secure_rng
-from bedside.rounds import bounded_number
 from bedside.transport import Message, Transport
-from bedside.wire.envelope import decode, encode, peek
+from bedside.wire.envelope import encode
 from bedside.wire.signing import KeyRing, SigningKey
 
 log = logging.getLogger("bedside.aggregator")
 
-MAX_WEIGHT = float(2**20)
-NOISE_TAIL = math.sqrt(2.0 * math.log(1e9))  # P(||N(0, s^2 I_d)|| > s (sqrt d + t)) <= 1e-9
-
 
 class Aggregator:
     def __init__(self, cfg: AggregatorConfig, transport: Transport | None = None, *,
-                 clock: Callable[[], float] = time.time,
-                 rng: np.random.Generator | None = None) -> None:
+                 clock: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
+        self.federation = cfg.federation
         self.key = SigningKey.load(cfg.key)
         self.state = State(cfg.state_path)
         self.registry = Registry(cfg.registry_path)
         self.rule = make_rule(cfg.strategy.rule, **cfg.strategy.params)
         self.optimizer = make_optimizer(cfg.strategy.optimizer, **cfg.strategy.optimizer_params)
         self.clock = clock
-        if rng is None and cfg.privacy.noise_seed is not None:
-            log.warning("central noise is seeded (privacy.noise_seed): reproducible, for tests and "
-                        "demos only; never set it in production")
-            rng = np.random.default_rng(cfg.privacy.noise_seed)
-        self.rng = rng if rng is not None else secure_rng()
+        if cfg.privacy.noise_seed is not None:
+            log.warning("the aggregator's noise is seeded (privacy.noise_seed): reproducible, for "
+                        "tests and demos only; never set it in production")
         self.devices = self._load_devices()
         if transport is None:
             from bedside.transport.mqtt import MqttTransport
@@ -100,6 +104,7 @@ class Aggregator:
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._max_update = cfg.max_update_bytes
         self.on_round_closed: Callable[[dict[str, Any]], None] | None = None
+        self.timings: dict[int, dict[str, float]] = {}  # per round: where the time went
 
     # -- set-up ----------------------------------------------------------------------------------
     def _load_devices(self) -> KeyRing:
@@ -124,21 +129,19 @@ class Aggregator:
         latest = self.registry.latest()
         assert latest is not None
         self._load_version(latest)
-        if self.registry.release(latest) is None:
+        if self.registry.release(latest) is None:  # also after a crash right after storing it
             self.registry.put_release(latest, self._release(latest, round_id=0))
-        if self.cfg.eval_data is not None and self._evaluator is None:
+        ev = self.cfg.evaluation
+        if ev.data is not None and self._evaluator is None:
             from bedside.aggregator.evaluate import Evaluator
 
-            assert self.cfg.eval_label is not None and self._manifest is not None
-            self._evaluator = Evaluator(self.cfg.eval_data, self.cfg.eval_label, self._manifest)
+            assert ev.label is not None and self._manifest is not None
+            self._evaluator = Evaluator(ev.data, ev.label, self._manifest)
 
     def _load_version(self, version: int) -> None:
         self._manifest = self.registry.manifest(version)
         self._shapes = {k: tuple(v) for k, v in self._manifest.parameters.items()}
-        # An update is the parameters in float32 plus a header: refuse anything much larger
-        # before parsing it (the configured limit is an upper cap).
-        expected = 4 * sum(int(np.prod(s)) for s in self._shapes.values())
-        self._max_update = min(self.cfg.max_update_bytes, 2 * expected + 256 * 1024)
+        self._max_update = max_update_bytes(self._shapes, self.cfg.max_update_bytes)
 
     def _release(self, version: int, round_id: int) -> bytes:
         data = self.registry.model_bytes(version)
@@ -162,8 +165,9 @@ class Aggregator:
         else:
             self._open_next()
 
-    def _recover(self, cur: Any) -> None:
-        """Resume an open round after a restart (or finish one whose model was already stored)."""
+    def _recover(self, cur: RoundRow) -> None:
+        """Resume an open round after a restart (or finish one whose version was already stored:
+        the version holds the model and the optimizer's state, so nothing is recomputed)."""
         latest = self.registry.latest()
         assert latest is not None
         done = self.registry.manifest(latest)
@@ -188,7 +192,11 @@ class Aggregator:
 
     def step(self, timeout: float = 0.2) -> bool:
         """Handle what arrived, close the round if due; False once all rounds are done."""
-        msg = self.transport.get(timeout)
+        cur = self.state.current_round()
+        wait = timeout
+        if cur is not None and cur.status == "open":  # wake up for the deadline, not later
+            wait = max(0.0, min(timeout, cur.deadline - self.clock()))
+        msg = self.transport.get(wait)
         while msg is not None:
             self._handle(msg)
             msg = self.transport.get(0)
@@ -199,11 +207,17 @@ class Aggregator:
             self._open_next()
         return not self.finished
 
-    def _due(self, cur: Any) -> bool:
+    def _due(self, cur: RoundRow) -> bool:
         if self.clock() >= cur.deadline:
             return True
         expected = self.cfg.rounds.expected_participants or len(self.devices)
         return len(self.state.answered(cur.round)) >= expected
+
+    def _open_round(self, cur: RoundRow | None) -> OpenRound | None:
+        if cur is None or cur.status != "open":
+            return None
+        return OpenRound(round=cur.round, model_version=cur.model_version,
+                         settings=cur.settings, shapes=self._shapes)
 
     # -- publishing --------------------------------------------------------------------------------
     def _publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
@@ -240,19 +254,19 @@ class Aggregator:
         authentic = False
         nonce = ""
         try:
-            if len(msg.payload) > self._max_update:
-                raise ValidationError("too_large", f"{len(msg.payload)} bytes > limit "
-                                      f"{self._max_update} for this model")
-            declared = peek(msg.payload, max_bytes=self._max_update)  # untrusted: routing only
-            expected = {} if not declared.tensors else {
-                k: ("float32", s) for k, s in self._shapes.items()}
-            env = decode(msg.payload, self.devices, kinds={KIND_UPDATE}, expected=expected,
-                         max_bytes=self._max_update)
+            env = open_update(msg.payload, self.devices, self._shapes, self._max_update)
             authentic, nonce = True, env.header.nonce
-            if env.header.sender != device:
-                raise ValidationError("topic_mismatch", f"signed by {env.header.sender!r} but "
-                                      f"published on {device!r}'s topic")
-            self._accept(cur, env, msg.payload)
+            h = env.header
+            d = digest(msg.payload)
+            seen = self.state.nonce_seen(h.sender, h.nonce)
+            open_round = self._open_round(cur)
+            prior = Prior(nonce_round=seen[0] if seen else None,
+                          nonce_digest=seen[1] if seen else None,
+                          contributed=open_round is not None and self.state.find_update(
+                              open_round.round, h.sender) is not None)
+            verdict = validate_update(env, topic_sender=device, fleet=self.cfg.fleet, digest=d,
+                                      current=open_round, prior=prior)
+            self._record(verdict, h.round)
         except WireError as exc:
             log.warning("round %s: rejected message on %s: %s (%s)", round_id, msg.topic,
                         exc.reason, exc)
@@ -275,87 +289,34 @@ class Aggregator:
                                      f"{type(exc).__name__}: {exc}")
         msg.ack()
 
-    def _accept(self, cur: Any, env: Any, payload: bytes) -> None:
-        h = env.header
-        digest = hashlib.sha256(payload).hexdigest()
-        seen = self.state.nonce_seen(h.sender, h.nonce)
-        if seen is not None:
-            first_round, first_digest = seen
-            if first_digest == digest and cur is not None and first_round == cur.round:
-                # The same message again in the same round: a device's re-send (its receipt was
-                # lost) or a verbatim replay. Either way it is harmless and not counted again.
-                log.info("round %d: duplicate of %s's accepted update (re-send or replay); not "
-                         "counted again", cur.round, h.sender)
-                self.state.add_rejection(cur.round, h.sender, "duplicate",
-                                         f"nonce {h.nonce[:12]}... already accepted")
-                self._receipt(h.sender, h.round, h.nonce, "accepted", "duplicate delivery")
-                return
-            raise ValidationError("replay", f"nonce {h.nonce[:12]}... from {h.sender} was already "
-                                  f"used in round {first_round}; not counted again")
-        if cur is None or cur.status != "open":
-            raise ValidationError("no_open_round", "no round is open")
-        if h.round != cur.round:
-            raise ValidationError("wrong_round", f"update is for round {h.round}; the open round "
-                                  f"is {cur.round} (stale or early)")
-        if h.meta.get("fleet") != self.cfg.fleet:
-            raise ValidationError("wrong_fleet", f"update is for fleet {h.meta.get('fleet')!r}, "
-                                  f"this aggregator serves {self.cfg.fleet!r}")
-        if h.model_version != cur.model_version:
-            raise ValidationError("wrong_model_version", f"update is based on model v"
-                                  f"{h.model_version}; round {cur.round} trains v"
-                                  f"{cur.model_version}")
-        prior = self.state.find_update(cur.round, h.sender)
-        if prior is not None:
-            raise ValidationError("already_contributed", f"{h.sender} already has an accepted "
-                                  f"update in round {cur.round}")
-        meta = h.meta
-        if not env.tensors:
-            reason = meta.get("decline")
-            if not isinstance(reason, str) or not reason:
-                raise ValidationError("empty_update", "an update without tensors must carry a "
-                                      "'decline' reason")
-            if self.state.add_decline(cur.round, h.sender, reason[:64]):
-                log.info("round %d: %s declined (%s)", cur.round, h.sender, reason[:64])
-            self._receipt(h.sender, h.round, h.nonce, "declined", reason[:64])
-            return
-        weight = 1.0
-        if self.cfg.privacy.weighting == "examples":
-            w = bounded_number(meta.get("weight"), 1.0, MAX_WEIGHT)
-            if w is None:
-                raise ValidationError("bad_weight", f"weight must be a number in [1, "
-                                      f"{MAX_WEIGHT:g}]")
-            weight = w
-        tensors = {k: np.asarray(v, dtype=np.float32) for k, v in env.tensors.items()}
-        norm = l2_norm(list(tensors.values()))
-        bound = self._norm_bound(cur)
-        if norm > bound:
-            raise ValidationError("norm_bound", f"update L2 norm {norm:.4g} exceeds the bound "
-                                  f"{bound:.4g} for clip norm {cur.settings['clip_norm']:g}")
-        if cur.settings["noise"] != NOISE_LOCAL:
-            # accepted within float tolerance of C; clip exactly so the accounted bound holds
-            names = list(tensors)
-            clipped, _ = clip_update([tensors[k] for k in names], float(cur.settings["clip_norm"]))
-            tensors = dict(zip(names, clipped, strict=True))
-        self.state.add_update(cur.round, h.sender, h.nonce, digest, weight, norm, tensors,
-                              _reported_privacy(meta))
-        log.info("round %d: accepted update from %s (norm %.3f)", cur.round, h.sender, norm)
-        self._receipt(h.sender, h.round, h.nonce, "accepted")
-
-    def _norm_bound(self, cur: Any) -> float:
-        c = float(cur.settings["clip_norm"])
-        if cur.settings["noise"] == NOISE_LOCAL:
-            d = sum(int(np.prod(s)) for s in self._shapes.values())
-            return c + float(cur.settings["noise_multiplier"]) * c * (math.sqrt(d) + NOISE_TAIL)
-        return c * (1.0 + 1e-5)
+    def _record(self, verdict: Accepted | Declined | Duplicate, round_id: int) -> None:
+        """Persist a verdict, then receipt it (the MQTT ack follows in ``_handle``)."""
+        if isinstance(verdict, Duplicate):
+            # The same message again in the same round: a device's re-send (its receipt was
+            # lost) or a verbatim replay. Either way it is harmless and not counted again.
+            log.info("round %d: duplicate of %s's accepted update (re-send or replay); not "
+                     "counted again", round_id, verdict.sender)
+            self.state.add_rejection(round_id, verdict.sender, "duplicate",
+                                     f"nonce {verdict.nonce[:12]}... already accepted")
+            self._receipt(verdict.sender, round_id, verdict.nonce, "accepted",
+                          "duplicate delivery")
+        elif isinstance(verdict, Declined):
+            if self.state.add_decline(round_id, verdict.sender, verdict.reason):
+                log.info("round %d: %s declined (%s)", round_id, verdict.sender, verdict.reason)
+            self._receipt(verdict.sender, round_id, verdict.nonce, "declined", verdict.reason)
+        else:
+            self.state.add_update(round_id, verdict.sender, verdict.nonce, verdict.digest,
+                                  verdict.weight, verdict.norm, verdict.tensors, verdict.info)
+            log.info("round %d: accepted update from %s (norm %.3f)", round_id, verdict.sender,
+                     verdict.norm)
+            self._receipt(verdict.sender, round_id, verdict.nonce, "accepted")
 
     # -- rounds ------------------------------------------------------------------------------------
-    def _settings(self, round_id: int) -> dict[str, Any]:
-        p, r = self.cfg.privacy, self.cfg.rounds
-        return {"fleet": self.cfg.fleet, "state": "open", "clip_norm": p.clip_norm,
-                "noise": p.noise, "noise_multiplier": p.noise_multiplier, "delta": p.delta,
-                "participation_rate": r.participation_rate, "planned_rounds": r.rounds,
-                "min_participants": r.min_participants, "weighting": p.weighting,
-                "train": self.cfg.training.for_round(round_id)}
+    def _clip_norm(self) -> float:
+        """The next round's clip norm: adaptive clipping's latest estimate, or the configured."""
+        latest = self.registry.latest()
+        stored = self.registry.manifest(latest).training.get("next_clip_norm") if latest else None
+        return float(stored) if stored is not None else self.cfg.privacy.clip_norm
 
     def _open_next(self) -> None:
         rows = self.state.rounds()
@@ -366,13 +327,12 @@ class Aggregator:
         latest = self.registry.latest()
         assert latest is not None and self._manifest is not None
         round_id = (rows[-1].round if rows else 0) + 1
-        settings = self._settings(round_id)
-        deadline = self.clock() + self.cfg.rounds.deadline_seconds
-        settings["deadline"] = deadline
-        settings["model_sha256"] = self._manifest.sha256
+        settings = self.federation.announce(
+            self.cfg.fleet, round_id, deadline=self.clock() + self.cfg.rounds.deadline_seconds,
+            model_sha256=self._manifest.sha256, clip_norm=self._clip_norm())
         announce = encode(KIND_ANNOUNCE, AGGREGATOR_ID, self.key, {}, round=round_id,
-                          model_version=latest, meta=settings)
-        self.state.open_round(round_id, latest, deadline, announce, settings)
+                          model_version=latest, meta=settings.to_meta())
+        self.state.open_round(round_id, latest, announce, settings)
         self._publish(topic_round(self.cfg.fleet), announce, retain=True)
         log.info("round %d open: model v%d, %d enrolled device(s), deadline %.0f s", round_id,
                  latest, len(self.devices), self.cfg.rounds.deadline_seconds)
@@ -387,7 +347,7 @@ class Aggregator:
         self.finished = True
         log.info("federation done after %d round(s): final model v%d", last_round, latest)
 
-    def _close(self, cur: Any) -> None:
+    def _close(self, cur: RoundRow) -> None:
         started = cur.opened_at
         accepted = self.state.accepted(cur.round)
         rejected = self.state.rejections(cur.round)
@@ -397,7 +357,7 @@ class Aggregator:
             "round": cur.round, "base_version": cur.model_version,
             "participants": len(self.state.answered(cur.round)), "accepted": len(accepted),
             "rejected": rejected, "duplicates": duplicates, "declined": declined,
-            "record_epsilon": self._record_epsilon(cur.round),
+            "record_epsilon": _record_epsilon(accepted), "clip_norm": cur.settings.clip_norm,
         }
         if len(accepted) < self.cfg.rounds.min_participants:
             result["reason"] = (f"{len(accepted)} accepted update(s) < min_participants "
@@ -411,23 +371,23 @@ class Aggregator:
         result["round_seconds"] = round(self.clock() - started, 3)
         self._finish_round(cur.round, "closed", result, version)
 
-    def _aggregate(self, cur: Any, accepted: list[dict[str, Any]],
+    def _aggregate(self, cur: RoundRow, accepted: list[dict[str, Any]],
                    result: dict[str, Any]) -> int:
-        assert self._manifest is not None
+        timing: dict[str, float] = {}
+        t0 = time.perf_counter()
         prev = self.registry.manifest(cur.model_version)
         prev_bytes = self.registry.model_bytes(cur.model_version)
-        delta = self.rule.aggregate(lambda: self.state.iter_updates(cur.round), self._shapes)
-        n = len(accepted)
-        if cur.settings["noise"] == NOISE_CENTRAL:
-            names = list(delta)
-            # N(0, (z C)^2) on the sum of clipped updates == N(0, (z C / n)^2) on their mean.
-            noised = add_gaussian_noise([delta[k] for k in names],
-                                        float(cur.settings["noise_multiplier"]),
-                                        float(cur.settings["clip_norm"]) / n, self.rng)
-            delta = dict(zip(names, noised, strict=True))
-        weights = read_weights(prev_bytes, list(self._shapes))
-        new_w, opt_state = self.optimizer.step(weights, delta, self.state.load_server_state())
-        new_bytes = replace_weights(prev_bytes, new_w)
+        outcome = aggregate_round(
+            lambda: self.state.iter_updates(cur.round), count=len(accepted),
+            settings=cur.settings, weights=read_weights(prev_bytes, list(self._shapes)),
+            optimizer_state=self.registry.server_state(cur.model_version), rule=self.rule,
+            optimizer=self.optimizer, rng=round_rng(self.cfg.privacy.noise_seed, cur.round),
+            clip_bits=[u["info"].get("clip_bit", 0.0) for u in accepted]
+            if cur.settings.adaptive else ())
+        timing["aggregate"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        new_bytes = replace_weights(prev_bytes, outcome.weights)
+        timing["write_onnx"] = time.perf_counter() - t0
         version = (self.registry.latest() or 0) + 1
         m = copy.deepcopy(prev)
         m.version, m.parent_version, m.created_at = version, prev.version, self.clock()
@@ -435,20 +395,34 @@ class Aggregator:
                     f"{prev.version}; the graph's parity with torch was checked at export"}
         m.extra.pop("quantization", None)
         m.files = {}
-        result["delta_norm"] = round(l2_norm(list(delta.values())), 6)
+        result["delta_norm"] = round(outcome.delta_norm, 6)
+        t0 = time.perf_counter()
         m.metrics = {"holdout": self._evaluator(new_bytes, m)} if self._evaluator else {}
+        timing["evaluate"] = time.perf_counter() - t0
         result["metrics"] = m.metrics.get("holdout", {})
+        t0 = time.perf_counter()
         m.privacy = self.privacy_report(closing=cur)
+        timing["account"] = time.perf_counter() - t0
         result["privacy"] = m.privacy
-        m.training = {"round": cur.round, "contributors": n, "rule": self.rule.name,
+        m.training = {"round": cur.round, "contributors": len(accepted), "rule": self.rule.name,
                       "optimizer": self.optimizer.name, "result": result,
-                      "federation": {k: v for k, v in cur.settings.items() if k != "deadline"}}
-        self.registry.add(new_bytes, m)
+                      "federation": {k: v for k, v in cur.settings.to_meta().items()
+                                     if k != "deadline"}}
+        if outcome.next_clip_norm is not None:
+            m.training["next_clip_norm"] = outcome.next_clip_norm
+            result["next_clip_norm"] = round(outcome.next_clip_norm, 6)
+            result["unclipped_fraction"] = round(float(outcome.unclipped_fraction or 0.0), 4)
+        t0 = time.perf_counter()
+        # One commit point: the manifest, written after the model and the optimizer's state.
+        self.registry.add(new_bytes, m, server_state=outcome.optimizer_state)
         self.registry.put_release(version, self._release(version, cur.round))
-        self.state.save_server_state(opt_state)
+        timing["store_and_sign"] = time.perf_counter() - t0
         self._load_version(version)
+        self.timings[cur.round] = timing
+        log.debug("round %d timings: %s", cur.round, json.dumps(
+            {k: round(v, 4) for k, v in timing.items()}))
         acc = result["metrics"].get("accuracy")
-        log.info("round %d closed: %d update(s) -> model v%d%s", cur.round, n, version,
+        log.info("round %d closed: %d update(s) -> model v%d%s", cur.round, len(accepted), version,
                  f", holdout accuracy {acc:.4f}" if acc is not None else "")
         return version
 
@@ -466,67 +440,28 @@ class Aggregator:
             self.on_round_closed(body)
 
     # -- privacy -----------------------------------------------------------------------------------
-    def _record_epsilon(self, round_id: int) -> dict[str, Any]:
-        """Record-level epsilon the round's contributors reported (each device accounts its own
-        with its ledger; the aggregator only relays the figures, it cannot verify them)."""
-        values = [u["info"]["record_epsilon"] for u in self.state.accepted(round_id)
-                  if "record_epsilon" in u["info"]]
-        if not values:
-            return {}
-        return {"max": max(values), "min": min(values), "devices": len(values),
-                "delta": self.state.accepted(round_id)[0]["info"].get("record_delta")}
-
-    def privacy_report(self, closing: Any | None = None) -> dict[str, Any]:
-        """Device-level guarantee of everything released so far, from the accountant.
-
-        Each round is accounted with the settings it ran under. Membership is public in Bedside
-        (the aggregator publishes how many devices contributed, and devices that do not take part
-        send a signed decline), so the honest adjacency is *replace one device's data*: a clipped
-        update can move by 2C, the L2 sensitivity of the sum is 2C and a round is a Gaussian
-        mechanism with noise multiplier z / 2. No amplification by sampling is claimed. Central
-        mode counts the rounds that released a model; local mode every round in which the
-        (untrusted) aggregator received updates. ``closing`` is the round being closed.
-        """
-        from collections import Counter
-
-        from bedside.privacy import accountant as acct
-
-        counted: list[dict[str, Any]] = []
+    def privacy_report(self, closing: RoundRow | None = None) -> dict[str, Any]:
+        """Device-level guarantee of everything released so far (the core's
+        :func:`~bedside.federation.report.device_privacy`). Central mode counts the rounds that
+        released a model; local mode every round in which the (untrusted) aggregator received
+        updates. ``closing`` is the round being closed."""
+        counted: list[RoundSettings] = []
         for r in self.state.rounds():
             if closing is not None and r.round == closing.round:
                 continue
-            local = r.settings["noise"] == NOISE_LOCAL
+            local = r.settings.noise == NOISE_LOCAL
             if (local and self.state.accepted(r.round)) or (not local and r.status == "closed"):
                 counted.append(r.settings)
         if closing is not None:
             counted.append(closing.settings)
-        p = self.cfg.privacy
-        out: dict[str, Any] = {"unit": "device", "noise": p.noise, "rounds": len(counted),
-                               "delta": p.delta, "noise_multiplier": p.noise_multiplier,
-                               "clip_norm": p.clip_norm,
-                               "adjacency": "replace one device's data (membership is public)"}
-        if any(s["noise"] == "none" or float(s["noise_multiplier"]) <= 0 for s in counted):
-            # null, not infinity: the report travels in signed JSON, which carries finite numbers
-            out["epsilon"] = None
-            out["note"] = "a round without device-level noise: no device-level guarantee"
-            return out
-        by_z = Counter(float(s["noise_multiplier"]) for s in counted)
-        event = acct.compose([acct.gaussian(z / 2.0, k) for z, k in sorted(by_z.items())])
-        out["epsilon"] = acct.epsilon(event, p.delta) if counted else 0.0
-        out["trust"] = ("assumes the aggregator adds the announced noise (central DP)"
-                        if p.noise == NOISE_CENTRAL else
-                        "holds against the aggregator (local DP); bound for a device in every "
-                        "round")
-        return out
+        return device_privacy(counted, self.cfg.privacy.delta)
 
 
-def _reported_privacy(meta: dict[str, Any]) -> dict[str, Any]:
-    """The record-level epsilon a device reports with its update, if well-formed."""
-    out: dict[str, Any] = {}
-    eps = bounded_number(meta.get("record_epsilon"), 0.0, 1e6)
-    if eps is not None:
-        out["record_epsilon"] = round(eps, 4)
-        delta = bounded_number(meta.get("record_delta"), 1e-300, 0.5)
-        if delta is not None:
-            out["record_delta"] = delta
-    return out
+def _record_epsilon(accepted: list[dict[str, Any]]) -> dict[str, Any]:
+    """Record-level epsilon the round's contributors reported (each device accounts its own with
+    its ledger; the aggregator only relays the figures, it cannot verify them)."""
+    values = [u["info"]["record_epsilon"] for u in accepted if "record_epsilon" in u["info"]]
+    if not values:
+        return {}
+    return {"max": max(values), "min": min(values), "devices": len(values),
+            "delta": accepted[0]["info"].get("record_delta")}

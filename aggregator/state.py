@@ -4,7 +4,8 @@ An update is recorded in one transaction (its tensors, digest and nonce) before 
 is acknowledged, so a crash (even SIGKILL) at any moment either keeps the update or lets the broker
 redeliver it; the (sender, round, nonce) key makes the redelivery a no-op instead of a double count.
 Accepted tensors are kept per round until the round is aggregated, then deleted; the digests stay
-for replay detection and audit.
+for replay detection and audit. The server optimizer's state is not here: it is stored with the
+model version it produced, in the registry (one commit point for both).
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from typing import Any
 import numpy as np
 
 from bedside.errors import StateError
-from bedside.sqlite import open_db
+from bedside.federation.settings import RoundSettings
+from bedside.models.registry import pack_tensors, unpack_tensors
+from bedside.sqlite import open_db, transaction
 
-SCHEMA = 1
+SCHEMA = 2  # 2: the server optimizer's state moved into the registry
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -59,7 +62,6 @@ CREATE TABLE IF NOT EXISTS rejections (
     round INTEGER, sender TEXT, reason TEXT NOT NULL, detail TEXT NOT NULL,
     received_at REAL NOT NULL
 );
-CREATE TABLE IF NOT EXISTS server_state (name TEXT PRIMARY KEY, tensors BLOB NOT NULL);
 """
 
 
@@ -71,21 +73,9 @@ class RoundRow:
     deadline: float
     status: str
     announce: bytes
-    settings: dict[str, Any]
+    settings: RoundSettings
     closed_at: float | None
     result: dict[str, Any] | None
-
-
-def _pack(tensors: dict[str, np.ndarray]) -> bytes:
-    from safetensors.numpy import save
-
-    return bytes(save({k: np.ascontiguousarray(v) for k, v in tensors.items()}))
-
-
-def _unpack(data: bytes) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load
-
-    return dict(load(data))
 
 
 class State:
@@ -107,16 +97,18 @@ class State:
         self.db.close()
 
     # -- rounds ------------------------------------------------------------------------------------
-    def open_round(self, round_id: int, model_version: int, deadline: float, announce: bytes,
-                   settings: dict[str, Any]) -> None:
+    def open_round(self, round_id: int, model_version: int, announce: bytes,
+                   settings: RoundSettings) -> None:
         self.db.execute(
             "INSERT INTO rounds (round, model_version, opened_at, deadline, status, announce, "
             "settings) VALUES (?, ?, ?, ?, 'open', ?, ?)",
-            (round_id, model_version, time.time(), deadline, announce, json.dumps(settings)))
+            (round_id, model_version, time.time(), settings.deadline, announce,
+             json.dumps(settings.to_meta())))
 
     def _row(self, r: tuple[Any, ...]) -> RoundRow:
         return RoundRow(round=r[0], model_version=r[1], opened_at=r[2], deadline=r[3],
-                        status=r[4], announce=bytes(r[5]), settings=json.loads(r[6]),
+                        status=r[4], announce=bytes(r[5]),
+                        settings=RoundSettings.from_meta(json.loads(r[6])),
                         closed_at=r[7], result=json.loads(r[8]) if r[8] else None)
 
     def current_round(self) -> RoundRow | None:
@@ -132,7 +124,7 @@ class State:
 
     def finish_round(self, round_id: int, status: str, result: dict[str, Any]) -> None:
         """Close a round and drop its tensors (the digests stay), in one transaction."""
-        with self._tx():
+        with transaction(self.db):
             self.db.execute("UPDATE rounds SET status = ?, closed_at = ?, result = ? "
                             "WHERE round = ?",
                             (status, time.time(), json.dumps(result), round_id))
@@ -152,11 +144,11 @@ class State:
     def add_update(self, round_id: int, sender: str, nonce: str, digest: str, weight: float,
                    norm: float, tensors: dict[str, np.ndarray],
                    info: dict[str, Any] | None = None) -> None:
-        with self._tx():
+        with transaction(self.db):
             self.db.execute(
                 "INSERT INTO updates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (round_id, sender, nonce, digest, weight, norm, time.time(),
-                 json.dumps(info or {}), _pack(tensors)))
+                 json.dumps(info or {}), pack_tensors(tensors)))
 
     def add_decline(self, round_id: int, sender: str, reason: str) -> bool:
         cur = self.db.execute("INSERT OR IGNORE INTO declines VALUES (?, ?, ?, ?)",
@@ -189,7 +181,7 @@ class State:
         for (rowid,) in cur.fetchall():
             blob, weight = self.db.execute("SELECT tensors, weight FROM updates WHERE rowid = ?",
                                            (rowid,)).fetchone()
-            yield _unpack(bytes(blob)), float(weight)
+            yield unpack_tensors(bytes(blob)), float(weight)
 
     # -- rejections --------------------------------------------------------------------------------
     def add_rejection(self, round_id: int | None, sender: str | None, reason: str,
@@ -201,27 +193,3 @@ class State:
     def rejections(self, round_id: int) -> dict[str, int]:
         return dict(self.db.execute("SELECT reason, COUNT(*) FROM rejections WHERE round = ? "
                                     "GROUP BY reason", (round_id,)).fetchall())
-
-    # -- server optimizer state --------------------------------------------------------------------
-    def load_server_state(self) -> dict[str, np.ndarray]:
-        r = self.db.execute("SELECT tensors FROM server_state WHERE name = 'optimizer'").fetchone()
-        return _unpack(bytes(r[0])) if r else {}
-
-    def save_server_state(self, tensors: dict[str, np.ndarray]) -> None:
-        self.db.execute("INSERT OR REPLACE INTO server_state VALUES ('optimizer', ?)",
-                        (_pack(tensors),))
-
-    # -- helpers -----------------------------------------------------------------------------------
-    def _tx(self) -> _Tx:
-        return _Tx(self.db)
-
-
-class _Tx:
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
-
-    def __enter__(self) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type: object, *rest: object) -> None:
-        self.db.execute("ROLLBACK" if exc_type else "COMMIT")

@@ -6,7 +6,7 @@ is documented for operators in ``docs/mqtt.md``; keep the two in step.
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Final, Literal
 
 # ---------------------------------------------------------------------------------------------
 # Versions of the formats Bedside writes. A reader refuses a version it does not know.
@@ -97,7 +97,12 @@ PRIVACY_UNITS: Final = (UNIT_RECORD, UNIT_DEVICE)
 NOISE_CENTRAL: Final = "central"
 NOISE_LOCAL: Final = "local"
 NOISE_NONE: Final = "none"
-NOISE_MODES: Final = (NOISE_CENTRAL, NOISE_LOCAL, NOISE_NONE)
+#: Where device-level noise is added (docs/privacy.md).
+NoiseMode = Literal["central", "local", "none"]
+#: How the aggregator weights updates: equally, or by the (bucketed) record counts devices send.
+Weighting = Literal["uniform", "examples"]
+#: The optimizers a device may train with locally.
+LocalOptimizer = Literal["sgd", "adam"]
 
 # ---------------------------------------------------------------------------------------------
 # ONNX model I/O names written by ``bedside models export``.

@@ -73,12 +73,6 @@ class UnknownSenderError(SignatureError):
     reason = "unknown_sender"
 
 
-class ReplayError(WireError):
-    """A message with this (sender, round, nonce) was seen before."""
-
-    reason = "replay"
-
-
 class ValidationError(WireError):
     """A well-formed, authentic message fails a semantic check (round, shapes, finite, norm)."""
 

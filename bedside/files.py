@@ -10,7 +10,6 @@
   alias of an open file descriptor (``/dev/stdout``, ``/dev/fd/N``, ``/proc/self/fd/N``) is
   written in place: replacing it would hand the reader nothing and leave a regular file where the
   device or pipe was. Everything else is written with :func:`atomic_write_bytes`.
-* :func:`private_dir`: a directory that only its owner can enter (0700, whatever the umask).
 * :func:`fsync_dir`: make a new directory entry durable.
 """
 
@@ -41,14 +40,6 @@ def fsync_dir(directory: str | os.PathLike[str]) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def private_dir(path: str | os.PathLike[str]) -> Path:
-    """Create ``path`` (and missing parents) and make it 0700: patient data lives below it."""
-    p = Path(path)
-    p.mkdir(parents=True, exist_ok=True)
-    os.chmod(p, 0o700)
-    return p
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> None:

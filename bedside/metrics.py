@@ -68,14 +68,6 @@ def log_loss(y: np.ndarray, p: np.ndarray, eps: float = 1e-12) -> float:
     return float(-np.mean(np.log(np.clip(p[np.arange(len(y)), y], eps, 1.0))))
 
 
-def confusion(y: np.ndarray, p: np.ndarray) -> list[list[int]]:
-    y, p = _check(y, p)
-    k = p.shape[1]
-    m = np.zeros((k, k), dtype=np.int64)
-    np.add.at(m, (y, np.argmax(p, axis=1)), 1)
-    return m.tolist()
-
-
 def evaluate(y: np.ndarray, p: np.ndarray) -> dict[str, float | int]:
     """The metrics Bedside reports for a model on a labelled set."""
     return {

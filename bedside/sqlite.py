@@ -1,13 +1,19 @@
-"""One way to open Bedside's SQLite files: WAL, synchronous=FULL, usable from the service thread.
+"""One way to use Bedside's SQLite files: open them, and run transactions.
 
-Services are built on one thread and run their loop on another, so connections are not tied to
-the creating thread; each connection is used by one thread at a time (the service loop), and
-tests that inspect a running service read through their own connection.
+* :func:`open_db`: WAL journal, ``synchronous=FULL`` (a committed transaction survives a power
+  cut), usable from the service thread. Services are built on one thread and run their loop on
+  another, so connections are not tied to the creating thread; each connection is used by one
+  thread at a time (the service loop), and tests that inspect a running service read through
+  their own connection.
+* :func:`transaction`: ``BEGIN IMMEDIATE`` (or another kind) ... ``COMMIT``, rolled back on any
+  exception, so a group of writes happens entirely or not at all.
 """
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
 from bedside.errors import StateError
@@ -30,3 +36,16 @@ def open_db(path: str | Path, what: str, schema: str = "") -> sqlite3.Connection
     except sqlite3.DatabaseError as exc:
         raise StateError(f"{p}: cannot open the {what} ({exc}); restore it from backup or move "
                          "it aside") from None
+
+
+@contextlib.contextmanager
+def transaction(db: sqlite3.Connection, kind: str = "IMMEDIATE") -> Iterator[sqlite3.Connection]:
+    """``with transaction(db): ...``: all the writes inside commit together, or none does."""
+    db.execute(f"BEGIN {kind}")
+    try:
+        yield db
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")

@@ -5,22 +5,19 @@ One run writes ``benchmarks/results/demo_tuning.json`` plus the ``## Demo tuning
 demo (5 clinics, 15 rounds, record-level DP-SGD at epsilon 8 plus central noise z = 0.2) reach a
 high accuracy *reliably*, run after run, when every noise draw comes from the operating system.
 
-A federation is replayed in-process by :func:`replica`, built from the parts the services run:
-the demo's split and Dirichlet shards, :func:`bedside.demo.run.export_initial_model`, the agent's
-DP-SGD plan (``calibrate`` over the planned rounds) and :func:`bedside.edge.trainer.local_update`,
-``clip_update``, the aggregator's central ``add_gaussian_noise``, the ``fedavg`` rule, the server
-optimizer and ``replace_weights``. Broker, signatures and SQLite are left out: they do not change
-the numbers, and one replayed federation takes 0.4 s instead of 25 s, so hundreds fit in minutes.
+Each federation runs in process on the round core
+(:func:`bedside.demo.inprocess.run_demo_in_process`: the same settings, device planning,
+DP-SGD, privatization, validation and aggregation the MQTT services run, without broker, SQLite
+and processes; ``tests/integration/test_core_equivalence.py`` shows it gives the MQTT
+federation's weights), so hundreds fit in minutes.
 
 1. **Selection** (validation only): the demo's own split (seed 0) is made, its held-out rows are
    set aside untouched, and inside the *training* rows 16 validation splits are drawn (20 % each;
    the rest is sharded over 5 clinics); every candidate runs 12 times per split. "standard" scaling
    is fitted on those training rows only (the shipped constants are the public data set's, which
    include the held-out rows).
-2. **Evaluation** (after the choice, once): previous and new defaults, replayed on the demo's own
+2. **Evaluation** (after the choice, once): previous and new defaults, run on the demo's own
    held-out split with the shipped schema, many unseeded runs each: how often is a run below 0.95?
-3. **Fidelity**: the replica and the real ``bedside demo`` (processes, embedded broker), both with
-   every noise draw seeded alike, must give the same accuracy after every round.
 
 Run from the repository root: ``.venv/bin/python benchmarks/demo_tuning.py`` (about 17 minutes on
 2 cores; ``--quick`` for a smoke run).
@@ -33,15 +30,12 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
-from functools import cache
 from multiprocessing import get_context
-from pathlib import Path
 from typing import Any
 
 from benchlib import README, REPO, RESULTS, load_average, log, machine, write_section
@@ -112,70 +106,23 @@ def federation_data(split_seed: int | None, scaling: str) -> tuple[Any, Any, lis
     return train, test, shards
 
 
-@cache
-def noise_multiplier(epsilon: float, delta: float, q: float, total_steps: int) -> float:
-    """The agent's DP-SGD plan (``Agent._calibrate``): a hair below the budget."""
-    from bedside.edge.agent import BUDGET_MARGIN
-    from bedside.privacy.accountant import calibrate
+def federation(train: Any, test: Any, shards: Sequence[Any], server: Mapping[str, Any],
+               private: bool = True, noise_seed: int | None = None) -> list[dict[str, float]]:
+    """One federation with the demo's defaults on the round core; test accuracy and AUC after
+    every round. ``noise_seed`` None draws every noise from the OS, as ``bedside demo`` does."""
+    from bedside.demo.inprocess import run_demo_in_process
+    from bedside.demo.run import DemoConfig
 
-    return calibrate(epsilon * BUDGET_MARGIN, delta, q, total_steps)
-
-
-def replica(train: Any, test: Any, shards: Sequence[Any], server: Mapping[str, Any],
-            private: bool = True, noise_seed: int | None = None) -> list[dict[str, float]]:
-    """One federation with the demo's defaults; test accuracy and AUC after every round.
-
-    ``noise_seed`` seeds every draw exactly as ``bedside demo --noise-seed`` does (agent ``i``:
-    ``seed * 1000 + i``, mixed with the round; aggregator: ``seed``); None draws from the OS."""
-    import numpy as np
-    import onnxruntime as ort
-
-    from bedside.aggregator.strategies import FedAvg, make_optimizer, materialize
-    from bedside.demo.run import DemoConfig, export_initial_model
-    from bedside.edge.trainer import local_update
-    from bedside.metrics import evaluate
-    from bedside.models.onnx_weights import read_weights, replace_weights
-    from bedside.models.train import DPConfig, dp_sample_rate, dp_steps
-    from bedside.privacy.mechanisms import add_gaussian_noise, clip_update, secure_rng
-
-    cfg = DemoConfig()
-    with tempfile.TemporaryDirectory() as tmp:
-        manifest = export_initial_model(train, test, cfg, Path(tmp) / "m")
-        model = next((Path(tmp) / "m").glob("*.onnx")).read_bytes()
-    names = list(manifest.parameters)
-    optimizer = make_optimizer(**server)
-    rng = secure_rng() if noise_seed is None else np.random.default_rng(noise_seed)
-    z = cfg.noise_multiplier if private else 0.0
-    state: dict[str, Any] = {}
-    train_settings = {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
-                      "optimizer": cfg.optimizer}
-    metrics = []
-    for r in range(1, cfg.rounds + 1):
-        updates = []
-        for i, idx in enumerate(shards, start=1):
-            x, y = train.x[idx], train.y[idx]
-            dp = None
-            if private:
-                q = dp_sample_rate(len(x), cfg.batch_size)
-                steps = dp_steps(len(x), cfg.batch_size, cfg.epochs)
-                sigma = noise_multiplier(cfg.target_epsilon, cfg.delta, q, steps * cfg.rounds)
-                dp = DPConfig(noise_multiplier=sigma, max_grad_norm=1.0)
-            seed = None if noise_seed is None else (noise_seed * 1000 + i) * 1_000_003 + r
-            delta, _ = local_update(manifest, model, x, y, train_settings, dp, seed)
-            clipped, _ = clip_update([delta[k] for k in names], cfg.clip_norm)
-            updates.append((dict(zip(names, clipped, strict=True)), 1.0))
-        mean = FedAvg().aggregate(materialize(updates), {k: updates[0][0][k].shape for k in names})
-        if z > 0:
-            noised = add_gaussian_noise([mean[k] for k in names], z, cfg.clip_norm / len(updates),
-                                        rng)
-            mean = dict(zip(names, noised, strict=True))
-        weights, state = optimizer.step(read_weights(model, names), mean, state)
-        model = replace_weights(model, weights)
-        session = ort.InferenceSession(model, providers=["CPUExecutionProvider"])
-        probs = session.run(None, {session.get_inputs()[0].name: test.x.astype(np.float32)})[0]
-        m = evaluate(test.y, probs)
-        metrics.append({"accuracy": float(m["accuracy"]), "auc": float(m["auc"])})
-    return metrics
+    params = {k: v for k, v in server.items() if k != "name"}
+    extra: dict[str, Any] = {"aggregator": {"strategy": {"optimizer_params": params}}}
+    if not private:
+        extra["aggregator"]["privacy"] = {"noise": "none"}
+        extra["agent"] = {"privacy": {"record_epsilon": None, "allow_no_record_dp": True,
+                                      "device_epsilon": None}}
+    cfg = DemoConfig(server_optimizer=server["name"], noise_seed=noise_seed, extra=extra)
+    run = run_demo_in_process(cfg, train, test, shards)
+    return [{"accuracy": float(r.metrics["accuracy"]), "auc": float(r.metrics["auc"])}
+            for r in run.rounds]
 
 
 def task(key: str, split_seed: int | None, runs: int) -> dict[str, Any]:
@@ -183,7 +130,7 @@ def task(key: str, split_seed: int | None, runs: int) -> dict[str, Any]:
     warnings.filterwarnings("ignore")  # Opacus' secure-RNG and torch hook notices
     c = CANDIDATES[key]
     train, test, shards = federation_data(split_seed, c["scaling"])
-    finals = [replica(train, test, shards, c["server"], c.get("private", True))[-1]["accuracy"]
+    finals = [federation(train, test, shards, c["server"], c.get("private", True))[-1]["accuracy"]
               for _ in range(runs)]
     return {"key": key, "split": split_seed, "test_rows": len(test), "accuracy": finals}
 
@@ -217,24 +164,6 @@ def run_pool(jobs: list[tuple[str, int | None, int]], workers: int) -> dict[str,
     return {k: summarize(v) for k, v in out.items()}
 
 
-def fidelity(noise_seed: int) -> dict[str, Any]:
-    """The replica against the real demo, every draw seeded alike: accuracy after every round."""
-    from bedside.demo.run import DemoConfig, run
-
-    warnings.filterwarnings("ignore")
-    with tempfile.TemporaryDirectory() as tmp:
-        report = run(DemoConfig(noise_seed=noise_seed, out=Path(tmp) / "demo", quiet=True))
-    def rounded(rows: Sequence[Mapping[str, Any]]) -> list[list[float | None]]:
-        return [[None if r.get(k) is None else round(float(r[k]), 4) for k in ("accuracy", "auc")]
-                for r in rows]
-
-    real = rounded(report["rounds"])
-    train, test, shards = federation_data(None, "standard")
-    mine = rounded(replica(train, test, shards, {"name": DemoConfig().server_optimizer},
-                           noise_seed=noise_seed))
-    return {"noise_seed": noise_seed, "demo": real, "replica": mine, "equal": real == mine}
-
-
 # -- report ----------------------------------------------------------------------------------------
 def row(label: str, s: Mapping[str, Any]) -> str:
     return (f"| {label} | {s['mean']:.4f} | {s['within_split_sd']:.4f} | {s['p05']:.4f} | "
@@ -251,8 +180,8 @@ def markdown(res: Mapping[str, Any]) -> str:
         "`.venv/bin/python benchmarks/demo_tuning.py`.",
         "",
         "The default `bedside demo` (5 clinics, non-IID, 15 rounds, logreg, record-level DP-SGD "
-        "at epsilon 8, central noise z = 0.2) replayed in-process from the services' own parts "
-        "(see the script's docstring); every noise draw from the operating system.",
+        "at epsilon 8, central noise z = 0.2) run in process on the round core (see the "
+        "script's docstring); every noise draw from the operating system.",
         "",
         f"**Selection, on validation splits only**: {len(res['settings']['validation_splits'])} "
         "splits drawn inside the demo's training rows (its held-out rows untouched), "
@@ -269,20 +198,12 @@ def markdown(res: Mapping[str, Any]) -> str:
         *[row(CANDIDATES[k]["label"], res["evaluation"][k]) for k in (PREVIOUS, CHOSEN)],
         "",
     ]
-    f = res.get("fidelity")
-    if f:
-        lines.append(
-            f"**Fidelity**: the real `bedside demo --noise-seed {f['noise_seed']}` (processes, "
-            f"embedded broker) and the replica with the same seeds give "
-            f"{'the same' if f['equal'] else 'DIFFERENT'} accuracy and AUC (4 decimals) after "
-            f"every one of the {len(f['demo'])} rounds (final accuracy, AUC: demo "
-            f"{f['demo'][-1]}, replica {f['replica'][-1]}).")
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="2 splits x 2 runs; no fidelity check")
+    p.add_argument("--quick", action="store_true", help="2 splits x 2 runs")
     p.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--no-write", action="store_true", help="print the JSON, write nothing")
     a = p.parse_args(argv)
@@ -301,9 +222,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         a.jobs)
     for k in (PREVIOUS, CHOSEN):
         res["evaluation"][k]["test_rows"] = len(federation_data(None, "standard")[1])
-    if not a.quick:
-        log("fidelity: the real demo against the replica, seeded alike")
-        res["fidelity"] = fidelity(0)
     res["seconds"] = round(time.perf_counter() - started, 1)
     res["machine"]["load_average_end"] = load_average()
     text = json.dumps(res, indent=2)

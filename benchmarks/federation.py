@@ -313,7 +313,7 @@ def probe(n: int, rule: str, model_dir: Path, work: Path) -> dict[str, Any]:
         "rounds": {"rounds": 1, "min_participants": 1, "deadline_seconds": 3600.0,
                    "expected_participants": n + 1},  # closed below, on the clock, and timed
         "privacy": {"noise": "central" if central else "none", "clip_norm": 1.0,
-                    "noise_multiplier": 1.0, "delta": DELTA},
+                    "noise_multiplier": 1.0, "delta": DELTA, "noise_seed": 0},
         "strategy": {"rule": rule, "optimizer": "sgd"},
     }
     (work / "aggregator.toml").write_text(to_toml(conf))
@@ -322,7 +322,7 @@ def probe(n: int, rule: str, model_dir: Path, work: Path) -> dict[str, Any]:
     broker = MemoryBroker(keep_published=False)
     agg = Aggregator(load(work / "aggregator.toml"),
                      MemoryTransport(broker, "aggregator", clean_session=False, manual_ack=True),
-                     clock=lambda: now[0], rng=np.random.default_rng(0))
+                     clock=lambda: now[0])
     agg.start()
     devices = MemoryTransport(broker, "bench-devices", clean_session=True)
     shapes = {k: tuple(v) for k, v in load_manifest(model_dir).parameters.items()}

@@ -266,7 +266,7 @@ def engines_for(prepared: PreparedCase) -> dict[str, Call]:
     import torch
 
     from bedside.edge.predictor import Predictor
-    from bedside.outputs import to_probabilities
+    from bedside.models.onnx_model import to_probabilities
 
     net = torch_net(prepared)
     out = prepared.manifest.output

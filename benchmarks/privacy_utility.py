@@ -11,12 +11,13 @@ and each privacy level (non-private, epsilon 0.5, 1, 3, 8 at delta 1e-5) and eac
    the best mean validation accuracy (ties: lower validation log-loss). Selection is nested per
    seed, so no test row of any split is ever seen while choosing;
 3. retrain the chosen setting on the whole training part with Bedside's own code
-   (``bedside.models.train.fit`` with ``DPConfig``: Opacus DP-SGD, Poisson sampling), the noise
+   (``bedside.models.train.fit`` with a ``DPSGDPlan``: DP-SGD, Poisson sampling), the noise
    multiplier from ``bedside.privacy.accountant.calibrate`` for that target epsilon, and evaluate
    on the test set (``bedside.metrics.evaluate``);
 4. re-check the guarantee with the accountant: the epsilon of ``sampled_gaussian(z, q, steps)``
-   with Bedside's plan (``q = dp_sample_rate(n, batch)``, ``steps = dp_steps(n, batch, epochs)``)
-   and with the sample rate and number of steps Opacus actually ran (``FitResult.sample_rate``,
+   with Bedside's plan (``q = dpsgd.sample_rate(n, batch)``, ``steps = dpsgd.steps(n, batch,
+   epochs)``) and with the sample rate and number of steps training actually ran
+   (``FitResult.sample_rate``,
    ``FitResult.steps``); the two must agree.
 
 The work is spread over a process pool (``--jobs``, default: the usable cores). Other benchmarks
@@ -140,17 +141,19 @@ def validation_splits(train: Any, seed: int) -> list[tuple[Any, Any]]:
 @cache
 def noise_multiplier(epsilon: float, rows: int, batch: int, epochs: int) -> float:
     """The DP-SGD noise multiplier that meets ``epsilon`` at DELTA (Bedside's accountant)."""
-    from bedside.models.train import dp_sample_rate, dp_steps
     from bedside.privacy.accountant import calibrate
+    from bedside.privacy.dpsgd import sample_rate as dp_sample_rate
+    from bedside.privacy.dpsgd import steps as dp_steps
 
     return calibrate(epsilon, DELTA, dp_sample_rate(rows, batch), dp_steps(rows, batch, epochs))
 
 
 def accounted(z: float, rows: int, hp: HyperParams, q_run: float,
               steps_run: int) -> dict[str, Any]:
-    """Epsilon re-checked with the accountant: Bedside's (q, steps) and what Opacus ran."""
-    from bedside.models.train import dp_sample_rate, dp_steps
+    """Epsilon re-checked with the accountant: Bedside's (q, steps) and what training ran."""
     from bedside.privacy.accountant import epsilon, sampled_gaussian
+    from bedside.privacy.dpsgd import sample_rate as dp_sample_rate
+    from bedside.privacy.dpsgd import steps as dp_steps
 
     q, steps = dp_sample_rate(rows, hp.batch_size), dp_steps(rows, hp.batch_size, hp.epochs)
     return {
@@ -166,8 +169,9 @@ def train_eval(arch: str, train: Any, test: Any, hp: HyperParams, level: Level,
     """Train ``arch`` on ``train`` (DP-SGD at ``level``) and evaluate on ``test``."""
     from bedside.metrics import evaluate
     from bedside.models.spec import ArchSpec
-    from bedside.models.train import DPConfig, TrainConfig, fit, predict_proba
+    from bedside.models.train import TrainConfig, fit, predict_proba
     from bedside.models.zoo import build
+    from bedside.privacy.dpsgd import DPSGDPlan
 
     spec = ArchSpec.for_schema(arch, train.schema)
     net = build(spec, train.schema, seed=seed)
@@ -175,7 +179,7 @@ def train_eval(arch: str, train: Any, test: Any, hp: HyperParams, level: Level,
     if level is not None:
         assert hp.max_grad_norm is not None
         z = noise_multiplier(level, len(train), hp.batch_size, hp.epochs)
-        dp = DPConfig(noise_multiplier=z, max_grad_norm=hp.max_grad_norm)
+        dp = DPSGDPlan.for_records(len(train), hp.batch_size, hp.epochs, z, hp.max_grad_norm)
     cfg = TrainConfig(epochs=hp.epochs, batch_size=hp.batch_size, lr=hp.lr,
                       optimizer=hp.optimizer, seed=seed)
     t = time.perf_counter()
@@ -277,7 +281,7 @@ def run_arch(arch: str, levels: Sequence[Level], seeds: Sequence[int],
 def versions() -> dict[str, str]:
     from importlib.metadata import version
 
-    return {name: version(name) for name in ("torch", "opacus", "dp-accounting", "numpy",
+    return {name: version(name) for name in ("torch", "dp-accounting", "numpy",
                                              "onnxruntime", "bedside")}
 
 
@@ -305,9 +309,9 @@ def result_row(arch: str, key: str, s: Mapping[str, Any], seeds: int) -> str:
 
 
 def results_table(models: Mapping[str, Any], seeds: int) -> list[str]:
-    rows = ["| model | epsilon target | epsilon accounted (max over seeds) | epsilon as Opacus ran "
-            "it (max) | noise multiplier | test accuracy (mean ± std) | test AUC (mean ± std) | "
-            "anchor accuracy | chosen setting (seeds) |",
+    rows = ["| model | epsilon target | epsilon accounted (max over seeds) | epsilon as "
+            "training ran it (max) | noise multiplier | test accuracy (mean ± std) | "
+            "test AUC (mean ± std) | anchor accuracy | chosen setting (seeds) |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for arch, m in models.items():
         rows += [result_row(arch, key, s, seeds) for key, s in m["levels"].items()]
@@ -315,18 +319,18 @@ def results_table(models: Mapping[str, Any], seeds: int) -> list[str]:
 
 
 def as_run_verdict(models: Mapping[str, Any]) -> str:
-    """Whether what Opacus ran stays within the accounted epsilon, for every private level."""
+    """Whether what training ran stays within the accounted epsilon, for every private level."""
     worst = max((s["epsilon_as_run_max"] / s["epsilon_accounted_max"], arch, key)
                 for arch, m in models.items() for key, s in m["levels"].items()
                 if s["epsilon_target"] is not None)
     ratio, arch, key = worst
     if abs(ratio - 1.0) <= 1e-3:
-        return ("What Opacus ran is what was accounted: the same sample rate and number of steps "
-                "for every run (`fit` refuses to train if Opacus would sample at another rate).")
+        return ("What training ran is what was accounted: the same sample rate and number of steps "
+                "for every run (`fit` refuses to train anything but the plan).")
     if ratio < 1.0:
-        return (f"What Opacus ran stays within the accounted figure (largest ratio {ratio:.3f}, "
+        return (f"What training ran stays within the accounted figure (largest ratio {ratio:.3f}, "
                 f"{arch} at epsilon {key}).")
-    return (f"What Opacus ran exceeds the accounted figure by up to {100 * (ratio - 1):.1f} % "
+    return (f"What training ran exceeds the accounted figure by up to {100 * (ratio - 1):.1f} % "
             f"({arch} at epsilon {key}).")
 
 
@@ -349,14 +353,14 @@ def markdown(results: Mapping[str, Any]) -> str:
     g = cfg["grid"]
     lines = [
         f"Generated by `benchmarks/privacy_utility.py` on {env['date']}: {env['cpu_model']}, "
-        f"{env['usable_cores']} cores, Python {env['python']}, torch {env['torch']}, opacus "
-        f"{env['opacus']}, dp-accounting {env['dp-accounting']}; load average "
+        f"{env['usable_cores']} cores, Python {env['python']}, torch {env['torch']}, "
+        f"dp-accounting {env['dp-accounting']}; load average "
         f"{env['load_average_start']} at start, {env['load_average_end']} at end. Whole run "
         f"{results['run_seconds']:.0f} s ({cfg['jobs']} worker processes). Full numbers: "
         "`benchmarks/results/privacy_utility.json`. Rerun: "
         "`.venv/bin/python benchmarks/privacy_utility.py`.",
         "",
-        f"Centralized record-level DP-SGD (Opacus via `bedside.models.train.fit`, Poisson "
+        f"Centralized record-level DP-SGD (`bedside.models.train.fit`, Poisson "
         f"sampling, batch {BATCH}) on WDBC ({cfg['rows']} rows), 80/20 stratified split, delta "
         f"{DELTA:g}. The noise multiplier for each target comes from "
         "`bedside.privacy.accountant.calibrate(target, delta, q = 1 / ceil(n / batch), "
@@ -384,13 +388,13 @@ def markdown(results: Mapping[str, Any]) -> str:
         "1. *epsilon accounted* is what Bedside reports: "
         "`epsilon(sampled_gaussian(z, q = 1 / ceil(n / batch), dp_steps(n, batch, epochs)), "
         "delta)`. "
-        "*epsilon as Opacus ran it* uses the sample rate and number of steps Opacus actually "
+        "*epsilon as training ran it* uses the sample rate and number of steps training actually "
         f"used, `FitResult.sample_rate` and `FitResult.steps` (here n = {cfg['train_rows']}: "
-        f"q = {', '.join(f'{q:.4f}' for q in results['opacus_vs_bedside']['q_run'])} for "
-        f"{', '.join(f'{n:g}' for n in results['opacus_vs_bedside']['steps_per_epoch_run'])} "
+        f"q = {', '.join(f'{q:.4f}' for q in results['plan_vs_run']['q_run'])} for "
+        f"{', '.join(f'{n:g}' for n in results['plan_vs_run']['steps_per_epoch_run'])} "
         "steps an epoch in every final run, against "
-        f"Bedside's q = {results['opacus_vs_bedside']['q']:.4f} for "
-        f"{results['opacus_vs_bedside']['steps_per_epoch']}). "
+        f"Bedside's q = {results['plan_vs_run']['q']:.4f} for "
+        f"{results['plan_vs_run']['steps_per_epoch']}). "
         + as_run_verdict(results["models"]),
         "2. Hyper-parameter search itself consumes privacy in principle: every grid point was "
         "trained on private rows and the choice depends on them. The epsilons above cover the "
@@ -410,10 +414,11 @@ def markdown(results: Mapping[str, Any]) -> str:
 # -------------------------------------------------------------------------------------------------
 # the run
 # -------------------------------------------------------------------------------------------------
-def opacus_vs_bedside(rows: int, models: Mapping[str, Any]) -> dict[str, Any]:
-    """Bedside's DP-SGD plan for ``rows`` records beside what Opacus ran (from every final run's
+def plan_vs_run(rows: int, models: Mapping[str, Any]) -> dict[str, Any]:
+    """Bedside's DP-SGD plan for ``rows`` records beside what training ran (from every final run's
     ``FitResult``: sample rate, and steps divided by epochs)."""
-    from bedside.models.train import dp_sample_rate, dp_steps
+    from bedside.privacy.dpsgd import sample_rate as dp_sample_rate
+    from bedside.privacy.dpsgd import steps as dp_steps
 
     ran = [r["privacy"] | {"epochs": r["hp"]["epochs"]} for m in models.values()
            for runs in m["runs"].values() for r in runs if r.get("privacy")]
@@ -448,7 +453,7 @@ def run(archs: Sequence[str], levels: Sequence[Level], seeds: Sequence[int],
                                 "validation log-loss); test set used once",
                    "anchors": {f"{k:g}": v for k, v in ANCHORS.items()},
                    "anchor_source": ANCHOR_SOURCE},
-        "opacus_vs_bedside": opacus_vs_bedside(len(train), models),
+        "plan_vs_run": plan_vs_run(len(train), models),
         "models": models,
     }
 

@@ -21,9 +21,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
@@ -158,12 +155,59 @@ def export_initial_model(train: Any, holdout: Any, cfg: DemoConfig, out: Path) -
         opset=ONNX_OPSET, arch=spec.to_dict(), parameters=params, parity=parity,
         output={"probabilities": ONNX_OUTPUT, "input": ONNX_INPUT,
                 "labels": list(train.schema.labels), "format": "tensor"},
-        metrics={"holdout": evaluate(holdout.y, onnx_probabilities(data, holdout.x))},
+        metrics={"holdout": evaluate(holdout.y, onnx_probabilities(data, holdout.x,
+                                                                train.schema.labels))},
         training={"note": "untrained starting point (seeded initialisation) for federation",
                   "seed": cfg.seed},
     )
     write_model_dir(out, data, m)
     return m
+
+
+FLEET = "demo"
+
+
+def agent_table(cfg: DemoConfig, i: int, fleet: str = FLEET) -> dict[str, Any]:
+    """``agent.toml`` of clinic ``i`` (1-based), overrides merged: the MQTT demo writes it, the
+    in-process simulation reads its ``[privacy]`` and seed."""
+    cid = f"clinic-{i}"
+    agent: dict[str, Any] = {
+        "device_id": cid, "fleet": fleet, "data_dir": "data", "key": f"keys/{cid}.key",
+        "aggregator_key": "keys/aggregator.pub",
+        "mqtt": {"host": "127.0.0.1", "port": 0},
+        "privacy": {"record_epsilon": cfg.target_epsilon, "record_delta": cfg.delta,
+                    "max_grad_norm": 1.0, "device_epsilon": 1e6, "device_delta": cfg.delta},
+        "agent": {"resend_seconds": 2.0, "status_seconds": 5.0, "exit_when_done": True,
+                  "quality_tolerance": 0.25},
+    }
+    if cfg.noise_seed is not None:
+        agent["agent"]["seed"] = cfg.noise_seed * 1000 + i
+    merge_overrides(agent, cfg.extra.get("agent", {}))
+    return agent
+
+
+def aggregator_table(cfg: DemoConfig, fleet: str = FLEET, initial_model: Path | None = None,
+                     reference_csv: Path | None = None) -> dict[str, Any]:
+    """``aggregator.toml`` of the demo, overrides merged (its ``[rounds]``, ``[training]``,
+    ``[privacy]`` and ``[strategy]`` are the federation the in-process simulation runs too)."""
+    aggregator: dict[str, Any] = {
+        "fleet": fleet, "data_dir": "data", "key": "keys/aggregator.key",
+        "devices": "keys/devices", "mqtt": {"host": "127.0.0.1", "port": 0},
+        "rounds": {"rounds": cfg.rounds, "min_participants": max(1, cfg.clients // 2),
+                   "deadline_seconds": cfg.deadline, "participation_rate": 1.0},
+        "training": {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
+                     "optimizer": cfg.optimizer},
+        "privacy": {"noise": cfg.mode, "clip_norm": cfg.clip_norm,
+                    "noise_multiplier": cfg.noise_multiplier, "delta": cfg.delta,
+                    **({"noise_seed": cfg.noise_seed} if cfg.noise_seed is not None else {})},
+        "strategy": {"rule": "fedavg", "optimizer": cfg.server_optimizer},
+    }
+    if initial_model is not None:
+        aggregator["initial_model"] = str(initial_model)
+    if reference_csv is not None:
+        aggregator["evaluation"] = {"data": str(reference_csv), "label": "label"}
+    merge_overrides(aggregator, cfg.extra.get("aggregator", {}))
+    return aggregator
 
 
 def prepare(cfg: DemoConfig, work: Path) -> dict[str, Any]:
@@ -182,7 +226,7 @@ def prepare(cfg: DemoConfig, work: Path) -> dict[str, Any]:
     agg_key = SigningKey.generate()
     agg_key.save(agg_dir / "keys" / "aggregator.key")
     agg_key.public.save(agg_dir / "keys" / "aggregator.pub")
-    fleet = "demo"
+    fleet = FLEET
     clinics = []
     shard_info = describe(shards, train.y, list(train.schema.labels))
     for i, idx in enumerate(shards, start=1):
@@ -195,41 +239,32 @@ def prepare(cfg: DemoConfig, work: Path) -> dict[str, Any]:
         key.save(cdir / "keys" / f"{cid}.key")
         key.public.save(agg_dir / "keys" / "devices" / f"{cid}.pub")  # enrollment
         agg_key.public.save(cdir / "keys" / "aggregator.pub")  # pinning
-        agent: dict[str, Any] = {
-            "device_id": cid, "fleet": fleet, "data_dir": "data", "key": f"keys/{cid}.key",
-            "aggregator_key": "keys/aggregator.pub",
-            "mqtt": {"host": "127.0.0.1", "port": 0},
-            "privacy": {"record_epsilon": cfg.target_epsilon, "record_delta": cfg.delta,
-                        "max_grad_norm": 1.0, "device_epsilon": 1e6, "device_delta": cfg.delta},
-            "agent": {"resend_seconds": 2.0, "status_seconds": 5.0, "exit_when_done": True,
-                      "quality_tolerance": 0.25},
-        }
-        if cfg.noise_seed is not None:
-            agent["agent"]["seed"] = cfg.noise_seed * 1000 + i
+        agent = agent_table(cfg, i, fleet)
         store = RecordStore(cdir / "data" / "records.db")
         store.ingest(read_csv(csv_path, train.schema, "label"), train.schema, csv_path.name)
         store.close()
-        merge_overrides(agent, cfg.extra.get("agent", {}))
         clinics.append({"id": cid, "dir": cdir, "config": agent, "rows": len(idx),
                         "labels": shard_info[i - 1]})
-    aggregator = {
-        "fleet": fleet, "data_dir": "data", "key": "keys/aggregator.key",
-        "devices": "keys/devices", "initial_model": str(work / "initial-model"),
-        "mqtt": {"host": "127.0.0.1", "port": 0},
-        "rounds": {"rounds": cfg.rounds, "min_participants": max(1, cfg.clients // 2),
-                   "deadline_seconds": cfg.deadline, "participation_rate": 1.0},
-        "training": {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
-                     "optimizer": cfg.optimizer},
-        "privacy": {"noise": cfg.mode, "clip_norm": cfg.clip_norm,
-                    "noise_multiplier": cfg.noise_multiplier, "delta": cfg.delta,
-                    **({"noise_seed": cfg.noise_seed} if cfg.noise_seed is not None else {})},
-        "strategy": {"rule": "fedavg", "optimizer": cfg.server_optimizer},
-        "evaluation": {"data": str(holdout_csv), "label": "label"},
-    }
-    merge_overrides(aggregator, cfg.extra.get("aggregator", {}))
+    aggregator = aggregator_table(cfg, fleet, work / "initial-model", holdout_csv)
     return {"fleet": fleet, "aggregator_dir": agg_dir, "aggregator": aggregator,
             "clinics": clinics, "model_v1": model_v1, "holdout_rows": len(holdout),
             "train_rows": len(train), "dataset": train.name}
+
+
+def prepare_json(cfg: DemoConfig, work: Path) -> dict[str, Any]:
+    """:func:`prepare`, with a JSON-able result (it runs in a child process of the fork server)."""
+    plan = prepare(cfg, work)
+    return {**plan, "aggregator_dir": str(plan["aggregator_dir"]),
+            "clinics": [{**c, "dir": str(c["dir"])} for c in plan["clinics"]],
+            "model_v1": plan["model_v1"].to_dict()}
+
+
+def plan_from_json(d: dict[str, Any]) -> dict[str, Any]:
+    from bedside.manifest import Manifest
+
+    return {**d, "aggregator_dir": Path(d["aggregator_dir"]),
+            "clinics": [{**c, "dir": Path(c["dir"])} for c in d["clinics"]],
+            "model_v1": Manifest.from_dict(d["model_v1"], "the starting model's manifest")}
 
 
 def _write_configs(plan: dict[str, Any], port: int) -> None:
@@ -241,14 +276,6 @@ def _write_configs(plan: dict[str, Any], port: int) -> None:
 
 
 # -- running ---------------------------------------------------------------------------------------
-def _spawn(args: list[str], log_path: Path, cwd: Path) -> subprocess.Popen[bytes]:
-    env = dict(os.environ)
-    env["PYTHONUNBUFFERED"] = "1"
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return subprocess.Popen([sys.executable, "-m", "bedside", *args], cwd=cwd,
-                            stdout=log_path.open("wb"), stderr=subprocess.STDOUT, env=env)
-
-
 def run(cfg: DemoConfig) -> dict[str, Any]:
     from bedside.transport.broker import EmbeddedBroker
     from bedside.transport.mqtt import MqttConfig, MqttTransport
@@ -262,14 +289,17 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     if not cfg.target_epsilon > 0:
         raise InputError("--target-epsilon must be > 0")
     started = time.monotonic()
+    from bedside.demo import processes
+
+    processes.warm_up()  # the services' imports, once, on the other core while we prepare
     work = _workdir(cfg.out)
     logs = work / "logs"
     logs.mkdir(exist_ok=True)
-    plan = prepare(cfg, work)
+    plan = plan_from_json(processes.call(prepare_json, cfg, work))
     ui = _Table(cfg, plan)
     ui.intro(work)
     broker = EmbeddedBroker("127.0.0.1", 0).start()
-    procs: dict[str, subprocess.Popen[bytes]] = {}
+    procs: dict[str, Any] = {}
     watcher = None
     rows: list[dict[str, Any]] = []
     devices: dict[str, dict[str, Any]] = {}
@@ -281,11 +311,12 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
         if not watcher.wait_connected(10):
             raise TransportError("the demo could not connect to its embedded broker")
         watcher.subscribe(topic_status_all(plan["fleet"]))
-        procs["aggregator"] = _spawn(["aggregator", "serve", "--config", "aggregator.toml"],
-                                     logs / "aggregator.log", plan["aggregator_dir"])
+        procs["aggregator"] = processes.start(
+            ["aggregator", "serve", "--config", "aggregator.toml"], logs / "aggregator.log",
+            plan["aggregator_dir"], "aggregator")
         for c in plan["clinics"]:
-            procs[c["id"]] = _spawn(["edge", "run", "--config", "agent.toml"],
-                                    logs / f"{c['id']}.log", c["dir"])
+            procs[c["id"]] = processes.start(["edge", "run", "--config", "agent.toml"],
+                                             logs / f"{c['id']}.log", c["dir"], c["id"])
         agg_topic = topic_status(plan["fleet"], AGGREGATOR_ID)
         deadline = time.monotonic() + cfg.timeout
         seen_rounds: set[int] = set()
@@ -293,7 +324,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
             if time.monotonic() > deadline:
                 raise TransportError(f"the federation did not finish within {cfg.timeout:g} s; "
                                      f"see the logs in {logs}")
-            dead = [n for n, p in procs.items() if p.poll() not in (None, 0)]
+            dead = [n for n, p in procs.items() if p.exitcode not in (None, 0)]
             if dead:
                 raise TransportError(f"{', '.join(dead)} exited with an error; see {logs}")
             msg = watcher.get(0.5)
@@ -314,19 +345,18 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
             else:
                 devices[msg.topic.rsplit("/", 1)[-1]] = body
         for name, p in procs.items():
-            try:
-                p.wait(timeout=30 if name != "aggregator" else 10)
-            except subprocess.TimeoutExpired:
+            p.join(timeout=30 if name != "aggregator" else 10)
+            if p.is_alive():
                 p.terminate()
     finally:
         for p in procs.values():
-            if p.poll() is None:
+            if p.is_alive():
                 p.terminate()
         for p in procs.values():
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
+            p.join(timeout=10)
+            if p.is_alive():
                 p.kill()
+                p.join(timeout=5)
         if watcher is not None:
             watcher.close()
         broker.stop()

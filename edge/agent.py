@@ -1,7 +1,9 @@
-"""The edge agent: a clinic device's participation in federated training.
+"""The edge agent: the MQTT driver of a clinic device's part in federated training.
 
 :class:`Agent` is the edge's front door for federation. Its loop runs on its own thread; the
-transport's network thread only enqueues. For each signed round announcement it:
+transport's network thread only enqueues. The round logic is the core's
+(:mod:`bedside.federation.device`, through :func:`bedside.edge.participant.participate`); the
+agent receives, calls it, persists and publishes. For each signed round announcement it:
 
 1. verifies the aggregator's signature with the key pinned at enrollment;
 2. waits until it runs the announced model version (model releases are verified, self-tested and
@@ -11,9 +13,9 @@ transport's network thread only enqueues. For each signed round announcement it:
    releases (record-level DP-SGD steps; device-level Gaussian on the clipped update) and refuses
    if either budget would be exceeded; an unreadable ledger also refuses (fail closed). A refusal
    is sent as a signed decline, logged, shown in the status, and inference goes on;
-4. trains locally (torch, Opacus DP-SGD at the noise multiplier that spreads the record-level
-   budget over the planned rounds), computes ``delta = w_local - w_global``, clips it to L2 norm
-   ``C`` and, in local mode, adds ``N(0, (z C)^2)``;
+4. trains locally (torch, DP-SGD at the noise multiplier that spreads the record-level budget
+   over the planned rounds), computes ``delta = w_local - w_global``, clips it to L2 norm ``C``
+   and, in local mode, adds ``N(0, (z C)^2)``;
 5. records the releases in the ledger (before anything leaves the device), signs the update and
    publishes it from the durable outbox, which re-sends until the aggregator's signed receipt
    arrives or the round closes (then the update is dropped as stale, with a log line).
@@ -27,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable
@@ -41,9 +42,6 @@ from bedside.constants import (
     KIND_MODEL,
     KIND_RECEIPT,
     KIND_UPDATE,
-    NOISE_LOCAL,
-    UNIT_DEVICE,
-    UNIT_RECORD,
     topic_model,
     topic_receipt,
     topic_round,
@@ -52,51 +50,39 @@ from bedside.constants import (
 )
 from bedside.edge.config import AgentConfig
 from bedside.edge.outbox import AgentState
+from bedside.edge.participant import Contribution, participate
 from bedside.edge.store import RecordStore
 from bedside.edge.updater import ModelManager
 from bedside.errors import (
     BedsideError,
-    BudgetExceededError,
     LedgerError,
-    PrivacyError,
     TransportError,
     ValidationError,
     WireError,
 )
-from bedside.rounds import RoundSettings
+from bedside.federation.seeds import round_rng
+from bedside.federation.settings import RoundSettings
 from bedside.transport import Message, Transport
 from bedside.wire.envelope import Envelope, decode, encode, peek
 from bedside.wire.signing import KeyRing, SigningKey, VerifyKey
 
 log = logging.getLogger("bedside.edge.agent")
-ASSUMED_ROUNDS = 100  # for calibrating DP-SGD when the aggregator plans no end
-# DP-SGD is calibrated a hair below the record budget, so rounding never makes the last planned
-# round exceed it.
-BUDGET_MARGIN = 0.995
-
-
-def bucket(n: int) -> int:
-    """Largest power of two <= n (what leaves the device instead of the exact record count)."""
-    return 1 << (max(1, n).bit_length() - 1)
 
 
 class Agent:
     def __init__(self, cfg: AgentConfig, transport: Transport | None = None, *,
-                 clock: Callable[[], float] = time.time,
-                 rng: np.random.Generator | None = None) -> None:
-        from bedside.privacy.mechanisms import secure_rng
-
+                 clock: Callable[[], float] = time.time) -> None:
         self.cfg = cfg
         self.clock = clock
-        if rng is None:
-            rng = secure_rng() if cfg.seed is None else np.random.default_rng(cfg.seed)
-        self.rng = rng
+        if cfg.agent.seed is not None:
+            log.warning("this device's training and noise are seeded ([agent] seed): "
+                        "reproducible, for tests and demos only; never set it in production")
         self.key = SigningKey.load(cfg.key)
         self.pinned = KeyRing()
         self.pinned.add(AGGREGATOR_ID, VerifyKey.load(cfg.aggregator_key))
         self.store = RecordStore(cfg.records_path)
         self.state = AgentState(cfg.state_path)
-        self.models = ModelManager(cfg.models_path, threads=cfg.threads)
+        self.models = ModelManager(cfg.models_path, threads=cfg.agent.threads)
         self._ledger: Any = None
         self.ledger_error: str | None = None
         self._open_ledger()
@@ -112,11 +98,8 @@ class Agent:
         self.settings: RoundSettings | None = None
         self.done = False
         self.refusing: str | None = None
-        self.last_model_error: str | None = None
         self.refused_versions: set[int] = set()
-        self._calibrated: dict[tuple[Any, ...], float] = {}
         self._last_status = 0.0
-        self._was_connected = False
 
     # -- ledger ----------------------------------------------------------------------------------
     def _open_ledger(self) -> None:
@@ -153,7 +136,7 @@ class Agent:
         stop = stop or threading.Event()
         while not stop.is_set():
             self.step(poll)
-            if self.done and self.cfg.exit_when_done and not self.state.pending():
+            if self.done and self.cfg.agent.exit_when_done and not self.state.pending():
                 break
         self.publish_status(force=True, state="stopped")
 
@@ -200,16 +183,14 @@ class Agent:
             return
         records = None
         serving = self.models.manifest()
-        if serving is not None and self.cfg.quality_tolerance is not None:
+        if serving is not None and self.cfg.agent.quality_tolerance is not None:
             x, y = self.store.load(serving.schema)
             records = (x, y) if len(x) else None
         try:
-            installed = self.models.install(onnx.tobytes(), manifest, version, records,
-                                            self.cfg.quality_tolerance)
-            self.last_model_error = installed.note or None  # kept local, never published
+            self.models.install(onnx.tobytes(), manifest, version, records,
+                                self.cfg.agent.quality_tolerance)
         except BedsideError as exc:  # integrity or self-test: about the file, not the records
             self.refused_versions.add(version)
-            self.last_model_error = f"v{version}: {exc}"
             log.error("model v%d refused: %s", version, exc)
         self.publish_status(force=True)
 
@@ -277,55 +258,6 @@ class Agent:
         log.info("round %d: declined (%s)%s", h.round, reason, f": {detail}" if detail else "")
         self._flush_outbox()
 
-    def _plan(self, r: int, s: RoundSettings, n: int) -> tuple[list[Any], Any]:
-        """This round's releases (for the ledger) and the DP-SGD settings.
-
-        Record level: DP-SGD as Opacus runs it (Poisson sampling at ``dp_sample_rate``, for
-        ``dp_steps`` steps; ``fit`` checks both). Device level: the clipped update as a Gaussian
-        mechanism under replace-one adjacency (sensitivity 2C, multiplier z / 2) in both modes;
-        membership is public, so no amplification by sampling is claimed.
-        """
-        from bedside.models.train import DPConfig, dp_sample_rate, dp_steps
-        from bedside.privacy.ledger import Release
-
-        releases: list[Any] = []
-        dp = None
-        if self.cfg.record_epsilon is not None:
-            batch, epochs = s.train.batch_size, s.train.epochs
-            q = dp_sample_rate(n, batch)
-            steps = dp_steps(n, batch, epochs)
-            sigma = self._calibrate(q, steps * (s.planned_rounds or ASSUMED_ROUNDS))
-            releases.append(Release(round=r, unit=UNIT_RECORD, mechanism="sampled_gaussian",
-                                    noise_multiplier=sigma, sample_rate=q, steps=steps,
-                                    note="DP-SGD (Opacus, Poisson sampling)"))
-            dp = DPConfig(noise_multiplier=sigma, max_grad_norm=self.cfg.max_grad_norm)
-        if self.cfg.device_epsilon is not None:
-            if s.noise == "none":
-                raise BudgetExceededError("the round adds no device-level noise but this device "
-                                          "has a device-level budget; declining")
-            releases.append(Release(round=r, unit=UNIT_DEVICE, mechanism="gaussian",
-                                    noise_multiplier=s.noise_multiplier / 2.0, sample_rate=1.0,
-                                    steps=1, note=f"{s.noise} noise; replace-one, sensitivity 2C"))
-        return releases, dp
-
-    def _calibrate(self, q: float, total_steps: int) -> float:
-        from bedside.privacy.accountant import calibrate
-
-        assert self.cfg.record_epsilon is not None
-        key = (q, total_steps, self.cfg.record_epsilon, self.cfg.record_delta)
-        if key not in self._calibrated:
-            self._calibrated[key] = calibrate(self.cfg.record_epsilon * BUDGET_MARGIN,
-                                              self.cfg.record_delta, q, total_steps)
-            log.info("DP-SGD noise multiplier %.4f spreads record-level epsilon %.3g over %d "
-                     "steps at sample rate %.4f", self._calibrated[key], self.cfg.record_epsilon,
-                     total_steps, q)
-        return self._calibrated[key]
-
-    def _round_rng(self, r: int) -> np.random.Generator:
-        """Fresh randomness for round ``r``: from the OS, or (tests, reproducible demos) derived
-        from the configured seed *and the round*, so no two rounds ever share noise."""
-        return self.rng if self.cfg.seed is None else np.random.default_rng([self.cfg.seed, r])
-
     def _participate(self, env: Envelope, s: RoundSettings, manifest: Any) -> None:
         r = env.header.round
         if self._ledger is None:
@@ -333,75 +265,35 @@ class Agent:
         if self._ledger is None:
             self.refusing = f"ledger unavailable: {self.ledger_error}"
             self._decline(env, "ledger_unavailable", str(self.ledger_error))
+            self.publish_status(force=True)
             return
         x, y = self.store.load(manifest.schema)  # one read: n and the data always agree
-        if len(x) == 0:
-            self._decline(env, "no_records", "ingest records with 'bedside edge ingest'")
-            return
-        rng = self._round_rng(r)
-        if s.participation_rate < 1.0 and rng.random() >= s.participation_rate:
-            self._decline(env, "not_sampled")  # nothing released, nothing to account
-            return
-        try:
-            releases, dp = self._plan(r, s, len(x))
-            self._ledger.check(releases)
-        except (BudgetExceededError, LedgerError) as exc:
-            self.refusing = str(exc)
-            log.warning("round %d: refusing to contribute: %s (inference continues)", r, exc)
-            self._decline(env, "budget" if isinstance(exc, BudgetExceededError) else
-                          "ledger_unavailable", str(exc))
+        model_bytes = self.models.model_bytes(env.header.model_version)
+        assert model_bytes is not None
+        self.publish_status(force=True, state="training")
+        started = time.perf_counter()
+        outcome = participate(r, s, manifest, model_bytes, x, y, privacy=self.cfg.privacy,
+                              ledger=self._ledger, fleet=self.cfg.fleet,
+                              seed=self.cfg.agent.seed, rng=round_rng(self.cfg.agent.seed, r))
+        if not isinstance(outcome, Contribution):
+            if outcome.reason in ("budget", "ledger_unavailable"):
+                self.refusing = outcome.detail
+                log.warning("round %d: refusing to contribute: %s (inference continues)", r,
+                            outcome.detail)
+            self._decline(env, outcome.reason, outcome.detail)
             self.publish_status(force=True)
             return
         self.refusing = None
-        self._train_and_send(env, s, manifest, releases, dp, x, y, rng)
-
-    def _train_and_send(self, env: Envelope, s: RoundSettings, manifest: Any,
-                        releases: list[Any], dp: Any, x: np.ndarray, y: np.ndarray,
-                        rng: np.random.Generator) -> None:
-        from bedside.privacy.mechanisms import add_gaussian_noise, clip_update
-
-        h = env.header
-        started = self.clock()
-        self.publish_status(force=True, state="training")
-        try:
-            from bedside.edge.trainer import local_update
-        except ImportError as exc:
-            self._decline(env, "cannot_train", f"install bedside[train] to train ({exc})")
-            return
-        model_bytes = self.models.model_bytes(h.model_version)
-        assert model_bytes is not None
-        # A configured seed (tests, reproducible demos) is mixed with the round: noise must be
-        # fresh in every round, or differencing two releases would cancel it.
-        seed = None if self.cfg.seed is None else self.cfg.seed * 1_000_003 + h.round
-        delta, fit = local_update(manifest, model_bytes, x, y, s.train.to_dict(), dp, seed)
-        record = [rel for rel in releases if rel.unit == UNIT_RECORD]
-        if record and (fit.steps != record[0].steps
-                       or abs(fit.sample_rate - record[0].sample_rate) > 1e-12):
-            raise PrivacyError(f"training ran {fit.steps} steps at sample rate "
-                               f"{fit.sample_rate:.6g}, the ledger plan says {record[0].steps} at "
-                               f"{record[0].sample_rate:.6g}; nothing is sent")
-        names = list(manifest.parameters)
-        clipped, norm = clip_update([delta[k] for k in names], s.clip_norm)
-        if s.noise == NOISE_LOCAL:
-            clipped = add_gaussian_noise(clipped, s.noise_multiplier, s.clip_norm, rng)
-        try:
-            self._ledger.record(releases)  # before anything leaves the device
-        except (BudgetExceededError, LedgerError) as exc:
-            self.refusing = str(exc)
-            self._decline(env, "budget", str(exc))
-            return
-        update_meta: dict[str, Any] = {"fleet": self.cfg.fleet}
-        if s.weighting == "examples":  # only when the aggregator weights by it (bucketed)
-            update_meta["weight"] = bucket(len(x))
-        if self.cfg.record_epsilon is not None:
-            update_meta["record_epsilon"] = math.ceil(self._ledger.spent(UNIT_RECORD) * 100) / 100
-            update_meta["record_delta"] = self.cfg.record_delta
-        msg = encode(KIND_UPDATE, self.cfg.device_id, self.key,
-                     dict(zip(names, clipped, strict=True)), round=h.round,
-                     model_version=h.model_version, meta=update_meta)
-        detail = f"trained {fit.steps} steps in {self.clock() - started:.2f} s"
-        self.state.queue(h.round, "contributed", detail, peek(msg).nonce, "update", msg)
-        log.info("round %d: %s, update norm %.3f (clip %g)", h.round, detail, norm, s.clip_norm)
+        t0 = time.perf_counter()
+        msg = encode(KIND_UPDATE, self.cfg.device_id, self.key, outcome.tensors, round=r,
+                     model_version=env.header.model_version, meta=outcome.meta)
+        timings = {**outcome.timings, "sign": time.perf_counter() - t0}
+        detail = f"trained {outcome.steps} steps in {time.perf_counter() - started:.2f} s"
+        self.state.queue(r, "contributed", detail, peek(msg).nonce, "update", msg)
+        log.info("round %d: %s, update norm %.3f (clip %g)", r, detail, outcome.norm,
+                 s.clip_norm)
+        log.debug("round %d timings: %s", r, json.dumps({k: round(v, 4)
+                                                          for k, v in timings.items()}))
         self._flush_outbox()
         self.publish_status(force=True)
 
@@ -420,7 +312,7 @@ class Agent:
                 log.warning("round %d: dropped undelivered %s: the round closed before the "
                             "aggregator confirmed it", e.round, e.kind)
                 continue
-            if e.last_sent_at is not None and now - e.last_sent_at < self.cfg.resend_seconds:
+            if e.last_sent_at is not None and now - e.last_sent_at < self.cfg.agent.resend_seconds:
                 continue
             if not self.transport.connected:
                 return
@@ -465,7 +357,7 @@ class Agent:
 
     def publish_status(self, force: bool = False, state: str | None = None) -> None:
         now = self.clock()
-        if not force and now - self._last_status < self.cfg.status_seconds:
+        if not force and now - self._last_status < self.cfg.agent.status_seconds:
             return
         self._last_status = now
         # status is informational: if the broker is away, the next one goes out when connected

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bedside.sqlite import open_db
+from bedside.sqlite import open_db, transaction
 
 
 @dataclass(frozen=True)
@@ -60,21 +60,12 @@ class AgentState:
     def queue(self, round_id: int, action: str, detail: str, nonce: str, kind: str,
               envelope: bytes) -> None:
         """Mark the round handled and put its message in the outbox, in one transaction."""
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(self.db):
             self.db.execute("INSERT OR REPLACE INTO rounds VALUES (?, ?, ?, ?)",
                             (round_id, action, detail, time.time()))
             self.db.execute("INSERT INTO outbox (nonce, round, kind, envelope, created_at) "
                             "VALUES (?, ?, ?, ?, ?)",
                             (nonce, round_id, kind, envelope, time.time()))
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-
-    def mark_round(self, round_id: int, action: str, detail: str = "") -> None:
-        self.db.execute("INSERT OR REPLACE INTO rounds VALUES (?, ?, ?, ?)",
-                        (round_id, action, detail, time.time()))
 
     def last_round(self) -> tuple[int, str] | None:
         r = self.db.execute("SELECT round, action FROM rounds ORDER BY round DESC LIMIT 1"

@@ -5,11 +5,8 @@
 1. reads ``manifest.json`` and the ONNX file, and checks the file's sha256 against the manifest
    *before* creating a session (a mismatch is refused with :class:`IntegrityError`); the session
    is built from the verified bytes, so the file cannot be swapped between check and use;
-2. builds an onnxruntime session tuned for small CPU devices: ``threads`` intra-op threads (1 by
-   default: a clinic box serves one request at a time and stays responsive for other work), one
-   inter-op thread, sequential execution, and the CPU memory arena **off** by default (the arena
-   keeps peak allocations for reuse; for small models it costs resident memory and buys no
-   measurable latency, see benchmarks/README.md);
+2. builds an :class:`~bedside.models.onnx_model.OnnxClassifier` (onnxruntime, tuned for small
+   CPU devices: one intra-op thread by default, the memory arena off);
 3. validates every batch against the schema (shape, finite values, allowed ranges) before running.
 """
 
@@ -23,7 +20,7 @@ import numpy as np
 
 from bedside.errors import ModelError
 from bedside.manifest import Manifest, load_manifest, verify_model_file
-from bedside.outputs import to_probabilities
+from bedside.models.onnx_model import OnnxClassifier
 from bedside.schema import Schema
 from bedside.tabular import Table, read_csv
 
@@ -43,36 +40,15 @@ class Predictor:
 
     def __init__(self, model_dir: str | Path, *, threads: int = 1, memory_arena: bool = False,
                  model_file: str | None = None) -> None:
-        import onnxruntime as ort
-
         self.model_dir = Path(model_dir)
         self.manifest: Manifest = load_manifest(self.model_dir)
         if model_file is None:
             data = verify_model_file(self.model_dir, self.manifest)
         else:  # e.g. the quantized file, checked against its own entry in the manifest
             data = self._verified_extra(model_file)
-        if threads < 1:
-            raise ModelError(f"threads must be >= 1, got {threads}")
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.enable_cpu_mem_arena = memory_arena
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
-        try:
-            self._session = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            raise ModelError(
-                f"{self.model_dir}: onnxruntime cannot load the model: {exc}") from None
-        out = self.manifest.output
-        self._input = out.get("input") or self._session.get_inputs()[0].name
-        self._output = out.get("probabilities") or self._session.get_outputs()[0].name
-        self._feed_names = [self._output]
-        labels = [str(label) for label in self.schema.labels]
-        # Bedside-exported models output probabilities in label order: no decoding needed.
-        self._plain_output = out.get("format", "tensor") == "tensor" and [
-            str(c) for c in out.get("class_labels", out.get("classes", labels))] == labels
+        self.classifier = OnnxClassifier(data, self.manifest.output, self.schema.labels,
+                                         threads=threads, memory_arena=memory_arena,
+                                         where=str(self.model_dir))
 
     def _verified_extra(self, name: str) -> bytes:
         from bedside.errors import IntegrityError
@@ -108,10 +84,7 @@ class Predictor:
 
     def run_unchecked(self, arr: np.ndarray) -> np.ndarray:
         """Run on an already validated float32 batch (benchmarks measure this path)."""
-        raw = self._session.run(self._feed_names, {self._input: arr})[0]
-        if self._plain_output:
-            return raw.astype(np.float64)
-        return to_probabilities(self.manifest.output, raw, self.schema.labels)
+        return self.classifier.probabilities(arr)
 
     def predict(self, x: np.ndarray, row_ids: list[str] | None = None) -> list[Prediction]:
         ids = row_ids or [str(i) for i in range(1, len(x) + 1)]

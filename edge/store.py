@@ -23,7 +23,7 @@ import numpy as np
 
 from bedside.errors import DataError
 from bedside.schema import Schema
-from bedside.sqlite import open_db
+from bedside.sqlite import open_db, transaction
 from bedside.tabular import Table
 
 
@@ -58,8 +58,7 @@ class RecordStore:
             raise DataError("records for training need labels; pass the label column (--label)")
         fp = schema_fingerprint(schema)
         added = 0
-        self.db.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(self.db):
             for x, y in zip(table.x, table.y, strict=True):
                 blob = np.ascontiguousarray(x, np.float32).tobytes()
                 digest = hashlib.sha256(blob + int(y).to_bytes(8, "little")).hexdigest()
@@ -67,10 +66,6 @@ class RecordStore:
                     "INSERT OR IGNORE INTO records (schema, digest, x, y, source, ingested_at) "
                     "VALUES (?, ?, ?, ?, ?, ?)", (fp, digest, blob, int(y), source, time.time()))
                 added += cur.rowcount
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
         return IngestResult(added=added, duplicates=len(table.x) - added, total=self.count(schema))
 
     def count(self, schema: Schema) -> int:

@@ -114,11 +114,6 @@ class Dataset:
             )
         return replace(self, x=self.x[idx], y=self.y[idx])
 
-    def class_counts(self) -> dict[str, int]:
-        """Rows per class label."""
-        counts = np.bincount(self.y, minlength=self.schema.n_classes)
-        return {label: int(c) for label, c in zip(self.schema.labels, counts, strict=True)}
-
 
 def _half_range(lo: float, hi: float) -> tuple[float, float]:
     """``loc = (lo + hi) / 2``, ``scale = (hi - lo) / 2``; a zero-width range gets scale 1."""

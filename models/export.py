@@ -16,6 +16,7 @@ import io
 import logging
 import tempfile
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import torch
 
 from bedside.constants import ONNX_INPUT, ONNX_OPSET, ONNX_OUTPUT
 from bedside.errors import ExportError
+from bedside.models.onnx_model import EXPORTED_OUTPUT, OnnxClassifier
 from bedside.models.onnx_weights import initializer_shapes, load_proto
 from bedside.models.train import predict_proba
 from bedside.models.zoo import BedsideNet, trainable_shapes
@@ -95,21 +97,16 @@ def check_parameter_names(net: BedsideNet, onnx_bytes: bytes) -> dict[str, list[
     return params
 
 
-def onnx_probabilities(onnx_bytes: bytes, x: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
-    out = sess.run([ONNX_OUTPUT], {ONNX_INPUT: np.ascontiguousarray(x, np.float32)})[0]
-    return np.asarray(out, dtype=np.float64)
+def onnx_probabilities(onnx_bytes: bytes, x: np.ndarray, labels: Sequence[str]) -> np.ndarray:
+    """Class probabilities of an exported model (onnxruntime, through OnnxClassifier)."""
+    return OnnxClassifier(onnx_bytes, EXPORTED_OUTPUT, labels).probabilities(x)
 
 
 def check_parity(net: BedsideNet, onnx_bytes: bytes, x: np.ndarray,
                  tolerance: float = PARITY_TOLERANCE) -> dict[str, Any]:
     """Max abs difference of class probabilities between torch and onnxruntime on ``x``."""
     torch_p = predict_proba(net, x)
-    onnx_p = onnx_probabilities(onnx_bytes, x)
+    onnx_p = onnx_probabilities(onnx_bytes, x, [str(i) for i in range(net.spec.n_classes)])
     diff = float(np.max(np.abs(torch_p - onnx_p))) if len(x) else 0.0
     result = {"rows": len(x), "max_abs_diff": diff, "tolerance": tolerance,
               "passed": bool(diff <= tolerance)}

@@ -115,19 +115,16 @@ def import_onnx(model_file: str | Path, schema: Schema, out_dir: str | Path, *,
 
 def _self_test(data: bytes, io: dict[str, Any], schema: Schema) -> None:
     """Run the model on valid rows: it must give finite probabilities that sum to one."""
-    import onnxruntime as ort
+    from bedside.models.onnx_model import OnnxClassifier
 
-    from bedside.outputs import to_probabilities
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
     try:
-        sess = ort.InferenceSession(data, opts, providers=["CPUExecutionProvider"])
+        model = OnnxClassifier(data, io, schema.labels, where="the model")
         rows = schema.reference_rows(2 if io["input_batch_dynamic"] else 1)
-        raw = sess.run([io["probabilities"]], {io["input"]: rows})[0]
+        probs = model.probabilities(rows)
+    except ModelError:
+        raise
     except Exception as exc:
         raise ModelError(f"the model does not run on valid input rows: {exc}") from None
-    probs = to_probabilities(io, raw, schema.labels)
     if not (np.isfinite(probs).all() and np.allclose(probs.sum(axis=1), 1.0, atol=1e-3)):
         raise ModelError("the model's probability output does not sum to one per row; is it a "
                          "classifier's probability output (not logits)?")

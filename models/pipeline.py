@@ -21,8 +21,9 @@ from bedside.models.export import (
     to_onnx_bytes,
 )
 from bedside.models.spec import ArchSpec
-from bedside.models.train import DPConfig, FitResult, TrainConfig, fit
+from bedside.models.train import FitResult, TrainConfig, fit
 from bedside.models.zoo import build
+from bedside.privacy.dpsgd import DPSGDPlan
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def export_model(
     version: int = 1,
     parent_version: int | None = None,
     train: TrainConfig | None = None,
-    dp: DPConfig | None = None,
+    dp: DPSGDPlan | None = None,
     params: dict[str, Any] | None = None,
     test_fraction: float = 0.2,
     split_seed: int = 0,
@@ -73,7 +74,7 @@ def export_model(
     onnx_bytes = to_onnx_bytes(net, ds.schema)
     parameters = check_parameter_names(net, onnx_bytes)
     parity = check_parity(net, onnx_bytes, test_ds.x)
-    probs = onnx_probabilities(onnx_bytes, test_ds.x)
+    probs = onnx_probabilities(onnx_bytes, test_ds.x, ds.schema.labels)
     metrics: dict[str, Any] = {"test": evaluate(test_ds.y, probs)}
     manifest = Manifest(
         name=name or f"{ds.name}-{arch}",
@@ -102,7 +103,8 @@ def export_model(
         q = quantize_int8(onnx_bytes)
         manifest.extra["quantization"] = {"file": QUANTIZED_FILE, "scheme": "dynamic int8 "
                                           "(onnxruntime quantize_dynamic, QInt8 weights)",
-                                          **compare(onnx_bytes, q, test_ds.x, test_ds.y)}
+                                          **compare(onnx_bytes, q, test_ds.x, test_ds.y,
+                                                  ds.schema.labels)}
         extra[QUANTIZED_FILE] = q
     write_model_dir(out_dir, onnx_bytes, manifest, extra)
     log.info("wrote %s (version %d) to %s", manifest.name, version, out_dir)

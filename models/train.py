@@ -1,38 +1,39 @@
-"""Training loops (torch): plain, and record-level DP-SGD with Opacus.
+"""Training loops (torch): plain, and record-level DP-SGD.
 
-DP-SGD (Abadi et al. 2016, "Deep Learning with Differential Privacy") clips each example's gradient
-to ``max_grad_norm`` and adds Gaussian noise with std ``noise_multiplier * max_grad_norm`` to the
-sum, over batches drawn by Poisson sampling with rate ``q = batch_size / n`` (Opacus
-``make_private(poisson_sampling=True)``). The loop only *describes* what it did (noise multiplier,
-sample rate, number of steps) in :class:`FitResult`; the privacy accountant turns that description
-into epsilon. Accounting is never mixed into the loop.
+DP-SGD (Abadi et al. 2016, "Deep Learning with Differential Privacy") draws each step's batch by
+Poisson sampling (every record independently with probability ``q``), computes every sampled
+record's own gradient (``torch.func``: ``vmap`` of ``grad``), clips each to L2 norm
+``max_grad_norm``, sums them, adds Gaussian noise with standard deviation ``noise_multiplier *
+max_grad_norm`` and divides by the expected batch size, then takes the optimizer's step. It is the
+algorithm of Opacus' ``make_private(poisson_sampling=True)``, step for step (same sampler, same
+clip factor ``C / (norm + 1e-6)``, same scaling; ``tests/unit/models/test_dpsgd.py`` checks it
+against Opacus), without Opacus' import and per-round engine set-up, which cost a device more
+than its training (``benchmarks/README.md``).
 
-Noise comes from a ``torch.Generator`` seeded from the OS's entropy unless a seed is given (tests).
-Opacus' ``secure_mode`` (a cryptographically secure sampler, which also resists floating-point
-attacks on the Gaussian sampler, Mironov 2012) needs torchcsprng, which is not installable here;
-this is stated in docs/privacy.md.
+The loop follows a :class:`~bedside.privacy.dpsgd.DPSGDPlan` fixed before training (and recorded
+in the privacy ledger) and refuses to run anything else; it only *describes* what it did in
+:class:`FitResult`. Accounting is never mixed into the loop.
+
+Randomness (batch sampling, noise) comes from ``torch.Generator``s seeded from the OS's entropy
+unless a seed is given (tests, reproducible demos). Like every floating-point Gaussian sampler
+this is not an exact sample of the real-valued distribution (Mironov 2012); see docs/privacy.md.
 """
 
 from __future__ import annotations
 
-import math
 import secrets
-import warnings
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from bedside.errors import InputError, PrivacyError
-
-# Known, harmless warnings, silenced by message (module-level: catch_warnings is not thread-safe
-# and agents train on their own threads). Opacus warns that its secure RNG is off (see above);
-# torch, that a full backward hook fires on inputs without gradients (Opacus' per-sample hooks).
-warnings.filterwarnings("ignore", message=".*Secure RNG turned off.*")
-warnings.filterwarnings("ignore", message=".*Full backward hook is firing.*")
+from bedside.privacy import dpsgd
+from bedside.privacy.dpsgd import DPSGDPlan
 
 
 @dataclass(frozen=True)
@@ -56,20 +57,6 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class DPConfig:
-    """Record-level DP-SGD settings. ``noise_multiplier`` = noise std / ``max_grad_norm``."""
-
-    noise_multiplier: float
-    max_grad_norm: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not self.noise_multiplier > 0:
-            raise InputError(f"DP-SGD noise_multiplier must be > 0, got {self.noise_multiplier}")
-        if not self.max_grad_norm > 0:
-            raise InputError(f"DP-SGD max_grad_norm must be > 0, got {self.max_grad_norm}")
-
-
-@dataclass(frozen=True)
 class FitResult:
     """What a training run did. For DP-SGD this is the input to the accountant."""
 
@@ -84,25 +71,6 @@ class FitResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _batches_per_epoch(rows: int, batch_size: int) -> int:
-    return math.ceil(rows / min(batch_size, rows))
-
-
-def dp_sample_rate(rows: int, batch_size: int) -> float:
-    """The Poisson sampling rate DP-SGD uses for ``rows`` records and a batch of ``batch_size``.
-
-    Exactly what Opacus does (``DPDataLoader.from_data_loader``): ``1 / len(loader)`` with
-    ``len(loader) = ceil(rows / batch_size)``. The privacy ledger records this value, so it must
-    be the one training really uses (``fit`` checks).
-    """
-    return 1.0 / _batches_per_epoch(rows, batch_size)
-
-
-def dp_steps(rows: int, batch_size: int, epochs: int) -> int:
-    """DP-SGD steps ``fit`` takes: Opacus runs ``len(loader)`` Poisson batches per epoch."""
-    return epochs * _batches_per_epoch(rows, batch_size)
 
 
 def _generators(seed: int | None) -> tuple[torch.Generator, torch.Generator]:
@@ -120,63 +88,109 @@ def _generators(seed: int | None) -> tuple[torch.Generator, torch.Generator]:
 
 
 def fit(net: nn.Module, x: np.ndarray, y: np.ndarray, cfg: TrainConfig,
-        dp: DPConfig | None = None) -> FitResult:
-    """Train ``net`` in place on (x, y); with ``dp``, record-level DP-SGD via Opacus."""
-    return _fit(net, x, y, cfg, dp)
-
-
-def _fit(net: nn.Module, x: np.ndarray, y: np.ndarray, cfg: TrainConfig,
-         dp: DPConfig | None) -> FitResult:
+        dp: DPSGDPlan | None = None) -> FitResult:
+    """Train ``net`` in place on (x, y); with ``dp``, record-level DP-SGD following that plan."""
     if len(x) != len(y) or len(x) == 0:
         raise InputError(f"training needs matching, non-empty x and y (got {len(x)}, {len(y)})")
     gen, noise_gen = _generators(cfg.seed)
     if cfg.seed is not None:
         torch.manual_seed(cfg.seed)
-    data = TensorDataset(torch.from_numpy(np.ascontiguousarray(x, np.float32)),
-                         torch.from_numpy(np.asarray(y, np.int64)))
-    loader = DataLoader(data, batch_size=min(cfg.batch_size, len(data)), shuffle=True,
-                        generator=gen)
+    xt = torch.from_numpy(np.ascontiguousarray(x, np.float32))
+    yt = torch.from_numpy(np.asarray(y, np.int64))
     opt_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.SGD
     optimizer = opt_cls(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    model: nn.Module = net
-    actual_q = 0.0
     net.train()
-    if dp is not None:
-        from opacus import PrivacyEngine
+    if dp is None:
+        steps, last = _plain(net, xt, yt, cfg, optimizer, gen)
+        net.eval()
+        return FitResult(rows=len(x), epochs=cfg.epochs, steps=steps, final_loss=last, dp=False)
+    planned = DPSGDPlan.for_records(len(x), cfg.batch_size, cfg.epochs, dp.noise_multiplier,
+                                    dp.max_grad_norm)
+    if (planned.steps, planned.sample_rate) != (dp.steps, dp.sample_rate):
+        raise PrivacyError(f"DP-SGD on {len(x)} records with batch {cfg.batch_size} for "
+                           f"{cfg.epochs} epoch(s) runs {planned.steps} steps at sample rate "
+                           f"{planned.sample_rate:.6g}; the plan says {dp.steps} at "
+                           f"{dp.sample_rate:.6g}. Refusing to train with unaccounted loss")
+    steps, last = _dp_sgd(net, xt, yt, cfg, dp, optimizer, gen, noise_gen)
+    net.eval()
+    return FitResult(rows=len(x), epochs=cfg.epochs, steps=steps, final_loss=last, dp=True,
+                     noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate,
+                     max_grad_norm=dp.max_grad_norm)
 
-        engine = PrivacyEngine(accountant="rdp")  # its accountant is unused: we account ourselves
-        model, optimizer, loader = engine.make_private(
-            module=net, optimizer=optimizer, data_loader=loader,
-            noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-            poisson_sampling=True, noise_generator=noise_gen,
-        )
-        planned_q = dp_sample_rate(len(data), cfg.batch_size)
-        actual_q = float(getattr(loader, "sample_rate", -1.0))  # Opacus' DPDataLoader
-        if abs(actual_q - planned_q) > 1e-12:
-            raise PrivacyError(f"Opacus samples at rate {loader.sample_rate}, the plan at "
-                               f"{planned_q}; refusing to train with unaccounted privacy loss")
-    loss_fn = nn.CrossEntropyLoss()
-    model.train()
+
+def _plain(net: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig,
+           optimizer: torch.optim.Optimizer, gen: torch.Generator) -> tuple[int, float]:
+    loader = DataLoader(TensorDataset(x, y), batch_size=min(cfg.batch_size, len(x)),
+                        shuffle=True, generator=gen)
     steps, last = 0, float("nan")
     for _ in range(cfg.epochs):
         for xb, yb in loader:
-            # Poisson sampling can draw an empty batch. It must still be a noised step (Opacus
-            # adds noise to a zero gradient): skipping it would reveal that the batch was empty.
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_fn(model(xb), yb)
+            loss = F.cross_entropy(net(xb), yb)
             loss.backward()
             optimizer.step()
             steps += 1
+            last = float(loss.detach())
+    return steps, last
+
+
+def poisson_batch(rows: int, rate: float, gen: torch.Generator) -> torch.Tensor:
+    """Indices of one Poisson-sampled batch, drawn as Opacus' ``UniformWithReplacementSampler``
+    draws them (one uniform per record from ``gen``): possibly empty."""
+    return (torch.rand(rows, generator=gen) < rate).nonzero(as_tuple=False).reshape(-1)
+
+
+def clipped_gradient_sum(net: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                         max_grad_norm: float) -> dict[str, torch.Tensor]:
+    """Sum over the rows of each row's loss gradient, each clipped to L2 norm ``max_grad_norm``.
+
+    Per-example gradients come from ``torch.func`` (``vmap`` over ``grad`` of the one-row loss);
+    the clip factor is Opacus': ``min(1, C / (||g_i|| + 1e-6))`` with the norm over all
+    parameters. No row is ever seen by the sum with more than norm ``C``.
+    """
+    from torch.func import functional_call, grad, vmap
+
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    buffers = {k: v.detach() for k, v in net.named_buffers()}
+    if len(x) == 0:
+        return {k: torch.zeros_like(v) for k, v in params.items()}
+
+    def row_loss(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        out = functional_call(net, (p, buffers), (xi.unsqueeze(0),))
+        return F.cross_entropy(out, yi.unsqueeze(0))
+
+    per_row = vmap(grad(row_loss), in_dims=(None, 0, 0), randomness="different")(params, x, y)
+    norms = torch.stack([g.reshape(len(x), -1).norm(2, dim=-1) for g in per_row.values()],
+                        dim=1).norm(2, dim=1)
+    factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+    return {k: torch.einsum("i,i...", factor, g) for k, g in per_row.items()}
+
+
+def _dp_sgd(net: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, dp: DPSGDPlan,
+            optimizer: torch.optim.Optimizer, gen: torch.Generator,
+            noise_gen: torch.Generator) -> tuple[int, float]:
+    rows = len(x)
+    per_epoch = dpsgd.batches_per_epoch(rows, cfg.batch_size)
+    expected = dpsgd.expected_batch_size(rows, cfg.batch_size)
+    std = dp.noise_multiplier * dp.max_grad_norm
+    params = dict(net.named_parameters())
+    steps, last = 0, float("nan")
+    for _ in range(cfg.epochs):
+        for _ in range(per_epoch):
+            idx = poisson_batch(rows, dp.sample_rate, gen)
+            xb, yb = x[idx], y[idx]
+            summed = clipped_gradient_sum(net, xb, yb, dp.max_grad_norm)
+            # An empty batch is still a noised step (noise on a zero sum): skipping it would
+            # reveal that the batch was empty.
+            for k, p in params.items():
+                noise = torch.normal(0.0, std, size=p.shape, generator=noise_gen)
+                p.grad = (summed[k] + noise) / expected
+            optimizer.step()
+            steps += 1
             if len(xb):
-                last = float(loss.detach())
-    model.eval()
-    net.eval()
-    if dp is None:
-        return FitResult(rows=len(x), epochs=cfg.epochs, steps=steps, final_loss=last, dp=False)
-    return FitResult(rows=len(x), epochs=cfg.epochs, steps=steps, final_loss=last, dp=True,
-                     noise_multiplier=dp.noise_multiplier,
-                     sample_rate=actual_q,  # what Opacus actually used
-                     max_grad_norm=dp.max_grad_norm)
+                with torch.no_grad():
+                    last = float(F.cross_entropy(net(xb), yb))
+    return steps, last
 
 
 @torch.no_grad()

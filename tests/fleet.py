@@ -114,8 +114,7 @@ class MemFleet:
 
         return Aggregator(load_agg(self.fleet.aggregator_toml),
                           MemoryTransport(self.broker, "aggregator", clean_session=False,
-                                          manual_ack=True), clock=self.clock,
-                          rng=__import__("numpy").random.default_rng(0))
+                                          manual_ack=True), clock=self.clock)
 
 
 def mem_fleet(work: Path, **kw: Any) -> MemFleet:
@@ -123,6 +122,7 @@ def mem_fleet(work: Path, **kw: Any) -> MemFleet:
 
     fleet = make_fleet(work, **kw)
     fleet.plan["aggregator"]["mqtt"]["port"] = 1883
+    fleet.plan["aggregator"]["privacy"].setdefault("noise_seed", 0)  # deterministic unit tests
     fleet.aggregator_toml.write_text(to_toml(fleet.plan["aggregator"]))
     for i, c in enumerate(fleet.plan["clinics"]):
         c["config"]["mqtt"]["port"] = 1883

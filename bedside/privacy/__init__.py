@@ -19,12 +19,13 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from bedside.privacy.mechanisms import (
-    AdaptiveClipping,
     adaptive_noise_multiplier,
     add_gaussian_noise,
     clip_indicator,
     clip_update,
     l2_norm,
+    next_clip_norm,
+    noised_count,
     secure_rng,
 )
 
@@ -54,7 +55,6 @@ _LAZY: dict[str, str] = {
 }
 
 __all__ = [
-    "AdaptiveClipping",
     "Budget",
     "Ledger",
     "Release",
@@ -69,6 +69,8 @@ __all__ = [
     "gaussian",
     "gaussian_sigma",
     "l2_norm",
+    "next_clip_norm",
+    "noised_count",
     "sampled_gaussian",
     "secure_rng",
 ]

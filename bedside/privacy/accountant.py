@@ -40,7 +40,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Final, Literal, NotRequired, TypedDict
 
@@ -457,10 +457,30 @@ def calibrate(
     name = _check_accountant(accountant)
     if t == 0:
         raise InputError("steps must be >= 1 to calibrate a noise multiplier, got 0")
+    return _calibrate(target, d, q, t, name)
 
-    def eps_of(z: float) -> float:
-        return epsilon(sampled_gaussian(z, q, t), d, name)
 
+@functools.lru_cache(maxsize=256)
+def _calibrate(target: float, d: float, q: float, t: int, name: str) -> float:
+    """The search behind :func:`calibrate` (deterministic, so cached: a device calibrates once
+    for the federation, not every round).
+
+    With ``auto`` the search runs on PLD alone, which is nearly always the tighter accountant for
+    DP-SGD (and skips the RDP curve of every candidate, most of the cost), and RDP is consulted at
+    the answer: if RDP is the tighter one there, the search is repeated on ``auto``. Either way
+    ``epsilon(result, auto) <= epsilon(result, pld) <= target``.
+    """
+    if name == "auto":
+        def pld_of(z: float) -> float:
+            return _pld_epsilon(None, ((z, q, t),), d)
+
+        z = _search(target, d, q, t, pld_of)
+        if _rdp_epsilon_groups(((z, q, t),), d) >= pld_of(z):
+            return z
+    return _search(target, d, q, t, lambda z: epsilon(sampled_gaussian(z, q, t), d, name))
+
+
+def _search(target: float, d: float, q: float, t: int, eps_of: Callable[[float], float]) -> float:
     # 1. Bracket from z = 1 by doubling or halving: eps(lo) > target >= eps(hi).
     lo, eps_lo = hi, eps_hi = 1.0, eps_of(1.0)
     if eps_hi > target:

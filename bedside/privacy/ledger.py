@@ -54,6 +54,7 @@ from bedside.constants import LEDGER_SCHEMA, PRIVACY_UNITS
 from bedside.errors import BudgetExceededError, InputError, LedgerError
 from bedside.files import fsync_dir
 from bedside.privacy import accountant as acct
+from bedside.sqlite import transaction
 
 __all__ = ["MECHANISMS", "Budget", "Ledger", "Mechanism", "Release", "Unit", "releases_event"]
 
@@ -415,17 +416,6 @@ class Ledger:
         if header != _SQLITE_MAGIC:
             raise LedgerError(self._unreadable(RuntimeError("the file header is not SQLite's")))
 
-    @contextlib.contextmanager
-    def _transaction(self, conn: sqlite3.Connection, kind: str) -> Iterator[None]:
-        conn.execute(f"BEGIN {kind}")
-        try:
-            yield
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
-
     # -- checks on open -----------------------------------------------------------------------
     def _verify(self) -> None:
         assert self._conn is not None
@@ -472,7 +462,7 @@ class Ledger:
     def _reconcile_budgets(self, wanted: dict[str, Budget]) -> None:
         assert self._conn is not None
         conn = self._conn
-        with self._transaction(conn, "IMMEDIATE"):
+        with transaction(conn, "IMMEDIATE"):
             stored = self._load_budgets()
             for unit, budget in sorted(wanted.items()):
                 have = stored.get(unit)
@@ -555,7 +545,7 @@ class Ledger:
     def spent(self, unit: str) -> float:
         """Epsilon spent so far by ``unit``, at the unit's budget delta (0.0 if nothing)."""
         _check_unit(unit)
-        with self._guard() as conn, self._transaction(conn, "DEFERRED"):
+        with self._guard() as conn, transaction(conn, "DEFERRED"):
             return float(self._unit_state(unit, self._load_budgets())["epsilon"])
 
     def check(self, releases: Iterable[Release]) -> None:
@@ -565,7 +555,7 @@ class Ledger:
         still fails closed with LedgerError if the ledger is unreadable).
         """
         items = _check_releases(releases)
-        with self._guard() as conn, self._transaction(conn, "DEFERRED"):
+        with self._guard() as conn, transaction(conn, "DEFERRED"):
             self._check_locked(items)
 
     def record(self, releases: Iterable[Release]) -> None:
@@ -586,7 +576,7 @@ class Ledger:
             if not items:
                 self._load_budgets()  # still fail closed on an unreadable ledger
                 return
-            with self._transaction(conn, "IMMEDIATE"):
+            with transaction(conn, "IMMEDIATE"):
                 self._check_locked(items)
                 batch = uuid.uuid4().hex
                 now = _now()
@@ -615,7 +605,7 @@ class Ledger:
         Units listed are those with a budget. ``accountant`` names the accountant that gave the
         epsilon (with ``"auto"``: the tighter of RDP and PLD).
         """
-        with self._guard() as conn, self._transaction(conn, "DEFERRED"):
+        with self._guard() as conn, transaction(conn, "DEFERRED"):
             budgets = self._load_budgets()
             out: dict[str, dict[str, Any]] = {}
             for unit in PRIVACY_UNITS:

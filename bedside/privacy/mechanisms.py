@@ -33,19 +33,19 @@ from __future__ import annotations
 import math
 import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
 from bedside.errors import InputError, PrivacyError
 
 __all__ = [
-    "AdaptiveClipping",
     "adaptive_noise_multiplier",
     "add_gaussian_noise",
     "clip_indicator",
     "clip_update",
     "l2_norm",
+    "next_clip_norm",
+    "noised_count",
     "secure_rng",
 ]
 
@@ -289,76 +289,46 @@ def adaptive_noise_multiplier(noise_multiplier: float, count_noise_std: float) -
     return (z**-2 - (2.0 * sb) ** -2) ** -0.5
 
 
-@dataclass(frozen=True, kw_only=True)
-class AdaptiveClipping:
-    """Geometric clip-norm update towards a target quantile of update norms.
+def noised_count(bits: Sequence[float], count_noise: float, rng: np.random.Generator) -> float:
+    """``sum(bits) + N(0, count_noise^2)``: the private count of adaptive clipping.
 
-    Andrew, Thakkar, McMahan, Ramaswamy, "Differentially Private Learning with Adaptive Clipping",
-    NeurIPS 2021 (arXiv:1905.03871), Algorithm 1: after each round,
+    Central mode: the aggregator noises the count of the bits devices sent. Local mode: each
+    device noises its own bit (a count of one) before it leaves.
 
-        b_bar = (sum_i b_i + N(0, sigma_b^2)) / n
-        C    <- C * exp(-eta * (b_bar - gamma))
-
-    where ``b_i = 1`` if device ``i``'s update norm was ``<= C`` (:func:`clip_indicator`),
-    ``gamma = target_quantile``, ``eta = learning_rate`` and ``sigma_b = count_noise_std``. With
-    ``gamma = 0.5`` the clip norm tracks the median update norm.
-
-    Assumptions: the bits are released only through this noised count, whose privacy cost is
-    paid by running the update sum at :func:`adaptive_noise_multiplier` (``z_delta``) instead of
-    ``z``. ``n`` defaults to the number of bits received; that treats the number of participants
-    in the round as public. When devices are sampled and their number must stay private, pass
-    ``expected_count`` (the expected number of devices per round), as the paper does.
-
-    Attributes:
-        target_quantile: ``gamma`` in (0, 1); 0.5 by default (the median).
-        learning_rate: ``eta`` > 0; 0.2 by default (the paper's choice).
-        count_noise_std: ``sigma_b`` > 0, standard deviation of the noise on the bit count.
+    Raises:
+        InputError: a bit is not 0 or 1, ``count_noise`` is not finite and > 0, or ``rng`` is
+            not a Generator.
     """
+    sb = _positive_finite("count_noise", count_noise)
+    gen = _check_rng(rng)
+    for i, b in enumerate(bits):
+        if _as_float(f"bits[{i}]", b) not in (0.0, 1.0):
+            raise InputError(f"bits[{i}] must be 0 or 1, got {b!r}")
+    return float(sum(bits)) + float(gen.normal(0.0, sb))
 
-    target_quantile: float = 0.5
-    learning_rate: float = 0.2
-    count_noise_std: float
 
-    def __post_init__(self) -> None:
-        q = _as_float("target_quantile", self.target_quantile)
-        if not 0.0 < q < 1.0:
-            raise InputError(f"target_quantile must be in (0, 1), got {self.target_quantile!r}")
-        _positive_finite("learning_rate", self.learning_rate)
-        _positive_finite("count_noise_std", self.count_noise_std)
+def next_clip_norm(clip_norm: float, noisy_count: float, devices: int, target_quantile: float,
+                   learning_rate: float) -> float:
+    """Andrew et al. 2021, Algorithm 1: ``C * exp(-eta * (b_bar - gamma))``.
 
-    def noise_multiplier_for_updates(self, noise_multiplier: float) -> float:
-        """The ``z_delta`` to use for the update sum; see :func:`adaptive_noise_multiplier`."""
-        return adaptive_noise_multiplier(noise_multiplier, self.count_noise_std)
+    ``b_bar = noisy_count / devices`` is the private estimate of the fraction of updates that
+    were within ``C``, clamped to [0, 1] (post-processing: it costs no privacy and keeps one
+    round's step within a factor ``exp(eta)``). With ``gamma = 0.5`` the clip norm tracks the
+    median update norm.
 
-    def next_clip_norm(
-        self,
-        clip_norm: float,
-        indicators: Sequence[float],
-        rng: np.random.Generator,
-        expected_count: float | None = None,
-    ) -> float:
-        """The clip norm for the next round, from this round's bits ``b_i`` (0.0 or 1.0 each).
-
-        Raises:
-            InputError: ``indicators`` is empty or holds values other than 0 and 1, ``clip_norm``
-                or ``expected_count`` is not a finite number > 0, or ``rng`` is not a Generator.
-        """
-        c = _positive_finite("clip_norm", clip_norm)
-        gen = _check_rng(rng)
-        bits = list(indicators)
-        if not bits:
-            raise InputError(
-                "indicators is empty: no device reported in this round, so there is nothing to "
-                "adapt the clip norm to (keep the current clip norm)"
-            )
-        for i, b in enumerate(bits):
-            if _as_float(f"indicators[{i}]", b) not in (0.0, 1.0):
-                raise InputError(f"indicators[{i}] must be 0 or 1, got {b!r}")
-        n = (
-            float(len(bits))
-            if expected_count is None
-            else _positive_finite("expected_count", expected_count)
-        )
-        noisy_count = float(sum(bits)) + float(gen.normal(0.0, self.count_noise_std))
-        b_bar = noisy_count / n
-        return c * math.exp(-self.learning_rate * (b_bar - self.target_quantile))
+    Raises:
+        InputError: ``clip_norm`` or ``learning_rate`` not finite and > 0, ``target_quantile``
+            outside (0, 1), ``devices`` < 1, or ``noisy_count`` not finite.
+    """
+    c = _positive_finite("clip_norm", clip_norm)
+    eta = _positive_finite("learning_rate", learning_rate)
+    gamma = _as_float("target_quantile", target_quantile)
+    if not 0.0 < gamma < 1.0:
+        raise InputError(f"target_quantile must be in (0, 1), got {target_quantile!r}")
+    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
+        raise InputError(f"devices must be an integer >= 1, got {devices!r}")
+    count = _as_float("noisy_count", noisy_count)
+    if not math.isfinite(count):
+        raise InputError(f"noisy_count must be finite, got {noisy_count!r}")
+    b_bar = min(1.0, max(0.0, count / devices))
+    return c * math.exp(-eta * (b_bar - gamma))

@@ -34,6 +34,7 @@ from typing import Any
 
 import paho.mqtt.client as paho
 
+from bedside.config import setting
 from bedside.constants import DEFAULT_HOST, DEFAULT_MQTT_PORT, MQTT_KEEPALIVE_S
 from bedside.errors import ConfigError, TransportError
 from bedside.transport import Message
@@ -51,17 +52,23 @@ DROP_LOG_INTERVAL_S = 10.0
 
 @dataclass(frozen=True)
 class MqttConfig:
-    host: str = DEFAULT_HOST
-    port: int = DEFAULT_MQTT_PORT
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    username: str | None = None
-    password: str | None = None
-    keepalive: int = MQTT_KEEPALIVE_S
-    publish_timeout: float = 10.0
-    connect_timeout: float = 10.0
-    max_inbox_bytes: int = DEFAULT_MAX_INBOX_BYTES
+    """``[mqtt]`` of agent.toml and aggregator.toml."""
+
+    host: str = setting(DEFAULT_HOST, "broker host")
+    port: int = setting(DEFAULT_MQTT_PORT, "broker port", min=1, max=65535)
+    ca_file: Path | None = setting(None, "TLS: the CA that signed the broker's certificate")
+    cert_file: Path | None = setting(None, "TLS: this client's certificate")
+    key_file: Path | None = setting(None, "TLS: this client's private key")
+    username: str | None = setting(None, "user name (brokers with password files)")
+    password: str | None = setting(None, "password (never logged)", secret=True)
+    keepalive: int = setting(MQTT_KEEPALIVE_S, "seconds", min=5)
+    publish_timeout: float = setting(10.0, "seconds to wait for a PUBACK", positive=True)
+    connect_timeout: float = setting(10.0, "seconds to wait for the first connection",
+                                     positive=True)
+    max_inbox_bytes: int = setting(DEFAULT_MAX_INBOX_BYTES, "received messages waiting to be "
+                                   "handled (payload + 512 bytes each); beyond it new ones are "
+                                   "dropped and re-sent by their senders",
+                                   min=INBOX_MESSAGE_COST)
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -88,7 +95,7 @@ class MqttConfig:
         return f"mqtt{'s' if self.tls else ''}://{self.host}:{self.port}"
 
 
-def _no_delay(client: paho.Client, userdata: Any, sock: Any) -> None:
+def _no_delay(client: paho.Client, _userdata: Any, sock: Any) -> None:
     """Turn Nagle's algorithm off: an update or model release spans many TCP segments, and with
     Nagle the last one can wait for the peer's delayed ACK (about 40 ms a message on Linux)."""
     # not a TCP socket (e.g. a Unix socket or a test double): nothing to tune
@@ -138,8 +145,8 @@ class MqttTransport:
         c.loop_start()
 
     # -- paho callbacks: they only record state and enqueue -------------------------------------
-    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any,
-                    properties: Any) -> None:
+    def _on_connect(self, client: paho.Client, _userdata: Any, flags: Any, reason: Any,
+                    _properties: Any) -> None:
         if reason.is_failure:
             self.last_error = f"broker refused the connection: {reason}"
             log.warning("%s: %s", self.cfg.describe(), self.last_error)
@@ -152,13 +159,13 @@ class MqttTransport:
         self._connected.set()
         log.debug("%s connected as %s", self.cfg.describe(), self.client_id)
 
-    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any,
-                       properties: Any) -> None:
+    def _on_disconnect(self, client: paho.Client, _userdata: Any, flags: Any, reason: Any,
+                       _properties: Any) -> None:
         self._connected.clear()
         if reason is not None and getattr(reason, "is_failure", False):
             self.last_error = f"disconnected: {reason}"
 
-    def _on_message(self, client: paho.Client, userdata: Any, msg: paho.MQTTMessage) -> None:
+    def _on_message(self, client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
         ack: Callable[[], None] | None = None
         if self.manual_ack and msg.qos > 0:
             mid, qos = msg.mid, msg.qos

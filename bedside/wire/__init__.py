@@ -1,7 +1,7 @@
 """The wire: one signed envelope for everything Bedside sends, and the keys that sign it.
 
 * :mod:`bedside.wire.envelope`: :func:`encode`, :func:`decode`, :func:`peek`, :class:`Envelope`,
-  :class:`ReplayGuard`. A versioned frame of a canonical JSON header and a safetensors body,
+  :class:`Envelope`. A versioned frame of a canonical JSON header and a safetensors body,
   signed with Ed25519. Received bytes only ever reach ``json`` and ``np.frombuffer``.
 * :mod:`bedside.wire.signing`: :class:`SigningKey`, :class:`VerifyKey`, :class:`KeyRing`,
   key files and :func:`validate_id`.
@@ -18,7 +18,6 @@ from bedside.wire.envelope import (
     SUPPORTED_DTYPES,
     Envelope,
     Header,
-    ReplayGuard,
     TensorSpec,
     decode,
     encode,
@@ -40,7 +39,6 @@ __all__ = [
     "Envelope",
     "Header",
     "KeyRing",
-    "ReplayGuard",
     "SigningKey",
     "TensorSpec",
     "VerifyKey",

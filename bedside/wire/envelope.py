@@ -31,10 +31,8 @@ import math
 import os
 import re
 import struct
-import threading
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -54,7 +52,6 @@ from bedside.errors import (
     BedsideError,
     EnvelopeError,
     InputError,
-    ReplayError,
     SignatureError,
     TooLargeError,
     UnknownSenderError,
@@ -69,7 +66,6 @@ __all__ = [
     "SUPPORTED_DTYPES",
     "Envelope",
     "Header",
-    "ReplayGuard",
     "TensorSpec",
     "decode",
     "encode",
@@ -829,48 +825,3 @@ def encode(
 # ---------------------------------------------------------------------------------------------
 # Replay protection
 # ---------------------------------------------------------------------------------------------
-class ReplayGuard:
-    """Remembers recent ``(sender, round, nonce)`` triples and refuses a second delivery.
-
-    In memory and bounded: once ``max_entries`` triples are held, the oldest is forgotten. It is a
-    first line of defence for a long-running process (for example a device refusing a replayed
-    receipt). It is not durable: the aggregator persists the same triple in its own state
-    database, which is what decides whether an update is counted, across restarts too.
-    Thread-safe: transport callbacks may call it.
-    """
-
-    def __init__(self, max_entries: int = 100_000) -> None:
-        if not _is_int(max_entries) or max_entries <= 0:
-            raise InputError(f"max_entries must be a positive integer, got {max_entries!r}")
-        self.max_entries = max_entries
-        self._seen: OrderedDict[tuple[str, int, str], None] = OrderedDict()
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def _key(header: Header) -> tuple[str, int, str]:
-        return (header.sender, header.round, header.nonce)
-
-    def check_and_remember(self, header: Header) -> None:
-        """Raise :class:`ReplayError` if this triple was seen; otherwise remember it."""
-        key = self._key(header)
-        with self._lock:
-            if key in self._seen:
-                raise ReplayError(f"{header.kind} from {header.sender} for round {header.round} "
-                                  f"with nonce {header.nonce[:12]}... was already received; "
-                                  "ignored")
-            self._seen[key] = None
-            while len(self._seen) > self.max_entries:
-                self._seen.popitem(last=False)
-
-    def __contains__(self, header: object) -> bool:
-        if not isinstance(header, Header):
-            return False
-        with self._lock:
-            return self._key(header) in self._seen
-
-    def __len__(self) -> int:
-        return len(self._seen)
-
-    def __iter__(self) -> Iterator[tuple[str, int, str]]:
-        with self._lock:
-            return iter(list(self._seen))

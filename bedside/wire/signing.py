@@ -395,9 +395,6 @@ class KeyRing:
                 f"{key.fingerprint} silently (re-enroll the sender to change its key)")
         self._keys[sender_id] = key
 
-    def remove(self, sender_id: str) -> None:
-        self._keys.pop(sender_id, None)
-
     def get(self, sender_id: str) -> VerifyKey:
         """The key of ``sender_id``; :class:`UnknownSenderError` if it has none (fail closed)."""
         key = self._keys.get(sender_id) if isinstance(sender_id, str) else None

@@ -15,10 +15,10 @@ def test_record_budget_required(tmp_path):
     with pytest.raises(ConfigError, match="record_epsilon' is required"):
         load(tmp_path / "agent.toml")
     (tmp_path / "agent.toml").write_text(BASE + "[privacy]\nallow_no_record_dp = true\n")
-    assert load(tmp_path / "agent.toml").record_epsilon is None
+    assert load(tmp_path / "agent.toml").privacy.record_epsilon is None
     (tmp_path / "agent.toml").write_text(BASE + "[privacy]\nrecord_epsilon = 3.0\n")
     cfg = load(tmp_path / "agent.toml")
-    assert cfg.record_epsilon == 3.0 and cfg.data_dir == tmp_path / "c1-data"
+    assert cfg.privacy.record_epsilon == 3.0 and cfg.data_dir == tmp_path / "c1-data"
 
 
 @pytest.mark.parametrize(("extra", "match"), [

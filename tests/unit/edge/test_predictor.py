@@ -19,7 +19,8 @@ def test_predicts_like_raw_onnxruntime(exported):
     ds = datasets.load("wdbc")
     pred = Predictor(out)
     p = pred.predict_proba(ds.x[:50])
-    np.testing.assert_allclose(p, onnx_probabilities((out / MODEL_FILE).read_bytes(), ds.x[:50]),
+    np.testing.assert_allclose(p, onnx_probabilities((out / MODEL_FILE).read_bytes(), ds.x[:50],
+                                                  ds.schema.labels),
                                atol=1e-7)
     preds = pred.predict(ds.x[:3], ["a", "b", "c"])
     assert [r.row for r in preds] == ["a", "b", "c"]

@@ -199,7 +199,7 @@ def test_outbox_delivers_after_an_outage(tmp_path):
     assert a.state.handled(1) == "contributed"
     assert len(a.state.pending()) == 1
     mf.broker.set_up(True)
-    mf.clock.advance(a.cfg.resend_seconds)
+    mf.clock.advance(a.cfg.agent.resend_seconds)
     mf.run(max_steps=10)
     assert a.state.counts().get("accepted") == 1
     assert mf.fleet.clinic_ids[0] in {u["sender"] for u in mf.aggregator.state.accepted(1)}
@@ -318,7 +318,7 @@ def test_signed_but_malformed_announcement_is_declined_not_fatal(tmp_path, bad):
     mf = mem_fleet(tmp_path, clients=2, rounds=2)
     a = mf.agents[0]
     cur = mf.aggregator.state.current_round()
-    meta = {**cur.settings, **bad}
+    meta = {**cur.settings.to_meta(), **bad}
     mf.broker.publish(topic_round(mf.fleet.plan["fleet"]), encode(
         KIND_ANNOUNCE, "aggregator", _aggregator_key(mf), {}, round=cur.round + 1,
         model_version=cur.model_version, meta=meta), True)
@@ -376,7 +376,7 @@ def test_lr_decay_is_announced_per_round(tmp_path):
 
     mf = mem_fleet(tmp_path, clients=2, rounds=3, aggregator={"training": {"lr_decay": 0.5}})
     mf.run()
-    lrs = [r.settings["train"]["lr"] for r in State(mf.aggregator.cfg.state_path).rounds()]
+    lrs = [r.settings.train.lr for r in State(mf.aggregator.cfg.state_path).rounds()]
     assert lrs == pytest.approx([0.5, 0.25, 0.125])  # the demo's lr 0.5, halved every round
     assert all(r.status == "closed" for r in mf.aggregator.state.rounds())
 

@@ -9,7 +9,7 @@ import onnx
 import pytest
 
 from bedside.constants import MANIFEST_FILE, MODEL_FILE, QUANTIZED_FILE
-from bedside.manifest import load_manifest, sha256_file
+from bedside.manifest import load_manifest, sha256_bytes
 from bedside.models.onnx_weights import initializer_shapes, read_weights, replace_weights
 
 
@@ -20,7 +20,7 @@ def test_parity_and_manifest(exported, arch, dataset):
     m = load_manifest(out)
     assert m.parity["passed"] and m.parity["max_abs_diff"] <= 1e-5
     assert m.parity["rows"] >= 100  # measured on the held-out split
-    assert m.sha256 == sha256_file(out / MODEL_FILE)
+    assert m.sha256 == sha256_bytes((out / MODEL_FILE).read_bytes())
     assert m.version == 1 and m.parent_version is None
     assert m.arch["name"] == arch and m.privacy == {}
     assert m.opset >= 17
@@ -65,7 +65,7 @@ def test_quantized_export_reports_side_by_side(exported):
     m = load_manifest(out)
     q = m.extra["quantization"]
     assert (out / QUANTIZED_FILE).exists()
-    assert m.files[QUANTIZED_FILE]["sha256"] == sha256_file(out / QUANTIZED_FILE)
+    assert m.files[QUANTIZED_FILE]["sha256"] == sha256_bytes((out / QUANTIZED_FILE).read_bytes())
     assert set(q["accuracy"]) == {"fp32", "int8"}
     assert abs(q["accuracy_change"]) < 0.05
     assert q["latency"]["fp32"]["batch1_p50_ms"] > 0 and q["latency"]["int8"]["batch1_p50_ms"] > 0

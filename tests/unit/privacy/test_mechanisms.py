@@ -14,12 +14,13 @@ from hypothesis.extra import numpy as hnp
 
 from bedside.errors import InputError, PrivacyError
 from bedside.privacy.mechanisms import (
-    AdaptiveClipping,
     adaptive_noise_multiplier,
     add_gaussian_noise,
     clip_indicator,
     clip_update,
     l2_norm,
+    next_clip_norm,
+    noised_count,
     secure_rng,
 )
 
@@ -270,17 +271,32 @@ def test_adaptive_split_costs_exactly_one_gaussian_with_multiplier_z() -> None:
     assert epsilon(both, 1e-5, "pld") == pytest.approx(single, rel=2e-3)
 
 
+def test_replace_one_split_costs_exactly_one_gaussian_with_multiplier_z_over_2() -> None:
+    """Bedside's adjacency is replace-one: the update sum (sensitivity 2C, noise z_delta C) is a
+    Gaussian of multiplier z_delta / 2 and the count (sensitivity 1, noise sigma_b) one of sigma_b;
+    together exactly the round's Gaussian of multiplier z / 2."""
+    from bedside.privacy.accountant import compose, epsilon, gaussian
+    from bedside.privacy.federated import device_round_releases
+    from bedside.privacy.ledger import releases_event
+
+    z, sigma_b = 0.8, 2.0
+    z_delta = adaptive_noise_multiplier(z, sigma_b)
+    rel = device_round_releases(3, "central", z_delta, sigma_b)
+    assert [r.noise_multiplier for r in rel] == [z_delta / 2, sigma_b]
+    both = compose([releases_event(rel)] * 10)
+    assert epsilon(both, 1e-5, "pld") == pytest.approx(epsilon(gaussian(z / 2, 10), 1e-5, "pld"),
+                                                       rel=2e-3)
+
+
 def test_next_clip_norm_follows_the_geometric_rule() -> None:
-    ac = AdaptiveClipping(count_noise_std=2.0)
-    assert (ac.target_quantile, ac.learning_rate) == (0.5, 0.2)
-    bits = [1.0] * 8 + [0.0] * 2
+    noisy = noised_count([1.0] * 8 + [0.0] * 2, 2.0, np.random.default_rng(3))
     noise = np.random.default_rng(3).normal(0.0, 2.0)
-    expected = 1.5 * math.exp(-0.2 * ((8 + noise) / 10 - 0.5))
-    assert ac.next_clip_norm(1.5, bits, np.random.default_rng(3)) == pytest.approx(expected)
-    # With the expected number of devices as the denominator (the paper's private variant).
-    expected = 1.5 * math.exp(-0.2 * ((8 + noise) / 20 - 0.5))
-    got = ac.next_clip_norm(1.5, bits, np.random.default_rng(3), expected_count=20)
-    assert got == pytest.approx(expected)
+    assert noisy == pytest.approx(8 + noise)
+    expected = 1.5 * math.exp(-0.2 * (min(1.0, max(0.0, noisy / 10)) - 0.5))
+    assert next_clip_norm(1.5, noisy, 10, 0.5, 0.2) == pytest.approx(expected)
+    # the noisy fraction is clamped to [0, 1]: one round moves C by at most exp(eta)
+    assert next_clip_norm(1.0, 1e9, 10, 0.5, 0.2) == pytest.approx(math.exp(-0.1))
+    assert next_clip_norm(1.0, -1e9, 10, 0.5, 0.2) == pytest.approx(math.exp(0.1))
 
 
 def test_clip_norm_moves_towards_the_target_quantile() -> None:
@@ -288,40 +304,31 @@ def test_clip_norm_moves_towards_the_target_quantile() -> None:
     ends near the median (gamma = 0.5), and near the 90th percentile with gamma = 0.9."""
     gen = np.random.default_rng(11)
     for gamma, quantile in [(0.5, 2.0), (0.9, 2.0 * math.exp(0.5 * 1.2816))]:
-        ac = AdaptiveClipping(target_quantile=gamma, learning_rate=0.2, count_noise_std=1.0)
         for start in (0.1, 50.0):
             c = start
             history = []
             for _ in range(300):
                 norms = np.exp(gen.normal(math.log(2.0), 0.5, size=100))
-                c = ac.next_clip_norm(c, [clip_indicator(n, c) for n in norms], gen)
+                noisy = noised_count([clip_indicator(n, c) for n in norms], 1.0, gen)
+                c = next_clip_norm(c, noisy, 100, gamma, 0.2)
                 history.append(c)
             assert float(np.median(history[-100:])) == pytest.approx(quantile, rel=0.1)
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "match"),
+    ("call", "match"),
     [
-        ({"target_quantile": 0.0}, "target_quantile"),
-        ({"target_quantile": 1.0}, "target_quantile"),
-        ({"learning_rate": 0.0}, "learning_rate"),
-        ({"count_noise_std": 0.0}, "count_noise_std"),
-        ({"count_noise_std": math.nan}, "count_noise_std"),
+        (lambda: next_clip_norm(1.0, 5.0, 10, 0.0, 0.2), "target_quantile"),
+        (lambda: next_clip_norm(1.0, 5.0, 10, 1.0, 0.2), "target_quantile"),
+        (lambda: next_clip_norm(1.0, 5.0, 10, 0.5, 0.0), "learning_rate"),
+        (lambda: next_clip_norm(0.0, 5.0, 10, 0.5, 0.2), "clip_norm"),
+        (lambda: next_clip_norm(1.0, 5.0, 0, 0.5, 0.2), "devices"),
+        (lambda: next_clip_norm(1.0, math.nan, 10, 0.5, 0.2), "noisy_count"),
+        (lambda: noised_count([1.0], 0.0, np.random.default_rng(0)), "count_noise"),
+        (lambda: noised_count([1.0, 0.5], 1.0, np.random.default_rng(0)),
+         r"bits\[1\] must be 0 or 1"),
     ],
 )
-def test_adaptive_clipping_validates(kwargs: dict[str, float], match: str) -> None:
-    args = {"count_noise_std": 1.0, **kwargs}
+def test_adaptive_clipping_validates(call, match: str) -> None:
     with pytest.raises(InputError, match=match):
-        AdaptiveClipping(**args)
-
-
-def test_next_clip_norm_rejects_empty_and_non_bits(rng: np.random.Generator) -> None:
-    ac = AdaptiveClipping(count_noise_std=1.0)
-    with pytest.raises(InputError, match="indicators is empty"):
-        ac.next_clip_norm(1.0, [], rng)
-    with pytest.raises(InputError, match=r"indicators\[1\] must be 0 or 1"):
-        ac.next_clip_norm(1.0, [1.0, 0.5], rng)
-    with pytest.raises(InputError, match="clip_norm"):
-        ac.next_clip_norm(0.0, [1.0], rng)
-    with pytest.raises(InputError, match="expected_count"):
-        ac.next_clip_norm(1.0, [1.0], rng, expected_count=0)
+        call()

@@ -24,7 +24,6 @@ from bedside.errors import (
     EnvelopeError,
     InputError,
     KeyStoreError,
-    ReplayError,
     SignatureError,
     TooLargeError,
     UnknownSenderError,
@@ -36,7 +35,6 @@ from bedside.wire.envelope import (
     SUPPORTED_DTYPES,
     Envelope,
     Header,
-    ReplayGuard,
     decode,
     encode,
     peek,
@@ -664,28 +662,8 @@ def test_encode_needs_a_signing_key():
         _msg(key=KEY.public)
 
 
-# -- replay ----------------------------------------------------------------------------------------
-def test_replay_guard():
-    guard = ReplayGuard(max_entries=3)
-    first = decode(_msg(), RING).header
-    guard.check_and_remember(first)
-    assert first in guard
-    with pytest.raises(ReplayError, match="dev-1") as info:
-        guard.check_and_remember(decode(_msg(nonce=bytes.fromhex(first.nonce)), RING).header)
-    assert info.value.reason == "replay"
-    # Same nonce in another round is another triple; the bound forgets the oldest.
-    other_round = decode(_msg(nonce=bytes.fromhex(first.nonce), round=4), RING).header
-    guard.check_and_remember(other_round)
-    for _ in range(3):
-        guard.check_and_remember(peek(_msg()))
-    assert len(guard) == 3 and first not in guard
-    with pytest.raises(InputError):
-        ReplayGuard(max_entries=0)
-
-
-# -- the error contract ----------------------------------------------------------------------------
+# -- errors ----------------------------------------------------------------------------------------
 def test_every_error_is_a_wire_error_with_a_reason():
-    for exc_type in (EnvelopeError, TooLargeError, SignatureError, UnknownSenderError,
-                     ReplayError):
+    for exc_type in (EnvelopeError, TooLargeError, SignatureError, UnknownSenderError):
         assert issubclass(exc_type, WireError) and issubclass(exc_type, BedsideError)
         assert isinstance(exc_type.reason, str)

@@ -9,14 +9,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bedside.aggregator.strategies import (
+from bedside.errors import ConfigError, InputError
+from bedside.federation.strategies import (
     OPTIMIZERS,
     RULES,
     make_optimizer,
     make_rule,
     materialize,
 )
-from bedside.errors import ConfigError, InputError
 
 SHAPES = {"w": (3, 2), "b": (2,)}
 

@@ -36,7 +36,6 @@ UpdateSource = Callable[[], Iterator[tuple[Mapping[str, np.ndarray], float]]]
 
 class AggregationRule(Protocol):
     name: ClassVar[str]
-    streaming: ClassVar[bool]
 
     def aggregate(self, updates: UpdateSource, shapes: Mapping[str, tuple[int, ...]]) -> Tensors:
         """Aggregated delta with exactly ``shapes``; InputError if there is no update."""
@@ -97,7 +96,6 @@ class FedAvg:
     """Weighted mean of the updates, computed with running sums (float64)."""
 
     name: ClassVar[str]
-    streaming: ClassVar[bool] = True
 
     def aggregate(self, updates: UpdateSource, shapes: Mapping[str, tuple[int, ...]]) -> Tensors:
         sums = {k: np.zeros(s, dtype=np.float64) for k, s in shapes.items()}
@@ -126,7 +124,6 @@ class CoordinateMedian:
     """Coordinate-wise median (unweighted). Tolerates up to half of the updates being faulty."""
 
     name: ClassVar[str]
-    streaming: ClassVar[bool] = False
 
     def aggregate(self, updates: UpdateSource, shapes: Mapping[str, tuple[int, ...]]) -> Tensors:
         return {k: np.median(_stack(updates, k), axis=0).astype(np.float32) for k in shapes}
@@ -138,7 +135,6 @@ class TrimmedMean:
     """Coordinate-wise mean after trimming ``trim_fraction`` of the values at each end."""
 
     name: ClassVar[str]
-    streaming: ClassVar[bool] = False
     trim_fraction: float = 0.1
 
     def __post_init__(self) -> None:

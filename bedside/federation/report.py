@@ -1,0 +1,50 @@
+"""The device-level guarantee of everything a federation has released, from the accountant.
+
+The aggregator (any driver) states what one device's whole contribution is protected by, over the
+rounds released so far; devices account the same rounds with the same releases
+(:func:`bedside.privacy.federated.device_round_releases`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from bedside.constants import NOISE_CENTRAL, NOISE_NONE
+from bedside.federation.settings import RoundSettings
+
+
+def device_privacy(rounds: Sequence[RoundSettings], delta: float) -> dict[str, Any]:
+    """Device-level epsilon of ``rounds`` (each accounted with the settings it ran under).
+
+    Central mode counts the rounds that released a model; local mode every round in which the
+    (untrusted) aggregator received updates: the caller passes the rounds that count. Membership
+    is public in Bedside, so the adjacency is replace-one and no amplification by sampling is
+    claimed (see :mod:`bedside.privacy.federated`).
+    """
+    from bedside.privacy import accountant as acct
+    from bedside.privacy.federated import device_round_releases
+    from bedside.privacy.ledger import releases_event
+
+    last = rounds[-1] if rounds else None
+    out: dict[str, Any] = {"unit": "device", "rounds": len(rounds), "delta": delta,
+                           "adjacency": "replace one device's data (membership is public)"}
+    if last is not None:
+        out.update(noise=last.noise, noise_multiplier=last.noise_multiplier,
+                   clip_norm=last.clip_norm)
+        if last.adaptive is not None:
+            out["adaptive_clipping"] = True
+    if any(s.noise == NOISE_NONE for s in rounds):
+        # null, not infinity: the report travels in signed JSON, which carries finite numbers
+        out["epsilon"] = None
+        out["note"] = "a round without device-level noise: no device-level guarantee"
+        return out
+    releases = [r for i, s in enumerate(rounds, start=1) for r in device_round_releases(
+        i, s.noise, s.update_noise_multiplier, s.adaptive.count_noise if s.adaptive else None)]
+    out["epsilon"] = acct.epsilon(releases_event(releases), delta) if releases else 0.0
+    if last is not None:
+        out["trust"] = ("assumes the aggregator adds the announced noise (central DP)"
+                        if last.noise == NOISE_CENTRAL else
+                        "holds against the aggregator (local DP); bound for a device in every "
+                        "round")
+    return out

@@ -1,0 +1,90 @@
+"""One device's part in one round, without a network: decide, plan, train, privatize, record.
+
+:func:`participate` is what every device driver runs for a round it is asked to join (the MQTT
+:class:`~bedside.edge.agent.Agent`, Flower's ClientApp and the in-process simulation): it returns
+either a :class:`Contribution` (the privatized update and the metadata that travels with it,
+already recorded in the ledger) or a :class:`Decline` with a reason. Signing, the outbox and
+publishing are the driver's. The privacy rules themselves are the round core's
+(:mod:`bedside.federation.device`); training is :func:`bedside.edge.trainer.local_update` (torch,
+imported only here, only when the device trains).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from bedside.constants import UNIT_RECORD
+from bedside.errors import BudgetExceededError, LedgerError, PrivacyError
+from bedside.federation.device import DevicePrivacy, plan_round, privatize, update_meta
+from bedside.federation.seeds import training_seed
+from bedside.federation.settings import RoundSettings
+from bedside.manifest import Manifest
+
+log = logging.getLogger("bedside.edge.participant")
+
+
+@dataclass(frozen=True)
+class Contribution:
+    tensors: dict[str, np.ndarray]
+    meta: dict[str, Any]
+    steps: int
+    norm: float  # before clipping; stays on the device
+    timings: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Decline:
+    reason: str
+    detail: str = ""
+
+
+def participate(round_id: int, settings: RoundSettings, manifest: Manifest, model_bytes: bytes,
+                x: np.ndarray, y: np.ndarray, *, privacy: DevicePrivacy, ledger: Any, fleet: str,
+                seed: int | None, rng: np.random.Generator) -> Contribution | Decline:
+    """Take part in a round, or say why not. Never raises for a reason a round can be declined
+    for (budget, ledger, no records, not sampled, cannot train); other errors propagate."""
+    if ledger is None:
+        return Decline("ledger_unavailable", "the privacy ledger could not be opened")
+    if len(x) == 0:
+        return Decline("no_records", "ingest records with 'bedside edge ingest'")
+    if settings.participation_rate < 1.0 and rng.random() >= settings.participation_rate:
+        return Decline("not_sampled")  # nothing released, nothing to account
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    try:
+        plan = plan_round(round_id, settings, privacy, len(x), ledger)
+    except BudgetExceededError as exc:
+        return Decline("budget", str(exc))
+    except LedgerError as exc:
+        return Decline("ledger_unavailable", str(exc))
+    timings["plan"] = time.perf_counter() - t0
+    try:
+        from bedside.edge.trainer import local_update
+    except ImportError as exc:
+        return Decline("cannot_train", f"install bedside[train] to train ({exc})")
+    t0 = time.perf_counter()
+    delta, fit = local_update(manifest, model_bytes, x, y, settings.train, plan.dp,
+                              training_seed(seed, round_id))
+    timings["train"] = time.perf_counter() - t0
+    if plan.dp is not None and (fit.steps, fit.sample_rate) != (plan.dp.steps,
+                                                                plan.dp.sample_rate):
+        raise PrivacyError(f"training ran {fit.steps} steps at sample rate {fit.sample_rate:.6g}, "
+                           f"the ledger plan says {plan.dp.steps} at {plan.dp.sample_rate:.6g}; "
+                           "nothing is sent")
+    t0 = time.perf_counter()
+    priv = privatize(delta, list(manifest.parameters), settings, rng)
+    try:
+        ledger.record(list(plan.releases))  # before anything leaves the device
+    except BudgetExceededError as exc:
+        return Decline("budget", str(exc))
+    except LedgerError as exc:
+        return Decline("ledger_unavailable", str(exc))
+    record_eps = ledger.spent(UNIT_RECORD) if privacy.record_epsilon is not None else None
+    meta = update_meta(fleet, settings, len(x), record_eps, privacy.record_delta, priv.clip_bit)
+    timings["privatize_and_record"] = time.perf_counter() - t0
+    return Contribution(priv.tensors, meta, fit.steps, priv.norm, timings)
