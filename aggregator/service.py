@@ -69,6 +69,7 @@ from bedside.federation.validate import (
 from bedside.manifest import Manifest, load_manifest, verify_model_file
 from bedside.models.onnx_weights import read_weights, replace_weights
 from bedside.models.registry import Registry
+from bedside.sqlite import add_timings
 from bedside.transport import Message, Transport
 from bedside.wire.envelope import encode
 from bedside.wire.signing import KeyRing, SigningKey
@@ -104,7 +105,6 @@ class Aggregator:
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._max_update = cfg.max_update_bytes
         self.on_round_closed: Callable[[dict[str, Any]], None] | None = None
-        self.timings: dict[int, dict[str, float]] = {}  # per round: where the time went
 
     # -- set-up ----------------------------------------------------------------------------------
     def _load_devices(self) -> KeyRing:
@@ -204,7 +204,9 @@ class Aggregator:
         cur = self.state.current_round()
         if not self.finished and cur is not None and cur.status == "open" and self._due(cur):
             self._close(cur)
+            t0 = time.perf_counter()
             self._open_next()
+            add_timings(self.state.db, cur.round, {"publish_release": time.perf_counter() - t0})
         return not self.finished
 
     def _due(self, cur: RoundRow) -> bool:
@@ -248,6 +250,7 @@ class Aggregator:
 
     # -- updates -----------------------------------------------------------------------------------
     def _handle(self, msg: Message) -> None:
+        started = time.perf_counter()
         device = msg.topic.rsplit("/", 1)[-1]
         cur = self.state.current_round()
         round_id = cur.round if cur else None
@@ -288,6 +291,9 @@ class Aggregator:
             self.state.add_rejection(round_id, device, "internal_error",
                                      f"{type(exc).__name__}: {exc}")
         msg.ack()
+        if round_id is not None:
+            add_timings(self.state.db, round_id, {"validate_and_record":
+                                                  time.perf_counter() - started})
 
     def _record(self, verdict: Accepted | Declined | Duplicate, round_id: int) -> None:
         """Persist a verdict, then receipt it (the MQTT ack follows in ``_handle``)."""
@@ -418,9 +424,7 @@ class Aggregator:
         self.registry.put_release(version, self._release(version, cur.round))
         timing["store_and_sign"] = time.perf_counter() - t0
         self._load_version(version)
-        self.timings[cur.round] = timing
-        log.debug("round %d timings: %s", cur.round, json.dumps(
-            {k: round(v, 4) for k, v in timing.items()}))
+        add_timings(self.state.db, cur.round, timing)
         acc = result["metrics"].get("accuracy")
         log.info("round %d closed: %d update(s) -> model v%d%s", cur.round, len(accepted), version,
                  f", holdout accuracy {acc:.4f}" if acc is not None else "")
@@ -429,6 +433,7 @@ class Aggregator:
     def _finish_round(self, round_id: int, status: str, result: dict[str, Any],
                       version: int | None) -> None:
         self.state.finish_round(round_id, status, result)
+        t0 = time.perf_counter()
         if version is not None:
             release = self.registry.release(version)
             assert release is not None
@@ -436,6 +441,7 @@ class Aggregator:
         body = {"state": "round_closed", "status": status, "model_version":
                 self.registry.latest(), "time": self.clock(), **result}
         self._status(body)
+        add_timings(self.state.db, round_id, {"publish_release": time.perf_counter() - t0})
         if self.on_round_closed is not None:
             self.on_round_closed(body)
 

@@ -23,7 +23,7 @@ import numpy as np
 from bedside.errors import StateError
 from bedside.federation.settings import RoundSettings
 from bedside.models.registry import pack_tensors, unpack_tensors
-from bedside.sqlite import open_db, transaction
+from bedside.sqlite import TIMINGS_DDL, open_db, transaction
 
 SCHEMA = 2  # 2: the server optimizer's state moved into the registry
 
@@ -81,7 +81,7 @@ class RoundRow:
 class State:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.db = open_db(self.path, "aggregator state", _DDL)
+        self.db = open_db(self.path, "aggregator state", _DDL + TIMINGS_DDL)
         try:
             row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
             if row is None:

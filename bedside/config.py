@@ -252,5 +252,5 @@ def markdown_table(cls: type) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["REQUIRED", "describe", "load_file", "markdown_table", "read_table", "setting", "settings_of",
-           "to_table"]
+__all__ = ["REQUIRED", "describe", "load_file", "markdown_table", "read_table", "setting",
+           "settings_of", "to_table"]

@@ -49,3 +49,25 @@ def transaction(db: sqlite3.Connection, kind: str = "IMMEDIATE") -> Iterator[sql
             db.execute("ROLLBACK")
         raise
     db.execute("COMMIT")
+
+
+#: Where a service keeps how long each phase of a round took (local, never published): the
+#: federation benchmark reads it (benchmarks/federation.py, "where a round's time goes").
+TIMINGS_DDL = ("CREATE TABLE IF NOT EXISTS timings (round INTEGER NOT NULL, phase TEXT NOT NULL, "
+               "seconds REAL NOT NULL, PRIMARY KEY (round, phase));")
+
+
+def add_timings(db: sqlite3.Connection, round_id: int, phases: dict[str, float]) -> None:
+    """Add ``phases`` (seconds) to round ``round_id``'s timings (summing a phase seen before)."""
+    with transaction(db):
+        for phase, seconds in phases.items():
+            db.execute("INSERT INTO timings VALUES (?, ?, ?) ON CONFLICT (round, phase) DO "
+                       "UPDATE SET seconds = seconds + excluded.seconds",
+                       (round_id, phase, float(seconds)))
+
+
+def read_timings(db: sqlite3.Connection) -> dict[int, dict[str, float]]:
+    out: dict[int, dict[str, float]] = {}
+    for r, phase, seconds in db.execute("SELECT round, phase, seconds FROM timings"):
+        out.setdefault(int(r), {})[str(phase)] = float(seconds)
+    return out

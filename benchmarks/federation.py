@@ -27,7 +27,11 @@ One run writes ``benchmarks/results/federation.json`` and the ``## Federation`` 
    ``deploy/mosquitto``), both on 127.0.0.1: seconds from announcement to the round's close (this
    includes local training), and the one-way delivery time of an update-sized QoS 1 message from a
    device to the aggregator's subscription.
-4. **The default demo** (``bedside demo``, what ``make demo`` runs): wall time and final accuracy,
+4. **Where a round's time goes** (``--parts rounds``): ``bedside demo`` as ``make demo`` runs it,
+   timed beside one ``import torch, opacus`` and beside the same federation in one process on the
+   round core (:mod:`bedside.demo.inprocess`), with each round's phases from the services' own
+   timing records (train, sign, deliver, validate, aggregate, write ONNX, evaluate, publish).
+5. **The default demo** (``bedside demo``, what ``make demo`` runs): wall time and final accuracy,
    seeded (``--noise-seed 0``) and with fresh OS randomness as a clinic would run it.
 
 Run from the repository root: ``.venv/bin/python benchmarks/federation.py`` (about 15 minutes on 2
@@ -55,6 +59,12 @@ from typing import Any
 from benchlib import README, REPO, RESULTS, load_average, log, machine, write_section
 
 RESULTS_JSON = RESULTS / "federation.json"
+PARTS = ("privacy", "aggregator", "rounds", "latency")
+#: The keys of the results each part writes (a partial run keeps the others from the last run).
+PART_KEYS = {"privacy": ("federated", "centralized_demo_settings", "centralized_tuned",
+                         "demo_unseeded"),
+             "aggregator": ("big_model", "aggregator"), "rounds": ("rounds",),
+             "latency": ("latency",)}
 PRIVACY_UTILITY_JSON = RESULTS / "privacy_utility.json"
 HEADING = "## Federation"
 DELTA = 1e-5
@@ -481,6 +491,121 @@ def round_latency(kind: str, work: Path, rounds: int) -> dict[str, Any]:
 
 
 # ==================================================================================================
+# part 4: where a round's time goes; the demo beside the in-process core and one torch import
+# ==================================================================================================
+ROUND_RUNS = 3  # demos, in-process federations and imports, each timed this many times
+#: Phases, in the order a round runs them: (where, key in that service's timings table, label).
+PHASES = [
+    ("device", "plan", "device: plan the round (DP-SGD calibration, ledger check)"),
+    ("device", "train", "device: train (DP-SGD)"),
+    ("device", "privatize_and_record", "device: clip, noise, record in the ledger"),
+    ("device", "sign", "device: sign the update"),
+    ("device", "publish", "device: publish (until the broker's PUBACK)"),
+    ("deliver", "deliver", "deliver: queued on the device -> received by the aggregator"),
+    ("aggregator", "validate_and_record", "aggregator: validate and record the round's updates"),
+    ("aggregator", "aggregate", "aggregator: aggregate (FedAvg, central noise, optimizer)"),
+    ("aggregator", "write_onnx", "aggregator: write the weights into the ONNX file"),
+    ("aggregator", "evaluate", "aggregator: evaluate on the reference set"),
+    ("aggregator", "account", "aggregator: device-level privacy report"),
+    ("aggregator", "store_and_sign", "aggregator: store the version, sign the release"),
+    ("aggregator", "publish_release", "aggregator: publish release, status, next announcement"),
+]
+
+
+def timed_command(cmd: Sequence[str], env: Mapping[str, str] | None = None) -> float:
+    started = time.perf_counter()
+    out = subprocess.run(list(cmd), capture_output=True, text=True, cwd=REPO,
+                         env=None if env is None else dict(env))
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} failed:\n{out.stderr[-3000:]}")
+    return time.perf_counter() - started
+
+
+def round_phases(work: Path) -> dict[str, Any]:
+    """Per-phase seconds of every round, read from a finished demo's own databases: the agents'
+    and the aggregator's ``timings`` tables and the delivery timestamps (outbox -> state.db)."""
+    import sqlite3
+
+    from bedside.sqlite import read_timings
+
+    agg_db = sqlite3.connect(work / "aggregator" / "data" / "state.db")
+    agg = read_timings(agg_db)
+    walls = {r: c - o for r, o, c in agg_db.execute(
+        "SELECT round, opened_at, closed_at FROM rounds WHERE closed_at IS NOT NULL")}
+    received = {(r, s): t for r, s, t in agg_db.execute(
+        "SELECT round, sender, received_at FROM updates")}
+    devices: dict[int, list[dict[str, float]]] = {}
+    for db_path in sorted(work.glob("clinic-*/data/agent.db")):
+        db = sqlite3.connect(db_path)
+        device = db_path.parts[-3]
+        for r, phases in read_timings(db).items():
+            devices.setdefault(r, []).append(phases)
+        for r, created in db.execute("SELECT round, created_at FROM outbox WHERE kind = "
+                                     "'update'"):
+            if (r, device) in received:
+                devices.setdefault(r, [])
+                agg.setdefault(r, {}).setdefault("_deliver", 0.0)
+                agg[r]["_deliver"] = max(agg[r]["_deliver"], received[(r, device)] - created)
+    rounds = {}
+    for r in sorted(walls):
+        row: dict[str, float] = {"round_wall": walls[r]}
+        for where, key, _ in PHASES:
+            if where == "device":
+                values = [d[key] for d in devices.get(r, []) if key in d]
+                row[key] = max(values) if values else 0.0  # the slowest device sets the pace
+            elif where == "deliver":
+                row[key] = agg.get(r, {}).get("_deliver", 0.0)
+            else:
+                row[key] = agg.get(r, {}).get(key, 0.0)
+        rounds[r] = row
+    return rounds
+
+
+def rounds_part(work: Path, quick: bool) -> dict[str, Any]:
+    """The demo's wall time, where its rounds' time goes, the in-process core's wall time for
+    the same federation, and one ``import torch, opacus``, all measured in this run."""
+    runs = 1 if quick else ROUND_RUNS
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    imports = [timed_command([sys.executable, "-c", "import torch, opacus"], env)
+               for _ in range(runs)]
+    log(f"import torch, opacus: {[round(t, 2) for t in imports]} s")
+    bedside = str(Path(sys.executable).parent / "bedside")
+    demo_walls, accuracies = [], []
+    last = work / "rounds-demo"
+    for i in range(runs):
+        shutil.rmtree(last, ignore_errors=True)
+        demo_walls.append(timed_command([bedside, "demo", "--out", str(last), "--json"], env))
+        report = json.loads((last / "report.json").read_text())
+        accuracies.append(report["final"]["accuracy"])
+        log(f"bedside demo run {i + 1}: {demo_walls[-1]:.2f} s, accuracy {accuracies[-1]}")
+    phases = round_phases(last)
+    code = ("import json, time; t = time.perf_counter()\n"
+            "from bedside.demo.inprocess import run_demo_in_process\n"
+            "from bedside.demo.run import DemoConfig\n"
+            "r = run_demo_in_process(DemoConfig())\n"
+            "print(json.dumps({'rounds_s': sum(x.seconds for x in r.rounds), "
+            "'accuracy': r.rounds[-1].metrics['accuracy']}))")
+    core_walls = [timed_command([sys.executable, "-c", code], env) for _ in range(runs)]
+    log(f"in-process core: {[round(t, 2) for t in core_walls]} s")
+    median = statistics.median
+    steady = [phases[r] for r in phases if r > 1]
+    return {
+        "runs": runs,
+        "import_torch_opacus_s": [round(t, 3) for t in imports],
+        "demo_wall_s": [round(t, 3) for t in demo_walls],
+        "demo_accuracy": accuracies,
+        "core_wall_s": [round(t, 3) for t in core_walls],
+        "demo_over_import": round(median(demo_walls) / median(imports), 2),
+        "demo_over_core": round(median(demo_walls) / median(core_walls), 2),
+        "phases_ms": {
+            "round_1": {k: round(1000 * v, 1) for k, v in phases.get(1, {}).items()},
+            "later_median": {k: round(1000 * median([p[k] for p in steady]), 1)
+                             for k in (steady[0] if steady else {})},
+        },
+    }
+
+
+# ==================================================================================================
 # reporting
 # ==================================================================================================
 def f4(x: Any) -> str:
@@ -604,11 +729,45 @@ def reading(res: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def rounds_section(r: Mapping[str, Any]) -> list[str]:
+    med = statistics.median
+    imp, demo, core = (med(r[k]) for k in ("import_torch_opacus_s", "demo_wall_s", "core_wall_s"))
+    first, later = r["phases_ms"]["round_1"], r["phases_ms"]["later_median"]
+    rows = ["| phase | round 1 ms | rounds 2-15, median ms |", "|---|---:|---:|"]
+    for _, key, label in PHASES:
+        rows.append(f"| {label} | {first.get(key, 0):.1f} | {later.get(key, 0):.1f} |")
+    rows.append(f"| **round, announcement to close** | **{first.get('round_wall', 0):.1f}** | "
+                f"**{later.get('round_wall', 0):.1f}** |")
+    return [
+        "", "### Where a round's time goes", "",
+        f"`bedside demo` (what `make demo` runs: 5 clinics and the aggregator as separate "
+        f"processes, the embedded broker, 15 rounds, record-level DP-SGD at epsilon 8) took "
+        f"{', '.join(f'{t:.1f}' for t in r['demo_wall_s'])} s (median {demo:.1f} s, final "
+        f"accuracy {', '.join(f'{a:.4f}' for a in r['demo_accuracy'])}); one `python -c "
+        f"\"import torch, opacus\"` took "
+        f"{', '.join(f'{t:.2f}' for t in r['import_torch_opacus_s'])} s "
+        f"(median {imp:.2f} s) on the same machine in the same run: **the demo's wall time is "
+        f"{r['demo_over_import']:.1f} times one import of torch and Opacus**. The same "
+        f"federation in one process on the round core (`bedside.demo.inprocess`, a fresh "
+        f"interpreter, imports included) took {', '.join(f'{t:.1f}' for t in r['core_wall_s'])} "
+        f"s (median {core:.1f} s): the demo costs {r['demo_over_core']:.2f} times the core it "
+        "drives.",
+        "",
+        "Phases of the last demo run, from the services' own timing records (`timings` tables of "
+        "each agent's `agent.db` and the aggregator's `state.db`; delivery from the outbox "
+        "to `state.db` timestamps). Device phases are the slowest device's; the five devices "
+        "run in parallel on two cores, so phases overlap and do not add up to the round.",
+        "", *rows,
+    ]
+
+
 def markdown(res: Mapping[str, Any]) -> str:
     env, cfg = res["environment"], res["config"]
     model = res.get("big_model", {})
     lines = [
-        f"Generated by `benchmarks/federation.py` on {env['date']}: {env['cpu_model']}, "
+        f"Generated by `benchmarks/federation.py` on {env['date']}"
+        + (f" (parts measured: {', '.join(f'{k} {v}' for k, v in res['measured'].items())})"
+           if res.get("measured") else "") + f": {env['cpu_model']}, "
         f"{env['usable_cores']} cores, Python {env['python']}; load average "
         f"{env['load_average_start']} at start, {env['load_average_end']} at end. Whole run "
         f"{res['run_seconds']:.0f} s{' (--quick: not for citing)' if cfg['quick'] else ''}. "
@@ -668,6 +827,8 @@ def markdown(res: Mapping[str, Any]) -> str:
             "devices. Disk use of the state database grows with the updates of the open round "
             "(they are the durable record that lets a restarted aggregator resume).",
         ]
+    if "rounds" in res:
+        lines += rounds_section(res["rounds"])
     if "latency" in res:
         lines += [
             "", "### Round latency: embedded broker vs Mosquitto", "",
@@ -741,6 +902,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             res["big_model"] = prepare_big_model(work)
             res["aggregator"] = aggregator_probes(res["big_model"], res["config"]["probe_sizes"],
                                                   work)
+        if "rounds" in args.parts:
+            res["rounds"] = rounds_part(work, quick)
         if "latency" in args.parts:
             res["latency"] = [round_latency(kind, work / kind, 2 if quick else LATENCY_ROUNDS)
                               for kind in ("embedded", "mosquitto")]
@@ -752,8 +915,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
-    p.add_argument("--parts", nargs="+", choices=("privacy", "aggregator", "latency"),
-                   default=["privacy", "aggregator", "latency"])
+    p.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                   help="parts to run; the others keep their figures from the last run")
     p.add_argument("--quick", action="store_true",
                    help="one seed, 3 rounds, fewer updates: a smoke run, not for citing")
     p.add_argument("--no-write", action="store_true", help="print the JSON, write nothing")
@@ -779,6 +942,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(results, indent=2, default=float))
         return 0
     RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
+    if RESULTS_JSON.exists():  # keep what the parts not run this time measured last time
+        previous = json.loads(RESULTS_JSON.read_text())
+        for part in set(PARTS) - set(args.parts):
+            for key in PART_KEYS[part]:
+                if key in previous:
+                    results[key] = previous[key]
+            results.setdefault("measured", {})[part] = previous.get("measured", {}).get(
+                part, previous.get("environment", {}).get("date"))
+    for part in args.parts:
+        results.setdefault("measured", {})[part] = results["environment"]["date"]
     RESULTS_JSON.write_text(json.dumps(results, indent=2, default=float) + "\n")
     write_section("federation", HEADING, markdown(results))
     log(f"wrote {RESULTS_JSON.relative_to(REPO)} and {README.relative_to(REPO)} "

@@ -298,6 +298,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     plan = plan_from_json(processes.call(prepare_json, cfg, work))
     ui = _Table(cfg, plan)
     ui.intro(work)
+    timeline = {"prepared": time.monotonic() - started}
     broker = EmbeddedBroker("127.0.0.1", 0).start()
     procs: dict[str, Any] = {}
     watcher = None
@@ -342,6 +343,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
                     ui.row(row)
                 elif body.get("state") == "done":
                     final = body
+                    timeline["federation_done"] = time.monotonic() - started
             else:
                 devices[msg.topic.rsplit("/", 1)[-1]] = body
         for name, p in procs.items():
@@ -361,6 +363,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
             watcher.close()
         broker.stop()
     report = _report(cfg, plan, rows, devices, final, work, time.monotonic() - started)
+    report["timeline_s"] = {k: round(v, 2) for k, v in timeline.items()}
     (work / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
     _plot(rows, work / "report.png")
     report["files"] = {"report": str(work / "report.json"), "plot": str(work / "report.png"),

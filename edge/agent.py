@@ -62,6 +62,7 @@ from bedside.errors import (
 )
 from bedside.federation.seeds import round_rng
 from bedside.federation.settings import RoundSettings
+from bedside.sqlite import add_timings
 from bedside.transport import Message, Transport
 from bedside.wire.envelope import Envelope, decode, encode, peek
 from bedside.wire.signing import KeyRing, SigningKey, VerifyKey
@@ -292,9 +293,10 @@ class Agent:
         self.state.queue(r, "contributed", detail, peek(msg).nonce, "update", msg)
         log.info("round %d: %s, update norm %.3f (clip %g)", r, detail, outcome.norm,
                  s.clip_norm)
-        log.debug("round %d timings: %s", r, json.dumps({k: round(v, 4)
-                                                          for k, v in timings.items()}))
+        t0 = time.perf_counter()
         self._flush_outbox()
+        timings["publish"] = time.perf_counter() - t0
+        add_timings(self.state.db, r, timings)  # kept on the device, never published
         self.publish_status(force=True)
 
     # -- outbox and receipts -----------------------------------------------------------------------

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bedside.sqlite import open_db, transaction
+from bedside.sqlite import TIMINGS_DDL, open_db, transaction
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,8 @@ class AgentState:
             " state TEXT NOT NULL DEFAULT 'pending', reason TEXT);"
             "CREATE TABLE IF NOT EXISTS rounds (round INTEGER PRIMARY KEY,"
             " action TEXT NOT NULL, detail TEXT NOT NULL, at REAL NOT NULL);"
-            "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);")
+            "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"
+            + TIMINGS_DDL)
 
     def close(self) -> None:
         self.db.close()

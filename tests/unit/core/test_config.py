@@ -76,7 +76,7 @@ def test_config_files_name_the_file_and_cross_checks_run(tmp_path):
     cfg = load_aggregator(tmp_path / "aggregator.toml")
     assert cfg.data_dir == tmp_path / "aggregator-data" and cfg.key == tmp_path / "keys/a.key"
     (tmp_path / "aggregator.toml").write_text(base + '[strategy]\nrule = "median"\n')
-    with pytest.raises(ConfigError, match="aggregator.toml: noise = 'central' is calibrated"):
+    with pytest.raises(ConfigError, match=r"aggregator\.toml: noise = 'central' is calibrated"):
         load_aggregator(tmp_path / "aggregator.toml")
     (tmp_path / "aggregator.toml").write_text(base + '[strategy]\nrule = "krum"\n')
     with pytest.raises(ConfigError, match="unknown aggregation rule 'krum'"):
