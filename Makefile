@@ -10,7 +10,7 @@ TORCH := torch==2.13.0
 # amqtt 0.11.4 pins typer 0.15.4, which breaks the flwr CLI; typer 0.20.1 serves both.
 TYPER := typer==0.20.1
 
-.PHONY: all setup system-deps demo test test-fast bench lint clean
+.PHONY: all setup system-deps demo test test-fast bench lint docs clean
 
 all: setup
 
@@ -60,6 +60,10 @@ lint: $(VENV)/.stamp
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy bedside models edge aggregator demo
 	$(VENV)/bin/vulture bedside models edge aggregator demo benchmarks .ci/vulture_whitelist.py --min-confidence 60
+
+# The settings tables of docs/configuration.md, generated from the dataclasses that declare them.
+docs: $(VENV)/.stamp
+	$(PY) .ci/config_docs.py
 
 clean:
 	rm -rf $(VENV) $(EDGE_VENV) demo-output .pytest_cache .mypy_cache .ruff_cache build *.egg-info

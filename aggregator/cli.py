@@ -39,10 +39,10 @@ def _serve(ns: argparse.Namespace) -> int:
 def _enroll(ns: argparse.Namespace) -> int:
     from bedside.aggregator.config import load
     from bedside.errors import InputError
-    from bedside.wire.signing import VerifyKey, validate_id
+    from bedside.wire.signing import VerifyKey, validate_device_id
 
     cfg = load(ns.config)
-    validate_id(ns.device_id, what="--device-id")
+    validate_device_id(ns.device_id, what="--device-id")
     key = VerifyKey.load(ns.public_key)
     cfg.devices.mkdir(parents=True, exist_ok=True)
     dest = cfg.devices / f"{ns.device_id}.pub"

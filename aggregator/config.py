@@ -98,10 +98,18 @@ class AggregatorConfig:
     privacy: PrivacyPlan = setting(doc="[privacy]", factory=PrivacyPlan)
     strategy: StrategyPlan = setting(doc="[strategy]", factory=StrategyPlan)
     evaluation: EvaluationConfig = setting(doc="[evaluation]", factory=EvaluationConfig)
+    testing: bool = setting(False, "allows [privacy] noise_seed (reproducible noise: NOT private);"
+                            " every announcement, model and report then says so. Tests and "
+                            "demos only")
     source: str = setting("aggregator.toml", internal=True)
 
     def __post_init__(self) -> None:
         _ = self.federation  # runs the cross-section checks (noise, rule, weighting, adaptive)
+        if self.privacy.noise_seed is not None and not self.testing:
+            raise ConfigError(
+                "[privacy] noise_seed makes the aggregator's noise reproducible, which removes "
+                "its privacy: it is for tests and demos only. Remove it, or set testing = true "
+                "to say in writing that this federation protects nobody")
 
     @property
     def federation(self) -> FederationSettings:

@@ -72,7 +72,7 @@ from bedside.models.registry import Registry
 from bedside.sqlite import add_timings
 from bedside.transport import Message, Transport
 from bedside.wire.envelope import encode
-from bedside.wire.signing import KeyRing, SigningKey
+from bedside.wire.signing import KeyRing, SigningKey, validate_device_id
 
 log = logging.getLogger("bedside.aggregator")
 
@@ -111,7 +111,14 @@ class Aggregator:
         if not self.cfg.devices.is_dir():
             raise ConfigError(f"{self.cfg.source}: devices directory {self.cfg.devices} does not "
                               "exist; enroll devices with 'bedside aggregator enroll'")
-        return KeyRing.from_dir(self.cfg.devices)
+        ring = KeyRing.from_dir(self.cfg.devices)
+        for device in ring:
+            try:
+                validate_device_id(device)
+            except BedsideError as exc:
+                raise ConfigError(f"{self.cfg.devices / (device + '.pub')}: {exc}; remove the "
+                                  "file") from None
+        return ring
 
     def _bootstrap_model(self) -> None:
         if self.registry.latest() is None:
@@ -452,15 +459,18 @@ class Aggregator:
         released a model; local mode every round in which the (untrusted) aggregator received
         updates. ``closing`` is the round being closed."""
         counted: list[RoundSettings] = []
+        seeded = False
         for r in self.state.rounds():
+            accepted = self.state.accepted(r.round)
+            seeded = seeded or any(u["info"].get("seeded") for u in accepted)
             if closing is not None and r.round == closing.round:
                 continue
             local = r.settings.noise == NOISE_LOCAL
-            if (local and self.state.accepted(r.round)) or (not local and r.status == "closed"):
+            if (local and accepted) or (not local and r.status == "closed"):
                 counted.append(r.settings)
         if closing is not None:
             counted.append(closing.settings)
-        return device_privacy(counted, self.cfg.privacy.delta)
+        return device_privacy(counted, self.cfg.privacy.delta, seeded_devices=seeded)
 
 
 def _record_epsilon(accepted: list[dict[str, Any]]) -> dict[str, Any]:

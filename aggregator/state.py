@@ -81,7 +81,7 @@ class RoundRow:
 class State:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        self.db = open_db(self.path, "aggregator state", _DDL + TIMINGS_DDL)
+        self.db = open_db(self.path, "aggregator state", _DDL + TIMINGS_DDL, private=True)
         try:
             row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
             if row is None:

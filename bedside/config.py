@@ -138,6 +138,12 @@ class _Reader:
                 raise self.fail(key, f"must be a path (a string), got {_show(v)}")
             p = Path(v).expanduser()
             return p if p.is_absolute() or self.base is None else self.base / p
+        if get_origin(tp) in (tuple, list):
+            if not isinstance(v, list):
+                raise self.fail(key, f"must be a list, got {_show(v)}")
+            item = get_args(tp)[0]
+            items = [self.convert(f"{key}[{i}]", item, x, meta) for i, x in enumerate(v)]
+            return tuple(items) if get_origin(tp) is tuple else items
         if tp is dict or get_origin(tp) is dict:
             if not isinstance(v, dict):
                 raise self.fail(key, "must be a table")
@@ -181,7 +187,10 @@ def read_table(cls: type[T], data: Mapping[str, Any], where: str, base: Path | N
             kwargs[f.name] = r.value(f.name, tp, data[f.name], f.metadata)
             check = f.metadata.get("check")
             if check is not None and kwargs[f.name] is not None:
-                check(kwargs[f.name], f"{where}: '{f.name}'")
+                try:
+                    check(kwargs[f.name], f"{where}: '{f.name}'")
+                except BedsideError as exc:
+                    raise error(str(exc)) from None
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise r.fail(f.name, "is required")
     unknown = sorted(set(data) - known)
@@ -221,6 +230,8 @@ def to_table(obj: Any) -> dict[str, Any]:
             v = to_table(v)
         elif isinstance(v, Path):
             v = str(v)
+        elif isinstance(v, tuple):
+            v = list(v)
         out[f.name] = v
     return out
 
@@ -234,8 +245,7 @@ def describe(cls: type, section: str = "") -> list[tuple[str, str, str]]:
             rows += describe(inner, f"{section}.{f.name}" if section else f.name)
             continue
         if f.default is not dataclasses.MISSING:
-            default = "none" if f.default is None else str(f.default).lower() if isinstance(
-                f.default, bool) else str(f.default)
+            default = _show_default(f.default)
         elif f.default_factory is not dataclasses.MISSING:
             default = "{}"
         else:
@@ -243,6 +253,16 @@ def describe(cls: type, section: str = "") -> list[tuple[str, str, str]]:
         key = f"[{section}] {f.name}" if section else f.name
         rows.append((key, default, str(f.metadata.get("doc", ""))))
     return rows
+
+
+def _show_default(v: Any) -> str:
+    if v is None:
+        return "none"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, tuple | list):
+        return "[" + ", ".join(f'"{x}"' if isinstance(x, str) else str(x) for x in v) + "]"
+    return str(v)
 
 
 def markdown_table(cls: type) -> str:

@@ -14,7 +14,7 @@ from typing import Final, Literal
 ENVELOPE_SCHEMA: Final = 1
 MANIFEST_SCHEMA: Final = 1
 INPUT_SCHEMA_VERSION: Final = 1
-LEDGER_SCHEMA: Final = 1
+LEDGER_SCHEMA: Final = 2
 
 # ---------------------------------------------------------------------------------------------
 # Network defaults. Everything binds and connects to loopback unless configured otherwise.
@@ -45,6 +45,10 @@ NONCE_BYTES: Final = 16
 # ---------------------------------------------------------------------------------------------
 TOPIC_ROOT: Final = "bedside/v1"
 AGGREGATOR_ID: Final = "aggregator"
+BROKER_ID: Final = "broker"
+#: Identities of the services (certificate CNs, signers): never a device's id, so a device can
+#: never borrow their broker identity or their place in an ACL (compared case-insensitively).
+RESERVED_IDS: Final = frozenset({AGGREGATOR_ID, BROKER_ID, "ca"})
 
 
 def topic_round(fleet: str) -> str:

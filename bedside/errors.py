@@ -93,6 +93,11 @@ class BudgetExceededError(PrivacyError):
     """Contributing would take the device past its configured privacy budget. Refused."""
 
 
+class PolicyDeclined(PrivacyError):
+    """A round's settings fall outside this device's own privacy policy. Declined (reason
+    ``policy``), whatever the aggregator announced."""
+
+
 class LedgerError(PrivacyError):
     """The privacy ledger cannot be read or written. Contributions are refused (fail closed)."""
 

@@ -10,6 +10,8 @@
   alias of an open file descriptor (``/dev/stdout``, ``/dev/fd/N``, ``/proc/self/fd/N``) is
   written in place: replacing it would hand the reader nothing and leave a regular file where the
   device or pipe was. Everything else is written with :func:`atomic_write_bytes`.
+* :func:`private_dir`, :func:`private_file`: a directory only its owner can enter (0700) and a
+  file only its owner can read (0600), whatever the umask: what patient data touches.
 * :func:`fsync_dir`: make a new directory entry durable.
 """
 
@@ -40,6 +42,27 @@ def fsync_dir(directory: str | os.PathLike[str]) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def private_dir(path: str | os.PathLike[str]) -> Path:
+    """Create ``path`` (and missing parents) and make it 0700."""
+    p = Path(path)
+    p.mkdir(parents=True, exist_ok=True)
+    os.chmod(p, 0o700)
+    return p
+
+
+def private_file(path: str | os.PathLike[str]) -> Path:
+    """Create ``path`` empty if it is missing, in a private directory, and make it 0600 (before
+    anything is written to it, so no reader ever sees it with wider permissions)."""
+    p = Path(path)
+    private_dir(p.parent)
+    fd = os.open(p, os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    return p
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> None:

@@ -17,16 +17,22 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from bedside.errors import StateError
+from bedside.files import private_file
 
 
-def open_db(path: str | Path, what: str, schema: str = "") -> sqlite3.Connection:
+def open_db(path: str | Path, what: str, schema: str = "", *,
+            private: bool = False) -> sqlite3.Connection:
     """Open (creating if needed) ``path``; ``schema`` is run as a script (CREATE ... IF NOT EXISTS).
 
-    Raises StateError naming the file and ``what`` it holds if it cannot be opened.
+    ``private``: the file is 0600 and its directory 0700 whatever the umask (SQLite gives its
+    journal files the database's own permissions). Raises StateError naming the file and
+    ``what`` it holds if it cannot be opened.
     """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     try:
+        if private:
+            private_file(p)
         db = sqlite3.connect(p, isolation_level=None, timeout=30, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
@@ -36,6 +42,8 @@ def open_db(path: str | Path, what: str, schema: str = "") -> sqlite3.Connection
     except sqlite3.DatabaseError as exc:
         raise StateError(f"{p}: cannot open the {what} ({exc}); restore it from backup or move "
                          "it aside") from None
+    except OSError as exc:
+        raise StateError(f"{p}: cannot open the {what} ({exc.strerror or exc})") from None
 
 
 @contextlib.contextmanager

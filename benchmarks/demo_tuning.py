@@ -118,7 +118,7 @@ def federation(train: Any, test: Any, shards: Sequence[Any], server: Mapping[str
     if not private:
         extra["aggregator"]["privacy"] = {"noise": "none"}
         extra["agent"] = {"privacy": {"record_epsilon": None, "allow_no_record_dp": True,
-                                      "device_epsilon": None}}
+                                      "device_epsilon": None, "accept_noise": ["none"]}}
     cfg = DemoConfig(server_optimizer=server["name"], noise_seed=noise_seed, extra=extra)
     run = run_demo_in_process(cfg, train, test, shards)
     return [{"accuracy": float(r.metrics["accuracy"]), "auc": float(r.metrics["auc"])}

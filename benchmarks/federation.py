@@ -73,24 +73,25 @@ MB = 1_000_000
 
 # -- part 1: the privacy settings of the federated runs -------------------------------------------
 NO_RECORD_DP = {"record_epsilon": None, "allow_no_record_dp": True}
+ACCEPT_NO_DEVICE_NOISE = {"accept_noise": ["local", "central", "none"]}
 NO_DEVICE_BUDGET = {"device_epsilon": None}
 SETTINGS: dict[str, dict[str, Any]] = {
     "non-private": {
         "label": "federated, non-private",
         "demo": {}, "aggregator": {"privacy": {"noise": "none"}},
-        "agent": {"privacy": {**NO_RECORD_DP, **NO_DEVICE_BUDGET}}},
+        "agent": {"privacy": {**NO_RECORD_DP, **NO_DEVICE_BUDGET, **ACCEPT_NO_DEVICE_NOISE}}},
     "record-1": {
         "label": "federated, record-level DP-SGD, epsilon 1",
         "demo": {"target_epsilon": 1.0}, "aggregator": {"privacy": {"noise": "none"}},
-        "agent": {"privacy": NO_DEVICE_BUDGET}},
+        "agent": {"privacy": {**NO_DEVICE_BUDGET, **ACCEPT_NO_DEVICE_NOISE}}},
     "record-3": {
         "label": "federated, record-level DP-SGD, epsilon 3",
         "demo": {"target_epsilon": 3.0}, "aggregator": {"privacy": {"noise": "none"}},
-        "agent": {"privacy": NO_DEVICE_BUDGET}},
+        "agent": {"privacy": {**NO_DEVICE_BUDGET, **ACCEPT_NO_DEVICE_NOISE}}},
     "record-8": {
         "label": "federated, record-level DP-SGD, epsilon 8",
         "demo": {"target_epsilon": 8.0}, "aggregator": {"privacy": {"noise": "none"}},
-        "agent": {"privacy": NO_DEVICE_BUDGET}},
+        "agent": {"privacy": {**NO_DEVICE_BUDGET, **ACCEPT_NO_DEVICE_NOISE}}},
     "device-central-1": {
         "label": "federated, device-level central noise z = 1 only",
         "demo": {"noise_multiplier": 1.0}, "aggregator": {},
@@ -324,6 +325,7 @@ def probe(n: int, rule: str, model_dir: Path, work: Path) -> dict[str, Any]:
                    "expected_participants": n + 1},  # closed below, on the clock, and timed
         "privacy": {"noise": "central" if central else "none", "clip_norm": 1.0,
                     "noise_multiplier": 1.0, "delta": DELTA, "noise_seed": 0},
+        "testing": True,
         "strategy": {"rule": rule, "optimizer": "sgd"},
     }
     (work / "aggregator.toml").write_text(to_toml(conf))
@@ -417,10 +419,12 @@ def aggregator_probes(model: Mapping[str, Any], sizes: Sequence[int], work: Path
 # ==================================================================================================
 def start_broker(kind: str, work: Path) -> Any:
     sys.path.insert(0, str(REPO))
+    from bedside.transport.pki import acl_text
     from tests.brokers import start_embedded, start_mosquitto
 
-    if kind == "mosquitto":
-        return start_mosquitto(work / "mosquitto", ["bench-device", *LATENCY_CLINICS])
+    if kind == "mosquitto":  # the demo fleet's ACL, and the ping fleet's
+        return start_mosquitto(work / "mosquitto", ["bench-device", *LATENCY_CLINICS],
+                               acl_extra=acl_text(FLEET, ["bench-device"]))
     return start_embedded()
 
 

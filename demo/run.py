@@ -91,6 +91,8 @@ def _toml_value(v: Any) -> str:
         v = str(v)
     if isinstance(v, str):
         return json.dumps(v)
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
 
@@ -180,8 +182,9 @@ def agent_table(cfg: DemoConfig, i: int, fleet: str = FLEET) -> dict[str, Any]:
         "agent": {"resend_seconds": 2.0, "status_seconds": 5.0, "exit_when_done": True,
                   "quality_tolerance": 0.25},
     }
-    if cfg.noise_seed is not None:
+    if cfg.noise_seed is not None:  # reproducible, so not private: the configs say so
         agent["agent"]["seed"] = cfg.noise_seed * 1000 + i
+        agent["testing"] = True
     merge_overrides(agent, cfg.extra.get("agent", {}))
     return agent
 
@@ -202,6 +205,8 @@ def aggregator_table(cfg: DemoConfig, fleet: str = FLEET, initial_model: Path | 
                     **({"noise_seed": cfg.noise_seed} if cfg.noise_seed is not None else {})},
         "strategy": {"rule": "fedavg", "optimizer": cfg.server_optimizer},
     }
+    if cfg.noise_seed is not None:
+        aggregator["testing"] = True
     if initial_model is not None:
         aggregator["initial_model"] = str(initial_model)
     if reference_csv is not None:
@@ -470,6 +475,10 @@ def _report(cfg: DemoConfig, plan: dict[str, Any], rows: list[dict[str, Any]],
                   "accuracy": last["accuracy"] if last else None,
                   "auc": last["auc"] if last else None},
         "privacy": {
+            "seeded_noise": cfg.noise_seed is not None,
+            **({"warning": "every noise draw was seeded (--noise-seed): this run is reproducible "
+                           "and therefore NOT private, whatever the epsilons say"}
+               if cfg.noise_seed is not None else {}),
             "record": {"epsilon_max": max(record_eps) if record_eps else None,
                        "budget": record_budget, "delta": priv["record_delta"],
                        "mechanism": "DP-SGD on every clinic (Opacus, Poisson sampling), "
@@ -577,5 +586,7 @@ class _Table:
                     f"clinic, budget {p['record']['budget']:g}" if rec is not None else
                     "record-level: not reported")
         self._print(f"device-level: {p['device']['statement']}")
+        if p.get("warning"):
+            self._print(f"[bold]warning[/bold]: {p['warning']}")
         self._print(f"report: {report['files']['report']}  plot: {report['files']['plot']}  "
                     f"({report['seconds']:.1f} s)")

@@ -60,6 +60,7 @@ from bedside.errors import (
     ValidationError,
     WireError,
 )
+from bedside.federation.device import published_privacy
 from bedside.federation.seeds import round_rng
 from bedside.federation.settings import RoundSettings
 from bedside.sqlite import add_timings
@@ -82,7 +83,7 @@ class Agent:
         self.pinned = KeyRing()
         self.pinned.add(AGGREGATOR_ID, VerifyKey.load(cfg.aggregator_key))
         self.store = RecordStore(cfg.records_path)
-        self.state = AgentState(cfg.state_path)
+        self.state = AgentState(cfg.state_path, cfg.fleet)
         self.models = ModelManager(cfg.models_path, threads=cfg.agent.threads)
         self._ledger: Any = None
         self.ledger_error: str | None = None
@@ -98,7 +99,8 @@ class Agent:
         self.announce: Envelope | None = None
         self.settings: RoundSettings | None = None
         self.done = False
-        self.refusing: str | None = None
+        self.refusing: str | None = None  # why this device declines rounds (kept local)
+        self.refusing_reason = ""  # the reason code, which may be published
         self.refused_versions: set[int] = set()
         self._last_status = 0.0
 
@@ -109,8 +111,19 @@ class Agent:
 
             # A device that has taken part before must find its ledger: a missing one is never
             # silently re-created (that would reset its budget to zero).
-            fresh = self.state.last_round() is None
-            self._ledger = Ledger(self.cfg.ledger_path, self.cfg.budgets(), create=fresh)
+            contributed = self.state.contributed()
+            ledger = Ledger(self.cfg.ledger_path, self.cfg.budgets(), create=not contributed)
+            missing = _unrecorded(contributed, ledger.rounds())
+            if missing:
+                ledger.close()
+                shown = ", ".join(f"{f or '?'} round {r}" for f, r in sorted(missing)[:5])
+                raise LedgerError(
+                    f"the privacy ledger at {self.cfg.ledger_path} lacks {len(missing)} round(s) "
+                    f"this device contributed to ({shown}{' ...' if len(missing) > 5 else ''}): "
+                    "it was restored from an older backup or replaced, and would under-count what "
+                    "was released. Refusing to take part; restore the most recent ledger (the one "
+                    "that matches agent.db), or ask your privacy officer before starting over")
+            self._ledger = ledger
             self.ledger_error = None
         except (LedgerError, ImportError) as exc:
             self._ledger = None
@@ -202,12 +215,12 @@ class Agent:
         if meta.get("fleet") != self.cfg.fleet:
             log.warning("announcement for fleet %r ignored", meta.get("fleet"))
             return
-        seen = self.state.get_meta("announce_round")
-        if seen is not None and env.header.round < int(seen):
+        seen = self.state.announced_round()
+        if seen is not None and env.header.round < seen:
             return  # an old announcement replayed: never go back
         if self.announce is not None and env.header.round < self.announce.header.round:
             return
-        self.state.set_meta("announce_round", str(env.header.round))
+        self.state.set_announced_round(env.header.round)
         self.announce, self.settings = env, None
         if meta.get("state") == "done":
             if not self.done:
@@ -265,6 +278,7 @@ class Agent:
             self._open_ledger()
         if self._ledger is None:
             self.refusing = f"ledger unavailable: {self.ledger_error}"
+            self.refusing_reason = "ledger_unavailable"
             self._decline(env, "ledger_unavailable", str(self.ledger_error))
             self.publish_status(force=True)
             return
@@ -277,8 +291,8 @@ class Agent:
                               ledger=self._ledger, fleet=self.cfg.fleet,
                               seed=self.cfg.agent.seed, rng=round_rng(self.cfg.agent.seed, r))
         if not isinstance(outcome, Contribution):
-            if outcome.reason in ("budget", "ledger_unavailable"):
-                self.refusing = outcome.detail
+            if outcome.reason in ("budget", "ledger_unavailable", "policy"):
+                self.refusing, self.refusing_reason = outcome.detail, outcome.reason
                 log.warning("round %d: refusing to contribute: %s (inference continues)", r,
                             outcome.detail)
             self._decline(env, outcome.reason, outcome.detail)
@@ -344,14 +358,17 @@ class Agent:
         last = self.state.last_round()
         # Published: nothing computed from records. Which version *serves* (the local quality
         # gate's outcome) stays local; 'bedside edge status' shows it on the device.
+        report = self.privacy_report()
         return {
             "device": self.cfg.device_id,
             "state": state or ("refusing" if self.refusing else "idle"),
             "model_version": self.models.latest_version(),
             "last_round": last[0] if last else None,
             "last_action": last[1] if last else None,
-            "refusing": self.refusing,
-            "privacy": self.privacy_report(),
+            # why, as a reason code; the message (with exact figures) stays in the local log
+            "refusing": self.refusing_reason if self.refusing else None,
+            "privacy": ({"error": "ledger unavailable"} if "error" in report
+                        else published_privacy(report)),
             "outbox": self.state.counts(),
             "connected": self.transport.connected,
             "time": self.clock(),
@@ -367,3 +384,11 @@ class Agent:
             self.transport.publish(topic_status(self.cfg.fleet, self.cfg.device_id),
                                    json.dumps(self.status(state), default=float).encode(),
                                    qos=1, retain=True)
+
+
+def _unrecorded(contributed: set[tuple[str, int]],
+                recorded: set[tuple[str, int]]) -> set[tuple[str, int]]:
+    """Rounds the device contributed to that its ledger has no release for (a ledger written
+    before releases named their fleet records them under fleet '')."""
+    legacy = {r for f, r in recorded if f == ""}
+    return {(f, r) for f, r in contributed if (f, r) not in recorded and r not in legacy}

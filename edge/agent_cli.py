@@ -123,7 +123,7 @@ def _status(ns: argparse.Namespace) -> int:
 
     cfg = load(ns.config)
     models = ModelManager(cfg.models_path)
-    state = AgentState(cfg.state_path)
+    state = AgentState(cfg.state_path, cfg.fleet)
     info: dict[str, Any] = {"device": cfg.device_id,
                             "serving_version": models.current_version(),
                             "latest_version": models.latest_version(),

@@ -37,13 +37,18 @@ from pathlib import Path
 from typing import Any
 
 from bedside.config import load_file, setting
+from bedside.errors import ConfigError
 from bedside.federation.device import DevicePrivacy
 from bedside.transport.mqtt import MqttConfig
-from bedside.wire.signing import validate_id
+from bedside.wire.signing import validate_device_id, validate_id
 
 
 def _id(value: str, where: str) -> None:
     validate_id(value, what=where)
+
+
+def _device_id(value: str, where: str) -> None:
+    validate_device_id(value, what=where)
 
 
 @dataclass(frozen=True)
@@ -66,7 +71,8 @@ class AgentSettings:
 
 @dataclass(frozen=True)
 class AgentConfig:
-    device_id: str = setting(doc="this device's id (its certificate CN on Mosquitto)", check=_id)
+    device_id: str = setting(doc="this device's id (its certificate CN on Mosquitto; not a "
+                             "service's: aggregator, broker, ca)", check=_device_id)
     fleet: str = setting(doc="the federation it belongs to", check=_id)
     key: Path = setting(doc="this device's Ed25519 private key (mode 0600; 'bedside edge "
                         "enroll' creates it)")
@@ -76,7 +82,16 @@ class AgentConfig:
     mqtt: MqttConfig = setting(doc="[mqtt]: broker and TLS", factory=MqttConfig)
     privacy: DevicePrivacy = setting(doc="[privacy]", factory=DevicePrivacy)
     agent: AgentSettings = setting(doc="[agent]", factory=AgentSettings)
+    testing: bool = setting(False, "allows [agent] seed (reproducible noise: NOT private); every "
+                            "update this device sends then says so. Tests and demos only")
     source: str = setting("agent.toml", internal=True)
+
+    def __post_init__(self) -> None:
+        if self.agent.seed is not None and not self.testing:
+            raise ConfigError(
+                "[agent] seed makes this device's training and DP noise reproducible, which "
+                "removes their privacy: it is for tests and demos only. Remove it, or set "
+                "testing = true to say in writing that this device protects nobody")
 
     @property
     def data(self) -> Path:
@@ -96,7 +111,9 @@ class AgentConfig:
 
     @property
     def models_path(self) -> Path:
-        return self.data / "models"
+        """This federation's model versions (versions are numbered per federation, so a device
+        that joins another one keeps them apart)."""
+        return self.data / "models" / self.fleet
 
     def budgets(self) -> dict[str, Any]:
         return dict(self.privacy.budgets())

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from bedside.constants import UNIT_RECORD
-from bedside.errors import BudgetExceededError, LedgerError, PrivacyError
+from bedside.errors import BudgetExceededError, LedgerError, PolicyDeclined, PrivacyError
 from bedside.federation.device import DevicePrivacy, plan_round, privatize, update_meta
 from bedside.federation.seeds import training_seed
 from bedside.federation.settings import RoundSettings
@@ -58,6 +58,8 @@ def participate(round_id: int, settings: RoundSettings, manifest: Manifest, mode
     t0 = time.perf_counter()
     try:
         plan = plan_round(round_id, settings, privacy, len(x), ledger)
+    except PolicyDeclined as exc:
+        return Decline("policy", str(exc))
     except BudgetExceededError as exc:
         return Decline("budget", str(exc))
     except LedgerError as exc:
@@ -85,6 +87,7 @@ def participate(round_id: int, settings: RoundSettings, manifest: Manifest, mode
     except LedgerError as exc:
         return Decline("ledger_unavailable", str(exc))
     record_eps = ledger.spent(UNIT_RECORD) if privacy.record_epsilon is not None else None
-    meta = update_meta(fleet, settings, len(x), record_eps, privacy.record_delta, priv.clip_bit)
+    meta = update_meta(fleet, settings, len(x), record_eps, privacy.record_delta, priv.clip_bit,
+                       seeded=seed is not None)
     timings["privatize_and_record"] = time.perf_counter() - t0
     return Contribution(priv.tensors, meta, fit.steps, priv.norm, timings)

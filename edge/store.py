@@ -48,7 +48,7 @@ class RecordStore:
             self.path, "record store",
             "CREATE TABLE IF NOT EXISTS records (id INTEGER PRIMARY KEY, schema TEXT NOT NULL, "
             "digest TEXT NOT NULL, x BLOB NOT NULL, y INTEGER NOT NULL, source TEXT NOT NULL, "
-            "ingested_at REAL NOT NULL, UNIQUE (schema, digest))")
+            "ingested_at REAL NOT NULL, UNIQUE (schema, digest))", private=True)
 
     def close(self) -> None:
         self.db.close()

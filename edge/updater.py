@@ -2,9 +2,9 @@
 
 Layout under the agent's data directory::
 
-    models/v<N>/        model.onnx + manifest.json of version N (the last few are kept)
-    models/current      symlink to the version that serves inference (swapped atomically)
-    models/blocked.json versions an operator rolled back from: never installed again
+    models/<fleet>/v<N>/        model.onnx + manifest.json of version N (the last few are kept)
+    models/<fleet>/current      symlink to the version that serves inference (swapped atomically)
+    models/<fleet>/blocked.json versions an operator rolled back from: never installed again
 
 A release is installed only if it is signed by the pinned aggregator key (checked by the wire
 decoder before this module sees it), its manifest's sha256 matches the ONNX bytes, its version is
@@ -13,9 +13,11 @@ passes the Predictor's self-test on the schema's reference rows. Such a version 
 device trains on it when a round asks for it.
 
 Whether it also *serves* inference is a separate, local decision: when the device holds labelled
-records, a version much less accurate on them than the one in service (``quality_tolerance``)
-keeps the old one serving. That comparison is computed on patient records, so its outcome never
-leaves the device: it changes neither what the device sends nor whether it takes part.
+records, a version much less accurate on them than the one in service (``quality_tolerance``),
+or one the records cannot even be run through (a value outside its allowed ranges), keeps the old
+one serving. That comparison is computed on patient records, so its outcome never leaves the
+device: it changes neither what the device sends, nor whether it takes part, nor the version its
+status reports (the newest verified one); failures are logged without record values.
 ``rollback`` returns to the previous version on an operator's request and blocks the one left.
 """
 
@@ -33,7 +35,7 @@ import numpy as np
 
 from bedside.edge.predictor import Predictor
 from bedside.errors import IntegrityError, ModelError
-from bedside.files import atomic_write_bytes
+from bedside.files import atomic_write_bytes, private_dir
 from bedside.manifest import (
     Manifest,
     load_manifest,
@@ -57,7 +59,7 @@ class Installed:
 class ModelManager:
     def __init__(self, root: str | Path, *, threads: int = 1) -> None:
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        private_dir(self.root)
         self.threads = threads
         self._predictor: Predictor | None = None
 
@@ -141,13 +143,13 @@ class ModelManager:
         write_model_dir(staging, onnx_bytes, m)
         try:
             candidate = Predictor(staging, threads=self.threads)
-            candidate.self_test()
-            note = ""
-            if records is not None and quality_tolerance is not None and len(records[0]):
-                note = self._quality_gate(candidate, records, quality_tolerance)
+            candidate.self_test()  # on the schema's reference rows: nothing from the records
         except Exception:
             shutil.rmtree(staging, ignore_errors=True)
             raise
+        note = ""
+        if records is not None and quality_tolerance is not None and len(records[0]):
+            note = self._quality_gate(candidate, records, quality_tolerance)
         final = self.root / f"v{m.version}"
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
@@ -169,8 +171,17 @@ class ModelManager:
         if current is None:
             return ""
         x, y = records
-        new_acc = accuracy(y, candidate.predict_proba(x))
-        old_acc = accuracy(y, current.predict_proba(x))
+        try:
+            new_acc = accuracy(y, candidate.predict_proba(x))
+            old_acc = accuracy(y, current.predict_proba(x))
+        except Exception:  # e.g. records outside the new model's allowed ranges
+            # The model is still installed (for training: what the device publishes never
+            # depends on its records); only serving stays with the old one. No record value
+            # reaches the log.
+            log.warning("the quality gate could not compare v%d with v%d on this device's "
+                        "records (some fall outside the new model's input schema); v%d keeps "
+                        "serving", candidate.version, current.version, current.version)
+            return "the quality gate could not run on local records"
         if new_acc < old_acc - tolerance:
             return (f"less accurate on this device's records (accuracy {new_acc:.3f} vs "
                     f"{old_acc:.3f} for v{current.version}, tolerance {tolerance})")

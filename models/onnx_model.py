@@ -43,8 +43,14 @@ class OnnxClassifier:
                  threads: int = 1, memory_arena: bool = False, where: str = "model") -> None:
         import onnxruntime as ort
 
+        from bedside.models.onnx_weights import load_proto
+
         if threads < 1:
             raise ModelError(f"threads must be >= 1, got {threads}")
+        try:
+            load_proto(onnx_bytes)  # self-contained, before onnxruntime sees it
+        except ModelError as exc:
+            raise ModelError(f"{where}: {exc}") from None
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1

@@ -17,17 +17,73 @@ from bedside.errors import ModelError
 
 
 def load_proto(model_bytes: bytes) -> onnx.ModelProto:
+    """Parse an ONNX file that must be self-contained (see :func:`check_self_contained`)."""
     try:
         proto = onnx.load_from_string(model_bytes)
     except Exception as exc:  # onnx raises DecodeError and others; we name the problem once
         raise ModelError(f"not a valid ONNX file ({type(exc).__name__}: {exc})") from None
-    for init in proto.graph.initializer:
-        if init.data_location == onnx.TensorProto.EXTERNAL:
-            raise ModelError(
-                f"initializer {init.name!r} is stored in an external data file; Bedside models "
-                "are single files: re-export with external_data=False"
-            )
+    check_self_contained(proto)
     return proto
+
+
+def _external(t: onnx.TensorProto) -> bool:
+    return t.data_location == onnx.TensorProto.EXTERNAL or len(t.external_data) > 0
+
+
+def _tensors_of(attr: onnx.AttributeProto) -> list[tuple[str, onnx.TensorProto]]:
+    out = []
+    if attr.HasField("t"):
+        out.append((attr.name, attr.t))
+    out += [(attr.name, t) for t in attr.tensors]
+    for sp in ([attr.sparse_tensor] if attr.HasField("sparse_tensor") else []) + list(
+            attr.sparse_tensors):
+        out += [(f"{attr.name}.values", sp.values), (f"{attr.name}.indices", sp.indices)]
+    return out
+
+
+def _walk(graph: onnx.GraphProto, where: str) -> None:
+    for init in graph.initializer:
+        if _external(init):
+            raise _refused(f"initializer {init.name!r}", where)
+    for sp in graph.sparse_initializer:
+        if _external(sp.values) or _external(sp.indices):
+            raise _refused(f"sparse initializer {sp.values.name!r}", where)
+    for node in graph.node:
+        for attr in node.attribute:
+            for name, t in _tensors_of(attr):
+                if _external(t):
+                    raise _refused(f"attribute {name!r} of {node.op_type} node "
+                                   f"{node.name or '(unnamed)'}", where)
+            if attr.HasField("g"):
+                _walk(attr.g, f"{where} > {node.op_type}.{attr.name}")
+            for i, g in enumerate(attr.graphs):
+                _walk(g, f"{where} > {node.op_type}.{attr.name}[{i}]")
+
+
+def _refused(what: str, where: str) -> ModelError:
+    return ModelError(
+        f"{what} in {where} refers to external data (a file outside the model); Bedside models "
+        "are single self-contained files, and a model must never make the device read another "
+        "file. Refused: re-export with external_data=False")
+
+
+def check_self_contained(proto: onnx.ModelProto) -> None:
+    """Refuse a model that references external data anywhere: initializers, sparse
+    initializers, tensors in node attributes (``Constant`` and others), in every subgraph
+    (``If``, ``Loop``, ``Scan`` bodies) and in every local function. Runs before onnxruntime sees
+    the model, whose loader would otherwise open the named file."""
+    _walk(proto.graph, "the main graph")
+    for fn in proto.functions:
+        for node in fn.node:
+            for attr in node.attribute:
+                for name, t in _tensors_of(attr):
+                    if _external(t):
+                        raise _refused(f"attribute {name!r} of {node.op_type} node",
+                                       f"function {fn.name!r}")
+                if attr.HasField("g"):
+                    _walk(attr.g, f"function {fn.name!r} > {node.op_type}.{attr.name}")
+                for i, g in enumerate(attr.graphs):
+                    _walk(g, f"function {fn.name!r} > {node.op_type}.{attr.name}[{i}]")
 
 
 def read_weights(model_bytes: bytes, names: Iterable[str]) -> dict[str, np.ndarray]:

@@ -27,7 +27,7 @@ import numpy as np
 
 from bedside.constants import MANIFEST_FILE, MODEL_FILE
 from bedside.errors import IntegrityError, ModelError
-from bedside.files import atomic_write_bytes
+from bedside.files import atomic_write_bytes, private_dir
 from bedside.manifest import (
     Manifest,
     load_manifest,
@@ -42,8 +42,8 @@ SERVER_STATE_FILE = "server_state.safetensors"
 class Registry:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
-        (self.root / "objects").mkdir(parents=True, exist_ok=True)
-        (self.root / "versions").mkdir(parents=True, exist_ok=True)
+        for d in (self.root, self.root / "objects", self.root / "versions"):
+            private_dir(d)  # the aggregator's data: its owner only
 
     def versions(self) -> list[int]:
         out = []

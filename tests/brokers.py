@@ -17,7 +17,7 @@ from pathlib import Path
 
 from bedside.transport.broker import EmbeddedBroker, free_port
 from bedside.transport.mqtt import MqttConfig
-from bedside.transport.pki import create_fleet, issue
+from bedside.transport.pki import acl_text, create_fleet, issue
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy" / "mosquitto"
@@ -93,11 +93,15 @@ class Broker:
         _wait_port(self.port)
 
 
-def start_mosquitto(workdir: Path, identities: list[str] | None = None) -> Broker:
+def start_mosquitto(workdir: Path, identities: list[str] | None = None, fleet: str = "demo",
+                    acl_extra: str = "") -> Broker:
+    """Mosquitto with the shipped config and the fleet's generated ACL (``acl_extra`` appended);
+    certificates for the aggregator and ``identities``."""
     workdir.mkdir(parents=True, exist_ok=True)
     certs = workdir / "certs"
-    create_fleet(certs, ["aggregator", *(identities or [])], ["127.0.0.1"])
-    shutil.copy(DEPLOY / "acl", certs / "acl")
+    devices = [i for i in identities or [] if i != "aggregator"]
+    create_fleet(certs, ["aggregator", *devices], ["127.0.0.1"])
+    (certs / "acl").write_text(acl_text(fleet, devices) + "\n" + acl_extra)
     port = free_port()
     conf = (DEPLOY / "mosquitto.conf").read_text()
     conf = conf.replace("/etc/bedside/mosquitto/", f"{certs}/")

@@ -123,10 +123,12 @@ def mem_fleet(work: Path, **kw: Any) -> MemFleet:
     fleet = make_fleet(work, **kw)
     fleet.plan["aggregator"]["mqtt"]["port"] = 1883
     fleet.plan["aggregator"]["privacy"].setdefault("noise_seed", 0)  # deterministic unit tests
+    fleet.plan["aggregator"]["testing"] = True
     fleet.aggregator_toml.write_text(to_toml(fleet.plan["aggregator"]))
     for i, c in enumerate(fleet.plan["clinics"]):
         c["config"]["mqtt"]["port"] = 1883
         c["config"].setdefault("agent", {})["seed"] = i
+        c["config"]["testing"] = True
         fleet.agent_toml(i).write_text(to_toml(c["config"]))
     mf = MemFleet(fleet=fleet, broker=MemoryBroker(), aggregator=None, agents=[], clock=Clock())
     mf.aggregator = mf.new_aggregator()

@@ -22,9 +22,17 @@ from typing import Any, Protocol
 import numpy as np
 
 from bedside.config import setting
-from bedside.constants import NOISE_LOCAL, NOISE_NONE, UNIT_DEVICE, UNIT_RECORD
-from bedside.errors import BudgetExceededError, ConfigError
+from bedside.constants import (
+    NOISE_CENTRAL,
+    NOISE_LOCAL,
+    NOISE_NONE,
+    UNIT_DEVICE,
+    UNIT_RECORD,
+    NoiseMode,
+)
+from bedside.errors import BudgetExceededError, ConfigError, PolicyDeclined, PrivacyError
 from bedside.federation.settings import RoundSettings
+from bedside.privacy import dpsgd
 from bedside.privacy.dpsgd import DPSGDPlan
 from bedside.privacy.ledger import Budget, Release
 
@@ -50,6 +58,19 @@ class DevicePrivacy:
                                            "device-level noise are declined", positive=True)
     device_delta: float = setting(1e-5, "delta of the device-level budget", positive=True,
                                   max=0.1)
+    accept_noise: tuple[NoiseMode, ...] = setting(
+        (NOISE_LOCAL, NOISE_CENTRAL), "where the device accepts device-level noise to be added: "
+        "local (it adds it itself), central (it trusts the aggregator to), none (no device-level "
+        "noise); a round with another mode is declined (reason policy)")
+    min_noise_multiplier: float | None = setting(None, "decline rounds announcing less "
+                                                 "device-level noise than this", min=0.0)
+    max_clip_norm: float | None = setting(None, "decline rounds announcing a larger update clip "
+                                          "norm", positive=True)
+    max_local_epochs: int | None = setting(None, "decline rounds asking for more local epochs",
+                                           min=1)
+    max_sample_rate: float | None = setting(None, "decline rounds whose DP-SGD plan samples "
+                                            "records at a higher rate (batch / records)",
+                                            positive=True, max=1.0)
 
     def __post_init__(self) -> None:
         if self.record_epsilon is None and not self.allow_no_record_dp:
@@ -59,6 +80,9 @@ class DevicePrivacy:
         if self.record_epsilon is not None and self.allow_no_record_dp:
             raise ConfigError("set either 'record_epsilon' or 'allow_no_record_dp = "
                               "true', not both")
+        if not self.accept_noise:
+            raise ConfigError("'accept_noise' lists no noise mode: the device would decline "
+                              "every round")
 
     def budgets(self) -> dict[str, Budget]:
         """The ledger budgets this device enforces: one per privacy unit it has configured."""
@@ -73,6 +97,8 @@ class DevicePrivacy:
 class LedgerView(Protocol):
     def check(self, releases: Sequence[Release]) -> None: ...
 
+    def releases(self, unit: str) -> list[Release]: ...
+
 
 @dataclass(frozen=True)
 class RoundPlan:
@@ -80,48 +106,98 @@ class RoundPlan:
     dp: DPSGDPlan | None
 
 
-def record_noise(privacy: DevicePrivacy, settings: RoundSettings, records: int) -> DPSGDPlan:
-    """DP-SGD for one round: the noise that spreads the record budget over the planned rounds.
+def check_policy(settings: RoundSettings, privacy: DevicePrivacy, records: int) -> None:
+    """Raise PolicyDeclined if the round asks for something this device's policy refuses.
+
+    The device decides its own privacy: where noise is added, how much at least, how large an
+    update may be and how hard the record-level plan may sample its records. The reason stays on
+    the device; the decline it publishes says only ``policy``.
+    """
+    s, t = settings, settings.train
+    why = []
+    if s.noise not in privacy.accept_noise:
+        why.append(f"noise mode {s.noise!r} is not one this device accepts "
+                   f"({', '.join(privacy.accept_noise)})")
+    if (privacy.min_noise_multiplier is not None and s.noise != NOISE_NONE
+            and s.noise_multiplier < privacy.min_noise_multiplier):
+        why.append(f"noise multiplier {s.noise_multiplier:g} < this device's minimum "
+                   f"{privacy.min_noise_multiplier:g}")
+    if privacy.max_clip_norm is not None and s.clip_norm > privacy.max_clip_norm:
+        why.append(f"clip norm {s.clip_norm:g} > this device's maximum {privacy.max_clip_norm:g}")
+    if privacy.max_local_epochs is not None and t.epochs > privacy.max_local_epochs:
+        why.append(f"{t.epochs} local epochs > this device's maximum {privacy.max_local_epochs}")
+    if privacy.max_sample_rate is not None and privacy.record_epsilon is not None:
+        q = dpsgd.sample_rate(records, t.batch_size)
+        if q > privacy.max_sample_rate:
+            why.append(f"the DP-SGD plan would sample records at rate {q:.4g} > this device's "
+                       f"maximum {privacy.max_sample_rate:g}")
+    if why:
+        raise PolicyDeclined("; ".join(why))
+
+
+def record_noise(privacy: DevicePrivacy, settings: RoundSettings, records: int,
+                 base: Sequence[Release] = ()) -> DPSGDPlan:
+    """DP-SGD for one round: the noise that spreads the rest of the record budget over the
+    planned rounds.
 
     Poisson sampling at ``1 / ceil(n / batch)`` for ``epochs * ceil(n / batch)`` steps a round;
-    the noise multiplier is calibrated (dp-accounting) so that every planned round together stays
-    within ``record_epsilon * BUDGET_MARGIN``.
+    the noise multiplier is calibrated (dp-accounting) so that ``base`` (what the device released
+    before this federation's training: other federations, this one's feature statistics) and
+    every planned round together stay within ``record_epsilon * BUDGET_MARGIN``.
     """
     from bedside.privacy.accountant import calibrate
+    from bedside.privacy.ledger import releases_event
 
     assert privacy.record_epsilon is not None
     t = settings.train
     probe = DPSGDPlan.for_records(records, t.batch_size, t.epochs, 1.0, privacy.max_grad_norm)
     rounds = settings.planned_rounds or ASSUMED_ROUNDS
-    sigma = calibrate(privacy.record_epsilon * BUDGET_MARGIN, privacy.record_delta,
-                      probe.sample_rate, probe.steps * rounds)
+    try:
+        sigma = calibrate(privacy.record_epsilon * BUDGET_MARGIN, privacy.record_delta,
+                          probe.sample_rate, probe.steps * rounds,
+                          base=releases_event(base) if base else None)
+    except PrivacyError as exc:
+        raise BudgetExceededError(f"record-level budget: {exc}") from None
     return DPSGDPlan(noise_multiplier=sigma, max_grad_norm=privacy.max_grad_norm,
                      sample_rate=probe.sample_rate, steps=probe.steps)
 
 
+def _none(round_id: int, unit: str, fleet: str, note: str) -> Release:
+    return Release(round=round_id, unit=unit, mechanism="none",  # type: ignore[arg-type]
+                   noise_multiplier=0.0, sample_rate=1.0, steps=1, note=note, fleet=fleet)
+
+
 def plan_round(round_id: int, settings: RoundSettings, privacy: DevicePrivacy, records: int,
                ledger: LedgerView) -> RoundPlan:
-    """The round's releases and DP-SGD plan, checked against the ledger.
+    """The round's releases and DP-SGD plan, checked against the device's policy and ledger.
 
-    Raises BudgetExceededError (decline the round) if a budget would be exceeded, and LedgerError
-    if the ledger cannot be read (fail closed).
+    Every release is described, whatever the budgets: record level (DP-SGD, or a release without
+    DP when the device trains without it) and device level (local noise: enforced by the device;
+    central noise: enforced by the aggregator; none: no guarantee). Raises PolicyDeclined (decline
+    ``policy``), BudgetExceededError (decline ``budget``: a budget would be exceeded) or
+    LedgerError (the ledger cannot be read: fail closed).
     """
     from bedside.privacy.federated import device_round_releases
 
+    check_policy(settings, privacy, records)
+    fleet = settings.fleet
     releases: list[Release] = []
     dp = None
     if privacy.record_epsilon is not None:
-        dp = record_noise(privacy, settings, records)
+        past = [r for r in ledger.releases(UNIT_RECORD)
+                if not (r.fleet == fleet and r.mechanism == "sampled_gaussian")]
+        dp = record_noise(privacy, settings, records, past)
         releases.append(Release(round=round_id, unit=UNIT_RECORD, mechanism="sampled_gaussian",
                                 noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate,
-                                steps=dp.steps, note="DP-SGD (Poisson sampling)"))
-    if privacy.device_epsilon is not None:
-        if settings.noise == NOISE_NONE:
-            raise BudgetExceededError("the round adds no device-level noise but this device "
-                                      "has a device-level budget; declining")
+                                steps=dp.steps, note="DP-SGD (Poisson sampling)", fleet=fleet))
+    else:
+        releases.append(_none(round_id, UNIT_RECORD, fleet, "trained without DP-SGD"))
+    if settings.noise == NOISE_NONE:
+        releases.append(_none(round_id, UNIT_DEVICE, fleet, "no device-level noise"))
+    else:
         releases += device_round_releases(
             round_id, settings.noise, settings.update_noise_multiplier,
-            settings.adaptive.count_noise if settings.adaptive else None)
+            settings.adaptive.count_noise if settings.adaptive else None, fleet=fleet)
     ledger.check(releases)
     return RoundPlan(releases=tuple(releases), dp=dp)
 
@@ -173,10 +249,32 @@ def rounded_epsilon(epsilon: float) -> float:
     return math.ceil(epsilon * 100) / 100
 
 
+def published_privacy(report: Mapping[str, Any]) -> dict[str, Any]:
+    """What of a ledger report may leave the device (in its status): each unit's epsilon rounded
+    up to 0.01 as in updates (the exact figure reveals the record count), whether it depends on
+    the aggregator, its delta and budget. Release counts, remaining budget and the accountant's
+    exact output stay local (``bedside edge status`` shows them)."""
+    out: dict[str, Any] = {}
+    for unit, r in report.items():
+        if not isinstance(r, Mapping):
+            continue
+        eps, own = r.get("epsilon"), r.get("epsilon_device_enforced")
+        out[unit] = {
+            "epsilon": None if eps is None else rounded_epsilon(float(eps)),
+            "epsilon_device_enforced": None if own is None else rounded_epsilon(float(own)),
+            "delta": r.get("delta"), "budget_epsilon": r.get("budget_epsilon"),
+        }
+    return out
+
+
 def update_meta(fleet: str, settings: RoundSettings, records: int, record_epsilon: float | None,
-                record_delta: float, clip_bit: float | None) -> dict[str, Any]:
-    """Everything that travels beside the update's tensors."""
+                record_delta: float, clip_bit: float | None,
+                seeded: bool = False) -> dict[str, Any]:
+    """Everything that travels beside the update's tensors (``seeded``: this device's noise was
+    seeded, so the update is not private: it says so)."""
     meta: dict[str, Any] = {"fleet": fleet}
+    if seeded:
+        meta["seeded"] = True
     if settings.weighting == "examples":  # only when the aggregator weights by it (bucketed)
         meta["weight"] = bucket(records)
     if record_epsilon is not None:

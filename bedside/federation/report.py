@@ -14,7 +14,8 @@ from bedside.constants import NOISE_CENTRAL, NOISE_NONE
 from bedside.federation.settings import RoundSettings
 
 
-def device_privacy(rounds: Sequence[RoundSettings], delta: float) -> dict[str, Any]:
+def device_privacy(rounds: Sequence[RoundSettings], delta: float,
+                   seeded_devices: bool = False) -> dict[str, Any]:
     """Device-level epsilon of ``rounds`` (each accounted with the settings it ran under).
 
     Central mode counts the rounds that released a model; local mode every round in which the
@@ -29,6 +30,10 @@ def device_privacy(rounds: Sequence[RoundSettings], delta: float) -> dict[str, A
     last = rounds[-1] if rounds else None
     out: dict[str, Any] = {"unit": "device", "rounds": len(rounds), "delta": delta,
                            "adjacency": "replace one device's data (membership is public)"}
+    if seeded_devices or any(s.seeded for s in rounds):
+        out["seeded_noise"] = True
+        out["warning"] = ("noise was seeded (a test or demo): reproducible, so NOT private, "
+                          "whatever epsilon says")
     if last is not None:
         out.update(noise=last.noise, noise_multiplier=last.noise_multiplier,
                    clip_norm=last.clip_norm)

@@ -27,7 +27,7 @@ from bedside.constants import (
     NoiseMode,
     Weighting,
 )
-from bedside.errors import BedsideError, ConfigError, ValidationError
+from bedside.errors import ConfigError, ValidationError
 
 MAX_LOCAL_EPOCHS = 100
 MAX_BATCH = 65_536
@@ -136,13 +136,8 @@ class RoundSettings:
     def from_meta(cls, meta: Any) -> RoundSettings:
         if not isinstance(meta, dict):
             raise ValidationError("bad_announcement", "announcement meta is not an object")
-        try:
-            return read_table(cls, meta, "announcement",
-                              error=lambda m: ValidationError("bad_announcement", m))
-        except ValidationError:
-            raise
-        except BedsideError as exc:  # a field check raised another kind
-            raise ValidationError("bad_announcement", str(exc)) from None
+        return read_table(cls, meta, "announcement",
+                          error=lambda m: ValidationError("bad_announcement", m))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from bedside.constants import KIND_UPDATE, NOISE_LOCAL
+from bedside.constants import KIND_UPDATE, NOISE_LOCAL, RESERVED_IDS
 from bedside.errors import ValidationError
 from bedside.federation.settings import RoundSettings
 from bedside.privacy.mechanisms import clip_update, l2_norm
@@ -141,6 +141,8 @@ def open_update(payload: bytes, devices: KeyRing, shapes: Mapping[str, tuple[int
 def reported_info(meta: Mapping[str, Any]) -> dict[str, Any]:
     """What a device reports beside its update, kept if well-formed (else dropped)."""
     out: dict[str, Any] = {}
+    if meta.get("seeded") is True:
+        out["seeded"] = True
     eps = bounded_number(meta.get("record_epsilon"), 0.0, 1e6)
     if eps is not None:
         out["record_epsilon"] = round(eps, 4)
@@ -154,6 +156,9 @@ def validate_update(env: Envelope, *, topic_sender: str, fleet: str, digest: str
                     current: OpenRound | None, prior: Prior) -> Verdict:
     """Judge an authentic message. Raises ValidationError (with a reason code) to reject it."""
     h = env.header
+    if topic_sender.lower() in RESERVED_IDS:
+        raise ValidationError("reserved_id", f"{topic_sender!r} is a service's identity, never a "
+                              "device's")
     if h.sender != topic_sender:
         raise ValidationError("topic_mismatch", f"signed by {h.sender!r} but published on "
                               f"{topic_sender!r}'s topic")

@@ -439,8 +439,13 @@ def calibrate(
     sample_rate: float,
     steps: int,
     accountant: str = "auto",
+    base: DpEvent | None = None,
 ) -> float:
     """Smallest noise multiplier ``z`` with ``epsilon(sampled_gaussian(z, q, T), delta) <= target``.
+
+    With ``base`` (what was already released, e.g. a device's ledger), the smallest ``z`` with
+    ``epsilon(compose([base, sampled_gaussian(z, q, T)])) <= target``: the noise that fits the
+    rest of a budget.
 
     A safeguarded bracketing search on ``z`` (epsilon decreases as ``z`` grows), stopped once the
     achieved epsilon is within 0.2% below the target: typically 6 to 10 epsilon evaluations.
@@ -448,7 +453,8 @@ def calibrate(
 
     Raises:
         InputError: invalid arguments, or ``steps == 0`` (nothing to calibrate).
-        PrivacyError: no noise multiplier in [0.001, 10^6] meets the target.
+        PrivacyError: no noise multiplier in [0.001, 10^6] meets the target (for example because
+            ``base`` alone already exceeds it).
     """
     target = _check_epsilon(target_epsilon, "target_epsilon")
     d = _check_delta(delta)
@@ -457,11 +463,29 @@ def calibrate(
     name = _check_accountant(accountant)
     if t == 0:
         raise InputError("steps must be >= 1 to calibrate a noise multiplier, got 0")
-    return _calibrate(target, d, q, t, name)
+    base_groups: tuple[Group, ...] = ()
+    if base is not None:
+        flat = _groups(_check_event(base))
+        if flat is None:
+            raise InputError("calibrate: base must be a composition of (sampled) Gaussian "
+                             "mechanisms")
+        base_groups = flat
+    if base_groups and epsilon(base, d, name) >= target:
+        raise PrivacyError(f"what was already released costs epsilon {epsilon(base, d, name):.4g}"
+                           f" at delta {d:g}, at or above the target {target:g}: no noise "
+                           "multiplier fits the rest")
+    return _calibrate(target, d, q, t, name, base_groups)
+
+
+def _merge(groups: tuple[Group, ...], extra: Group) -> tuple[Group, ...]:
+    counts: dict[tuple[float, float], int] = {(z, q): n for z, q, n in groups}
+    counts[extra[:2]] = counts.get(extra[:2], 0) + extra[2]
+    return tuple((z, q, n) for (z, q), n in sorted(counts.items()))
 
 
 @functools.lru_cache(maxsize=256)
-def _calibrate(target: float, d: float, q: float, t: int, name: str) -> float:
+def _calibrate(target: float, d: float, q: float, t: int, name: str,
+               base: tuple[Group, ...] = ()) -> float:
     """The search behind :func:`calibrate` (deterministic, so cached: a device calibrates once
     for the federation, not every round).
 
@@ -470,14 +494,22 @@ def _calibrate(target: float, d: float, q: float, t: int, name: str) -> float:
     the answer: if RDP is the tighter one there, the search is repeated on ``auto``. Either way
     ``epsilon(result, auto) <= epsilon(result, pld) <= target``.
     """
+    def groups(z: float) -> tuple[Group, ...]:
+        return _merge(base, (z, q, t))
+
     if name == "auto":
         def pld_of(z: float) -> float:
-            return _pld_epsilon(None, ((z, q, t),), d)
+            return _pld_epsilon(None, groups(z), d)
 
         z = _search(target, d, q, t, pld_of)
-        if _rdp_epsilon_groups(((z, q, t),), d) >= pld_of(z):
+        if _rdp_epsilon_groups(groups(z), d) >= pld_of(z):
             return z
-    return _search(target, d, q, t, lambda z: epsilon(sampled_gaussian(z, q, t), d, name))
+
+    def eps_of(z: float) -> float:
+        event = compose([sampled_gaussian(zz, qq, n) for zz, qq, n in groups(z)])
+        return epsilon(event, d, name)
+
+    return _search(target, d, q, t, eps_of)
 
 
 def _search(target: float, d: float, q: float, t: int, eps_of: Callable[[float], float]) -> float:

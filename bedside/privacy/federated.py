@@ -17,27 +17,30 @@ one Gaussian of multiplier ``z / 2`` when the update was noised with
 
 from __future__ import annotations
 
-from bedside.constants import NOISE_NONE, UNIT_DEVICE
-from bedside.privacy.ledger import Release
+from bedside.constants import NOISE_CENTRAL, NOISE_NONE, UNIT_DEVICE
+from bedside.privacy.ledger import EnforcedBy, Release
 
 
 def device_round_releases(round_id: int, noise: str, update_noise_multiplier: float,
-                          count_noise: float | None = None) -> list[Release]:
+                          count_noise: float | None = None, fleet: str = "") -> list[Release]:
     """The device-level releases of one round in which a device contributed.
 
     ``update_noise_multiplier`` is the multiplier the update itself was noised with (standard
     deviation over C); ``count_noise`` the standard deviation of the noise on the count of
-    unclipped updates when adaptive clipping is on. Returns ``[]`` for ``noise == "none"``: there
-    is no device-level mechanism to describe.
+    unclipped updates when adaptive clipping is on. Central noise is added by the aggregator
+    (``enforced_by="aggregator"``), local noise by the device. Returns ``[]`` for
+    ``noise == "none"``: there is no device-level mechanism to describe.
     """
     if noise == NOISE_NONE:
         return []
+    by: EnforcedBy = "aggregator" if noise == NOISE_CENTRAL else "device"
     out = [Release(round=round_id, unit=UNIT_DEVICE, mechanism="gaussian",
                    noise_multiplier=update_noise_multiplier / 2.0, sample_rate=1.0, steps=1,
-                   note=f"{noise} noise on the clipped update; replace-one, sensitivity 2C")]
+                   note=f"{noise} noise on the clipped update; replace-one, sensitivity 2C",
+                   enforced_by=by, fleet=fleet)]
     if count_noise is not None:
         out.append(Release(round=round_id, unit=UNIT_DEVICE, mechanism="gaussian",
                            noise_multiplier=count_noise, sample_rate=1.0, steps=1,
                            note="adaptive clipping: noised count of unclipped updates, "
-                                "sensitivity 1"))
+                                "sensitivity 1", enforced_by=by, fleet=fleet))
     return out

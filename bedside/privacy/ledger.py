@@ -24,8 +24,19 @@ Properties:
   :class:`~bedside.errors.LedgerError` on open or on any call; a unit without a configured budget
   is refused. Callers treat any :class:`~bedside.errors.PrivacyError` as "do not contribute".
 * **Budgets are fixed for the life of a ledger.** They are stored in the file when it is created.
-  Reopening with a different budget for a stored unit raises LedgerError (start a new ledger file
-  to change a budget); a budget for a new unit may be added.
+  Reopening with a different budget for a stored unit raises LedgerError; a budget for a new unit
+  may be added, and then covers every release already recorded for that unit.
+* **Every release is recorded, budget or not.** A unit without a budget is accounted all the same
+  (nothing limits it), so a budget added later covers the past. A release without differential
+  privacy (a device that trained without DP-SGD, a round without device-level noise) is recorded
+  as mechanism ``none``: its epsilon is infinite, and a budget for that unit refuses from then on
+  rather than report a small, false figure.
+* **Who enforces each guarantee.** A release is ``enforced_by`` the device (DP-SGD, local noise,
+  noised statistics: it holds whatever the aggregator does) or by the aggregator (central noise:
+  the device sent a clipped update without noise and relies on the aggregator adding it). Reports
+  give both figures: the epsilon if the aggregator is honest, and what the device enforced itself.
+* **Which federation.** Each release names the fleet it was made in; one ledger accounts for all of
+  them, because it belongs to the device's records, not to a federation or a model.
 
 Accounting: each unit's releases are grouped by (noise multiplier, sample rate), described as
 dp-accounting events and composed (see :mod:`bedside.privacy.accountant`). The epsilon reported is
@@ -50,22 +61,48 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from bedside.constants import LEDGER_SCHEMA, PRIVACY_UNITS
+from bedside.constants import DEFAULT_DELTA, LEDGER_SCHEMA, PRIVACY_UNITS
 from bedside.errors import BudgetExceededError, InputError, LedgerError
-from bedside.files import fsync_dir
+from bedside.files import fsync_dir, private_dir
 from bedside.privacy import accountant as acct
 from bedside.sqlite import transaction
 
 __all__ = ["MECHANISMS", "Budget", "Ledger", "Mechanism", "Release", "Unit", "releases_event"]
 
 Unit = Literal["record", "device"]
-Mechanism = Literal["sampled_gaussian", "gaussian"]
-MECHANISMS: Final[tuple[str, ...]] = ("sampled_gaussian", "gaussian")
+Mechanism = Literal["sampled_gaussian", "gaussian", "none"]
+MECHANISMS: Final[tuple[str, ...]] = ("sampled_gaussian", "gaussian", "none")
+EnforcedBy = Literal["device", "aggregator"]
+ENFORCERS: Final[tuple[str, ...]] = ("device", "aggregator")
 
 LEDGER_KIND: Final = "bedside-privacy-ledger"
 BUSY_TIMEOUT_S: Final = 30.0
 
-_SCHEMA_SQL: Final = """
+# The releases table, declared once (the schema below and the migration from version 1 use it).
+_RELEASES_COLUMNS: Final = """(
+    id               INTEGER PRIMARY KEY AUTOINCREMENT,
+    batch            TEXT NOT NULL,
+    round            INTEGER NOT NULL CHECK (round >= 0),
+    unit             TEXT NOT NULL CHECK (unit IN ('record', 'device')),
+    mechanism        TEXT NOT NULL CHECK (mechanism IN ('sampled_gaussian', 'gaussian', 'none')),
+    noise_multiplier REAL NOT NULL CHECK (noise_multiplier >= 0),
+    sample_rate      REAL NOT NULL CHECK (sample_rate > 0 AND sample_rate <= 1),
+    steps            INTEGER NOT NULL CHECK (steps >= 0),
+    enforced_by      TEXT NOT NULL CHECK (enforced_by IN ('device', 'aggregator')),
+    fleet            TEXT NOT NULL DEFAULT '',
+    note             TEXT NOT NULL DEFAULT '',
+    recorded_at      TEXT NOT NULL,
+    CHECK ((mechanism = 'none') = (noise_multiplier = 0))
+)"""
+_RELEASE_GUARDS: Final = """
+CREATE INDEX releases_unit ON releases (unit, id);
+CREATE TRIGGER releases_no_update BEFORE UPDATE ON releases
+    BEGIN SELECT RAISE(ABORT, 'the privacy ledger is append-only'); END;
+CREATE TRIGGER releases_no_delete BEFORE DELETE ON releases
+    BEGIN SELECT RAISE(ABORT, 'the privacy ledger is append-only'); END;
+"""
+_SCHEMA_SQL: Final = (
+    """
 CREATE TABLE schema_version (version INTEGER NOT NULL);
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE budgets (
@@ -74,23 +111,7 @@ CREATE TABLE budgets (
     delta      REAL NOT NULL CHECK (delta > 0 AND delta < 1),
     created_at TEXT NOT NULL
 );
-CREATE TABLE releases (
-    id               INTEGER PRIMARY KEY AUTOINCREMENT,
-    batch            TEXT NOT NULL,
-    round            INTEGER NOT NULL CHECK (round >= 0),
-    unit             TEXT NOT NULL CHECK (unit IN ('record', 'device')),
-    mechanism        TEXT NOT NULL CHECK (mechanism IN ('sampled_gaussian', 'gaussian')),
-    noise_multiplier REAL NOT NULL CHECK (noise_multiplier > 0),
-    sample_rate      REAL NOT NULL CHECK (sample_rate > 0 AND sample_rate <= 1),
-    steps            INTEGER NOT NULL CHECK (steps >= 0),
-    note             TEXT NOT NULL DEFAULT '',
-    recorded_at      TEXT NOT NULL
-);
-CREATE INDEX releases_unit ON releases (unit, id);
-CREATE TRIGGER releases_no_update BEFORE UPDATE ON releases
-    BEGIN SELECT RAISE(ABORT, 'the privacy ledger is append-only'); END;
-CREATE TRIGGER releases_no_delete BEFORE DELETE ON releases
-    BEGIN SELECT RAISE(ABORT, 'the privacy ledger is append-only'); END;
+CREATE TABLE releases """ + _RELEASES_COLUMNS + ";" + _RELEASE_GUARDS + """
 CREATE TRIGGER budgets_no_update BEFORE UPDATE ON budgets
     BEGIN SELECT RAISE(ABORT, 'privacy budgets are fixed for the life of a ledger'); END;
 CREATE TRIGGER budgets_no_delete BEFORE DELETE ON budgets
@@ -99,7 +120,20 @@ CREATE TRIGGER meta_no_update BEFORE UPDATE ON meta
     BEGIN SELECT RAISE(ABORT, 'ledger metadata is fixed'); END;
 CREATE TRIGGER meta_no_delete BEFORE DELETE ON meta
     BEGIN SELECT RAISE(ABORT, 'ledger metadata is fixed'); END;
-"""
+""")
+# Version 1 ledgers (no 'none' releases, no enforcer, no fleet) are migrated on open: every row is
+# kept; a device-level row whose note says central noise is marked as enforced by the aggregator.
+_MIGRATE_1_TO_2: Final = (
+    "BEGIN IMMEDIATE;\nCREATE TABLE releases_v2 " + _RELEASES_COLUMNS  # noqa: S608 (constants)
+    + """;
+INSERT INTO releases_v2 (id, batch, round, unit, mechanism, noise_multiplier, sample_rate, steps,
+                         enforced_by, fleet, note, recorded_at)
+    SELECT id, batch, round, unit, mechanism, noise_multiplier, sample_rate, steps,
+           CASE WHEN unit = 'device' AND note LIKE 'central%' THEN 'aggregator' ELSE 'device' END,
+           '', note, recorded_at FROM releases;
+DROP TABLE releases;
+ALTER TABLE releases_v2 RENAME TO releases;
+""" + _RELEASE_GUARDS + "UPDATE schema_version SET version = 2;\nCOMMIT;\n")
 _SQLITE_MAGIC: Final = b"SQLite format 3\x00"
 _TABLES: Final = frozenset({"schema_version", "meta", "budgets", "releases"})
 
@@ -149,6 +183,12 @@ class Release:
             the adversary does not observe); 1.0 when unsure.
         steps: how many times the mechanism ran (>= 0; DP-SGD steps, or 1 per round).
         note: free text for people reading the ledger (never parsed).
+        enforced_by: ``"device"`` if the device itself added the noise (DP-SGD, local noise),
+            ``"aggregator"`` if the guarantee depends on the aggregator adding it (central).
+        fleet: the federation the release was made in.
+
+    Mechanism ``"none"`` (``noise_multiplier`` 0) is a release without differential privacy:
+    its epsilon is infinite.
     """
 
     round: int
@@ -158,6 +198,8 @@ class Release:
     sample_rate: float
     steps: int
     note: str = ""
+    enforced_by: EnforcedBy = "device"
+    fleet: str = ""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "round", acct._check_steps(self.round, "round"))
@@ -167,11 +209,16 @@ class Release:
                 f"mechanism must be one of {', '.join(MECHANISMS)}; got {self.mechanism!r}"
             )
         z = acct._check_noise_multiplier(self.noise_multiplier)
-        if z == 0.0:
+        if (z == 0.0) != (self.mechanism == "none"):
             raise InputError(
-                "noise_multiplier must be > 0: a release without noise has infinite epsilon and "
-                "can never fit a budget"
+                "a release without noise is mechanism 'none' (infinite epsilon) and only it has "
+                f"noise_multiplier 0; got mechanism {self.mechanism!r} with {z:g}"
             )
+        if self.enforced_by not in ENFORCERS:
+            raise InputError(f"enforced_by must be one of {', '.join(ENFORCERS)}; got "
+                             f"{self.enforced_by!r}")
+        if not isinstance(self.fleet, str):
+            raise InputError(f"fleet must be a string, got {type(self.fleet).__name__}")
         q = acct._check_sample_rate(self.sample_rate)
         if self.mechanism == "gaussian" and q != 1.0:
             raise InputError(
@@ -185,8 +232,9 @@ class Release:
         object.__setattr__(self, "sample_rate", q)
 
     def event(self) -> Any:
-        """This release as a dp-accounting ``DpEvent``."""
-        if self.mechanism == "gaussian":
+        """This release as a dp-accounting ``DpEvent`` (no noise: a Gaussian of multiplier 0,
+        which every accountant here takes as infinite epsilon)."""
+        if self.mechanism in ("gaussian", "none"):
             return acct.gaussian(self.noise_multiplier, self.steps)
         return acct.sampled_gaussian(self.noise_multiplier, self.sample_rate, self.steps)
 
@@ -307,7 +355,7 @@ class Ledger:
         """Build the ledger in a temporary file, then link it into place (atomic, no clobber)."""
         directory = self.path.parent
         try:
-            directory.mkdir(parents=True, exist_ok=True)
+            private_dir(directory)  # the ledger describes patients' data: owner only
             fd, tmp_name = tempfile.mkstemp(prefix=".ledger-", suffix=".tmp", dir=directory)
             os.close(fd)
         except OSError as exc:
@@ -431,6 +479,9 @@ class Ledger:
                 f"{', '.join(sorted(_TABLES - tables))}); refusing to contribute"
             )
         versions = [r[0] for r in conn.execute("SELECT version FROM schema_version")]
+        if versions == [1] and self._meta().get("kind") == LEDGER_KIND:
+            self._migrate_from_1()
+            versions = [LEDGER_SCHEMA]
         if versions != [LEDGER_SCHEMA]:
             raise LedgerError(
                 f"the privacy ledger at {self.path} has schema version {versions or 'none'}, "
@@ -441,6 +492,17 @@ class Ledger:
             raise LedgerError(
                 f"{self.path} is not a Bedside privacy ledger; refusing to contribute"
             )
+
+    def _migrate_from_1(self) -> None:
+        """Version 1 -> 2 in one transaction; every release is kept (see _MIGRATE_1_TO_2)."""
+        assert self._conn is not None
+        conn = self._conn
+        try:
+            conn.executescript(_MIGRATE_1_TO_2)  # its own BEGIN IMMEDIATE ... COMMIT
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
 
     def _meta(self) -> dict[str, str]:
         assert self._conn is not None
@@ -485,13 +547,13 @@ class Ledger:
         assert self._conn is not None
         out: list[Release] = []
         cur = self._conn.execute(
-            "SELECT id, round, unit, mechanism, noise_multiplier, sample_rate, steps, note "
-            "FROM releases WHERE unit = ? ORDER BY id",
+            "SELECT id, round, unit, mechanism, noise_multiplier, sample_rate, steps, note, "
+            "enforced_by, fleet FROM releases WHERE unit = ? ORDER BY id",
             (unit,),
         )
-        for row_id, rnd, u, mech, z, q, steps, note in cur:
+        for row_id, rnd, u, mech, z, q, steps, note, by, fleet in cur:
             try:
-                out.append(Release(rnd, u, mech, z, q, steps, note))
+                out.append(Release(rnd, u, mech, z, q, steps, note, by, fleet))
             except (InputError, TypeError) as exc:
                 raise LedgerError(
                     f"the privacy ledger at {self.path} holds an invalid release (row {row_id}): "
@@ -508,29 +570,27 @@ class Ledger:
     def _unit_state(self, unit: str, budgets: Mapping[str, Budget]) -> dict[str, Any]:
         """Epsilon spent by ``unit`` with its release count; cached until the unit's rows change.
 
-        The cache key includes the row count and the last row id read in the same snapshot, so
-        a release recorded by another process invalidates it too.
+        A unit without a budget is accounted at the default delta (1e-5). The cache key includes
+        the row count and the last row id read in the same snapshot, so a release recorded by
+        another process invalidates it too.
         """
         assert self._conn is not None
         count, last_id = self._conn.execute(
             "SELECT COUNT(*), COALESCE(MAX(id), 0) FROM releases WHERE unit = ?", (unit,)
         ).fetchone()
         budget = budgets.get(unit)
-        if budget is None:
-            if count:
-                raise LedgerError(
-                    f"the privacy ledger at {self.path} holds {unit} releases but no {unit} "
-                    "budget; refusing to contribute"
-                )
-            return {"epsilon": 0.0, "accountant": self.accountant, "count": 0}
-        key = (unit, int(count), int(last_id), self.accountant, budget.delta)
+        delta = budget.delta if budget is not None else DEFAULT_DELTA
+        key = (unit, int(count), int(last_id), self.accountant, delta)
         cached = self._cache.get(key)
         if cached is None:
             rows = self._rows(unit)
-            cached = self._epsilon_report(rows, budget.delta)
+            cached = self._epsilon_report(rows, delta)
             cached["count"] = len(rows)
-            cached["rounds"] = len({r.round for r in rows})
-            cached["last_round"] = max((r.round for r in rows), default=None)
+            cached["rounds"] = len({(r.fleet, r.round) for r in rows})
+            cached["last_round"] = rows[-1].round if rows else None
+            cached["aggregator_dependent"] = sum(r.enforced_by == "aggregator" for r in rows)
+            cached["without_noise"] = sum(r.mechanism == "none" for r in rows)
+            cached["delta"] = delta
             self._cache = {k: v for k, v in self._cache.items() if k[0] != unit}
             self._cache[key] = cached
         return cached
@@ -543,7 +603,9 @@ class Ledger:
             return self._load_budgets()
 
     def spent(self, unit: str) -> float:
-        """Epsilon spent so far by ``unit``, at the unit's budget delta (0.0 if nothing)."""
+        """Epsilon spent so far by ``unit`` (``inf`` after a release without noise), at the
+        unit's budget delta (the default delta without a budget), assuming the aggregator added
+        the central noise it announced."""
         _check_unit(unit)
         with self._guard() as conn, transaction(conn, "DEFERRED"):
             return float(self._unit_state(unit, self._load_budgets())["epsilon"])
@@ -559,15 +621,16 @@ class Ledger:
             self._check_locked(items)
 
     def record(self, releases: Iterable[Release]) -> None:
-        """Check every unit's budget and append ``releases``, in one transaction.
+        """Check the budgets and append ``releases``, in one transaction.
 
-        Either all of ``releases`` are recorded or, on any refusal or error, none is. Call this
-        *before* the privatized update leaves the device, and send it only if this returned.
-        An empty list records nothing (a round that released nothing private), but still raises
-        LedgerError if the ledger is unreadable.
+        Every release is recorded, whether its unit has a budget or not (a budget added later
+        covers it). Either all of ``releases`` are recorded or, on any refusal or error, none is.
+        Call this *before* the privatized update leaves the device, and send it only if this
+        returned. An empty list records nothing, but still raises LedgerError if the ledger is
+        unreadable.
 
         Raises:
-            BudgetExceededError: a unit would exceed its budget, or has no budget.
+            BudgetExceededError: a unit with a budget would exceed it.
             LedgerError: the ledger cannot be read or written.
             InputError: ``releases`` holds something other than Release.
         """
@@ -582,74 +645,101 @@ class Ledger:
                 now = _now()
                 conn.executemany(
                     "INSERT INTO releases (batch, round, unit, mechanism, noise_multiplier, "
-                    "sample_rate, steps, note, recorded_at) VALUES (?,?,?,?,?,?,?,?,?)",
-                    [
-                        (
-                            batch,
-                            r.round,
-                            r.unit,
-                            r.mechanism,
-                            r.noise_multiplier,
-                            r.sample_rate,
-                            r.steps,
-                            r.note,
-                            now,
-                        )
-                        for r in items
-                    ],
+                    "sample_rate, steps, enforced_by, fleet, note, recorded_at) "
+                    "VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                    [(batch, r.round, r.unit, r.mechanism, r.noise_multiplier, r.sample_rate,
+                      r.steps, r.enforced_by, r.fleet, r.note, now) for r in items],
                 )
 
-    def report(self) -> dict[str, dict[str, Any]]:
-        """Per unit: epsilon spent, delta, budget, remaining, releases, rounds. JSON-serialisable.
+    def releases(self, unit: str) -> list[Release]:
+        """Every release recorded for ``unit``, oldest first."""
+        _check_unit(unit)
+        with self._guard() as conn, transaction(conn, "DEFERRED"):
+            return self._rows(unit)
 
-        Units listed are those with a budget. ``accountant`` names the accountant that gave the
-        epsilon (with ``"auto"``: the tighter of RDP and PLD).
+    def rounds(self) -> set[tuple[str, int]]:
+        """The (fleet, round) of every release recorded (the rounds this ledger knows of)."""
+        with self._guard() as conn:
+            return {(str(f), int(r)) for f, r in conn.execute(
+                "SELECT DISTINCT fleet, round FROM releases")}
+
+    def report(self) -> dict[str, dict[str, Any]]:
+        """Per unit with a budget or releases: what was spent, and who enforced it.
+
+        ``epsilon`` assumes the aggregator added the central noise it announced; ``None`` means
+        infinite (a release without noise). ``epsilon_device_enforced`` is the guarantee the device
+        holds by itself, whatever the aggregator does: ``None`` (no guarantee) once the unit has a
+        release that relies on the aggregator, else the same figure. ``guarantee`` says it in
+        words. JSON-serialisable (no infinities).
         """
         with self._guard() as conn, transaction(conn, "DEFERRED"):
             budgets = self._load_budgets()
             out: dict[str, dict[str, Any]] = {}
             for unit in PRIVACY_UNITS:
                 budget = budgets.get(unit)
-                if budget is None:
-                    self._unit_state(unit, budgets)  # raises if orphan releases exist
-                    continue
                 state = self._unit_state(unit, budgets)
+                if budget is None and not state["count"]:
+                    continue
                 eps = float(state["epsilon"])
+                finite = math.isfinite(eps)
+                relies = state["aggregator_dependent"] > 0
                 out[unit] = {
-                    "epsilon": eps,
-                    "delta": budget.delta,
-                    "budget_epsilon": budget.epsilon,
-                    "remaining_epsilon": max(0.0, budget.epsilon - eps),
+                    "epsilon": eps if finite else None,
+                    "epsilon_device_enforced": None if relies or not finite else eps,
+                    "delta": state["delta"],
+                    "budget_epsilon": budget.epsilon if budget else None,
+                    "remaining_epsilon": (max(0.0, budget.epsilon - eps) if budget and finite
+                                          else 0.0 if budget else None),
                     "releases": int(state["count"]),
-                    "rounds": int(state.get("rounds", 0)),
-                    "last_round": state.get("last_round"),
+                    "rounds": int(state["rounds"]),
+                    "last_round": state["last_round"],
                     "accountant": str(state["accountant"]),
+                    "guarantee": guarantee_text(unit, eps, state["delta"], relies,
+                                                int(state["without_noise"])),
                 }
             return out
 
     # -- internals ----------------------------------------------------------------------------
-    def _no_budget(self, unit: str) -> BudgetExceededError:
-        return BudgetExceededError(
-            f"no {unit}-level privacy budget is configured in the ledger at {self.path}; "
-            f"refusing a {unit} release (configure a {unit} budget to contribute at this unit)"
-        )
-
     def _check_locked(self, items: Sequence[Release]) -> None:
         budgets = self._load_budgets()
         for unit in sorted({r.unit for r in items}):
             budget = budgets.get(unit)
             if budget is None:
-                raise self._no_budget(unit)
+                continue  # accounted, not limited: a budget added later covers it
             new = [r for r in items if r.unit == unit]
-            would = float(self._epsilon_report(self._rows(unit) + new, budget.delta)["epsilon"])
+            rows = self._rows(unit)
+            would = float(self._epsilon_report(rows + new, budget.delta)["epsilon"])
             if not would <= budget.epsilon:  # also refuses NaN
                 spent = float(self._unit_state(unit, budgets)["epsilon"])
                 rounds = sorted({r.round for r in new})
+                cause = ""
+                if any(r.mechanism == "none" for r in rows + new):
+                    cause = (" (a release without differential privacy is in the ledger or in "
+                             "this round: its epsilon is infinite, so this unit can never "
+                             "contribute again)")
                 raise BudgetExceededError(
-                    f"{unit}-level privacy budget exceeded: spent epsilon {spent:.6g}, would be "
-                    f"{_fmt(would)} after round(s) {', '.join(map(str, rounds))}, budget "
-                    f"{budget.epsilon:g} at delta {budget.delta:g}; refusing to contribute"
+                    f"{unit}-level privacy budget exceeded: spent epsilon {_fmt(spent)}, would "
+                    f"be {_fmt(would)} after round(s) {', '.join(map(str, rounds))}, budget "
+                    f"{budget.epsilon:g} at delta {budget.delta:g}{cause}; refusing to contribute"
                 )
+
+
+def guarantee_text(unit: str, epsilon: float, delta: float, relies_on_aggregator: bool,
+                   without_noise: int) -> str:
+    """What a unit's releases guarantee, in words a privacy officer can check."""
+    who = "one patient's record" if unit == "record" else "this device's whole contribution"
+    if without_noise:
+        return (f"no {unit}-level guarantee: {without_noise} release(s) were made without "
+                f"{'DP-SGD' if unit == 'record' else 'device-level noise'}, so epsilon is "
+                "infinite from then on")
+    if epsilon == 0.0:
+        return f"nothing has been released at the {unit} level yet"
+    text = f"{who} is protected at epsilon {epsilon:.3g}, delta {delta:g}"
+    if relies_on_aggregator:
+        return (text + " if the aggregator added the central noise it announced; this device "
+                "sent those updates clipped but without noise, so against an aggregator that did "
+                "not add it there is no device-level guarantee")
+    return text + ", enforced by this device itself (it holds whatever the aggregator does)"
 
 
 def _fmt(x: float) -> str:

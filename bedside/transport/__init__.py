@@ -58,6 +58,18 @@ class Transport(Protocol):
         """Disconnect cleanly and stop the network thread."""
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is this machine's loopback (``localhost`` or a loopback address)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def topic_matches(topic_filter: str, topic: str) -> bool:
     """MQTT topic filter matching with ``+`` (one level) and ``#`` (the rest)."""
     f_parts, t_parts = topic_filter.split("/"), topic.split("/")
@@ -71,4 +83,4 @@ def topic_matches(topic_filter: str, topic: str) -> bool:
     return len(f_parts) == len(t_parts)
 
 
-__all__ = ["Message", "Transport", "topic_matches"]
+__all__ = ["Message", "Transport", "is_loopback", "topic_matches"]

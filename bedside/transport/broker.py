@@ -21,7 +21,6 @@ drops retained messages that match none of its own subscriptions (``MqttTranspor
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import socket
 import threading
@@ -29,17 +28,9 @@ from typing import Any
 
 from bedside.constants import DEFAULT_HOST
 from bedside.errors import ConfigError, TransportError
+from bedside.transport import is_loopback
 
 log = logging.getLogger(__name__)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class SnapshotDict(dict[Any, Any]):

@@ -29,6 +29,18 @@ def build(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_certs)
 
+    p = sub.add_parser("acl", help="write the Mosquitto ACL of a fleet: each device publishes "
+                       "only its own topics, in its own fleet")
+    p.add_argument("--fleet", required=True)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--devices", type=Path, metavar="DIR",
+                   help="the aggregator's enrolled devices (<device_id>.pub files)")
+    g.add_argument("--device", action="append", metavar="ID", help="a device id (repeatable)")
+    p.add_argument("--aggregator", default="aggregator",
+                   help="the aggregator's certificate CN (default aggregator)")
+    p.add_argument("--out", type=Path, metavar="FILE", help="write here (default stdout; '-' too)")
+    p.set_defaults(func=_acl)
+
 
 def _serve(ns: argparse.Namespace) -> int:
     from bedside.transport.broker import EmbeddedBroker
@@ -36,6 +48,20 @@ def _serve(ns: argparse.Namespace) -> int:
     broker = EmbeddedBroker(ns.host, ns.port).start()
     print(f"embedded MQTT broker on {broker.url} (MQTT 3.1.1); Ctrl-C to stop", flush=True)
     return run_until_signalled(lambda stop: stop.wait(), broker.stop)
+
+
+def _acl(ns: argparse.Namespace) -> int:
+    from bedside.files import write_output
+    from bedside.transport.pki import acl_text
+
+    if ns.devices is not None:
+        from bedside.wire.signing import KeyRing
+
+        devices = list(KeyRing.from_dir(ns.devices))
+    else:
+        devices = list(ns.device)
+    write_output(ns.out or "-", acl_text(ns.fleet, devices, ns.aggregator) + "\n")
+    return 0
 
 
 def _certs(ns: argparse.Namespace) -> int:

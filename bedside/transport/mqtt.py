@@ -37,7 +37,7 @@ import paho.mqtt.client as paho
 from bedside.config import setting
 from bedside.constants import DEFAULT_HOST, DEFAULT_MQTT_PORT, MQTT_KEEPALIVE_S
 from bedside.errors import ConfigError, TransportError
-from bedside.transport import Message
+from bedside.transport import Message, is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,8 @@ class MqttConfig:
                                    "handled (payload + 512 bytes each); beyond it new ones are "
                                    "dropped and re-sent by their senders",
                                    min=INBOX_MESSAGE_COST)
+    allow_insecure: bool = setting(False, "plaintext MQTT (no TLS) to a broker beyond loopback: "
+                                   "refused unless true, and then warned about at every start")
 
     def __post_init__(self) -> None:
         if not 0 < self.port < 65536:
@@ -86,6 +88,17 @@ class MqttConfig:
         for p in tls:
             if p is not None and not Path(p).is_file():
                 raise ConfigError(f"mqtt TLS file {p} does not exist")
+        if not self.tls and not is_loopback(self.host) and not self.allow_insecure:
+            raise ConfigError(
+                f"mqtt host {self.host!r} is not this machine and TLS is not configured: updates, "
+                "models and keys' signatures would cross the network in plaintext. Configure "
+                "ca_file (and cert_file, key_file) for the broker's TLS listener, or set "
+                "allow_insecure = true to accept plaintext knowingly")
+
+    @property
+    def insecure(self) -> bool:
+        """Plaintext to a broker beyond loopback (allowed by ``allow_insecure``)."""
+        return not self.tls and not is_loopback(self.host)
 
     @property
     def tls(self) -> bool:
@@ -93,6 +106,13 @@ class MqttConfig:
 
     def describe(self) -> str:
         return f"mqtt{'s' if self.tls else ''}://{self.host}:{self.port}"
+
+
+def warn_if_insecure(cfg: MqttConfig) -> None:
+    """At every start: plaintext beyond loopback was allowed, but is never silent."""
+    if cfg.insecure:
+        log.warning("MQTT to %s is plaintext (allow_insecure = true): anyone on the network path "
+                    "can read and alter what is sent; configure TLS", cfg.describe())
 
 
 def _no_delay(client: paho.Client, _userdata: Any, sock: Any) -> None:
@@ -138,6 +158,7 @@ class MqttTransport:
         c.on_message = self._on_message
         c.on_socket_open = _no_delay
         self._client = c
+        warn_if_insecure(cfg)
         try:
             c.connect_async(cfg.host, cfg.port, keepalive=cfg.keepalive)
         except (OSError, ValueError) as exc:

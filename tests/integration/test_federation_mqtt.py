@@ -25,19 +25,26 @@ from tests.wire_tools import resign, with_nan
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 CLINICS = ["clinic-1", "clinic-2", "clinic-3"]
+# A test-only identity that may read everything (a certificate is one session: with
+# use_username_as_clientid, a second connection with the aggregator's would replace it).
+SPY = "spy"
+SPY_ACL = f"user {SPY}\ntopic read bedside/v1/#\n"
+
+
+def _mosquitto(tmp_path):
+    return start_mosquitto(tmp_path / "mosquitto", [*CLINICS, SPY], acl_extra=SPY_ACL)
 
 
 @pytest.fixture()
 def mosquitto(tmp_path):
-    b = start_mosquitto(tmp_path / "mosquitto", CLINICS)
+    b = _mosquitto(tmp_path)
     yield b
     b.stop()
 
 
 @pytest.fixture(params=["mosquitto", "embedded"])
 def any_broker(request, tmp_path):
-    b = (start_mosquitto(tmp_path / "mosquitto", CLINICS) if request.param == "mosquitto"
-         else start_embedded())
+    b = _mosquitto(tmp_path) if request.param == "mosquitto" else start_embedded()
     yield b
     b.stop()
 
@@ -77,7 +84,7 @@ def test_bad_updates_are_rejected_and_the_round_completes(tmp_path, mosquitto):
     f = fleet.plan["fleet"]
     keys = {c: SigningKey.load(fleet.plan["clinics"][i]["dir"] / "keys" / f"{c}.key")
             for i, c in enumerate(CLINICS)}
-    spy = MqttTransport(mosquitto.config("aggregator"), "test-spy", clean_session=True)
+    spy = MqttTransport(mosquitto.config(SPY), SPY, clean_session=True)
     assert spy.wait_connected(10)
     spy.subscribe(topic_updates_all(f))
     agg, agg_stop, agg_thread = start_aggregator(fleet)
@@ -85,11 +92,19 @@ def test_bad_updates_are_rejected_and_the_round_completes(tmp_path, mosquitto):
     agents = [start_agent(fleet, i, gated=(i == 2)) for i in range(3)]
     gate = agents[2][0].transport
     gate.closed = True
-    attacker = {c: MqttTransport(mosquitto.config(c), f"{c}-attacker", clean_session=True)
-                for c in CLINICS}
-    try:
-        for t in attacker.values():
+
+    def attack(device, payload):
+        """Someone holding the device's certificate (its session is taken over meanwhile; the
+        device reconnects afterwards and its outbox re-sends)."""
+        t = MqttTransport(mosquitto.config(device), device, clean_session=True)
+        try:
             assert t.wait_connected(10)
+            t.publish(topic_update(f, topic_device.get(device, device)), payload)
+        finally:
+            t.close()
+
+    topic_device: dict[str, str] = {}
+    try:
         captured = {}
 
         def got_updates():
@@ -102,19 +117,19 @@ def test_bad_updates_are_rejected_and_the_round_completes(tmp_path, mosquitto):
         wait_for(got_updates, 90, "clinic-1 and clinic-2 to send their updates")
         good1, good2 = captured["clinic-1"], captured["clinic-2"]
         # forged signature: clinic-1's certificate, someone else's signing key
-        attacker["clinic-1"].publish(topic_update(f, "clinic-1"),
-                                     resign(good1, SigningKey.generate()))
+        attack("clinic-1", resign(good1, SigningKey.generate()))
         # verbatim replay of clinic-2's accepted update (indistinguishable from a re-send)
-        attacker["clinic-2"].publish(topic_update(f, "clinic-2"), good2)
+        attack("clinic-2", good2)
         # NaN, correctly signed with clinic-3's key
         nan3 = with_nan(resign(good1, keys["clinic-3"],
                                edit=lambda h: h.update(sender="clinic-3", nonce="ab" * 16)),
                         keys["clinic-3"])
-        attacker["clinic-3"].publish(topic_update(f, "clinic-3"), nan3)
+        attack("clinic-3", nan3)
         # oversized: larger than the aggregator's limit
-        attacker["clinic-1"].publish(topic_update(f, "clinic-1"), os.urandom(300 * 1024))
+        attack("clinic-1", os.urandom(300 * 1024))
         # the broker's ACL: clinic-1 may not publish on clinic-2's topic (dropped silently)
-        attacker["clinic-1"].publish(topic_update(f, "clinic-2"), good1)
+        topic_device["clinic-1"] = "clinic-2"
+        attack("clinic-1", good1)
         state = State(fleet.plan["aggregator_dir"] / "data" / "state.db")
         wait_for(lambda: sum(state.rejections(1).values()) >= 4, 30,
                  "three rejections and a duplicate")
@@ -129,8 +144,7 @@ def test_bad_updates_are_rejected_and_the_round_completes(tmp_path, mosquitto):
         senders = [u["sender"] for u in state.accepted(1)]
         assert sorted(senders) == CLINICS
     finally:
-        for t in [spy, *attacker.values()]:
-            t.close()
+        spy.close()
         _stop_all(fleet, [agg_stop] + [s for _, s, _ in agents])
         agg.transport.close()
 
@@ -225,7 +239,7 @@ def test_aggregator_killed_mid_round_loses_nothing(tmp_path, mosquitto):
 def test_updates_are_clipped_on_the_wire(tmp_path, mosquitto):
     """What crosses the broker from a device is only the clipped delta (central mode)."""
     fleet = make_fleet(tmp_path / "fleet", clients=3, rounds=1, broker=mosquitto)
-    spy = MqttTransport(mosquitto.config("aggregator"), "test-spy", clean_session=True)
+    spy = MqttTransport(mosquitto.config(SPY), SPY, clean_session=True)
     assert spy.wait_connected(10)
     spy.subscribe(topic_updates_all(fleet.plan["fleet"]))
     agg, agg_stop, agg_thread = start_aggregator(fleet)

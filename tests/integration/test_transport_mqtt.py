@@ -17,8 +17,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
 @pytest.fixture(params=["mosquitto", "embedded"])
 def broker(request, tmp_path):
-    b = (start_mosquitto(tmp_path / "mosquitto", ["clinic-1"]) if request.param == "mosquitto"
-         else start_embedded())
+    b = (start_mosquitto(tmp_path / "mosquitto", ["clinic-1"], fleet="t")
+         if request.param == "mosquitto" else start_embedded())
     yield b
     b.stop()
 
@@ -95,7 +95,7 @@ def test_queued_messages_reach_a_persistent_client_that_subscribes_late(tmp_path
     """Mosquitto queues QoS 1 messages for an offline persistent session and sends them right
     after CONNACK, before the services call subscribe() again: they must reach the inbox (only
     stray *retained* messages are dropped)."""
-    b = start_mosquitto(tmp_path / "mosquitto", ["clinic-1"])
+    b = start_mosquitto(tmp_path / "mosquitto", ["clinic-1"], fleet="t")
     try:
         agg = MqttTransport(b.config("aggregator"), client_id="agg-p", clean_session=False,
                             manual_ack=True)
@@ -181,3 +181,45 @@ def test_inbox_limit_is_checked():
 
     with pytest.raises(ConfigError, match="max_inbox_bytes"):
         MqttConfig(max_inbox_bytes=INBOX_MESSAGE_COST - 1)
+
+
+def test_a_device_certificate_cannot_borrow_an_identity_or_another_fleet(tmp_path):
+    """Mosquitto with the shipped config and a generated ACL: a device cannot take over the
+    aggregator's session by using its client id, cannot publish another device's updates, and
+    cannot publish into another fleet."""
+    from bedside.transport.pki import acl_text
+
+    b = start_mosquitto(tmp_path / "mosquitto", ["clinic-1", "clinic-2", "observer"],
+                        fleet="north", acl_extra="user observer\ntopic read bedside/v1/#\n")
+    agg = obs = dev = None
+    try:
+        agg = MqttTransport(b.config("aggregator"), client_id="aggregator-north",
+                            clean_session=False, manual_ack=True)
+        obs = MqttTransport(b.config("observer"), client_id="observer")
+        assert agg.wait_connected(10) and obs.wait_connected(10)
+        agg.subscribe("bedside/v1/north/update/+", qos=1)
+        obs.subscribe("bedside/v1/#", qos=1)
+        time.sleep(0.3)
+        # clinic-1's certificate, presenting the aggregator's client id
+        dev = MqttTransport(b.config("clinic-1"), client_id="aggregator-north")
+        assert dev.wait_connected(10)
+        time.sleep(0.5)
+        assert agg.connected, "the device took over the aggregator's session"
+        dev.publish("bedside/v1/north/update/clinic-1", b"mine", qos=1)
+        dev.publish("bedside/v1/north/update/clinic-2", b"someone else's", qos=1)
+        dev.publish("bedside/v1/south/update/clinic-1", b"another fleet", qos=1)
+        got = []
+        while (m := obs.get(2)) is not None:
+            got.append((m.topic, m.payload))
+        assert got == [("bedside/v1/north/update/clinic-1", b"mine")]
+        m = agg.get(5)
+        assert m is not None and m.payload == b"mine"
+        m.ack()
+    finally:
+        for t in (agg, obs, dev):
+            if t is not None:
+                t.close()
+        b.stop()
+    assert "user aggregator" in acl_text("north", ["clinic-1"])
+    with pytest.raises(Exception, match="reserved"):
+        acl_text("north", ["aggregator"])

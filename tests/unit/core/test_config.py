@@ -22,8 +22,7 @@ ROOT = Path(__file__).resolve().parents[3]
 def test_the_docs_list_every_setting_with_its_default(cls):
     docs = (ROOT / "docs" / "configuration.md").read_text()
     assert markdown_table(cls) in docs, (
-        f"docs/configuration.md is out of date for {cls.__name__}: paste "
-        f"bedside.config.markdown_table({cls.__name__}) into it")
+        f"docs/configuration.md is out of date for {cls.__name__}: run 'make docs'")
 
 
 @dataclass(frozen=True)
@@ -96,3 +95,63 @@ def test_secrets_stay_out_of_reprs():
     from bedside.transport.mqtt import MqttConfig
 
     assert "hunter2" not in repr(MqttConfig(username="u", password="hunter2"))
+
+
+def test_plaintext_mqtt_beyond_loopback_needs_allow_insecure_and_is_warned_about(caplog):
+    from bedside.transport.mqtt import MqttConfig, warn_if_insecure
+
+    for host in ("127.0.0.1", "localhost", "::1"):
+        assert not MqttConfig(host=host).insecure
+    with pytest.raises(ConfigError, match="allow_insecure = true"):
+        MqttConfig(host="broker.hospital.example")
+    cfg = MqttConfig(host="10.1.2.3", allow_insecure=True)
+    assert cfg.insecure
+    with caplog.at_level("WARNING"):
+        warn_if_insecure(cfg)
+    assert "plaintext" in caplog.text
+
+
+@pytest.mark.parametrize(("text", "section"), [
+    ('[agent]\nseed = 3\n', "agent"),
+])
+def test_seeded_noise_needs_the_testing_switch(tmp_path, text, section):
+    from bedside.edge.config import load as load_agent
+
+    base = ('device_id = "c1"\nfleet = "f"\nkey = "k"\naggregator_key = "a.pub"\n'
+            '[privacy]\nrecord_epsilon = 3.0\n')
+    (tmp_path / "agent.toml").write_text(base + text)
+    with pytest.raises(ConfigError, match="removes their privacy"):
+        load_agent(tmp_path / "agent.toml")
+    (tmp_path / "agent.toml").write_text("testing = true\n" + base + text)
+    assert load_agent(tmp_path / "agent.toml").agent.seed == 3
+    (tmp_path / "keys").mkdir()
+    agg = 'fleet = "f"\nkey = "keys/a.key"\ndevices = "keys"\n[privacy]\nnoise_seed = 1\n'
+    (tmp_path / "aggregator.toml").write_text(agg)
+    with pytest.raises(ConfigError, match="removes its privacy"):
+        load_aggregator(tmp_path / "aggregator.toml")
+    (tmp_path / "aggregator.toml").write_text("testing = true\n" + agg)
+    assert load_aggregator(tmp_path / "aggregator.toml").privacy.noise_seed == 1
+
+
+@pytest.mark.parametrize("device", ["aggregator", "Aggregator", "broker", "ca"])
+def test_a_device_cannot_take_a_services_identity(tmp_path, device):
+    from bedside.edge.config import load as load_agent
+    from bedside.wire.signing import SigningKey, validate_device_id
+
+    with pytest.raises(Exception, match="reserved for a Bedside service"):
+        validate_device_id(device)
+    (tmp_path / "agent.toml").write_text(f'device_id = "{device}"\nfleet = "f"\nkey = "k"\n'
+                                         'aggregator_key = "a.pub"\n[privacy]\n'
+                                         'record_epsilon = 1.0\n')
+    with pytest.raises(ConfigError, match="reserved"):
+        load_agent(tmp_path / "agent.toml")
+    # an aggregator whose devices directory holds a service's id refuses to start
+    from bedside.aggregator.service import Aggregator
+
+    (tmp_path / "devices").mkdir()
+    SigningKey.generate().save(tmp_path / "agg.key")
+    SigningKey.generate().public.save(tmp_path / "devices" / f"{device}.pub")
+    (tmp_path / "aggregator.toml").write_text('fleet = "f"\nkey = "agg.key"\n'
+                                              'devices = "devices"\n')
+    with pytest.raises(ConfigError, match="reserved"):
+        Aggregator(load_aggregator(tmp_path / "aggregator.toml"))

@@ -56,7 +56,7 @@ def test_nothing_but_privatized_updates_leaves_a_device(finished):
             continue
         env = decode(payload, mf.aggregator.devices, kinds={KIND_UPDATE})
         assert set(env.header.meta) <= {"weight", "record_epsilon", "record_delta", "decline",
-                                        "fleet"}
+                                        "fleet", "seeded"}
         w = env.header.meta.get("weight")
         assert w is None or (w & (w - 1)) == 0  # counts leave only as powers of two
         if env.tensors:
@@ -188,7 +188,8 @@ def test_unreadable_ledger_refuses_to_contribute(tmp_path):
     a._ledger = None
     mf.run()
     assert a.state.handled(1) == "declined:ledger_unavailable"
-    assert a.status()["refusing"].startswith("ledger unavailable")
+    assert a.status()["refusing"] == "ledger_unavailable"  # a reason code; the message stays local
+    assert a.refusing.startswith("ledger unavailable")
 
 
 def test_outbox_delivers_after_an_outage(tmp_path):
@@ -359,15 +360,18 @@ def test_non_private_baseline_claims_no_guarantee(tmp_path):
     mf = mem_fleet(tmp_path, clients=3, rounds=2,
                    aggregator={"privacy": {"noise": "none"}},
                    agent={"privacy": {"record_epsilon": None, "device_epsilon": None,
-                                      "allow_no_record_dp": True}})
+                                      "allow_no_record_dp": True, "accept_noise": ["none"]}})
     mf.run()
     agg = mf.aggregator
     assert [r.result["accepted"] for r in agg.state.rounds()] == [3, 3]
     report = agg.privacy_report()
     assert report["epsilon"] is None and "no device-level guarantee" in report["note"]
     assert agg.registry.manifest(3).privacy["epsilon"] is None
-    for a in mf.agents:  # no budget configured, so no unit is reported, and nothing recorded
-        assert a.privacy_report() == {}
+    for a in mf.agents:  # no budgets, but every release is on record, as one without DP
+        rep = a.privacy_report()
+        for unit in ("record", "device"):
+            assert rep[unit]["epsilon"] is None and rep[unit]["releases"] == 2
+            assert rep[unit]["guarantee"].startswith(f"no {unit}-level guarantee")
         assert a.state.counts() == {"accepted": 2}
 
 

@@ -99,8 +99,9 @@ def test_report_is_per_unit_and_json_serialisable(ledger_path: Path) -> None:
         empty = ledger.report()
         assert set(empty) == {"record", "device"}
         assert empty["record"] == {
-            "epsilon": 0.0, "delta": 1e-6, "budget_epsilon": 8.0, "remaining_epsilon": 8.0,
-            "releases": 0, "rounds": 0, "last_round": None, "accountant": "auto",
+            "epsilon": 0.0, "epsilon_device_enforced": 0.0, "delta": 1e-6, "budget_epsilon": 8.0,
+            "remaining_epsilon": 8.0, "releases": 0, "rounds": 0, "last_round": None,
+            "accountant": "auto", "guarantee": "nothing has been released at the record level yet",
         }
         ledger.record([dpsgd_round(0), local_round(0)])
         ledger.record([dpsgd_round(1), local_round(1)])
@@ -122,15 +123,92 @@ def test_record_is_all_or_nothing(ledger_path: Path) -> None:
         assert lg.report()["record"]["releases"] == 0  # the record part was not stored either
 
 
-def test_a_unit_without_a_budget_is_refused(ledger_path: Path) -> None:
+def test_a_unit_without_a_budget_is_accounted_not_limited(ledger_path: Path) -> None:
     with Ledger(ledger_path, {"device": Budget(5.0, 1e-5)}) as lg:
-        with pytest.raises(BudgetExceededError, match="no record-level privacy budget"):
-            lg.record([dpsgd_round(0), local_round(0)])
-        with pytest.raises(BudgetExceededError, match="no record-level"):
-            lg.check([dpsgd_round(0)])
-        assert lg.report()["device"]["releases"] == 0
-        assert lg.spent("record") == 0.0
-        assert "record" not in lg.report()
+        lg.record([dpsgd_round(0), local_round(0)])
+        rep = lg.report()
+        assert rep["device"]["releases"] == 1 and rep["record"]["releases"] == 1
+        assert rep["record"]["budget_epsilon"] is None and rep["record"]["delta"] == 1e-5
+        assert lg.spent("record") == pytest.approx(
+            acct.epsilon(acct.sampled_gaussian(1.0, 0.01, 100), 1e-5), rel=1e-9)
+
+
+def test_a_budget_added_later_covers_the_past(ledger_path: Path) -> None:
+    """A device that took part without a record budget (or without DP-SGD) and is then given one:
+    the budget counts everything already released."""
+    with Ledger(ledger_path, {}) as lg:
+        for r in range(3):
+            lg.record([dpsgd_round(r)])
+        past = lg.spent("record")
+    tight = Budget(past * 0.9, 1e-5)
+    with Ledger(ledger_path, {"record": tight}) as lg:
+        assert lg.report()["record"]["epsilon"] == pytest.approx(past)
+        with pytest.raises(BudgetExceededError, match="record-level privacy budget exceeded"):
+            lg.record([dpsgd_round(3)])
+
+
+def test_a_release_without_dp_makes_a_later_budget_refuse(ledger_path: Path) -> None:
+    no_dp = Release(round=0, unit="record", mechanism="none", noise_multiplier=0.0,
+                    sample_rate=1.0, steps=1, note="trained without DP-SGD")
+    with Ledger(ledger_path, {}) as lg:
+        lg.record([no_dp])
+        rep = lg.report()["record"]
+        assert rep["epsilon"] is None and rep["epsilon_device_enforced"] is None
+        assert "no record-level guarantee" in rep["guarantee"]
+        json.dumps(rep, allow_nan=False)
+    with Ledger(ledger_path, {"record": Budget(8.0, 1e-5)}) as lg, pytest.raises(
+            BudgetExceededError, match="infinite"):
+        lg.record([dpsgd_round(1)])
+
+
+def test_reports_say_which_guarantee_depends_on_the_aggregator(ledger_path: Path) -> None:
+    central = Release(round=0, unit="device", mechanism="gaussian", noise_multiplier=0.5,
+                      sample_rate=1.0, steps=1, enforced_by="aggregator", fleet="f")
+    with Ledger(ledger_path, {"device": Budget(1e6, 1e-5)}) as lg:
+        lg.record([local_round(0)])
+        assert lg.report()["device"]["epsilon_device_enforced"] == lg.spent("device")
+        assert "enforced by this device itself" in lg.report()["device"]["guarantee"]
+        lg.record([central])
+        rep = lg.report()["device"]
+        assert rep["epsilon"] == lg.spent("device") and rep["epsilon_device_enforced"] is None
+        assert "if the aggregator added the central noise it announced" in rep["guarantee"]
+        assert lg.rounds() == {("", 0), ("f", 0)}
+
+
+def test_a_version_1_ledger_is_migrated_keeping_every_release(ledger_path: Path) -> None:
+    """A ledger written by the previous Bedside (schema 1) opens, keeps its rows, and a central
+    device-level release is marked as depending on the aggregator."""
+    ledger_path.parent.mkdir(parents=True)
+    db = sqlite3.connect(ledger_path)
+    db.executescript("""
+        CREATE TABLE schema_version (version INTEGER NOT NULL);
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+        CREATE TABLE budgets (unit TEXT PRIMARY KEY, epsilon REAL NOT NULL, delta REAL NOT NULL,
+                              created_at TEXT NOT NULL);
+        CREATE TABLE releases (id INTEGER PRIMARY KEY AUTOINCREMENT, batch TEXT NOT NULL,
+            round INTEGER NOT NULL, unit TEXT NOT NULL, mechanism TEXT NOT NULL,
+            noise_multiplier REAL NOT NULL CHECK (noise_multiplier > 0), sample_rate REAL NOT NULL,
+            steps INTEGER NOT NULL, note TEXT NOT NULL DEFAULT '', recorded_at TEXT NOT NULL);
+        INSERT INTO schema_version VALUES (1);
+        INSERT INTO meta VALUES ('kind', 'bedside-privacy-ledger'), ('accountant', 'auto'),
+                                ('created_at', '2026-11-01');
+        INSERT INTO budgets VALUES ('device', 1000.0, 1e-5, '2026-11-01');
+        INSERT INTO releases (batch, round, unit, mechanism, noise_multiplier, sample_rate, steps,
+                              note, recorded_at)
+            VALUES ('b1', 1, 'device', 'gaussian', 0.1, 1.0, 1, 'central noise; replace-one', 'x'),
+                   ('b2', 2, 'device', 'gaussian', 0.1, 1.0, 1, 'local noise; replace-one', 'x');
+    """)
+    db.close()
+    with Ledger(ledger_path, {"device": Budget(1000.0, 1e-5)}) as lg:
+        rep = lg.report()["device"]
+        assert rep["releases"] == 2 and rep["epsilon_device_enforced"] is None
+        assert rep["epsilon"] == pytest.approx(acct.epsilon(acct.gaussian(0.1, 2), 1e-5))
+        lg.record([local_round(3)])
+    raw = sqlite3.connect(ledger_path)
+    assert raw.execute("SELECT version FROM schema_version").fetchall() == [(LEDGER_SCHEMA,)]
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        raw.execute("DELETE FROM releases")
+    raw.close()
 
 
 def test_check_does_not_write(ledger_path: Path) -> None:
@@ -206,11 +284,11 @@ def test_budgets_are_stored_and_cannot_be_changed(ledger_path: Path) -> None:
         assert set(lg.budgets) == {"device", "record"}
 
 
-def test_a_ledger_created_without_budgets_refuses_everything(ledger_path: Path) -> None:
+def test_a_ledger_created_without_budgets_accounts_everything(ledger_path: Path) -> None:
     with Ledger(ledger_path, {}) as lg:
         assert lg.report() == {}
-        with pytest.raises(BudgetExceededError):
-            lg.record([local_round(0, z=1000.0)])
+        lg.record([local_round(0, z=1000.0)])
+        assert lg.report()["device"]["budget_epsilon"] is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,7 +488,9 @@ def test_crash_mid_write_leaves_whole_releases(
         ({"round": True}, "round must be an integer"),
         ({"unit": "patient"}, "unit must be one of record, device"),
         ({"mechanism": "laplace"}, "mechanism must be one of"),
-        ({"noise_multiplier": 0.0}, "noise_multiplier must be > 0"),
+        ({"noise_multiplier": 0.0}, "a release without noise is mechanism 'none'"),
+        ({"mechanism": "none", "noise_multiplier": 1.0}, "a release without noise"),
+        ({"enforced_by": "nobody"}, "enforced_by must be one of"),
         ({"noise_multiplier": -1.0}, "noise_multiplier must be a finite number >= 0"),
         ({"sample_rate": 0.0}, r"sample_rate must be in \(0, 1\]"),
         ({"mechanism": "gaussian", "sample_rate": 0.5}, "sample_rate must be 1 for mechanism"),
