@@ -61,6 +61,7 @@ from bedside.federation.settings import (
     StrategyPlan,
     TrainingPlan,
 )
+from bedside.federation.statistics import StatisticsSettings
 from bedside.transport.mqtt import MqttConfig
 from bedside.wire.signing import validate_id
 
@@ -97,6 +98,9 @@ class AggregatorConfig:
     training: TrainingPlan = setting(doc="[training]", factory=TrainingPlan)
     privacy: PrivacyPlan = setting(doc="[privacy]", factory=PrivacyPlan)
     strategy: StrategyPlan = setting(doc="[strategy]", factory=StrategyPlan)
+    statistics: StatisticsSettings | None = setting(None, "[statistics]: before training, "
+                                                     "estimate the model's input scaling from "
+                                                     "noised feature statistics")
     evaluation: EvaluationConfig = setting(doc="[evaluation]", factory=EvaluationConfig)
     testing: bool = setting(False, "allows [privacy] noise_seed (reproducible noise: NOT private);"
                             " every announcement, model and report then says so. Tests and "
@@ -114,7 +118,8 @@ class AggregatorConfig:
     @property
     def federation(self) -> FederationSettings:
         return FederationSettings(rounds=self.rounds, training=self.training,
-                                  privacy=self.privacy, strategy=self.strategy)
+                                  privacy=self.privacy, strategy=self.strategy,
+                                  statistics=self.statistics)
 
     @property
     def state_path(self) -> Path:

@@ -49,11 +49,12 @@ from bedside.constants import (
     topic_status,
     topic_updates_all,
 )
-from bedside.errors import BedsideError, ConfigError, TransportError, WireError
+from bedside.errors import BedsideError, ConfigError, InputError, TransportError, WireError
 from bedside.federation.aggregate import aggregate_round
 from bedside.federation.report import device_privacy
 from bedside.federation.seeds import round_rng
 from bedside.federation.settings import RoundSettings
+from bedside.federation.statistics import combine, dimension, with_scaling
 from bedside.federation.strategies import make_optimizer, make_rule
 from bedside.federation.validate import (
     Accepted,
@@ -67,7 +68,7 @@ from bedside.federation.validate import (
     validate_update,
 )
 from bedside.manifest import Manifest, load_manifest, verify_model_file
-from bedside.models.onnx_weights import read_weights, replace_weights
+from bedside.models.onnx_weights import read_weights, replace_weights, write_scaling
 from bedside.models.registry import Registry
 from bedside.sqlite import add_timings
 from bedside.transport import Message, Transport
@@ -75,6 +76,7 @@ from bedside.wire.envelope import encode
 from bedside.wire.signing import KeyRing, SigningKey, validate_device_id
 
 log = logging.getLogger("bedside.aggregator")
+MAX_STATISTICS_ATTEMPTS = 3
 
 
 class Aggregator:
@@ -226,7 +228,15 @@ class Aggregator:
         if cur is None or cur.status != "open":
             return None
         return OpenRound(round=cur.round, model_version=cur.model_version,
-                         settings=cur.settings, shapes=self._shapes)
+                         settings=cur.settings, shapes=self._round_shapes(cur.settings))
+
+    def _round_shapes(self, settings: RoundSettings) -> dict[str, tuple[int, ...]]:
+        """What an update of this round carries: the model's parameters, or in a statistics
+        round one vector of feature statistics."""
+        if settings.statistics is not None:
+            assert self._manifest is not None
+            return {"stats": (dimension(self._manifest.schema),)}
+        return self._shapes
 
     # -- publishing --------------------------------------------------------------------------------
     def _publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
@@ -264,7 +274,8 @@ class Aggregator:
         authentic = False
         nonce = ""
         try:
-            env = open_update(msg.payload, self.devices, self._shapes, self._max_update)
+            shapes = self._round_shapes(cur.settings) if cur is not None else self._shapes
+            env = open_update(msg.payload, self.devices, shapes, self._max_update)
             authentic, nonce = True, env.header.nonce
             h = env.header
             d = digest(msg.payload)
@@ -331,18 +342,40 @@ class Aggregator:
         stored = self.registry.manifest(latest).training.get("next_clip_norm") if latest else None
         return float(stored) if stored is not None else self.cfg.privacy.clip_norm
 
+    def _needs_statistics(self, rows: list[RoundRow]) -> bool:
+        """A statistics round comes first when ``[statistics]`` is configured and no statistics
+        round has closed yet (at most MAX_STATISTICS_ATTEMPTS tries, all before any training
+        round; after that, training goes on with the scaling the model has, and the log says
+        so)."""
+        if self.federation.statistics is None:
+            return False
+        if any(r.settings.task == "train" or r.status == "closed" for r in rows):
+            return False  # statistics done, or training already under way
+        tried = len(rows)
+        if tried >= MAX_STATISTICS_ATTEMPTS:
+            log.warning("no statistics round succeeded in %d attempts: training goes on with "
+                        "the model's own input scaling", tried)
+            return False
+        return True
+
     def _open_next(self) -> None:
         rows = self.state.rounds()
-        if self.cfg.rounds.rounds and len(rows) >= self.cfg.rounds.rounds:
+        trained = sum(1 for r in rows if r.settings.task == "train")
+        if self.cfg.rounds.rounds and trained >= self.cfg.rounds.rounds:
             self._finish_federation(rows[-1].round if rows else 0)
             return
         self.devices = self._load_devices()  # devices enrolled since the last round join now
         latest = self.registry.latest()
         assert latest is not None and self._manifest is not None
         round_id = (rows[-1].round if rows else 0) + 1
-        settings = self.federation.announce(
-            self.cfg.fleet, round_id, deadline=self.clock() + self.cfg.rounds.deadline_seconds,
-            model_sha256=self._manifest.sha256, clip_norm=self._clip_norm())
+        deadline = self.clock() + self.cfg.rounds.deadline_seconds
+        if self._needs_statistics(rows):
+            settings = self.federation.announce_statistics(
+                self.cfg.fleet, round_id, deadline=deadline, model_sha256=self._manifest.sha256)
+        else:
+            settings = self.federation.announce(
+                self.cfg.fleet, round_id, deadline=deadline, model_sha256=self._manifest.sha256,
+                clip_norm=self._clip_norm(), training_round=trained + 1)
         announce = encode(KIND_ANNOUNCE, AGGREGATOR_ID, self.key, {}, round=round_id,
                           model_version=latest, meta=settings.to_meta())
         self.state.open_round(round_id, latest, announce, settings)
@@ -367,7 +400,7 @@ class Aggregator:
         duplicates = rejected.pop("duplicate", 0)  # re-sends: not rejections, not counted twice
         declined = self.state.declines(cur.round)
         result: dict[str, Any] = {
-            "round": cur.round, "base_version": cur.model_version,
+            "round": cur.round, "task": cur.settings.task, "base_version": cur.model_version,
             "participants": len(self.state.answered(cur.round)), "accepted": len(accepted),
             "rejected": rejected, "duplicates": duplicates, "declined": declined,
             "record_epsilon": _record_epsilon(accepted), "clip_norm": cur.settings.clip_norm,
@@ -380,7 +413,17 @@ class Aggregator:
                         cur.model_version)
             self._finish_round(cur.round, "failed", result, None)
             return
-        version = self._aggregate(cur, accepted, result)
+        try:
+            version = (self._aggregate_statistics(cur, accepted, result)
+                       if cur.settings.statistics is not None
+                       else self._aggregate(cur, accepted, result))
+        except InputError as exc:  # e.g. a noised record count below one: nothing to estimate
+            result["reason"] = str(exc)
+            result["round_seconds"] = round(self.clock() - started, 3)
+            log.warning("round %d failed: %s; the model stays at v%d", cur.round, exc,
+                        cur.model_version)
+            self._finish_round(cur.round, "failed", result, None)
+            return
         result["round_seconds"] = round(self.clock() - started, 3)
         self._finish_round(cur.round, "closed", result, version)
 
@@ -421,6 +464,8 @@ class Aggregator:
                       "optimizer": self.optimizer.name, "result": result,
                       "federation": {k: v for k, v in cur.settings.to_meta().items()
                                      if k != "deadline"}}
+        if "feature_statistics" in prev.training:  # where the input scaling came from
+            m.training["feature_statistics"] = prev.training["feature_statistics"]
         if outcome.next_clip_norm is not None:
             m.training["next_clip_norm"] = outcome.next_clip_norm
             result["next_clip_norm"] = round(outcome.next_clip_norm, 6)
@@ -435,6 +480,39 @@ class Aggregator:
         acc = result["metrics"].get("accuracy")
         log.info("round %d closed: %d update(s) -> model v%d%s", cur.round, len(accepted), version,
                  f", holdout accuracy {acc:.4f}" if acc is not None else "")
+        return version
+
+    def _aggregate_statistics(self, cur: RoundRow, accepted: list[dict[str, Any]],
+                              result: dict[str, Any]) -> int:
+        """A statistics round's close: the devices' noised sums -> the model's input scaling,
+        written into its ONNX initializers and its schema as version N+1."""
+        assert cur.settings.statistics is not None
+        prev = self.registry.manifest(cur.model_version)
+        prev_bytes = self.registry.model_bytes(cur.model_version)
+        vectors = [t["stats"] for t, _ in self.state.iter_updates(cur.round)]
+        loc, scale, info = combine(vectors, prev.schema, cur.settings.statistics)
+        new_bytes = write_scaling(prev_bytes, loc, scale)
+        version = (self.registry.latest() or 0) + 1
+        m = copy.deepcopy(prev)
+        m.version, m.parent_version, m.created_at = version, prev.version, self.clock()
+        m.schema = with_scaling(prev.schema, loc, scale)
+        m.parity = {"note": f"input scaling of version {prev.version} replaced by federated "
+                    "feature statistics; the graph's parity with torch was checked at export"}
+        m.extra.pop("quantization", None)
+        m.files = {}
+        m.metrics = {"holdout": self._evaluator(new_bytes, m)} if self._evaluator else {}
+        result["metrics"] = m.metrics.get("holdout", {})
+        result["statistics"] = info
+        m.privacy = self.privacy_report(closing=cur)
+        result["privacy"] = m.privacy
+        m.training = {**prev.training, "round": cur.round, "contributors": len(accepted),
+                      "feature_statistics": info, "result": result}
+        self.registry.add(new_bytes, m, server_state=self.registry.server_state(
+            cur.model_version))
+        self.registry.put_release(version, self._release(version, cur.round))
+        self._load_version(version)
+        log.info("round %d closed: input scaling from %d device(s)' noised statistics (about %.0f "
+                 "records) -> model v%d", cur.round, len(accepted), info["records"], version)
         return version
 
     def _finish_round(self, round_id: int, status: str, result: dict[str, Any],
@@ -465,7 +543,9 @@ class Aggregator:
             seeded = seeded or any(u["info"].get("seeded") for u in accepted)
             if closing is not None and r.round == closing.round:
                 continue
-            local = r.settings.noise == NOISE_LOCAL
+            # a device's own noise (local mode, statistics): every round it sent something in;
+            # the aggregator's: every round that released a model
+            local = r.settings.noise == NOISE_LOCAL or r.settings.statistics is not None
             if (local and accepted) or (not local and r.status == "closed"):
                 counted.append(r.settings)
         if closing is not None:

@@ -114,6 +114,10 @@ LocalOptimizer = Literal["sgd", "adam"]
 ONNX_INPUT: Final = "features"
 ONNX_OUTPUT: Final = "probabilities"
 ONNX_OPSET: Final = 18
+# Initializers of the input scaling inside an exported model (``BedsideNet.standardize``): the
+# aggregator writes federated statistics into them without torch.
+ONNX_LOC: Final = "standardize.loc"
+ONNX_INV_SCALE: Final = "standardize.inv_scale"
 MODEL_FILE: Final = "model.onnx"
 MANIFEST_FILE: Final = "manifest.json"
 QUANTIZED_FILE: Final = "model.int8.onnx"

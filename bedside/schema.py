@@ -34,7 +34,10 @@ Kind = Literal["tabular", "timeseries"]
 
 @dataclass(frozen=True)
 class Feature:
-    """One input feature. ``min``/``max`` bound what is accepted; ``loc``/``scale`` normalise."""
+    """One input feature. ``min``/``max`` bound what is accepted; ``loc``/``scale`` normalise;
+    ``typical_min``/``typical_max`` (optional) is where typical values lie, from public knowledge
+    (a published reference interval, a public data set's observed range): the frame federated
+    feature statistics are computed in (default: the allowed range)."""
 
     name: str
     unit: str = ""
@@ -43,6 +46,8 @@ class Feature:
     loc: float = 0.0
     scale: float = 1.0
     description: str = ""
+    typical_min: float | None = None
+    typical_max: float | None = None
 
     def __post_init__(self) -> None:
         if not self.name or not isinstance(self.name, str):
@@ -55,6 +60,14 @@ class Feature:
         if self.min is not None and self.max is not None and not self.min <= self.max:
             raise SchemaError(
                 f"schema: feature {self.name!r} has min {self.min} > max {self.max}; swap them"
+            )
+        lo_t, hi_t = self.typical_min, self.typical_max
+        if (lo_t is not None or hi_t is not None) and (
+                lo_t is None or hi_t is None
+                or not (math.isfinite(lo_t) and math.isfinite(hi_t) and lo_t < hi_t)):
+            raise SchemaError(
+                f"schema: feature {self.name!r}: 'typical_min' and 'typical_max' go together, "
+                f"finite, typical_min < typical_max (got {lo_t}, {hi_t})"
             )
 
 
@@ -160,6 +173,13 @@ class Schema:
             lo, hi = lo[None, :, None], hi[None, :, None]
         return lo, hi, bounded
 
+    def within_range(self, x: np.ndarray) -> np.ndarray:
+        """Per row (window): whether every value is finite and inside its allowed range."""
+        lo, hi, _ = self._bounds
+        arr = np.asarray(x, dtype=np.float32)
+        ok = np.isfinite(arr) & (arr >= lo) & (arr <= hi)
+        return np.asarray(ok.reshape(len(arr), -1).all(axis=1))
+
     def validate(self, x: np.ndarray, row_names: list[str] | None = None) -> np.ndarray:
         """Check a batch against the schema and return it as contiguous float32.
 
@@ -243,7 +263,8 @@ class Schema:
                 f = {"name": f}
             if not isinstance(f, Mapping):
                 raise SchemaError(f"{source}: features[{i}] must be an object or a name")
-            fkeys = {"name", "unit", "min", "max", "loc", "scale", "description"}
+            fkeys = {"name", "unit", "min", "max", "loc", "scale", "description", "typical_min",
+                     "typical_max"}
             bad = sorted(set(f) - fkeys)
             if bad:
                 raise SchemaError(f"{source}: features[{i}] has unknown key(s) {', '.join(bad)}")
@@ -256,6 +277,10 @@ class Schema:
                     loc=float(f.get("loc", 0.0)),
                     scale=float(f.get("scale", 1.0)),
                     description=str(f.get("description", "")),
+                    typical_min=None if f.get("typical_min") is None else float(
+                        f["typical_min"]),
+                    typical_max=None if f.get("typical_max") is None else float(
+                        f["typical_max"]),
                 ))
             except (TypeError, ValueError) as exc:
                 raise SchemaError(f"{source}: features[{i}]: {exc}") from exc

@@ -1,26 +1,28 @@
 """Demo tuning study: the defaults of ``bedside demo``, chosen on validation splits only.
 
 One run writes ``benchmarks/results/demo_tuning.json`` plus the ``## Demo tuning`` section of
-``benchmarks/README.md``. The question: which input scaling and server optimizer make the default
-demo (5 clinics, 15 rounds, record-level DP-SGD at epsilon 8 plus central noise z = 0.2) reach a
-high accuracy *reliably*, run after run, when every noise draw comes from the operating system.
+``benchmarks/README.md``. The question: which feature-statistics settings (the round that gives
+the model its input scaling from the clinics' noised, accounted sums) and which server optimizer
+make the default demo (5 clinics, 15 training rounds, record-level DP-SGD at epsilon 8 with the
+statistics included, central noise z = 0.2) reach a high accuracy *reliably*, run after run,
+when every noise draw comes from the operating system.
 
 Each federation runs in process on the round core
-(:func:`bedside.demo.inprocess.run_demo_in_process`: the same settings, device planning,
-DP-SGD, privatization, validation and aggregation the MQTT services run, without broker, SQLite
-and processes; ``tests/integration/test_core_equivalence.py`` shows it gives the MQTT
-federation's weights), so hundreds fit in minutes.
+(:func:`bedside.demo.inprocess.run_demo_in_process`: the same settings, statistics round, device
+planning, DP-SGD, privatization, validation and aggregation the MQTT services run, without
+broker, SQLite and processes; ``tests/integration/test_core_equivalence.py`` shows it gives the
+MQTT federation's weights), so hundreds fit in minutes.
 
 1. **Selection** (validation only): the demo's own split (seed 0) is made, its held-out rows are
-   set aside untouched, and inside the *training* rows 16 validation splits are drawn (20 % each;
-   the rest is sharded over 5 clinics); every candidate runs 12 times per split. "standard" scaling
-   is fitted on those training rows only (the shipped constants are the public data set's, which
-   include the held-out rows).
-2. **Evaluation** (after the choice, once): previous and new defaults, run on the demo's own
-   held-out split with the shipped schema, many unseeded runs each: how often is a run below 0.95?
+   set aside untouched, and inside the *training* rows validation splits are drawn (20 % each;
+   the rest is sharded over 5 clinics); every candidate runs several times per split. No
+   candidate's scaling sees a validation or held-out row: it comes from the statistics round on
+   the clinics' rows, or (the baseline) from the schema's public range alone.
+2. **Evaluation** (after the choice, once): the baseline and the chosen default on the demo's
+   own held-out split, many unseeded runs each: how often is a run below 0.95?
 
-Run from the repository root: ``.venv/bin/python benchmarks/demo_tuning.py`` (about 17 minutes on
-2 cores; ``--quick`` for a smoke run).
+Run from the repository root: ``.venv/bin/python benchmarks/demo_tuning.py`` (``--splits``,
+``--repeats``, ``--evaluation-runs`` set the sizes; ``--quick`` for a smoke run).
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ import time
 import warnings
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import replace
 from multiprocessing import get_context
 from typing import Any
 
@@ -42,25 +43,36 @@ from benchlib import README, REPO, RESULTS, load_average, log, machine, write_se
 
 sys.path.insert(0, str(REPO))
 
-#: The candidates. ``scaling``: "range" maps the published [min, max] to [-1, 1] (the previous
-#: WDBC schema), "standard" uses mean and standard deviation. ``private`` False is the reference.
+def _statistics(share: float = 0.5, **kw: Any) -> dict[str, Any]:
+    from bedside.federation.statistics import noise_for_budget
+
+    return {"noise_multiplier": noise_for_budget(8.0, 1e-5, share), **kw}
+
+
+#: The candidates: ``statistics`` is the aggregator's ``[statistics]`` table (None: no statistics
+#: round; the model keeps the public-range placeholder scaling of its schema); ``server`` the
+#: server optimizer. ``private`` False is the reference.
 CANDIDATES: dict[str, dict[str, Any]] = {
-    "range-fedavgm": {"label": "range scaling, server momentum 0.9 (previous default)",
-                      "scaling": "range", "server": {"name": "fedavgm", "momentum": 0.9}},
-    "range-sgd": {"label": "range scaling, plain FedAvg", "scaling": "range",
-                  "server": {"name": "sgd"}},
-    "standard-fedavgm": {"label": "standardised, server momentum 0.9", "scaling": "standard",
-                         "server": {"name": "fedavgm", "momentum": 0.9}},
-    "standard-fedavgm-0.5": {"label": "standardised, server momentum 0.5",
-                             "scaling": "standard",
-                             "server": {"name": "fedavgm", "momentum": 0.5}},
-    "standard-sgd": {"label": "standardised, plain FedAvg (new default)", "scaling": "standard",
-                     "server": {"name": "sgd"}},
-    "standard-sgd-nonprivate": {"label": "standardised, plain FedAvg, no DP (reference)",
-                                "scaling": "standard", "server": {"name": "sgd"},
-                                "private": False},
+    "no-statistics": {"label": "no statistics round (public-range scaling), plain FedAvg",
+                      "statistics": None, "server": {"name": "sgd"}},
+    "statistics-sgd": {"label": "statistics (half the budget, record clip 0.5), plain FedAvg "
+                       "(default)", "statistics": _statistics(), "server": {"name": "sgd"}},
+    "statistics-quarter": {"label": "statistics (a quarter of the budget), plain FedAvg",
+                           "statistics": _statistics(0.25), "server": {"name": "sgd"}},
+    "statistics-clip-0.65": {"label": "statistics (record clip 0.65), plain FedAvg",
+                             "statistics": _statistics(record_clip=0.65),
+                             "server": {"name": "sgd"}},
+    "statistics-clip-0.8": {"label": "statistics (record clip 0.8), plain FedAvg",
+                            "statistics": _statistics(record_clip=0.8),
+                            "server": {"name": "sgd"}},
+    "statistics-fedavgm": {"label": "statistics, server momentum 0.9",
+                           "statistics": _statistics(),
+                           "server": {"name": "fedavgm", "momentum": 0.9}},
+    "statistics-nonprivate": {"label": "statistics, plain FedAvg, no DP-SGD (reference)",
+                              "statistics": _statistics(), "server": {"name": "sgd"},
+                              "private": False},
 }
-PREVIOUS, CHOSEN = "range-fedavgm", "standard-sgd"
+PREVIOUS, CHOSEN = "no-statistics", "statistics-sgd"
 VALIDATION_SPLITS = list(range(1, 17))
 REPEATS = 12
 EVALUATION_RUNS = 150
@@ -68,53 +80,35 @@ THRESHOLD = 0.95
 
 
 # -- the replica -----------------------------------------------------------------------------------
-def range_schema(schema: Any) -> Any:
-    """The previous WDBC scaling: published [min, max] mapped to [-1, 1]."""
-    from bedside.models.datasets import WDBC_SUMMARY_STATISTICS
-
-    feats = tuple(replace(f, loc=(lo + hi) / 2.0, scale=(hi - lo) / 2.0)
-                  for f, (lo, hi) in zip(schema.features, WDBC_SUMMARY_STATISTICS.values(),
-                                         strict=True))
-    return replace(schema, features=feats)
-
-
-def with_schema(train: Any, test: Any, schema: Any) -> tuple[Any, Any]:
-    return replace(train, schema=schema), replace(test, schema=schema)
-
-
-def federation_data(split_seed: int | None, scaling: str) -> tuple[Any, Any, list[Any]]:
-    """(train, test, shards). ``split_seed`` None: the demo's own split, tested on its held-out
-    rows with the shipped schema (or the previous range one). Otherwise a validation split drawn
-    inside the demo's training rows, the held-out rows never touched."""
+def federation_data(split_seed: int | None) -> tuple[Any, Any, list[Any]]:
+    """(train, test, shards), with the shipped schema. ``split_seed`` None: the demo's own split,
+    tested on its held-out rows. Otherwise a validation split drawn inside the demo's training
+    rows, the held-out rows never touched."""
     from bedside.demo.run import DemoConfig, _load_data
     from bedside.models import datasets
     from bedside.models.partition import partition
 
     cfg = DemoConfig()
     if split_seed is None:
-        train, test, shards = _load_data(cfg)
-        if scaling == "range":
-            train, test = with_schema(train, test, range_schema(train.schema))
-        return train, test, shards
+        return _load_data(cfg)
     demo_train, _held_out = datasets.train_test_split(datasets.load("wdbc"), cfg.holdout, cfg.seed)
     train, test = datasets.train_test_split(demo_train, cfg.holdout, seed=split_seed)
-    schema = (range_schema(train.schema) if scaling == "range" else
-              datasets.fit_scaling(train.schema, demo_train.x, method="standard"))
-    train, test = with_schema(train, test, schema)
     shards = partition(train.y, cfg.clients, scheme="dirichlet", alpha=cfg.alpha,
                        min_size=max(4, cfg.batch_size // 2), seed=split_seed)
     return train, test, shards
 
 
 def federation(train: Any, test: Any, shards: Sequence[Any], server: Mapping[str, Any],
-               private: bool = True, noise_seed: int | None = None) -> list[dict[str, float]]:
+               statistics: Mapping[str, Any] | None, private: bool = True,
+               noise_seed: int | None = None) -> list[dict[str, float]]:
     """One federation with the demo's defaults on the round core; test accuracy and AUC after
     every round. ``noise_seed`` None draws every noise from the OS, as ``bedside demo`` does."""
     from bedside.demo.inprocess import run_demo_in_process
     from bedside.demo.run import DemoConfig
 
     params = {k: v for k, v in server.items() if k != "name"}
-    extra: dict[str, Any] = {"aggregator": {"strategy": {"optimizer_params": params}}}
+    extra: dict[str, Any] = {"aggregator": {"strategy": {"optimizer_params": params},
+                                            "statistics": statistics}}
     if not private:
         extra["aggregator"]["privacy"] = {"noise": "none"}
         extra["agent"] = {"privacy": {"record_epsilon": None, "allow_no_record_dp": True,
@@ -127,11 +121,11 @@ def federation(train: Any, test: Any, shards: Sequence[Any], server: Mapping[str
 
 def task(key: str, split_seed: int | None, runs: int) -> dict[str, Any]:
     """``runs`` unseeded replays of candidate ``key`` on one split (a worker process)."""
-    warnings.filterwarnings("ignore")  # Opacus' secure-RNG and torch hook notices
+    warnings.filterwarnings("ignore")  # torch notices
     c = CANDIDATES[key]
-    train, test, shards = federation_data(split_seed, c["scaling"])
-    finals = [federation(train, test, shards, c["server"], c.get("private", True))[-1]["accuracy"]
-              for _ in range(runs)]
+    train, test, shards = federation_data(split_seed)
+    finals = [federation(train, test, shards, c["server"], c["statistics"],
+                         c.get("private", True))[-1]["accuracy"] for _ in range(runs)]
     return {"key": key, "split": split_seed, "test_rows": len(test), "accuracy": finals}
 
 
@@ -179,9 +173,10 @@ def markdown(res: Mapping[str, Any]) -> str:
         f"({res['machine']['usable_cores']} cores); {res['seconds']:.0f} s. "
         "`.venv/bin/python benchmarks/demo_tuning.py`.",
         "",
-        "The default `bedside demo` (5 clinics, non-IID, 15 rounds, logreg, record-level DP-SGD "
-        "at epsilon 8, central noise z = 0.2) run in process on the round core (see the "
-        "script's docstring); every noise draw from the operating system.",
+        "The default `bedside demo` (5 clinics, non-IID, 15 training rounds, logreg, "
+        "record-level DP-SGD at epsilon 8 with the feature statistics included, central noise "
+        "z = 0.2) run in process on the round core (see the script's docstring); every noise "
+        "draw from the operating system. No scaling sees a validation or held-out row.",
         "",
         f"**Selection, on validation splits only**: {len(res['settings']['validation_splits'])} "
         "splits drawn inside the demo's training rows (its held-out rows untouched), "
@@ -191,7 +186,7 @@ def markdown(res: Mapping[str, Any]) -> str:
         *[row(CANDIDATES[k]["label"], sel[k]) for k in CANDIDATES if k in sel],
         "",
         f"**Evaluation, after the choice**: the demo's own held-out split "
-        f"({res['evaluation'][CHOSEN]['test_rows']} rows), shipped schema, "
+        f"({res['evaluation'][CHOSEN]['test_rows']} rows), "
         f"{res['settings']['evaluation_runs']} unseeded runs each.",
         "",
         head,
@@ -204,11 +199,14 @@ def markdown(res: Mapping[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--quick", action="store_true", help="2 splits x 2 runs")
+    p.add_argument("--splits", type=int, default=len(VALIDATION_SPLITS))
+    p.add_argument("--repeats", type=int, default=REPEATS)
+    p.add_argument("--evaluation-runs", type=int, default=EVALUATION_RUNS)
     p.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--no-write", action="store_true", help="print the JSON, write nothing")
     a = p.parse_args(argv)
-    splits = VALIDATION_SPLITS[:2] if a.quick else VALIDATION_SPLITS
-    repeats, eval_runs = (2, 4) if a.quick else (REPEATS, EVALUATION_RUNS)
+    splits = VALIDATION_SPLITS[:2] if a.quick else VALIDATION_SPLITS[:a.splits]
+    repeats, eval_runs = (2, 4) if a.quick else (a.repeats, a.evaluation_runs)
     started = time.perf_counter()
     res: dict[str, Any] = {"machine": machine(), "settings": {
         "validation_splits": splits, "repeats": repeats, "evaluation_runs": eval_runs,
@@ -221,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         [(k, None, per_job) for k in (PREVIOUS, CHOSEN) for _ in range(eval_runs // per_job)],
         a.jobs)
     for k in (PREVIOUS, CHOSEN):
-        res["evaluation"][k]["test_rows"] = len(federation_data(None, "standard")[1])
+        res["evaluation"][k]["test_rows"] = len(federation_data(None)[1])
     res["seconds"] = round(time.perf_counter() - started, 1)
     res["machine"]["load_average_end"] = load_average()
     text = json.dumps(res, indent=2)

@@ -139,29 +139,65 @@ def validation_splits(train: Any, seed: int) -> list[tuple[Any, Any]]:
 
 
 @cache
-def noise_multiplier(epsilon: float, rows: int, batch: int, epochs: int) -> float:
-    """The DP-SGD noise multiplier that meets ``epsilon`` at DELTA (Bedside's accountant)."""
-    from bedside.privacy.accountant import calibrate
+def noise_multiplier(epsilon: float, rows: int, batch: int, epochs: int,
+                     statistics_z: float) -> float:
+    """The DP-SGD noise multiplier that meets ``epsilon`` at DELTA (Bedside's accountant)
+    together with the feature-statistics release (a Gaussian with ``statistics_z``)."""
+    from bedside.privacy.accountant import calibrate, gaussian
     from bedside.privacy.dpsgd import sample_rate as dp_sample_rate
     from bedside.privacy.dpsgd import steps as dp_steps
 
-    return calibrate(epsilon, DELTA, dp_sample_rate(rows, batch), dp_steps(rows, batch, epochs))
+    return calibrate(epsilon, DELTA, dp_sample_rate(rows, batch), dp_steps(rows, batch, epochs),
+                     base=gaussian(statistics_z))
 
 
-def accounted(z: float, rows: int, hp: HyperParams, q_run: float,
+def accounted(z: float, statistics_z: float, rows: int, hp: HyperParams, q_run: float,
               steps_run: int) -> dict[str, Any]:
-    """Epsilon re-checked with the accountant: Bedside's (q, steps) and what training ran."""
-    from bedside.privacy.accountant import epsilon, sampled_gaussian
+    """Epsilon re-checked with the accountant, statistics release included: Bedside's
+    (q, steps) and what training ran."""
+    from bedside.privacy.accountant import compose, epsilon, gaussian, sampled_gaussian
     from bedside.privacy.dpsgd import sample_rate as dp_sample_rate
     from bedside.privacy.dpsgd import steps as dp_steps
 
     q, steps = dp_sample_rate(rows, hp.batch_size), dp_steps(rows, hp.batch_size, hp.epochs)
+
+    def eps(q_: float, t: int) -> float:
+        return round(epsilon(compose([gaussian(statistics_z), sampled_gaussian(z, q_, t)]),
+                             DELTA), 4)
+
     return {
-        "noise_multiplier": round(z, 5), "sample_rate": round(q, 6), "steps": steps,
-        "epsilon": round(epsilon(sampled_gaussian(z, q, steps), DELTA), 4),
+        "noise_multiplier": round(z, 5), "statistics_noise_multiplier": statistics_z,
+        "sample_rate": round(q, 6), "steps": steps, "epsilon": eps(q, steps),
         "sample_rate_run": round(q_run, 6), "steps_run": steps_run,
-        "epsilon_as_run": round(epsilon(sampled_gaussian(z, q_run, steps_run), DELTA), 4),
+        "epsilon_as_run": eps(q_run, steps_run),
     }
+
+
+def leakage_free_scaling(train: Any, level: Level, seed: int) -> tuple[Any, float | None, str]:
+    """``train`` with an input scaling that sees neither test rows nor unaccounted data.
+
+    Non-private: standardised on the training rows. DP: Bedside's feature-statistics release
+    (:mod:`bedside.federation.statistics`, the mechanism of a federation's statistics round, here
+    with every training row on one device) at the noise whose release alone would cost half of
+    ``level``; DP-SGD then gets the rest of the budget (composed by the accountant).
+    Returns (train, statistics noise multiplier or None, description)."""
+    from dataclasses import replace
+
+    import numpy as np
+
+    from bedside.federation import statistics as st
+    from bedside.models.datasets import fit_scaling
+
+    if level is None:
+        schema = fit_scaling(train.schema, train.x, method="standard")
+        return replace(train, schema=schema), None, "standardised on the training rows"
+    z = st.noise_for_budget(level, DELTA)
+    settings = st.StatisticsSettings(noise_multiplier=z, device_records=max(1, len(train)))
+    vector = st.local_statistics(train.x, train.schema, settings,
+                                 np.random.default_rng(90_000 + seed))
+    loc, scale, _ = st.combine([vector], train.schema, settings)
+    return (replace(train, schema=st.with_scaling(train.schema, loc, scale)), z,
+            f"DP feature statistics, noise multiplier {z:g}")
 
 
 def train_eval(arch: str, train: Any, test: Any, hp: HyperParams, level: Level,
@@ -173,12 +209,13 @@ def train_eval(arch: str, train: Any, test: Any, hp: HyperParams, level: Level,
     from bedside.models.zoo import build
     from bedside.privacy.dpsgd import DPSGDPlan
 
+    train, statistics_z, scaling = leakage_free_scaling(train, level, seed)
     spec = ArchSpec.for_schema(arch, train.schema)
     net = build(spec, train.schema, seed=seed)
     dp = None
     if level is not None:
-        assert hp.max_grad_norm is not None
-        z = noise_multiplier(level, len(train), hp.batch_size, hp.epochs)
+        assert hp.max_grad_norm is not None and statistics_z is not None
+        z = noise_multiplier(level, len(train), hp.batch_size, hp.epochs, statistics_z)
         dp = DPSGDPlan.for_records(len(train), hp.batch_size, hp.epochs, z, hp.max_grad_norm)
     cfg = TrainConfig(epochs=hp.epochs, batch_size=hp.batch_size, lr=hp.lr,
                       optimizer=hp.optimizer, seed=seed)
@@ -187,11 +224,13 @@ def train_eval(arch: str, train: Any, test: Any, hp: HyperParams, level: Level,
     seconds = time.perf_counter() - t
     metrics = evaluate(test.y, predict_proba(net, test.x))
     out: dict[str, Any] = {"accuracy": float(metrics["accuracy"]), "auc": float(metrics["auc"]),
-                           "log_loss": float(metrics["log_loss"]), "fit_s": round(seconds, 3)}
+                           "log_loss": float(metrics["log_loss"]), "fit_s": round(seconds, 3),
+                           "scaling": scaling}
     if not math.isfinite(out["log_loss"]):
         out["log_loss"] = 1e9  # a diverged run sorts last
     if check_privacy and dp is not None:
-        out["privacy"] = accounted(dp.noise_multiplier, len(train), hp,
+        assert statistics_z is not None
+        out["privacy"] = accounted(dp.noise_multiplier, statistics_z, len(train), hp,
                                    float(result.sample_rate), result.steps)
     return out
 
@@ -362,9 +401,14 @@ def markdown(results: Mapping[str, Any]) -> str:
         "",
         f"Centralized record-level DP-SGD (`bedside.models.train.fit`, Poisson "
         f"sampling, batch {BATCH}) on WDBC ({cfg['rows']} rows), 80/20 stratified split, delta "
-        f"{DELTA:g}. The noise multiplier for each target comes from "
+        f"{DELTA:g}. **Input scaling without leakage**: non-private runs standardise on the "
+        "training rows; DP runs take it from Bedside's feature-statistics release "
+        "(`bedside.federation.statistics`, the mechanism of a federation's statistics round, "
+        "with every training row on one device) at the noise whose release alone costs half "
+        "the target, and the target covers both: the DP-SGD noise multiplier comes from "
         "`bedside.privacy.accountant.calibrate(target, delta, q = 1 / ceil(n / batch), "
-        "steps = dp_steps(n, batch, epochs))`. Mean ± std over "
+        "steps = dp_steps(n, batch, epochs), base = gaussian(z_statistics))`. No test row "
+        "touches the scaling. Mean ± std over "
         f"{seeds} seeds; each seed changes the test split, the validation splits, the initial "
         "weights and the DP noise.",
         "",
@@ -386,8 +430,8 @@ def markdown(results: Mapping[str, Any]) -> str:
         "Notes:",
         "",
         "1. *epsilon accounted* is what Bedside reports: "
-        "`epsilon(sampled_gaussian(z, q = 1 / ceil(n / batch), dp_steps(n, batch, epochs)), "
-        "delta)`. "
+        "`epsilon(compose([gaussian(z_statistics), sampled_gaussian(z, q = 1 / ceil(n / batch), "
+        "dp_steps(n, batch, epochs))]), delta)`. "
         "*epsilon as training ran it* uses the sample rate and number of steps training actually "
         f"used, `FitResult.sample_rate` and `FitResult.steps` (here n = {cfg['train_rows']}: "
         f"q = {', '.join(f'{q:.4f}' for q in results['plan_vs_run']['q_run'])} for "

@@ -107,13 +107,20 @@ def run_federation(federation: FederationSettings, manifest: Manifest, model_byt
         clip = federation.privacy.clip_norm
         version = manifest.version
         records: list[RoundRecord] = []
+        first = 1
         try:
-            for r in range(1, federation.rounds.rounds + 1):
+            if federation.statistics is not None:
+                first = 2
+                model_bytes, manifest, rec = _statistics_round(
+                    federation, manifest, model_bytes, devices, ledgers, ring, fleet, evaluate)
+                records.append(rec)
+                version = manifest.version
+            for r in range(first, federation.rounds.rounds + first):
                 started = time.perf_counter()
                 timings: dict[str, float] = {}
                 settings = federation.announce(fleet, r, deadline=1e12,
                                                model_sha256=sha256_bytes(model_bytes),
-                                               clip_norm=clip)
+                                               clip_norm=clip, training_round=r - first + 1)
                 current = OpenRound(round=r, model_version=version, settings=settings,
                                     shapes=shapes)
                 accepted: list[Accepted] = []
@@ -172,6 +179,52 @@ def run_federation(federation: FederationSettings, manifest: Manifest, model_byt
                          weights=read_weights(model_bytes, names), manifest=manifest)
 
 
+def _statistics_round(federation: FederationSettings, manifest: Manifest, model_bytes: bytes,
+                      devices: Sequence[Device], ledgers: Sequence[Any], ring: KeyRing,
+                      fleet: str, evaluate: Callable[[bytes], dict[str, Any]] | None,
+                      ) -> tuple[bytes, Manifest, RoundRecord]:
+    """Round 1 with ``[statistics]``: the devices' noised feature sums set the input scaling."""
+    from dataclasses import replace
+
+    from bedside.edge.participant import Contribution, participate_statistics
+    from bedside.federation.statistics import combine, dimension, with_scaling
+    from bedside.models.onnx_weights import write_scaling
+
+    started = time.perf_counter()
+    settings = federation.announce_statistics(fleet, 1, deadline=1e12,
+                                              model_sha256=sha256_bytes(model_bytes))
+    shapes = {"stats": (dimension(manifest.schema),)}
+    current = OpenRound(round=1, model_version=manifest.version, settings=settings,
+                        shapes=shapes)
+    vectors, declined = [], {}
+    for d, ledger in zip(devices, ledgers, strict=True):
+        out = participate_statistics(1, settings, manifest, d.x, privacy=d.privacy,
+                                     ledger=ledger, fleet=fleet, seed=d.seed,
+                                     rng=round_rng(d.seed, 1))
+        if not isinstance(out, Contribution):
+            declined[d.device_id] = out.reason
+            continue
+        payload = encode(KIND_UPDATE, d.device_id, d.key, out.tensors, round=1,
+                         model_version=manifest.version, meta=out.meta)
+        env = open_update(payload, ring, shapes, 1 << 20)
+        verdict = validate_update(env, topic_sender=d.device_id, fleet=fleet,
+                                  digest=digest(payload), current=current, prior=Prior())
+        assert isinstance(verdict, Accepted)
+        vectors.append(verdict.tensors["stats"])
+    rec = RoundRecord(round=1, accepted=len(vectors), declined=declined, seconds=0.0)
+    if len(vectors) >= federation.rounds.min_participants:
+        assert settings.statistics is not None
+        loc, scale, _ = combine(vectors, manifest.schema, settings.statistics)
+        model_bytes = write_scaling(model_bytes, loc, scale)
+        manifest = replace(manifest, schema=with_scaling(manifest.schema, loc, scale),
+                           version=manifest.version + 1)
+        if evaluate is not None:
+            rec.metrics = evaluate(model_bytes)
+    rec.seconds = time.perf_counter() - started
+    rec.model_sha256 = sha256_bytes(model_bytes)
+    return model_bytes, manifest, rec
+
+
 def _add(timings: dict[str, float], key: str, seconds: float) -> None:
     timings[key] = timings.get(key, 0.0) + seconds
 
@@ -184,7 +237,8 @@ def demo_federation(cfg: Any) -> FederationSettings:
 
     table = aggregator_table(cfg)
     return read_table(FederationSettings, {k: table[k] for k in
-                                           ("rounds", "training", "privacy", "strategy")
+                                           ("rounds", "training", "privacy", "strategy",
+                                            "statistics")
                                            if k in table}, "demo federation")
 
 

@@ -5,8 +5,10 @@ What it does, as clinic IT and a hospital data team would, in one place:
 1. splits the data: a held-out reference set for the aggregator's data team (no clinic trains on
    it) and K clinic shards (non-IID: Dirichlet over labels), each written only into its own
    clinic's directory;
-2. exports version 1 of the model (untrained, its scaling constants from the schema's published
-   ranges, or for a user's CSV from the central reference set);
+2. exports version 1 of the model (untrained; its input scaling a placeholder from the schema's
+   allowed ranges, which for a user's CSV are inferred from the training rows); round 1 of the
+   federation replaces that scaling with the clinics' noised feature statistics
+   (``[statistics]``, :mod:`bedside.federation.statistics`);
 3. creates keys, enrolls every clinic with the aggregator and pins the aggregator's key on every
    clinic, writes ``aggregator.toml`` and one ``agent.toml`` per clinic, ingests each shard into
    its clinic's record store;
@@ -119,11 +121,17 @@ def _load_data(cfg: DemoConfig) -> tuple[Any, Any, list[np.ndarray]]:
         ds = datasets.load(cfg.dataset)
     train, holdout = datasets.train_test_split(ds, test_fraction=cfg.holdout, seed=cfg.seed)
     if cfg.data is not None:
-        # A user's CSV has no published statistics: standardise with the central reference set,
-        # which the data team holds; never with the clinics' records. Standardised inputs suit
-        # DP-SGD far better than a [-1, 1] range map (docs/datasets.md).
-        schema = datasets.fit_scaling(ds.schema, holdout.x, method="standard")
-        train, holdout = replace(train, schema=schema), replace(holdout, schema=schema)
+        # A user's CSV has no allowed ranges: the clinics' training rows stand in for the
+        # clinical knowledge a real schema states (never the held-out rows, which are evaluated).
+        # The scaling itself comes from the federated statistics round (round 1).
+        schema = datasets.infer_ranges(ds.schema, train.x)
+        inside = schema.within_range(holdout.x)
+        if not inside.all():
+            log.warning("%d held-out row(s) lie outside the allowed ranges inferred from the "
+                        "training rows and are left out of the evaluation, as a device would "
+                        "refuse them", int((~inside).sum()))
+        train = replace(train, schema=schema)
+        holdout = replace(holdout.subset(np.flatnonzero(inside)), schema=schema)
     min_size = max(4, cfg.batch_size // 2)
     if len(train) < cfg.clients * min_size:
         raise InputError(f"{len(train)} training rows cannot make {cfg.clients} clinics of at "
@@ -192,7 +200,10 @@ def agent_table(cfg: DemoConfig, i: int, fleet: str = FLEET) -> dict[str, Any]:
 def aggregator_table(cfg: DemoConfig, fleet: str = FLEET, initial_model: Path | None = None,
                      reference_csv: Path | None = None) -> dict[str, Any]:
     """``aggregator.toml`` of the demo, overrides merged (its ``[rounds]``, ``[training]``,
-    ``[privacy]`` and ``[strategy]`` are the federation the in-process simulation runs too)."""
+    ``[privacy]``, ``[strategy]`` and ``[statistics]`` are the federation the in-process
+    simulation runs too)."""
+    from bedside.federation.statistics import noise_for_budget
+
     aggregator: dict[str, Any] = {
         "fleet": fleet, "data_dir": "data", "key": "keys/aggregator.key",
         "devices": "keys/devices", "mqtt": {"host": "127.0.0.1", "port": 0},
@@ -204,6 +215,9 @@ def aggregator_table(cfg: DemoConfig, fleet: str = FLEET, initial_model: Path | 
                     "noise_multiplier": cfg.noise_multiplier, "delta": cfg.delta,
                     **({"noise_seed": cfg.noise_seed} if cfg.noise_seed is not None else {})},
         "strategy": {"rule": "fedavg", "optimizer": cfg.server_optimizer},
+        # round 1: the input scaling from noised, accounted feature statistics, whose release
+        # alone would cost half the clinics' record budget
+        "statistics": {"noise_multiplier": noise_for_budget(cfg.target_epsilon, cfg.delta)},
     }
     if cfg.noise_seed is not None:
         aggregator["testing"] = True
@@ -403,7 +417,7 @@ def _row(body: dict[str, Any], devices: dict[str, dict[str, Any]]) -> dict[str, 
     privacy = body.get("privacy") or {}
     rec = body.get("record_epsilon") or {}
     return {
-        "round": body["round"], "status": body.get("status"),
+        "round": body["round"], "task": body.get("task", "train"), "status": body.get("status"),
         "model_version": body.get("model_version"),
         "participants": body.get("participants", 0),
         "accepted": body.get("accepted", 0),
@@ -560,6 +574,9 @@ class _Table:
                   f"{p['noise_multiplier']:g}" if p["noise"] != "none" else
                   f"updates clipped to L2 {p['clip_norm']:g}, no device-level noise")
         self._print(f"privacy: {record}; {device}")
+        if "statistics" in self.plan["aggregator"]:
+            self._print("round 1*: the clinics release noised feature statistics (accounted in "
+                        "their ledgers); the model's input scaling comes from them")
         for cl in self.plan["clinics"]:
             self._print(f"  {cl['id']}: {cl['rows']} records, labels {cl['labels']['histogram']}")
         self._print(f"working directory: {work}")
@@ -569,7 +586,8 @@ class _Table:
         def f(v: Any, fmt: str) -> str:
             return "-" if v is None else format(v, fmt)
 
-        vals = [str(r["round"]), f"v{r['model_version']}", str(r["participants"]),
+        label = f"{r['round']}{'*' if r.get('task') == 'statistics' else ''}"
+        vals = [label, f"v{r['model_version']}", str(r["participants"]),
                 str(r["accepted"]), str(r["rejected"]), str(r["declined"]), f(r["accuracy"], ".4f"),
                 f(r["auc"], ".4f"), f(r["epsilon_device"], ".3g"), f(r["epsilon_record"], ".3g"),
                 f(r["round_seconds"], ".2f")]

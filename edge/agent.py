@@ -50,7 +50,12 @@ from bedside.constants import (
 )
 from bedside.edge.config import AgentConfig
 from bedside.edge.outbox import AgentState
-from bedside.edge.participant import Contribution, participate
+from bedside.edge.participant import (
+    Contribution,
+    Decline,
+    participate,
+    participate_statistics,
+)
 from bedside.edge.store import RecordStore
 from bedside.edge.updater import ModelManager
 from bedside.errors import (
@@ -287,9 +292,15 @@ class Agent:
         assert model_bytes is not None
         self.publish_status(force=True, state="training")
         started = time.perf_counter()
-        outcome = participate(r, s, manifest, model_bytes, x, y, privacy=self.cfg.privacy,
-                              ledger=self._ledger, fleet=self.cfg.fleet,
-                              seed=self.cfg.agent.seed, rng=round_rng(self.cfg.agent.seed, r))
+        rng = round_rng(self.cfg.agent.seed, r)
+        if s.task == "statistics":
+            outcome: Contribution | Decline = participate_statistics(
+                r, s, manifest, x, privacy=self.cfg.privacy, ledger=self._ledger,
+                fleet=self.cfg.fleet, seed=self.cfg.agent.seed, rng=rng)
+        else:
+            outcome = participate(r, s, manifest, model_bytes, x, y, privacy=self.cfg.privacy,
+                                  ledger=self._ledger, fleet=self.cfg.fleet,
+                                  seed=self.cfg.agent.seed, rng=rng)
         if not isinstance(outcome, Contribution):
             if outcome.reason in ("budget", "ledger_unavailable", "policy"):
                 self.refusing, self.refusing_reason = outcome.detail, outcome.reason

@@ -19,7 +19,13 @@ from typing import Any
 import numpy as np
 
 from bedside.constants import UNIT_RECORD
-from bedside.errors import BudgetExceededError, LedgerError, PolicyDeclined, PrivacyError
+from bedside.errors import (
+    BudgetExceededError,
+    InputError,
+    LedgerError,
+    PolicyDeclined,
+    PrivacyError,
+)
 from bedside.federation.device import DevicePrivacy, plan_round, privatize, update_meta
 from bedside.federation.seeds import training_seed
 from bedside.federation.settings import RoundSettings
@@ -91,3 +97,40 @@ def participate(round_id: int, settings: RoundSettings, manifest: Manifest, mode
                        seeded=seed is not None)
     timings["privatize_and_record"] = time.perf_counter() - t0
     return Contribution(priv.tensors, meta, fit.steps, priv.norm, timings)
+
+
+def participate_statistics(round_id: int, settings: RoundSettings, manifest: Manifest,
+                           x: np.ndarray, *, privacy: DevicePrivacy, ledger: Any, fleet: str,
+                           seed: int | None, rng: np.random.Generator) -> Contribution | Decline:
+    """A statistics round (:mod:`bedside.federation.statistics`): the device's noised, clipped
+    feature sums, recorded in its ledger first. The noise is the device's own, so the release
+    is enforced by the device whatever the aggregator does; its policy sets the least noise it
+    accepts (``min_statistics_noise``) and its budget the rest."""
+    from bedside.federation.device import check_statistics_policy
+    from bedside.federation.statistics import local_statistics, statistics_releases
+
+    assert settings.statistics is not None
+    if ledger is None:
+        return Decline("ledger_unavailable", "the privacy ledger could not be opened")
+    if len(x) == 0:
+        return Decline("no_records", "ingest records with 'bedside edge ingest'")
+    t0 = time.perf_counter()
+    releases = statistics_releases(round_id, settings.statistics, fleet)
+    try:
+        check_statistics_policy(settings, privacy)
+        ledger.check(releases)
+        vector = local_statistics(x, manifest.schema, settings.statistics, rng)
+        ledger.record(releases)  # before anything leaves the device
+    except PolicyDeclined as exc:
+        return Decline("policy", str(exc))
+    except BudgetExceededError as exc:
+        return Decline("budget", str(exc))
+    except LedgerError as exc:
+        return Decline("ledger_unavailable", str(exc))
+    except InputError as exc:  # the model's schema has no allowed range for some feature
+        return Decline("statistics_unavailable", str(exc))
+    record_eps = ledger.spent(UNIT_RECORD) if privacy.record_epsilon is not None else None
+    meta = update_meta(fleet, settings, len(x), record_eps, privacy.record_delta, None,
+                       seeded=seed is not None)
+    return Contribution({"stats": vector}, meta, 0, float(np.linalg.norm(vector)),
+                        {"statistics": time.perf_counter() - t0})

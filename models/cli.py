@@ -103,8 +103,7 @@ def _export(ns: argparse.Namespace) -> int:
     epochs = ns.epochs if ns.epochs is not None else DEFAULT_EPOCHS.get(ds.name, 30)
     cfg = TrainConfig(epochs=epochs, batch_size=ns.batch_size, lr=ns.lr, seed=ns.seed)
     m = export_model(ds, ns.arch, ns.out, name=ns.name, version=ns.version, train=cfg,
-                     params=dict(ns.param), split_seed=ns.seed, quantize=ns.quantize,
-                     fit_scaling_on_train=ns.data is not None)
+                     params=dict(ns.param), split_seed=ns.seed, quantize=ns.quantize)
     if ns.json:
         print_json(m.to_dict())
     else:

@@ -12,10 +12,12 @@ carries public scaling constants and allowed ranges (see ``docs/datasets.md``):
     synthetic bedside vital-sign windows (heart rate, respiratory rate, SpO2, systolic blood
     pressure, temperature) labelled stable or deteriorating; generated, seeded.
 
-Scaling constants (``loc``/``scale``) never come from a training split at run time: the built-in
-sets use summary statistics of the public data set or clinical ranges, and a user's CSV gets
-``loc`` 0 and ``scale`` 1 until the caller fits them on a reference array it is entitled to use
-(:func:`fit_scaling`).
+The schemas' scaling constants (``loc``/``scale``) need no data: the midpoint and half-width of
+the published or clinical range (``digits``, ``wdbc``) or typical adult values (``vitals``); a
+user's CSV gets ``loc`` 0 and ``scale`` 1. A model gets its real scaling from rows it may use:
+``bedside models export`` standardises on its training split, a federation on its noised,
+accounted feature statistics (:mod:`bedside.federation.statistics`); :func:`fit_scaling` does
+the former. Never from rows that are later evaluated.
 
 This module imports neither torch nor (except inside the two scikit-learn loaders) scikit-learn:
 the aggregator and the demo use it without the ``train`` extra.
@@ -47,7 +49,7 @@ __all__ = [
     "Dataset",
     "digits_schema",
     "fit_scaling",
-    "fit_scaling_to",
+    "infer_ranges",
     "load",
     "load_csv",
     "load_digits",
@@ -162,49 +164,6 @@ WDBC_SUMMARY_STATISTICS: dict[str, tuple[float, float]] = {
     "worst fractal dimension": (0.055, 0.208),
 }
 
-#: Mean and standard deviation (population, ddof 0) of every WDBC feature over the whole public data
-#: set (all 569 rows of scikit-learn's copy), rounded to 6 significant digits: the ``loc``/``scale``
-#: of the WDBC schema. Like the published Min/Max table they describe the public data set (no
-#: training split, no clinic record) and include every row; a test recomputes them.
-#: Why standardise rather than map [min, max] to [-1, 1]: with the range map the features' means
-#: sit at -0.56 (median; 10th to 90th percentile -0.80 to -0.24) and their standard deviations at
-#: 0.29 (0.19 to 0.35), an off-centre, ill-conditioned problem that DP-SGD's clipped, noised steps
-#: solve badly. On validation splits (never the demo's held-out rows) the default federated demo
-#: at record-level epsilon 8 gained 2 to 3 points of accuracy (``benchmarks/demo_tuning.py``,
-#: ``docs/datasets.md``).
-WDBC_MEAN_SD: dict[str, tuple[float, float]] = {
-    "mean radius": (14.1273, 3.52095),
-    "mean texture": (19.2896, 4.29725),
-    "mean perimeter": (91.969, 24.2776),
-    "mean area": (654.889, 351.605),
-    "mean smoothness": (0.0963603, 0.0140518),
-    "mean compactness": (0.104341, 0.0527663),
-    "mean concavity": (0.0887993, 0.0796497),
-    "mean concave points": (0.0489191, 0.0387687),
-    "mean symmetry": (0.181162, 0.0273902),
-    "mean fractal dimension": (0.0627976, 0.00705416),
-    "radius error": (0.405172, 0.277069),
-    "texture error": (1.21685, 0.551163),
-    "perimeter error": (2.86606, 2.02008),
-    "area error": (40.3371, 45.451),
-    "smoothness error": (0.00704098, 0.00299988),
-    "compactness error": (0.0254781, 0.0178924),
-    "concavity error": (0.0318937, 0.0301595),
-    "concave points error": (0.0117961, 0.00616486),
-    "symmetry error": (0.0205423, 0.0082591),
-    "fractal dimension error": (0.0037949, 0.00264374),
-    "worst radius": (16.2692, 4.82899),
-    "worst texture": (25.6772, 6.14085),
-    "worst perimeter": (107.261, 33.573),
-    "worst area": (880.583, 568.856),
-    "worst smoothness": (0.132369, 0.0228124),
-    "worst compactness": (0.254265, 0.157198),
-    "worst concavity": (0.272188, 0.208441),
-    "worst concave points": (0.114606, 0.0656746),
-    "worst symmetry": (0.290076, 0.0618131),
-    "worst fractal dimension": (0.0839458, 0.0180454),
-}
-
 # Base measurement -> (unit, what it is). The UCI documentation gives no units; the features are
 # computed from a digitised image of a fine needle aspirate (FNA), so lengths are in pixels.
 _WDBC_BASE: dict[str, tuple[str, str]] = {
@@ -261,10 +220,11 @@ def _wdbc_feature(name: str) -> Feature:
     else:
         stat, base = "error", name[: -len(" error")]
     unit, what = _WDBC_BASE[base]
-    hi = WDBC_SUMMARY_STATISTICS[name][1]
-    loc, scale = WDBC_MEAN_SD[name]
+    lo, hi = WDBC_SUMMARY_STATISTICS[name]
+    loc, scale = _half_range(lo, hi)
     return Feature(
-        name=name, unit=unit, min=0.0, max=2.0 * hi, loc=loc, scale=scale,
+        name=name, unit=unit, min=0.0, max=2.0 * hi, loc=loc, scale=scale, typical_min=lo,
+        typical_max=hi,
         description=f"{_WDBC_STATS[stat].format(what)}. {_WDBC_UNITS_NOTE}",
     )
 
@@ -272,10 +232,14 @@ def _wdbc_feature(name: str) -> Feature:
 def wdbc_schema() -> Schema:
     """The WDBC input schema, built from stored summary statistics (no data needed).
 
-    ``loc``/``scale`` standardise each feature with the public data set's mean and standard
-    deviation (``WDBC_MEAN_SD``); the allowed range is
-    ``[0, 2 * published max]``: every feature is a non-negative measurement, and a value beyond
-    twice the largest in the reference set is most likely a unit or data-entry error.
+    The allowed range is ``[0, 2 * published max]``: every feature is a non-negative
+    measurement, and a value beyond twice the largest in the reference set is most likely a unit
+    or data-entry error. The typical range is the published ``[min, max]``, and ``loc``/``scale``
+    map it to [-1, 1]: a placeholder that needs no data. A model trained on these features gets
+    its scaling from rows it may use: the training split of the one engineer exporting it
+    (``bedside models export``), or the federation's noised, accounted feature statistics
+    (:mod:`bedside.federation.statistics`).
+    Statistics computed over all 569 rows would include every test row.
     """
     return Schema(
         features=tuple(_wdbc_feature(n) for n in WDBC_SUMMARY_STATISTICS),
@@ -687,18 +651,46 @@ def fit_scaling(
     return replace(schema, features=feats)
 
 
-def fit_scaling_to(
-    ds: Dataset, x_reference: np.ndarray | None = None, *,
-    method: Literal["range", "standard"] = "range",
-) -> Dataset:
-    """``ds`` with its schema's scaling fitted on ``x_reference`` (default: ``ds.x`` itself).
+def infer_ranges(schema: Schema, x_reference: np.ndarray, margin: float = 0.5) -> Schema:
+    """``schema`` with an allowed range for every feature that has none, and ``loc``/``scale``
+    of those features set to the range's midpoint and half-width (a placeholder that needs no
+    statistics).
 
-    The default is meant for ``bedside models export --data FILE.csv``: the engineer's own file on
-    their own machine, from which the starting model is trained. See :func:`fit_scaling` for which
-    data may serve as a reference.
+    A real deployment writes its features' plausible ranges into its schema from clinical
+    knowledge; this stands in for that knowledge when a user brings a CSV: the reference's
+    observed ``[lo, hi]`` widened by ``margin`` times its span on each side (a feature never
+    negative in the reference keeps a lower bound of at least 0; a constant feature gets
+    ``[v - 1, v + 1]``). Use rows that are never evaluated (the demo uses its clinics' training
+    rows): the ranges travel inside the model, and a record outside them is refused.
     """
-    ref = ds.x if x_reference is None else x_reference
-    return replace(ds, schema=fit_scaling(ds.schema, ref, method=method))
+    x = np.asarray(x_reference, dtype=np.float64)
+    want = schema.input_shape[1:]
+    if x.ndim != len(want) + 1 or list(x.shape[1:]) != want or len(x) == 0:
+        raise InputError(f"infer_ranges: the reference has shape {list(x.shape)}; expected at "
+                         f"least one row of {want}")
+    if not np.isfinite(x).all():
+        raise InputError("infer_ranges: the reference holds NaN or infinite values")
+    if not margin >= 0:
+        raise InputError(f"infer_ranges: margin must be >= 0, got {margin!r}")
+    axes = (0, 2) if schema.kind == "timeseries" else (0,)
+    lo_all, hi_all = x.min(axis=axes), x.max(axis=axes)
+    feats = []
+    for f, lo, hi in zip(schema.features, lo_all, hi_all, strict=True):
+        if f.min is not None and f.max is not None:
+            feats.append(f)
+            continue
+        span = float(hi - lo)
+        if span > 0:
+            a, b = float(lo) - margin * span, float(hi) + margin * span
+            if lo >= 0:
+                a = max(a, 0.0)
+        else:
+            a, b = float(lo) - 1.0, float(hi) + 1.0
+        a = a if f.min is None else f.min
+        b = b if f.max is None else f.max
+        c, h = _half_range(a, b)
+        feats.append(replace(f, min=a, max=b, loc=c, scale=h))
+    return replace(schema, features=tuple(feats))
 
 
 # -------------------------------------------------------------------------------------------------

@@ -117,6 +117,21 @@ def replace_weights(model_bytes: bytes, weights: Mapping[str, np.ndarray]) -> by
     return proto.SerializeToString()
 
 
+def write_scaling(model_bytes: bytes, loc: np.ndarray, scale: np.ndarray) -> bytes:
+    """The model with its input scaling (``Standardize`` initializers) set to ``loc``/``scale``."""
+    from bedside.constants import ONNX_INV_SCALE, ONNX_LOC
+
+    shapes = initializer_shapes(model_bytes)
+    if ONNX_LOC not in shapes or ONNX_INV_SCALE not in shapes:
+        raise ModelError("the model has no input-scaling initializers "
+                         f"({ONNX_LOC}, {ONNX_INV_SCALE}): only models Bedside exported can take "
+                         "federated statistics")
+    return replace_weights(model_bytes, {
+        ONNX_LOC: np.asarray(loc, np.float32).reshape(shapes[ONNX_LOC]),
+        ONNX_INV_SCALE: (1.0 / np.asarray(scale, np.float64)).astype(np.float32).reshape(
+            shapes[ONNX_INV_SCALE])})
+
+
 def initializer_shapes(model_bytes: bytes) -> dict[str, list[int]]:
     proto = load_proto(model_bytes)
     return {i.name: list(i.dims) for i in proto.graph.initializer}

@@ -45,15 +45,19 @@ def export_model(
     split_seed: int = 0,
     quantize: str | None = None,
     privacy: dict[str, Any] | None = None,
-    fit_scaling_on_train: bool = False,
 ) -> Manifest:
     """Train ``arch`` on ``ds`` (minus a held-out split), export, check, write ``out_dir``.
 
     ``privacy`` describes the DP guarantee of the training (empty for a non-private model); the
     caller computes it with the accountant from the returned :class:`FitResult` in
-    ``manifest.training['fit']``. ``fit_scaling_on_train`` sets the schema's scaling constants
-    from the training split (for a user's own CSV, which has no published ranges); the held-out
-    split never influences the model.
+    ``manifest.training['fit']``.
+
+    Input scaling: without ``dp`` the model standardises its inputs with the training split's
+    mean and standard deviation (the engineer's own rows, on their own machine; the held-out
+    split never influences the model). With ``dp`` the schema's scaling is kept as it is:
+    fitting it on the rows would be a release no accountant saw, so a DP caller brings scaling
+    from public knowledge or from an accounted release
+    (:mod:`bedside.federation.statistics`).
     """
     if quantize not in (None, "int8"):
         from bedside.errors import InputError
@@ -61,13 +65,15 @@ def export_model(
         raise InputError(f"--quantize supports only 'int8', not {quantize!r}")
     cfg = train or TrainConfig(epochs=DEFAULT_EPOCHS.get(ds.name, 30))
     train_ds, test_ds = train_test_split(ds, test_fraction=test_fraction, seed=split_seed)
-    if fit_scaling_on_train:
+    scaling = "schema (public or accounted constants)"
+    if dp is None:
         from dataclasses import replace
 
         from bedside.models.datasets import fit_scaling
 
-        schema = fit_scaling(ds.schema, train_ds.x)
+        schema = fit_scaling(ds.schema, train_ds.x, method="standard")
         ds, train_ds, test_ds = (replace(d, schema=schema) for d in (ds, train_ds, test_ds))
+        scaling = "standardised on the training split"
     spec = ArchSpec.for_schema(arch, ds.schema, **(params or {}))
     net = build(spec, ds.schema, seed=cfg.seed)
     result: FitResult = fit(net, train_ds.x, train_ds.y, cfg, dp)
@@ -92,7 +98,7 @@ def export_model(
         parameters=parameters,
         training={"dataset": ds.name, "source": ds.source, "rows_train": len(train_ds),
                   "rows_test": len(test_ds), "split_seed": split_seed,
-                  "test_fraction": test_fraction,
+                  "test_fraction": test_fraction, "scaling": scaling,
                   "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
                   "fit": result.to_dict()},
     )

@@ -30,10 +30,14 @@ class Fleet:
 
 def make_fleet(work: Path, *, clients: int = 3, rounds: int = 3, mode: str = "central",
                broker: Any = None, aggregator: dict[str, Any] | None = None,
-               agent: dict[str, Any] | None = None, extra_devices: int = 0, **demo: Any) -> Fleet:
-    """Prepare data, keys and configs; ``broker`` (tests.brokers.Broker) sets MQTT settings."""
+               agent: dict[str, Any] | None = None, extra_devices: int = 0,
+               statistics: bool = False, **demo: Any) -> Fleet:
+    """Prepare data, keys and configs; ``broker`` (tests.brokers.Broker) sets MQTT settings.
+    ``statistics``: keep the demo's feature-statistics round (off: every round trains, which is
+    what most tests count on)."""
+    agg = {**({} if statistics else {"statistics": None}), **(aggregator or {})}
     cfg = DemoConfig(clients=clients, rounds=rounds, mode=mode, out=work,
-                     extra={"aggregator": aggregator or {}, "agent": agent or {}}, **demo)
+                     extra={"aggregator": agg, "agent": agent or {}}, **demo)
     work.mkdir(parents=True, exist_ok=True)
     plan = prepare(cfg, work)
     if extra_devices:  # enrolled devices that never answer: keep rounds open until the deadline

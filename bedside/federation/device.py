@@ -71,6 +71,9 @@ class DevicePrivacy:
     max_sample_rate: float | None = setting(None, "decline rounds whose DP-SGD plan samples "
                                             "records at a higher rate (batch / records)",
                                             positive=True, max=1.0)
+    min_statistics_noise: float = setting(0.5, "decline feature-statistics rounds whose "
+                                          "record-level noise multiplier is below this",
+                                          min=0.0)
 
     def __post_init__(self) -> None:
         if self.record_epsilon is None and not self.allow_no_record_dp:
@@ -133,6 +136,15 @@ def check_policy(settings: RoundSettings, privacy: DevicePrivacy, records: int) 
                        f"maximum {privacy.max_sample_rate:g}")
     if why:
         raise PolicyDeclined("; ".join(why))
+
+
+def check_statistics_policy(settings: RoundSettings, privacy: DevicePrivacy) -> None:
+    """Raise PolicyDeclined if a feature-statistics round asks for less noise than this device's
+    policy allows (its budget is checked separately, by the ledger)."""
+    st = settings.statistics
+    if st is not None and st.noise_multiplier < privacy.min_statistics_noise:
+        raise PolicyDeclined(f"statistics noise multiplier {st.noise_multiplier:g} < this "
+                             f"device's minimum {privacy.min_statistics_noise:g}")
 
 
 def record_noise(privacy: DevicePrivacy, settings: RoundSettings, records: int,
@@ -275,7 +287,9 @@ def update_meta(fleet: str, settings: RoundSettings, records: int, record_epsilo
     meta: dict[str, Any] = {"fleet": fleet}
     if seeded:
         meta["seeded"] = True
-    if settings.weighting == "examples":  # only when the aggregator weights by it (bucketed)
+    if settings.task != "train":
+        meta["task"] = settings.task
+    elif settings.weighting == "examples":  # only when the aggregator weights by it (bucketed)
         meta["weight"] = bucket(records)
     if record_epsilon is not None:
         meta["record_epsilon"] = rounded_epsilon(record_epsilon)

@@ -14,6 +14,17 @@ from bedside.constants import NOISE_CENTRAL, NOISE_NONE
 from bedside.federation.settings import RoundSettings
 
 
+def round_device_releases(round_id: int, s: RoundSettings) -> list[Any]:
+    """The device-level releases a device made in a round it contributed to."""
+    from bedside.federation.statistics import statistics_releases
+    from bedside.privacy.federated import device_round_releases
+
+    if s.statistics is not None:
+        return [r for r in statistics_releases(round_id, s.statistics) if r.unit == "device"]
+    return device_round_releases(round_id, s.noise, s.update_noise_multiplier,
+                                 s.adaptive.count_noise if s.adaptive else None)
+
+
 def device_privacy(rounds: Sequence[RoundSettings], delta: float,
                    seeded_devices: bool = False) -> dict[str, Any]:
     """Device-level epsilon of ``rounds`` (each accounted with the settings it ran under).
@@ -24,7 +35,6 @@ def device_privacy(rounds: Sequence[RoundSettings], delta: float,
     claimed (see :mod:`bedside.privacy.federated`).
     """
     from bedside.privacy import accountant as acct
-    from bedside.privacy.federated import device_round_releases
     from bedside.privacy.ledger import releases_event
 
     last = rounds[-1] if rounds else None
@@ -39,13 +49,12 @@ def device_privacy(rounds: Sequence[RoundSettings], delta: float,
                    clip_norm=last.clip_norm)
         if last.adaptive is not None:
             out["adaptive_clipping"] = True
-    if any(s.noise == NOISE_NONE for s in rounds):
+    if any(s.noise == NOISE_NONE and s.statistics is None for s in rounds):
         # null, not infinity: the report travels in signed JSON, which carries finite numbers
         out["epsilon"] = None
         out["note"] = "a round without device-level noise: no device-level guarantee"
         return out
-    releases = [r for i, s in enumerate(rounds, start=1) for r in device_round_releases(
-        i, s.noise, s.update_noise_multiplier, s.adaptive.count_noise if s.adaptive else None)]
+    releases = [r for i, s in enumerate(rounds, start=1) for r in round_device_releases(i, s)]
     out["epsilon"] = acct.epsilon(releases_event(releases), delta) if releases else 0.0
     if last is not None:
         out["trust"] = ("assumes the aggregator adds the announced noise (central DP)"

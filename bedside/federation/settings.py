@@ -16,7 +16,7 @@ Two layers, both plain dataclasses read by :mod:`bedside.config`:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from bedside.config import read_table, setting, to_table
@@ -28,6 +28,7 @@ from bedside.constants import (
     Weighting,
 )
 from bedside.errors import ConfigError, ValidationError
+from bedside.federation.statistics import StatisticsSettings
 
 MAX_LOCAL_EPOCHS = 100
 MAX_BATCH = 65_536
@@ -97,8 +98,15 @@ class RoundSettings:
     seeded: bool = setting(False, "the aggregator's noise is seeded (tests and demos only)")
     state: Literal["open"] = setting("open", "an open round (a finished federation announces "
                                      "'done' instead)")
+    task: Literal["train", "statistics"] = setting("train", "train the model, or release "
+                                                   "feature statistics for its input scaling")
+    statistics: StatisticsSettings | None = setting(None, "the statistics release, in a "
+                                                     "statistics round")
 
     def __post_init__(self) -> None:
+        if (self.task == "statistics") != (self.statistics is not None):
+            raise ValidationError("bad_announcement", "a statistics round, and only it, carries "
+                                  "'statistics' settings")
         if self.noise != NOISE_NONE and not self.noise_multiplier > 0:
             raise ValidationError("bad_announcement", f"noise {self.noise!r} needs a positive "
                                   "noise_multiplier")
@@ -219,6 +227,9 @@ class FederationSettings:
     training: TrainingPlan = setting(doc="[training]", factory=TrainingPlan)
     privacy: PrivacyPlan = setting(doc="[privacy]", factory=PrivacyPlan)
     strategy: StrategyPlan = setting(doc="[strategy]", factory=StrategyPlan)
+    statistics: StatisticsSettings | None = setting(None, "[statistics]: before training, "
+                                                     "estimate the model's input scaling from "
+                                                     "noised feature statistics")
 
     def __post_init__(self) -> None:
         p = self.privacy
@@ -244,8 +255,10 @@ class FederationSettings:
                                   "clipped updates)")
 
     def announce(self, fleet: str, round_id: int, *, deadline: float, model_sha256: str,
-                 clip_norm: float | None = None) -> RoundSettings:
-        """The settings of round ``round_id``: the one place they are built."""
+                 clip_norm: float | None = None,
+                 training_round: int | None = None) -> RoundSettings:
+        """The settings of round ``round_id``: the one place they are built. ``training_round``
+        (default ``round_id``) counts training rounds only, for the learning-rate decay."""
         p, r = self.privacy, self.rounds
         return RoundSettings(
             fleet=fleet, deadline=deadline, model_sha256=model_sha256,
@@ -253,5 +266,14 @@ class FederationSettings:
             noise_multiplier=p.noise_multiplier, delta=p.delta,
             participation_rate=r.participation_rate, planned_rounds=r.rounds,
             min_participants=r.min_participants, weighting=p.weighting,
-            train=self.training.for_round(round_id), adaptive=p.adaptive_clipping,
+            train=self.training.for_round(training_round or round_id),
+            adaptive=p.adaptive_clipping,
             seeded=p.noise_seed is not None)
+
+    def announce_statistics(self, fleet: str, round_id: int, *, deadline: float,
+                            model_sha256: str) -> RoundSettings:
+        """A statistics round (before training; :mod:`bedside.federation.statistics`)."""
+        assert self.statistics is not None
+        return replace(self.announce(fleet, round_id, deadline=deadline,
+                                     model_sha256=model_sha256),
+                       task="statistics", statistics=self.statistics)

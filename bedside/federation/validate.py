@@ -72,6 +72,10 @@ class OpenRound:
         it with probability below 1e-9 (Gaussian concentration of the norm).
         """
         s = self.settings
+        if s.statistics is not None:
+            from bedside.federation.statistics import norm_bound
+
+            return norm_bound(self.parameters, s.statistics)
         if s.noise == NOISE_LOCAL:
             z = s.update_noise_multiplier
             return s.clip_norm + z * s.clip_norm * (math.sqrt(self.parameters) + NOISE_TAIL)
@@ -192,21 +196,26 @@ def validate_update(env: Envelope, *, topic_sender: str, fleet: str, digest: str
                                   "'decline' reason")
         return Declined(h.sender, h.nonce, reason[:MAX_REASON])
     s = current.settings
+    info = reported_info(meta)
+    tensors = {k: np.asarray(v, dtype=np.float32) for k, v in env.tensors.items()}
+    norm = l2_norm(list(tensors.values()))
+    if s.task == "statistics":  # noised on the device; bounded by its clip plus the noise
+        if norm > current.norm_bound():
+            raise ValidationError("norm_bound", f"statistics vector L2 norm {norm:.4g} exceeds "
+                                  f"the bound {current.norm_bound():.4g}")
+        return Accepted(h.sender, h.nonce, digest, 1.0, norm, tensors, info)
     weight = 1.0
     if s.weighting == "examples":
         w = bounded_number(meta.get("weight"), 1.0, MAX_WEIGHT)
         if w is None:
             raise ValidationError("bad_weight", f"weight must be a number in [1, {MAX_WEIGHT:g}]")
         weight = w
-    info = reported_info(meta)
     if s.adaptive is not None:
         bit = bounded_number(meta.get("clip_bit"), -1e6, 1e6)
         if bit is None or (s.noise != NOISE_LOCAL and bit not in (0.0, 1.0)):
             raise ValidationError("bad_clip_bit", "adaptive clipping is on: the update must "
                                   "carry 'clip_bit' (0 or 1; in local mode, noised)")
         info["clip_bit"] = bit
-    tensors = {k: np.asarray(v, dtype=np.float32) for k, v in env.tensors.items()}
-    norm = l2_norm(list(tensors.values()))
     bound = current.norm_bound()
     if norm > bound:
         raise ValidationError("norm_bound", f"update L2 norm {norm:.4g} exceeds the bound "

@@ -1,5 +1,6 @@
 """One round logic: the in-process core and the MQTT federation (separate processes, a real
-broker) reach the same global weights when every random draw is seeded alike."""
+broker) reach the same global weights when every random draw is seeded alike, the feature-statistics
+round (round 1) included."""
 
 from __future__ import annotations
 
@@ -19,16 +20,18 @@ def test_in_process_core_equals_the_mqtt_federation(tmp_path, mode):
     cfg = DemoConfig(clients=3, rounds=4, mode=mode, noise_seed=11, out=tmp_path / "demo",
                      quiet=True, noise_multiplier=0.2 if mode == "central" else 0.01)
     report = run(cfg)
-    assert [r["accepted"] for r in report["rounds"]] == [3, 3, 3, 3]
+    assert [r["accepted"] for r in report["rounds"]] == [3, 3, 3, 3, 3]
+    assert [r["task"] for r in report["rounds"]] == ["statistics"] + ["train"] * 4
     registry = Registry(tmp_path / "demo" / "aggregator" / "data" / "registry")
     final = registry.latest()
-    assert final == 5
+    assert final == 6
     names = list(registry.manifest(final).parameters)
     mqtt = read_weights(registry.model_bytes(final), names)
 
     core = run_demo_in_process(DemoConfig(clients=3, rounds=4, mode=mode, noise_seed=11,
                                           noise_multiplier=cfg.noise_multiplier))
-    assert [r.accepted for r in core.rounds] == [3, 3, 3, 3]
+    assert [r.accepted for r in core.rounds] == [3, 3, 3, 3, 3]
+    assert registry.manifest(final).schema == core.manifest.schema  # the same input scaling
     for name in names:
         # the aggregator adds the updates in arrival order: equal up to float rounding
         np.testing.assert_allclose(core.weights[name], mqtt[name], rtol=1e-5, atol=1e-6,

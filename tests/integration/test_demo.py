@@ -51,11 +51,22 @@ def test_default_demo(tmp_path, clean_env):
     assert done.returncode == 0, done.stderr.decode()[-3000:]
     report = json.loads(done.stdout)
     rounds = report["rounds"]
-    assert len(rounds) == 15
+    # round 1 estimates the input scaling from the clinics' noised feature statistics
+    assert [r["task"] for r in rounds] == ["statistics"] + ["train"] * 15
     assert all(r["participants"] == 5 and r["accepted"] == 5 for r in rounds)
     assert report["final"]["accuracy"] >= 0.95
     rec, dev = report["privacy"]["record"], report["privacy"]["device"]
-    assert rec["epsilon_max"] <= 8.0 and rec["delta"] == 1e-5
+    assert rec["epsilon_max"] <= 8.0 and rec["delta"] == 1e-5  # the statistics' share included
+    assert rounds[0]["epsilon_record"] > 1.0  # what the statistics alone cost
+    final = _final_manifest(tmp_path / "demo")
+    stats = final.training["feature_statistics"]
+    # a noised, clip-weighted count (a record whose vector is clipped counts partly)
+    assert 0.6 * report["data"]["train_rows"] < stats["records"] < report["data"]["train_rows"] + 30
+    first = final.schema.features[0]  # mean radius: not the placeholder of its public range
+    assert first.loc != pytest.approx(first.max / 2) and first.scale < first.max / 4
+    for c in report["data"]["clinics"]:  # every clinic's ledger holds the statistics release
+        ledger = _ledger_notes(tmp_path / "demo" / c["id"])
+        assert any("feature statistics" in n for n in ledger), c["id"]
     assert dev["epsilon"] > 10 and "weak guarantee" in dev["statement"]
     assert (tmp_path / "demo" / "report.json").exists()
     assert (tmp_path / "demo" / "report.png").stat().st_size > 10_000
@@ -67,6 +78,21 @@ def test_default_demo(tmp_path, clean_env):
     for pid, status, laddr, raddr in sockets:
         assert laddr is None or _loopback(laddr), (pid, status, laddr)
         assert raddr is None or _loopback(raddr), (pid, status, raddr)
+
+
+def _final_manifest(work):
+    from bedside.models.registry import Registry
+
+    registry = Registry(work / "aggregator" / "data" / "registry")
+    return registry.manifest(registry.latest())
+
+
+def _ledger_notes(clinic_dir):
+    import sqlite3
+
+    (path,) = clinic_dir.glob("data/**/ledger.db")
+    with sqlite3.connect(path) as db:
+        return [n for (n,) in db.execute("SELECT note FROM releases")]
 
 
 def test_demo_on_a_users_multiclass_csv(tmp_path, clean_env):
@@ -88,6 +114,12 @@ def test_demo_on_a_users_multiclass_csv(tmp_path, clean_env):
     assert set(report["data"]["clinics"][0]["labels"]["histogram"]) == {"high", "low", "mid"}
     assert report["final"]["accuracy"] > 0.6  # three classes: chance is 1/3
     assert report["privacy"]["record"]["epsilon_max"] <= 8.0
+    # allowed ranges inferred from the clinics' training rows, scaling from the noised statistics
+    final = _final_manifest(tmp_path / "demo")
+    assert "feature_statistics" in final.training
+    age = final.schema.features[0]
+    assert age.min is not None and age.max is not None and age.min < 40 < 60 < age.max
+    assert 35 < age.loc < 65 and 3 < age.scale < 30  # about the cohort's mean and spread
 
 
 def test_demo_bad_input_exit_2(tmp_path, clean_env):

@@ -47,6 +47,17 @@ def test_feature_checks():
         Feature("x", scale=0)
     with pytest.raises(SchemaError, match="min 5 > max 1"):
         Feature("x", min=5, max=1)
+    for lo, hi in ((1.0, None), (None, 2.0), (3.0, 2.0), (1.0, float("inf"))):
+        with pytest.raises(SchemaError, match="typical_min"):
+            Feature("x", typical_min=lo, typical_max=hi)
+
+
+def test_typical_range_round_trips_and_is_optional():
+    s = _schema(features=(Feature("crp", "mg/L", 0, 500, typical_min=0.1, typical_max=10),
+                          Feature("hr", "bpm", 20, 250)))
+    d = s.to_dict()
+    assert d["features"][0]["typical_max"] == 10 and "typical_min" not in d["features"][1]
+    assert Schema.from_dict(d) == s
 
 
 def test_from_dict_errors():

@@ -18,11 +18,11 @@ from bedside.demo.run import to_toml
 from bedside.wire.envelope import decode
 from tests.fleet import mem_fleet
 
-UPDATE_META = {"weight", "record_epsilon", "record_delta", "decline", "fleet", "seeded",
+UPDATE_META = {"weight", "record_epsilon", "record_delta", "decline", "fleet", "seeded", "task",
                "clip_bit"}
 DECLINES = {"policy", "budget", "ledger_unavailable", "not_sampled", "no_records",
             "model_mismatch", "bad_announcement", "cannot_train", "training_failed",
-            "model_unavailable"}
+            "model_unavailable", "statistics_unavailable"}
 
 
 def _rewrite_agent(mf, i, **privacy):

@@ -53,15 +53,19 @@ def test_wdbc_shape_and_labels(wdbc):
 def test_wdbc_scaling_and_ranges(wdbc):
     f = {feat.name: feat for feat in wdbc.schema.features}
     r = f["mean radius"]
-    assert (r.loc, r.scale) == (14.1273, 3.52095)  # mean and SD of the public data set
+    # midpoint and half-width of the published (typical) range
+    assert (r.loc, r.scale) == (pytest.approx(17.5455), pytest.approx(10.5645))
+    assert (r.typical_min, r.typical_max) == (6.981, 28.11)
     assert (r.min, r.max, r.unit) == (0.0, pytest.approx(56.22), "px")  # 2 x published max
     a = f["worst area"]
-    assert a.loc == pytest.approx(880.583) and a.max == pytest.approx(8508.0)
+    assert a.loc == pytest.approx((185.2 + 4254.0) / 2) and a.max == pytest.approx(8508.0)
     assert a.unit == "px^2"
     assert f["mean texture"].unit == "gray level"
     assert f["mean smoothness"].unit == "" and f["concavity error"].min == 0.0
     assert "no units" in f["mean radius"].description
-    assert f["mean concavity"].scale == pytest.approx(0.0796497)
+    # scaling is a placeholder from the published range alone: [0, 0.427] -> [-1, 1]
+    assert f["mean concavity"].loc == pytest.approx(0.2135)
+    assert f["mean concavity"].scale == pytest.approx(0.2135)
 
 
 def test_wdbc_table_matches_installed_descr():
@@ -72,17 +76,17 @@ def test_wdbc_table_matches_installed_descr():
     assert len(parsed) == 30
 
 
-def test_wdbc_mean_sd_table_is_the_public_data_sets(wdbc):
-    # The stored loc/scale are the mean and population SD over all 569 rows, to 6 digits.
-    mean = np.array([v[0] for v in datasets.WDBC_MEAN_SD.values()])
-    sd = np.array([v[1] for v in datasets.WDBC_MEAN_SD.values()])
-    assert list(datasets.WDBC_MEAN_SD) == wdbc.schema.feature_names
+def test_wdbc_scaling_uses_no_row_of_the_data_set(wdbc):
+    # Issue 11: the schema's loc/scale came from all 569 rows, test rows included. Now they come
+    # from the published range alone, and change when the data do not.
+    for f in wdbc.schema.features:
+        lo, hi = datasets.WDBC_SUMMARY_STATISTICS[f.name]
+        assert (f.min, f.max, f.typical_min, f.typical_max) == (0.0, 2 * hi, lo, hi)
+        assert (f.loc, f.scale) == (pytest.approx((lo + hi) / 2), pytest.approx((hi - lo) / 2))
     x = wdbc.x.astype(np.float64)
-    np.testing.assert_allclose(x.mean(0), mean, rtol=1e-5)
-    np.testing.assert_allclose(x.std(0), sd, rtol=1e-5)
-    z = (x - mean) / sd  # what the model computes in its first layer: standardised inputs
-    np.testing.assert_allclose(z.mean(0), 0.0, atol=1e-4)
-    np.testing.assert_allclose(z.std(0), 1.0, atol=1e-4)
+    loc, scale = wdbc.schema.loc_scale()
+    assert not np.allclose(loc, x.mean(0), rtol=1e-3)
+    assert not np.allclose(scale, x.std(0), rtol=1e-3)
 
 
 def test_wdbc_published_range_is_close_to_the_data(wdbc):
@@ -333,8 +337,6 @@ def test_fit_scaling_timeseries_and_errors():
         datasets.fit_scaling(_small_schema(), np.array([[1.0, np.nan]]))
     with pytest.raises(InputError, match="method"):
         datasets.fit_scaling(_small_schema(), np.ones((2, 2)), method="minmax")  # type: ignore[arg-type]
-    fitted = datasets.fit_scaling_to(ds)
-    assert fitted.schema == s and fitted.x is ds.x
 
 
 # -- the container and splits -------------------------------------------------------------------

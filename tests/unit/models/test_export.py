@@ -86,3 +86,37 @@ def test_spec_rejects_bad_arch_and_params():
         ArchSpec.for_schema("mlp", schema, depth=3)
     spec = ArchSpec.for_schema("mlp", schema, hidden=[8])
     assert ArchSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_export_of_a_users_csv_trains_as_well_as_scikit_learn(tmp_path, capsys):
+    """Issue 11: a new user's 5-feature CSV (features on very different scales, one heavy-tailed)
+    scored 3 points below scikit-learn's LogisticRegression when the export mapped each
+    feature's observed range to [-1, 1]; it standardises on its training split now and must
+    come within one point on the same split."""
+    from sklearn.datasets import make_classification
+    from sklearn.linear_model import LogisticRegression
+
+    from bedside.cli import main
+    from bedside.models import datasets
+
+    x, y = make_classification(n_samples=1000, n_features=5, n_informative=3, n_redundant=1,
+                               class_sep=1.5, random_state=3)
+    x = x * np.array([1, 12, 150, 0.02, 900]) + np.array([0, 60, 300, 1, 4000])
+    x[:, 2] = np.exp(x[:, 2] / 150)  # a heavy-tailed lab value
+    lines = ["age,score,crp,ratio,count,outcome"]
+    lines += [",".join(f"{v:.6g}" for v in row) + f",{int(t)}" for row, t in zip(x, y,
+                                                                                strict=True)]
+    csv = tmp_path / "cohort.csv"
+    csv.write_text("\n".join(lines) + "\n")
+
+    assert main(["models", "export", "--arch", "logreg", "--data", str(csv), "--label",
+                 "outcome", "--out", str(tmp_path / "m"), "--json"]) == 0
+    manifest = json.loads(capsys.readouterr().out)
+    ours = manifest["metrics"]["test"]["accuracy"]
+    train, test = datasets.train_test_split(datasets.load_csv(csv, "outcome"), 0.2, seed=0)
+    sklearn = LogisticRegression(max_iter=5000).fit(train.x, train.y).score(test.x, test.y)
+    assert ours >= sklearn - 0.01, (ours, sklearn)
+    assert manifest["training"]["scaling"] == "standardised on the training split"
+    # the scaling is the training split's, never the test rows'
+    loc = [f["loc"] for f in manifest["input_schema"]["features"]]
+    np.testing.assert_allclose(loc, train.x.astype(np.float64).mean(0), rtol=1e-5)
