@@ -800,7 +800,8 @@ def markdown(res: Mapping[str, Any]) -> str:
             "noise), included in the record-level epsilon; centralized non-private runs "
             "standardise on their training rows and centralized DP-SGD runs use the same "
             "statistics release on all training rows, composed with DP-SGD within the target. "
-            "No held-out row touches any scaling.",
+            "No scaling is fitted on a held-out row (WDBC's typical range, the statistics' frame, "
+            "is the published Min/Max of the public data set).",
             "", *privacy_table(res), "",
             *reading(res),
         ]
