@@ -30,7 +30,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -54,7 +54,7 @@ from bedside.federation.aggregate import aggregate_round
 from bedside.federation.report import device_privacy
 from bedside.federation.seeds import round_rng
 from bedside.federation.settings import RoundSettings
-from bedside.federation.statistics import combine, dimension, with_scaling
+from bedside.federation.statistics import dimension, public_center_halfwidth
 from bedside.federation.strategies import make_optimizer, make_rule
 from bedside.federation.validate import (
     Accepted,
@@ -68,7 +68,7 @@ from bedside.federation.validate import (
     validate_update,
 )
 from bedside.manifest import Manifest, load_manifest, verify_model_file
-from bedside.models.onnx_weights import read_weights, replace_weights, write_scaling
+from bedside.models.onnx_weights import apply_statistics, read_weights, replace_weights
 from bedside.models.registry import Registry
 from bedside.sqlite import add_timings
 from bedside.transport import Message, Transport
@@ -162,6 +162,7 @@ class Aggregator:
 
     def start(self) -> None:
         self._bootstrap_model()
+        self._check_statistics()
         self.transport.subscribe(topic_updates_all(self.cfg.fleet), qos=1)
         latest = self.registry.latest()
         assert latest is not None
@@ -174,6 +175,18 @@ class Aggregator:
         else:
             self._open_next()
 
+    def _check_statistics(self) -> None:
+        """``[statistics]`` needs a public frame (typical or allowed range) for every feature of
+        the model: say so at start, not after three rounds of declines."""
+        if self.federation.statistics is None or self.state.rounds():
+            return
+        assert self._manifest is not None
+        try:
+            public_center_halfwidth(self._manifest.schema)
+        except InputError as exc:
+            raise ConfigError(f"{self.cfg.source}: [statistics]: {exc}; remove [statistics], or "
+                              "start from a model whose schema states those ranges") from None
+
     def _recover(self, cur: RoundRow) -> None:
         """Resume an open round after a restart (or finish one whose version was already stored:
         the version holds the model and the optimizer's state, so nothing is recomputed)."""
@@ -183,7 +196,10 @@ class Aggregator:
         if done.training.get("round") == cur.round and latest > cur.model_version:
             log.info("round %d: its model v%d was stored before the restart; closing it", cur.round,
                      latest)
-            self._finish_round(cur.round, "closed", done.training.get("result", {}), latest)
+            drop = ([r.round for r in self.state.rounds() if r.settings.task == "statistics"]
+                    if cur.settings.statistics is not None else None)
+            self._finish_round(cur.round, "closed", done.training.get("result", {}), latest,
+                               drop=drop)
             self._open_next()
             return
         accepted = len(self.state.accepted(cur.round))
@@ -343,18 +359,17 @@ class Aggregator:
         return float(stored) if stored is not None else self.cfg.privacy.clip_norm
 
     def _needs_statistics(self, rows: list[RoundRow]) -> bool:
-        """A statistics round comes first when ``[statistics]`` is configured and no statistics
-        round has closed yet (at most MAX_STATISTICS_ATTEMPTS tries, all before any training
-        round; after that, training goes on with the scaling the model has, and the log says
-        so)."""
+        """A statistics round comes first when ``[statistics]`` is configured and none has
+        closed yet: at most MAX_STATISTICS_ATTEMPTS, all before any training round (the vectors
+        of a failed one count towards the next; a device releases once). After that, training
+        goes on with the scaling the model has, and the log says so."""
         if self.federation.statistics is None:
             return False
         if any(r.settings.task == "train" or r.status == "closed" for r in rows):
             return False  # statistics done, or training already under way
-        tried = len(rows)
-        if tried >= MAX_STATISTICS_ATTEMPTS:
+        if len(rows) >= MAX_STATISTICS_ATTEMPTS:
             log.warning("no statistics round succeeded in %d attempts: training goes on with "
-                        "the model's own input scaling", tried)
+                        "the model's own input scaling", len(rows))
             return False
         return True
 
@@ -394,7 +409,6 @@ class Aggregator:
         log.info("federation done after %d round(s): final model v%d", last_round, latest)
 
     def _close(self, cur: RoundRow) -> None:
-        started = cur.opened_at
         accepted = self.state.accepted(cur.round)
         rejected = self.state.rejections(cur.round)
         duplicates = rejected.pop("duplicate", 0)  # re-sends: not rejections, not counted twice
@@ -405,27 +419,71 @@ class Aggregator:
             "rejected": rejected, "duplicates": duplicates, "declined": declined,
             "record_epsilon": _record_epsilon(accepted), "clip_norm": cur.settings.clip_norm,
         }
+        if cur.settings.statistics is not None:
+            # this round and the failed attempts before it (their vectors were kept)
+            attempts = [r.round for r in self.state.rounds() if r.settings.task == "statistics"]
+            vectors = self.state.first_tensors(attempts)
+            if len(vectors) < self.cfg.rounds.min_participants:
+                self._fail(cur, result, f"{len(vectors)} device(s) released statistics < "
+                           f"min_participants {self.cfg.rounds.min_participants}", drop=())
+                return
+            try:
+                version = self._aggregate_statistics(cur, [v["stats"] for _, v in vectors],
+                                                     result)
+            except InputError as exc:  # e.g. a noised record count below one
+                self._fail(cur, result, str(exc), drop=())
+                return
+            result["round_seconds"] = round(self.clock() - cur.opened_at, 3)
+            self._finish_round(cur.round, "closed", result, version, drop=attempts)
+            return
         if len(accepted) < self.cfg.rounds.min_participants:
-            result["reason"] = (f"{len(accepted)} accepted update(s) < min_participants "
-                                f"{self.cfg.rounds.min_participants}")
-            result["round_seconds"] = round(self.clock() - started, 3)
-            log.warning("round %d failed: %s; the model stays at v%d", cur.round, result["reason"],
-                        cur.model_version)
-            self._finish_round(cur.round, "failed", result, None)
+            self._fail(cur, result, f"{len(accepted)} accepted update(s) < min_participants "
+                       f"{self.cfg.rounds.min_participants}")
             return
-        try:
-            version = (self._aggregate_statistics(cur, accepted, result)
-                       if cur.settings.statistics is not None
-                       else self._aggregate(cur, accepted, result))
-        except InputError as exc:  # e.g. a noised record count below one: nothing to estimate
-            result["reason"] = str(exc)
-            result["round_seconds"] = round(self.clock() - started, 3)
-            log.warning("round %d failed: %s; the model stays at v%d", cur.round, exc,
-                        cur.model_version)
-            self._finish_round(cur.round, "failed", result, None)
-            return
-        result["round_seconds"] = round(self.clock() - started, 3)
+        version = self._aggregate(cur, accepted, result)
+        result["round_seconds"] = round(self.clock() - cur.opened_at, 3)
         self._finish_round(cur.round, "closed", result, version)
+
+    def _fail(self, cur: RoundRow, result: dict[str, Any], reason: str,
+              drop: Iterable[int] | None = None) -> None:
+        result["reason"] = reason
+        result["round_seconds"] = round(self.clock() - cur.opened_at, 3)
+        log.warning("round %d failed: %s; the model stays at v%d", cur.round, reason,
+                    cur.model_version)
+        self._finish_round(cur.round, "failed", result, None, drop=drop)
+
+    def _next_manifest(self, prev: Manifest, note: str) -> Manifest:
+        """Version N+1's manifest, from version N's: what a new version changes, set by the
+        caller (schema, metrics, privacy, training)."""
+        m = copy.deepcopy(prev)
+        m.version, m.parent_version, m.created_at = ((self.registry.latest() or 0) + 1,
+                                                      prev.version, self.clock())
+        m.parity = {"note": f"{note} version {prev.version}; the graph's parity with torch was "
+                    "checked at export"}
+        m.extra.pop("quantization", None)
+        m.files = {}
+        return m
+
+    def _commit(self, cur: RoundRow, m: Manifest, model_bytes: bytes,
+                server_state: bytes | None, result: dict[str, Any],
+                timing: dict[str, float]) -> int:
+        """Evaluate, account and store version N+1 (one commit point: the manifest, written
+        after the model and the optimizer's state), sign its release and serve it."""
+        t0 = time.perf_counter()
+        m.metrics = {"holdout": self._evaluator(model_bytes, m)} if self._evaluator else {}
+        timing["evaluate"] = time.perf_counter() - t0
+        result["metrics"] = m.metrics.get("holdout", {})
+        t0 = time.perf_counter()
+        m.privacy = self.privacy_report(closing=cur)
+        timing["account"] = time.perf_counter() - t0
+        result["privacy"] = m.privacy
+        t0 = time.perf_counter()
+        self.registry.add(model_bytes, m, server_state=server_state)
+        self.registry.put_release(m.version, self._release(m.version, cur.round))
+        timing["store_and_sign"] = time.perf_counter() - t0
+        self._load_version(m.version)
+        add_timings(self.state.db, cur.round, timing)
+        return m.version
 
     def _aggregate(self, cur: RoundRow, accepted: list[dict[str, Any]],
                    result: dict[str, Any]) -> int:
@@ -444,22 +502,8 @@ class Aggregator:
         t0 = time.perf_counter()
         new_bytes = replace_weights(prev_bytes, outcome.weights)
         timing["write_onnx"] = time.perf_counter() - t0
-        version = (self.registry.latest() or 0) + 1
-        m = copy.deepcopy(prev)
-        m.version, m.parent_version, m.created_at = version, prev.version, self.clock()
-        m.parity = {"note": "weights written by the aggregator into the ONNX graph of version "
-                    f"{prev.version}; the graph's parity with torch was checked at export"}
-        m.extra.pop("quantization", None)
-        m.files = {}
+        m = self._next_manifest(prev, "weights written by the aggregator into the ONNX graph of")
         result["delta_norm"] = round(outcome.delta_norm, 6)
-        t0 = time.perf_counter()
-        m.metrics = {"holdout": self._evaluator(new_bytes, m)} if self._evaluator else {}
-        timing["evaluate"] = time.perf_counter() - t0
-        result["metrics"] = m.metrics.get("holdout", {})
-        t0 = time.perf_counter()
-        m.privacy = self.privacy_report(closing=cur)
-        timing["account"] = time.perf_counter() - t0
-        result["privacy"] = m.privacy
         m.training = {"round": cur.round, "contributors": len(accepted), "rule": self.rule.name,
                       "optimizer": self.optimizer.name, "result": result,
                       "federation": {k: v for k, v in cur.settings.to_meta().items()
@@ -470,54 +514,40 @@ class Aggregator:
             m.training["next_clip_norm"] = outcome.next_clip_norm
             result["next_clip_norm"] = round(outcome.next_clip_norm, 6)
             result["unclipped_fraction"] = round(float(outcome.unclipped_fraction or 0.0), 4)
-        t0 = time.perf_counter()
-        # One commit point: the manifest, written after the model and the optimizer's state.
-        self.registry.add(new_bytes, m, server_state=outcome.optimizer_state)
-        self.registry.put_release(version, self._release(version, cur.round))
-        timing["store_and_sign"] = time.perf_counter() - t0
-        self._load_version(version)
-        add_timings(self.state.db, cur.round, timing)
+        version = self._commit(cur, m, new_bytes, outcome.optimizer_state, result, timing)
         acc = result["metrics"].get("accuracy")
         log.info("round %d closed: %d update(s) -> model v%d%s", cur.round, len(accepted), version,
                  f", holdout accuracy {acc:.4f}" if acc is not None else "")
         return version
 
-    def _aggregate_statistics(self, cur: RoundRow, accepted: list[dict[str, Any]],
+    def _aggregate_statistics(self, cur: RoundRow, vectors: list[np.ndarray],
                               result: dict[str, Any]) -> int:
         """A statistics round's close: the devices' noised sums -> the model's input scaling,
         written into its ONNX initializers and its schema as version N+1."""
         assert cur.settings.statistics is not None
+        timing: dict[str, float] = {}
+        t0 = time.perf_counter()
         prev = self.registry.manifest(cur.model_version)
-        prev_bytes = self.registry.model_bytes(cur.model_version)
-        vectors = [t["stats"] for t, _ in self.state.iter_updates(cur.round)]
-        loc, scale, info = combine(vectors, prev.schema, cur.settings.statistics)
-        new_bytes = write_scaling(prev_bytes, loc, scale)
-        version = (self.registry.latest() or 0) + 1
-        m = copy.deepcopy(prev)
-        m.version, m.parent_version, m.created_at = version, prev.version, self.clock()
-        m.schema = with_scaling(prev.schema, loc, scale)
-        m.parity = {"note": f"input scaling of version {prev.version} replaced by federated "
-                    "feature statistics; the graph's parity with torch was checked at export"}
-        m.extra.pop("quantization", None)
-        m.files = {}
-        m.metrics = {"holdout": self._evaluator(new_bytes, m)} if self._evaluator else {}
-        result["metrics"] = m.metrics.get("holdout", {})
-        result["statistics"] = info
-        m.privacy = self.privacy_report(closing=cur)
-        result["privacy"] = m.privacy
-        m.training = {**prev.training, "round": cur.round, "contributors": len(accepted),
-                      "feature_statistics": info, "result": result}
-        self.registry.add(new_bytes, m, server_state=self.registry.server_state(
-            cur.model_version))
-        self.registry.put_release(version, self._release(version, cur.round))
-        self._load_version(version)
+        new_bytes, schema, info = apply_statistics(
+            self.registry.model_bytes(cur.model_version), prev.schema, vectors,
+            cur.settings.statistics)
+        timing["aggregate"] = time.perf_counter() - t0
+        m = self._next_manifest(prev, "input scaling replaced by federated feature statistics in")
+        m.schema = schema
+        result["statistics"] = {**info, "devices": len(vectors)}
+        m.training = {"round": cur.round, "contributors": len(vectors),
+                      "feature_statistics": result["statistics"], "result": result,
+                      "federation": {k: v for k, v in cur.settings.to_meta().items()
+                                     if k != "deadline"}}
+        version = self._commit(cur, m, new_bytes, self.registry.server_state(cur.model_version),
+                               result, timing)
         log.info("round %d closed: input scaling from %d device(s)' noised statistics (about %.0f "
-                 "records) -> model v%d", cur.round, len(accepted), info["records"], version)
+                 "records) -> model v%d", cur.round, len(vectors), info["records"], version)
         return version
 
     def _finish_round(self, round_id: int, status: str, result: dict[str, Any],
-                      version: int | None) -> None:
-        self.state.finish_round(round_id, status, result)
+                      version: int | None, drop: Iterable[int] | None = None) -> None:
+        self.state.finish_round(round_id, status, result, drop)
         t0 = time.perf_counter()
         if version is not None:
             release = self.registry.release(version)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,13 +122,17 @@ class State:
     def rounds(self) -> list[RoundRow]:
         return [self._row(r) for r in self.db.execute("SELECT * FROM rounds ORDER BY round")]
 
-    def finish_round(self, round_id: int, status: str, result: dict[str, Any]) -> None:
-        """Close a round and drop its tensors (the digests stay), in one transaction."""
+    def finish_round(self, round_id: int, status: str, result: dict[str, Any],
+                     drop: Iterable[int] | None = None) -> None:
+        """Close a round and drop the tensors (the digests stay) of the rounds ``drop``
+        (default: this one), in one transaction. A failed statistics round keeps its vectors:
+        they count towards the retry."""
         with transaction(self.db):
             self.db.execute("UPDATE rounds SET status = ?, closed_at = ?, result = ? "
                             "WHERE round = ?",
                             (status, time.time(), json.dumps(result), round_id))
-            self.db.execute("UPDATE updates SET tensors = NULL WHERE round = ?", (round_id,))
+            for r in (round_id,) if drop is None else drop:
+                self.db.execute("UPDATE updates SET tensors = NULL WHERE round = ?", (r,))
 
     # -- updates -----------------------------------------------------------------------------------
     def find_update(self, round_id: int, sender: str) -> tuple[str, str] | None:
@@ -173,6 +177,17 @@ class State:
     def declines(self, round_id: int) -> dict[str, str]:
         return dict(self.db.execute("SELECT sender, reason FROM declines WHERE round = ?",
                                     (round_id,)).fetchall())
+
+    def first_tensors(self, round_ids: Iterable[int]) -> list[tuple[str, dict[str, np.ndarray]]]:
+        """(sender, tensors) of the accepted updates of ``round_ids`` that still hold tensors,
+        the first per sender (a statistics round and its retries)."""
+        out: dict[str, dict[str, np.ndarray]] = {}
+        for r in round_ids:
+            for sender, blob in self.db.execute(
+                    "SELECT sender, tensors FROM updates WHERE round = ? AND tensors IS NOT NULL "
+                    "ORDER BY received_at", (r,)).fetchall():
+                out.setdefault(sender, unpack_tensors(bytes(blob)))
+        return list(out.items())
 
     def iter_updates(self, round_id: int) -> Iterator[tuple[dict[str, np.ndarray], float]]:
         """Stream the round's accepted updates one at a time (memory: one update)."""

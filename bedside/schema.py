@@ -19,8 +19,8 @@ Two kinds of input:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from typing import Any, Literal
 
@@ -138,6 +138,18 @@ class Schema:
             assert self.window is not None
             return [None, self.n_features, self.window]
         return [None, self.n_features]
+
+    def with_scaling(self, loc: Sequence[float] | np.ndarray,
+                     scale: Sequence[float] | np.ndarray) -> Schema:
+        """This schema with every feature's ``loc``/``scale`` replaced (ranges unchanged)."""
+        feats = tuple(replace(f, loc=float(lc), scale=float(sc))
+                      for f, lc, sc in zip(self.features, loc, scale, strict=True))
+        return replace(self, features=feats)
+
+    def without_typical_range(self) -> Schema:
+        """This schema without typical ranges (statistics then use the allowed ranges)."""
+        return replace(self, features=tuple(replace(f, typical_min=None, typical_max=None)
+                                            for f in self.features))
 
     def loc_scale(self) -> tuple[np.ndarray, np.ndarray]:
         loc = np.array([f.loc for f in self.features], dtype=np.float32)

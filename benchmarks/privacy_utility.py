@@ -196,7 +196,7 @@ def leakage_free_scaling(train: Any, level: Level, seed: int) -> tuple[Any, floa
     vector = st.local_statistics(train.x, train.schema, settings,
                                  np.random.default_rng(90_000 + seed))
     loc, scale, _ = st.combine([vector], train.schema, settings)
-    return (replace(train, schema=st.with_scaling(train.schema, loc, scale)), z,
+    return (replace(train, schema=train.schema.with_scaling(loc, scale)), z,
             f"DP feature statistics, noise multiplier {z:g}")
 
 

@@ -183,12 +183,14 @@ def _statistics_round(federation: FederationSettings, manifest: Manifest, model_
                       devices: Sequence[Device], ledgers: Sequence[Any], ring: KeyRing,
                       fleet: str, evaluate: Callable[[bytes], dict[str, Any]] | None,
                       ) -> tuple[bytes, Manifest, RoundRecord]:
-    """Round 1 with ``[statistics]``: the devices' noised feature sums set the input scaling."""
+    """Round 1 with ``[statistics]``: the devices' noised feature sums set the input scaling
+    (one attempt: if too few devices answer, training goes on with the model's scaling)."""
     from dataclasses import replace
 
     from bedside.edge.participant import Contribution, participate_statistics
-    from bedside.federation.statistics import combine, dimension, with_scaling
-    from bedside.models.onnx_weights import write_scaling
+    from bedside.errors import InputError
+    from bedside.federation.statistics import dimension
+    from bedside.models.onnx_weights import apply_statistics
 
     started = time.perf_counter()
     settings = federation.announce_statistics(fleet, 1, deadline=1e12,
@@ -214,12 +216,15 @@ def _statistics_round(federation: FederationSettings, manifest: Manifest, model_
     rec = RoundRecord(round=1, accepted=len(vectors), declined=declined, seconds=0.0)
     if len(vectors) >= federation.rounds.min_participants:
         assert settings.statistics is not None
-        loc, scale, _ = combine(vectors, manifest.schema, settings.statistics)
-        model_bytes = write_scaling(model_bytes, loc, scale)
-        manifest = replace(manifest, schema=with_scaling(manifest.schema, loc, scale),
-                           version=manifest.version + 1)
-        if evaluate is not None:
-            rec.metrics = evaluate(model_bytes)
+        try:
+            model_bytes, schema, _ = apply_statistics(model_bytes, manifest.schema, vectors,
+                                                      settings.statistics)
+        except InputError:  # a noised record count below one: the aggregator fails the round
+            schema = None
+        if schema is not None:
+            manifest = replace(manifest, schema=schema, version=manifest.version + 1)
+            if evaluate is not None:
+                rec.metrics = evaluate(model_bytes)
     rec.seconds = time.perf_counter() - started
     rec.model_sha256 = sha256_bytes(model_bytes)
     return model_bytes, manifest, rec

@@ -202,7 +202,7 @@ def aggregator_table(cfg: DemoConfig, fleet: str = FLEET, initial_model: Path | 
     """``aggregator.toml`` of the demo, overrides merged (its ``[rounds]``, ``[training]``,
     ``[privacy]``, ``[strategy]`` and ``[statistics]`` are the federation the in-process
     simulation runs too)."""
-    from bedside.federation.statistics import noise_for_budget
+    from bedside.federation.statistics import MIN_STATISTICS_NOISE, noise_for_budget
 
     aggregator: dict[str, Any] = {
         "fleet": fleet, "data_dir": "data", "key": "keys/aggregator.key",
@@ -216,8 +216,10 @@ def aggregator_table(cfg: DemoConfig, fleet: str = FLEET, initial_model: Path | 
                     **({"noise_seed": cfg.noise_seed} if cfg.noise_seed is not None else {})},
         "strategy": {"rule": "fedavg", "optimizer": cfg.server_optimizer},
         # round 1: the input scaling from noised, accounted feature statistics, whose release
-        # alone would cost half the clinics' record budget
-        "statistics": {"noise_multiplier": noise_for_budget(cfg.target_epsilon, cfg.delta)},
+        # alone would cost half the clinics' record budget (never less noise than a device
+        # accepts by default)
+        "statistics": {"noise_multiplier": max(noise_for_budget(cfg.target_epsilon, cfg.delta),
+                                               MIN_STATISTICS_NOISE)},
     }
     if cfg.noise_seed is not None:
         aggregator["testing"] = True

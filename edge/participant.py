@@ -107,7 +107,11 @@ def participate_statistics(round_id: int, settings: RoundSettings, manifest: Man
     is enforced by the device whatever the aggregator does; its policy sets the least noise it
     accepts (``min_statistics_noise``) and its budget the rest."""
     from bedside.federation.device import check_statistics_policy
-    from bedside.federation.statistics import local_statistics, statistics_releases
+    from bedside.federation.statistics import (
+        local_statistics,
+        released_for,
+        statistics_releases,
+    )
 
     assert settings.statistics is not None
     if ledger is None:
@@ -115,8 +119,11 @@ def participate_statistics(round_id: int, settings: RoundSettings, manifest: Man
     if len(x) == 0:
         return Decline("no_records", "ingest records with 'bedside edge ingest'")
     t0 = time.perf_counter()
-    releases = statistics_releases(round_id, settings.statistics, fleet)
+    releases = statistics_releases(round_id, settings.statistics, fleet, settings.model_sha256)
     try:
+        if released_for(ledger, fleet, settings.model_sha256):
+            # once per model: the aggregator still holds the earlier vector (a retried round)
+            return Decline("statistics_released")
         check_statistics_policy(settings, privacy)
         ledger.check(releases)
         vector = local_statistics(x, manifest.schema, settings.statistics, rng)

@@ -611,31 +611,35 @@ def load_csv(path: str | Path, label_column: str, schema: Schema | None = None) 
     )
 
 
+def _reference(schema: Schema, x_reference: np.ndarray, who: str) -> tuple[np.ndarray,
+                                                                             tuple[int, ...]]:
+    """``x_reference`` as float64 after the checks every fit needs, and the axes to reduce."""
+    x = np.asarray(x_reference, dtype=np.float64)
+    want = schema.input_shape[1:]
+    if x.ndim != len(want) + 1 or list(x.shape[1:]) != want or len(x) == 0:
+        raise InputError(f"{who}: the reference has shape {list(x.shape)}; expected at least one "
+                         f"row of {want}")
+    if not np.isfinite(x).all():
+        raise InputError(f"{who}: the reference holds NaN or infinite values")
+    return x, ((0, 2) if schema.kind == "timeseries" else (0,))
+
+
 def fit_scaling(
     schema: Schema, x_reference: np.ndarray, *, method: Literal["range", "standard"] = "range"
 ) -> Schema:
     """Return ``schema`` with ``loc``/``scale`` fitted on ``x_reference``; ranges unchanged.
 
-    ``method="range"`` (default, the convention of the built-in data sets): ``loc`` is the
-    mid-range and ``scale`` the half-range, so the reference maps to [-1, 1]. ``"standard"``:
-    mean and standard deviation. A constant feature gets ``scale`` 1.
+    ``method="range"``: ``loc`` is the mid-range and ``scale`` the half-range, so the reference
+    maps to [-1, 1]. ``"standard"``: mean and standard deviation. A constant feature gets
+    ``scale`` 1.
 
     Which data is a legitimate reference is the caller's decision, and it matters: the constants
-    travel inside the model to every device. Use data that is already central and public to the
-    federation, such as the aggregator's held-out reference set or the data an engineer exports a
-    starting model from on their own machine; never pooled clinic records. Fitting on a test
-    split leaks it into the model.
+    travel inside the model to every device. Use rows that are never evaluated and that the
+    caller may use, such as the training split of the file an engineer exports a starting model
+    from on their own machine; never pooled clinic records. Fitting on a test split leaks it
+    into the model.
     """
-    x = np.asarray(x_reference, dtype=np.float64)
-    want = schema.input_shape[1:]
-    if x.ndim != len(want) + 1 or list(x.shape[1:]) != want or len(x) == 0:
-        raise InputError(
-            f"fit_scaling: the reference has shape {list(x.shape)}; expected at least one row of "
-            f"{want}"
-        )
-    if not np.isfinite(x).all():
-        raise InputError("fit_scaling: the reference holds NaN or infinite values")
-    axes = (0, 2) if schema.kind == "timeseries" else (0,)
+    x, axes = _reference(schema, x_reference, "fit_scaling")
     if method == "range":
         lo, hi = x.min(axis=axes), x.max(axis=axes)
         pairs = [_half_range(float(a), float(b)) for a, b in zip(lo, hi, strict=True)]
@@ -644,11 +648,13 @@ def fit_scaling(
         pairs = [(float(m), float(s) if s > 0 else 1.0) for m, s in zip(mean, sd, strict=True)]
     else:
         raise InputError(f"fit_scaling: method must be 'range' or 'standard', not {method!r}")
-    feats = tuple(
-        replace(f, loc=loc, scale=scale) for f, (loc, scale) in zip(schema.features, pairs,
-                                                                     strict=True)
-    )
-    return replace(schema, features=feats)
+    return schema.with_scaling([p[0] for p in pairs], [p[1] for p in pairs])
+
+
+def _coarse(value: float, exponent: int, up: bool) -> float:
+    """``value`` rounded outward (``up``: to +inf) to a multiple of ``10 ** exponent``."""
+    k = value / 10.0 ** exponent
+    return round((math.ceil(k) if up else math.floor(k)) * 10.0 ** exponent, max(0, -exponent))
 
 
 def infer_ranges(schema: Schema, x_reference: np.ndarray, margin: float = 0.5) -> Schema:
@@ -658,21 +664,15 @@ def infer_ranges(schema: Schema, x_reference: np.ndarray, margin: float = 0.5) -
 
     A real deployment writes its features' plausible ranges into its schema from clinical
     knowledge; this stands in for that knowledge when a user brings a CSV: the reference's
-    observed ``[lo, hi]`` widened by ``margin`` times its span on each side (a feature never
-    negative in the reference keeps a lower bound of at least 0; a constant feature gets
-    ``[v - 1, v + 1]``). Use rows that are never evaluated (the demo uses its clinics' training
-    rows): the ranges travel inside the model, and a record outside them is refused.
+    observed ``[lo, hi]`` widened by ``margin`` times its span on each side and rounded outward
+    to the span's order of magnitude (a power of ten), so that the range does not carry the
+    exact extreme values (a feature never negative in the reference keeps a lower bound of at least 0;
+    a constant feature gets ``[v - 1, v + 1]``). The ranges travel inside the model, and a record
+    outside them is refused: use rows that are never evaluated.
     """
-    x = np.asarray(x_reference, dtype=np.float64)
-    want = schema.input_shape[1:]
-    if x.ndim != len(want) + 1 or list(x.shape[1:]) != want or len(x) == 0:
-        raise InputError(f"infer_ranges: the reference has shape {list(x.shape)}; expected at "
-                         f"least one row of {want}")
-    if not np.isfinite(x).all():
-        raise InputError("infer_ranges: the reference holds NaN or infinite values")
+    x, axes = _reference(schema, x_reference, "infer_ranges")
     if not margin >= 0:
         raise InputError(f"infer_ranges: margin must be >= 0, got {margin!r}")
-    axes = (0, 2) if schema.kind == "timeseries" else (0,)
     lo_all, hi_all = x.min(axis=axes), x.max(axis=axes)
     feats = []
     for f, lo, hi in zip(schema.features, lo_all, hi_all, strict=True):
@@ -681,7 +681,9 @@ def infer_ranges(schema: Schema, x_reference: np.ndarray, margin: float = 0.5) -
             continue
         span = float(hi - lo)
         if span > 0:
-            a, b = float(lo) - margin * span, float(hi) + margin * span
+            e = math.floor(math.log10(span))
+            a = _coarse(float(lo) - margin * span, e, up=False)
+            b = _coarse(float(hi) + margin * span, e, up=True)
             if lo >= 0:
                 a = max(a, 0.0)
         else:

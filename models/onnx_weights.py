@@ -7,13 +7,18 @@ aggregator can write a new global model into the ONNX file of the previous versi
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from bedside.errors import ModelError
+
+if TYPE_CHECKING:
+    from bedside.federation.statistics import StatisticsSettings
+    from bedside.schema import Schema
 
 
 def load_proto(model_bytes: bytes) -> onnx.ModelProto:
@@ -130,6 +135,17 @@ def write_scaling(model_bytes: bytes, loc: np.ndarray, scale: np.ndarray) -> byt
         ONNX_LOC: np.asarray(loc, np.float32).reshape(shapes[ONNX_LOC]),
         ONNX_INV_SCALE: (1.0 / np.asarray(scale, np.float64)).astype(np.float32).reshape(
             shapes[ONNX_INV_SCALE])})
+
+
+def apply_statistics(model_bytes: bytes, schema: Schema, vectors: Sequence[np.ndarray],
+                     settings: StatisticsSettings) -> tuple[bytes, Schema, dict[str, Any]]:
+    """A statistics round's close (both drivers): the devices' noised vectors -> ``loc`` and
+    ``scale`` (:func:`bedside.federation.statistics.combine`), written into the model's
+    initializers and its schema. Returns (model bytes, schema, what was estimated)."""
+    from bedside.federation.statistics import combine
+
+    loc, scale, info = combine(vectors, schema, settings)
+    return write_scaling(model_bytes, loc, scale), schema.with_scaling(loc, scale), info
 
 
 def initializer_shapes(model_bytes: bytes) -> dict[str, list[int]]:

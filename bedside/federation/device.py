@@ -32,6 +32,7 @@ from bedside.constants import (
 )
 from bedside.errors import BudgetExceededError, ConfigError, PolicyDeclined, PrivacyError
 from bedside.federation.settings import RoundSettings
+from bedside.federation.statistics import MIN_STATISTICS_NOISE
 from bedside.privacy import dpsgd
 from bedside.privacy.dpsgd import DPSGDPlan
 from bedside.privacy.ledger import Budget, Release
@@ -71,9 +72,9 @@ class DevicePrivacy:
     max_sample_rate: float | None = setting(None, "decline rounds whose DP-SGD plan samples "
                                             "records at a higher rate (batch / records)",
                                             positive=True, max=1.0)
-    min_statistics_noise: float = setting(0.5, "decline feature-statistics rounds whose "
-                                          "record-level noise multiplier is below this",
-                                          min=0.0)
+    min_statistics_noise: float = setting(MIN_STATISTICS_NOISE, "decline feature-statistics "
+                                          "rounds whose record-level noise multiplier is below "
+                                          "this", min=0.0)
 
     def __post_init__(self) -> None:
         if self.record_epsilon is None and not self.allow_no_record_dp:

@@ -13,7 +13,11 @@ with ``[statistics]`` runs one *statistics round*:
    device with many records is down-weighted, its own means and variances unchanged, since
    clipping the sum scales all coordinates alike), and adds Gaussian noise to every coordinate;
 3. the aggregator adds the devices' vectors and turns them into ``loc`` and ``scale``
-   (:func:`combine`), written into the model's ``Standardize`` initializers and schema.
+   (:func:`combine`), written into the model's ``Standardize`` initializers and schema
+   (:func:`bedside.models.onnx_weights.apply_statistics`). A statistics round that fails (too few
+   devices) is retried at most twice; the vectors already received count towards the retry, and
+   a device that released its statistics for the model declines the retry
+   (``statistics_released``): it pays once.
 
 Privacy, described as releases (``statistics_releases``) and accounted in every device's
 ledger, enforced by the device itself (the noise is its own):
@@ -85,7 +89,11 @@ def dimension(schema: Schema) -> int:
 
 def record_bound(schema: Schema, settings: StatisticsSettings) -> float:
     """The L2 bound of one record's vector: its record-level sensitivity."""
-    return settings.record_clip * math.sqrt(dimension(schema))
+    return _bound(dimension(schema), settings)
+
+
+def _bound(dim: int, settings: StatisticsSettings) -> float:
+    return settings.record_clip * math.sqrt(dim)
 
 
 def record_vectors(x: np.ndarray, schema: Schema, bound: float | None = None) -> np.ndarray:
@@ -128,14 +136,26 @@ def local_statistics(x: np.ndarray, schema: Schema, settings: StatisticsSettings
     return np.asarray(noised, np.float32)
 
 
-def statistics_releases(round_id: int, settings: StatisticsSettings,
-                        fleet: str = "") -> list[Release]:
-    """The statistics round's releases, for the ledger (see the module docstring).
+STATISTICS_NOTE = "feature statistics"
+#: A device's default least noise multiplier for a statistics release (``[privacy]
+#: min_statistics_noise``).
+MIN_STATISTICS_NOISE = 0.5
+
+
+def _model_tag(model_sha256: str) -> str:
+    return f"{STATISTICS_NOTE} of model {model_sha256[:16]}"
+
+
+def statistics_releases(round_id: int, settings: StatisticsSettings, fleet: str = "",
+                        model_sha256: str = "") -> list[Release]:
+    """The statistics round's releases, for the ledger (see the module docstring); the note
+    names the model whose scaling they are for (:func:`released_for`).
 
     With a record's bound ``b``, noise ``z b`` and the device clip ``D = device_records * b``:
     record level multiplier ``z``; device level ``z b / (2 D) = z / (2 device_records)``.
     """
-    note = "feature statistics (sums, sums of squares, count), noised on the device"
+    head = _model_tag(model_sha256) if model_sha256 else STATISTICS_NOTE
+    note = f"{head} (sums, sums of squares, count), noised on the device"
     return [
         Release(round=round_id, unit=UNIT_RECORD, mechanism="gaussian",
                 noise_multiplier=settings.noise_multiplier, sample_rate=1.0, steps=1,
@@ -145,6 +165,15 @@ def statistics_releases(round_id: int, settings: StatisticsSettings,
                 sample_rate=1.0, steps=1, note=note + "; replace-one device, sensitivity 2D",
                 fleet=fleet),
     ]
+
+
+def released_for(ledger: Any, fleet: str, model_sha256: str) -> bool:
+    """Whether ``ledger`` already holds this device's statistics release for the model
+    ``model_sha256`` in ``fleet``: a device releases them once per model, so a retried
+    statistics round never makes it pay twice (the aggregator keeps the earlier vectors)."""
+    tag = _model_tag(model_sha256)
+    return any(r.fleet == fleet and r.note.startswith(tag)
+               for r in ledger.releases(UNIT_RECORD))
 
 
 def noise_for_budget(record_epsilon: float, delta: float, share: float = 0.5) -> float:
@@ -166,7 +195,7 @@ def norm_bound(dim: int, settings: StatisticsSettings) -> float:
     ``D`` plus a 1e-9 tail bound of its noise."""
     from bedside.federation.validate import NOISE_TAIL
 
-    b = settings.record_clip * math.sqrt(dim)
+    b = _bound(dim, settings)
     return settings.device_records * b + settings.noise_multiplier * b * (math.sqrt(dim) +
                                                                           NOISE_TAIL)
 
@@ -200,12 +229,3 @@ def combine(vectors: Sequence[np.ndarray], schema: Schema,
     return loc, scale, {"records": round(count, 1), "floored": floored,
                         "noise_multiplier": settings.noise_multiplier,
                         "device_records": settings.device_records}
-
-
-def with_scaling(schema: Schema, loc: np.ndarray, scale: np.ndarray) -> Schema:
-    """``schema`` with the features' ``loc``/``scale`` replaced."""
-    from dataclasses import replace
-
-    feats = tuple(replace(ft, loc=float(lc), scale=float(sc))
-                  for ft, lc, sc in zip(schema.features, loc, scale, strict=True))
-    return replace(schema, features=feats)

@@ -22,7 +22,7 @@ UPDATE_META = {"weight", "record_epsilon", "record_delta", "decline", "fleet", "
                "clip_bit"}
 DECLINES = {"policy", "budget", "ledger_unavailable", "not_sampled", "no_records",
             "model_mismatch", "bad_announcement", "cannot_train", "training_failed",
-            "model_unavailable", "statistics_unavailable"}
+            "model_unavailable", "statistics_unavailable", "statistics_released"}
 
 
 def _rewrite_agent(mf, i, **privacy):

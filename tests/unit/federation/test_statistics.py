@@ -96,7 +96,7 @@ def test_combine_recovers_the_scaling_and_floors_what_noise_hides():
     np.testing.assert_allclose(scale[:2], x[:, :2].std(0), rtol=0.03)
     assert info["floored"] == ["f2"] and scale[2] == pytest.approx(0.02 * 50)
     assert info["records"] == pytest.approx(4000, abs=5)
-    schema2 = st.with_scaling(schema, loc, scale)
+    schema2 = schema.with_scaling(loc, scale)
     assert schema2.features[0].loc == pytest.approx(float(loc[0]))
     assert schema2.features[0].min == 0.0  # ranges unchanged
 
@@ -130,13 +130,16 @@ def test_inferred_ranges_widen_the_reference_and_keep_signs():
     ref = np.array([[0.0, -4.0, 7.0, 1.0], [10.0, 4.0, 7.0, 2.0]])
     out = datasets.infer_ranges(schema, ref)
     a, b, c, d = out.features
-    assert (a.min, a.max) == (0.0, 15.0)  # never negative in the reference: stays >= 0
+    assert (a.min, a.max) == (0.0, 20.0)  # widened, rounded outward; never negative: stays >= 0
     assert (b.min, b.max) == (-8.0, 8.0)
     assert (c.min, c.max) == (6.0, 8.0)  # constant: +-1
     assert (d.min, d.max, d.loc, d.scale) == (-5.0, 5.0, 0.0, 1.0)  # stated ranges are kept
-    assert (a.loc, a.scale) == (7.5, 7.5)
-    assert out.within_range(np.array([[16.0, 0, 7, 0], [1.0, 0, 7, 0]])).tolist() == [False,
+    assert (a.loc, a.scale) == (10.0, 10.0)
+    assert out.within_range(np.array([[21.0, 0, 7, 0], [1.0, 0, 7, 0]])).tolist() == [False,
                                                                                      True]
+    fine = datasets.infer_ranges(Schema(features=(Feature(name="p"),), labels=("x", "y")),
+                                 np.array([[0.137], [0.462]]))
+    assert (fine.features[0].min, fine.features[0].max) == (0.0, 0.7)  # not the raw extremes
     with pytest.raises(InputError, match="NaN"):
         datasets.infer_ranges(schema, np.array([[np.nan, 0, 0, 0]]))
 
@@ -259,3 +262,59 @@ def test_an_oversized_statistics_vector_is_rejected(tmp_path):
         validate_update(env, topic_sender="dev", fleet="f", digest=digest(payload),
                         current=current, prior=Prior())
     assert err.value.reason == "norm_bound"
+
+
+def test_a_retried_statistics_round_never_makes_a_device_pay_twice(tmp_path):
+    # three clinics, all three needed; clinic 1's policy declines the first attempt
+    mf = mem_fleet(tmp_path, clients=3, rounds=1, statistics=True,
+                   aggregator={"rounds": {"min_participants": 3}})
+    from tests.unit.federation.test_device_privacy import _rewrite_agent
+
+    _rewrite_agent(mf, 0, min_statistics_noise=5.0)
+    for _ in range(500):
+        mf.step()
+        rounds = mf.aggregator.state.rounds()
+        if rounds and rounds[0].status != "open":
+            break
+    first = mf.aggregator.state.rounds()[0]
+    assert first.status == "failed" and "2 device(s) released statistics" in first.result["reason"]
+    _rewrite_agent(mf, 0, min_statistics_noise=0.5)  # its operator relents
+    mf.run()
+    rounds = mf.aggregator.state.rounds()
+    second = rounds[1]
+    assert (second.settings.task, second.status) == ("statistics", "closed")
+    ids = mf.fleet.clinic_ids
+    # the two that paid in the first attempt decline; their vectors still count
+    assert mf.aggregator.state.declines(second.round) == {ids[1]: "statistics_released",
+                                                          ids[2]: "statistics_released"}
+    assert mf.aggregator.registry.manifest(2).training["feature_statistics"]["devices"] == 3
+    for a in mf.agents:
+        notes = [r.note for r in a._ledger.releases(UNIT_RECORD)]
+        assert sum(n.startswith("feature statistics") for n in notes) == 1
+    # the vectors are dropped once the scaling is made
+    assert mf.aggregator.state.first_tensors([first.round, second.round]) == []
+
+
+def test_an_aggregator_with_statistics_refuses_a_model_without_ranges(tmp_path):
+    import json
+
+    from bedside.aggregator.config import load as load_agg
+    from bedside.aggregator.service import Aggregator
+    from bedside.errors import ConfigError
+    from bedside.transport.memory import MemoryBroker, MemoryTransport
+    from bedside.demo.run import to_toml
+    from tests.fleet import make_fleet
+
+    fleet = make_fleet(tmp_path, clients=2, rounds=1, statistics=True)
+    fleet.plan["aggregator"]["mqtt"]["port"] = 1883
+    fleet.aggregator_toml.write_text(to_toml(fleet.plan["aggregator"]))
+    manifest = tmp_path / "initial-model" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    for f in m["input_schema"]["features"][:2]:
+        for k in ("min", "max", "typical_min", "typical_max"):
+            f.pop(k, None)
+    manifest.write_text(json.dumps(m))
+    agg = Aggregator(load_agg(fleet.aggregator_toml),
+                     MemoryTransport(MemoryBroker(), "aggregator", clean_session=False))
+    with pytest.raises(ConfigError, match=r"\[statistics\].*mean radius"):
+        agg.start()
