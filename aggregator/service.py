@@ -465,7 +465,7 @@ class Aggregator:
         return m
 
     def _commit(self, cur: RoundRow, m: Manifest, model_bytes: bytes,
-                server_state: bytes | None, result: dict[str, Any],
+                server_state: dict[str, np.ndarray] | None, result: dict[str, Any],
                 timing: dict[str, float]) -> int:
         """Evaluate, account and store version N+1 (one commit point: the manifest, written
         after the model and the optimizer's state), sign its release and serve it."""

@@ -666,9 +666,9 @@ def infer_ranges(schema: Schema, x_reference: np.ndarray, margin: float = 0.5) -
     knowledge; this stands in for that knowledge when a user brings a CSV: the reference's
     observed ``[lo, hi]`` widened by ``margin`` times its span on each side and rounded outward
     to the span's order of magnitude (a power of ten), so that the range does not carry the
-    exact extreme values (a feature never negative in the reference keeps a lower bound of at least 0;
-    a constant feature gets ``[v - 1, v + 1]``). The ranges travel inside the model, and a record
-    outside them is refused: use rows that are never evaluated.
+    exact extreme values (a feature never negative in the reference keeps a lower bound of at
+    least 0; a constant feature gets ``[v - 1, v + 1]``). The ranges travel inside the model,
+    and a record outside them is refused: use rows that are never evaluated.
     """
     x, axes = _reference(schema, x_reference, "infer_ranges")
     if not margin >= 0:

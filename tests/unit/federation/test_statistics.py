@@ -281,18 +281,18 @@ def test_a_retried_statistics_round_never_makes_a_device_pay_twice(tmp_path):
     _rewrite_agent(mf, 0, min_statistics_noise=0.5)  # its operator relents
     mf.run()
     rounds = mf.aggregator.state.rounds()
-    second = rounds[1]
-    assert (second.settings.task, second.status) == ("statistics", "closed")
+    closing = next(r for r in rounds if r.status == "closed")
+    assert closing.settings.task == "statistics" and closing.round in (2, 3)
     ids = mf.fleet.clinic_ids
     # the two that paid in the first attempt decline; their vectors still count
-    assert mf.aggregator.state.declines(second.round) == {ids[1]: "statistics_released",
-                                                          ids[2]: "statistics_released"}
+    declines = mf.aggregator.state.declines(closing.round)
+    assert declines == {ids[1]: "statistics_released", ids[2]: "statistics_released"}
     assert mf.aggregator.registry.manifest(2).training["feature_statistics"]["devices"] == 3
     for a in mf.agents:
         notes = [r.note for r in a._ledger.releases(UNIT_RECORD)]
         assert sum(n.startswith("feature statistics") for n in notes) == 1
     # the vectors are dropped once the scaling is made
-    assert mf.aggregator.state.first_tensors([first.round, second.round]) == []
+    assert mf.aggregator.state.first_tensors([r.round for r in rounds]) == []
 
 
 def test_an_aggregator_with_statistics_refuses_a_model_without_ranges(tmp_path):
@@ -300,9 +300,9 @@ def test_an_aggregator_with_statistics_refuses_a_model_without_ranges(tmp_path):
 
     from bedside.aggregator.config import load as load_agg
     from bedside.aggregator.service import Aggregator
+    from bedside.demo.run import to_toml
     from bedside.errors import ConfigError
     from bedside.transport.memory import MemoryBroker, MemoryTransport
-    from bedside.demo.run import to_toml
     from tests.fleet import make_fleet
 
     fleet = make_fleet(tmp_path, clients=2, rounds=1, statistics=True)
