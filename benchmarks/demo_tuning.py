@@ -56,7 +56,7 @@ def _statistics(share: float = 0.5, **kw: Any) -> dict[str, Any]:
 CANDIDATES: dict[str, dict[str, Any]] = {
     "no-statistics": {"label": "no statistics round (public-range scaling), plain FedAvg",
                       "statistics": None, "server": {"name": "sgd"}},
-    "statistics-sgd": {"label": "statistics (half the budget, record clip 0.5), plain FedAvg "
+    "statistics-sgd": {"label": "statistics (half the budget, record clip 0.8), plain FedAvg "
                        "(default)", "statistics": _statistics(), "server": {"name": "sgd"}},
     "statistics-allowed-frame": {"label": "statistics computed in the allowed range [0, 2 x max] "
                                  "instead of the typical range, plain FedAvg",
@@ -67,8 +67,8 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "statistics-clip-0.65": {"label": "statistics (record clip 0.65), plain FedAvg",
                              "statistics": _statistics(record_clip=0.65),
                              "server": {"name": "sgd"}},
-    "statistics-clip-0.8": {"label": "statistics (record clip 0.8), plain FedAvg",
-                            "statistics": _statistics(record_clip=0.8),
+    "statistics-clip-0.5": {"label": "statistics (record clip 0.5), plain FedAvg",
+                            "statistics": _statistics(record_clip=0.5),
                             "server": {"name": "sgd"}},
     "statistics-fedavgm": {"label": "statistics, server momentum 0.9",
                            "statistics": _statistics(),

@@ -61,7 +61,7 @@ class StatisticsSettings:
                                   "(its device-level sensitivity)", min=1, max=10**9)
     min_scale_fraction: float = setting(0.02, "scale is at least this fraction of the feature's "
                                         "public half-range", positive=True, max=1.0)
-    record_clip: float = setting(0.5, "each record's vector [u, u^2, 1] is clipped to this fraction"
+    record_clip: float = setting(0.8, "each record's vector [u, u^2, 1] is clipped to this fraction"
                                  " of its largest possible norm sqrt(2F + 1) (less: less noise, "
                                  "some bias)", positive=True, max=1.0)
 
