@@ -30,8 +30,9 @@ ledger, enforced by the device itself (the noise is its own):
   (``D = device_records * b``), multiplier ``z b / (2 D) = z / (2 device_records)``.
 
 The noisy variance can come out small or negative for a feature whose spread is small against
-its public range; ``scale`` is then floored at ``min_scale_fraction`` of the half-range, and
-:func:`combine` reports which features were floored.
+its public frame; ``scale`` is then floored at the larger of ``min_scale_fraction`` of the
+half-width and the noise level of the estimate, and :func:`combine` reports which features were
+floored.
 """
 
 from __future__ import annotations
