@@ -49,6 +49,18 @@ class Decline:
     detail: str = ""
 
 
+#: What a round can be declined for, raised by the privacy rules: the reason code each becomes.
+_REASONS: tuple[tuple[type[PrivacyError], str], ...] = (
+    (PolicyDeclined, "policy"), (BudgetExceededError, "budget"),
+    (LedgerError, "ledger_unavailable"))
+DECLINING = tuple(t for t, _ in _REASONS)
+
+
+def declined(exc: PrivacyError) -> Decline:
+    """The decline for ``exc`` (one of ``DECLINING``): its reason code, its message kept local."""
+    return Decline(next(r for t, r in _REASONS if isinstance(exc, t)), str(exc))
+
+
 def participate(round_id: int, settings: RoundSettings, manifest: Manifest, model_bytes: bytes,
                 x: np.ndarray, y: np.ndarray, *, privacy: DevicePrivacy, ledger: Any, fleet: str,
                 seed: int | None, rng: np.random.Generator) -> Contribution | Decline:
@@ -64,12 +76,8 @@ def participate(round_id: int, settings: RoundSettings, manifest: Manifest, mode
     t0 = time.perf_counter()
     try:
         plan = plan_round(round_id, settings, privacy, len(x), ledger)
-    except PolicyDeclined as exc:
-        return Decline("policy", str(exc))
-    except BudgetExceededError as exc:
-        return Decline("budget", str(exc))
-    except LedgerError as exc:
-        return Decline("ledger_unavailable", str(exc))
+    except DECLINING as exc:
+        return declined(exc)
     timings["plan"] = time.perf_counter() - t0
     try:
         from bedside.edge.trainer import local_update
@@ -88,10 +96,8 @@ def participate(round_id: int, settings: RoundSettings, manifest: Manifest, mode
     priv = privatize(delta, list(manifest.parameters), settings, rng)
     try:
         ledger.record(list(plan.releases))  # before anything leaves the device
-    except BudgetExceededError as exc:
-        return Decline("budget", str(exc))
-    except LedgerError as exc:
-        return Decline("ledger_unavailable", str(exc))
+    except DECLINING as exc:
+        return declined(exc)
     record_eps = ledger.spent(UNIT_RECORD) if privacy.record_epsilon is not None else None
     meta = update_meta(fleet, settings, len(x), record_eps, privacy.record_delta, priv.clip_bit,
                        seeded=seed is not None)
@@ -128,12 +134,8 @@ def participate_statistics(round_id: int, settings: RoundSettings, manifest: Man
         ledger.check(releases)
         vector = local_statistics(x, manifest.schema, settings.statistics, rng)
         ledger.record(releases)  # before anything leaves the device
-    except PolicyDeclined as exc:
-        return Decline("policy", str(exc))
-    except BudgetExceededError as exc:
-        return Decline("budget", str(exc))
-    except LedgerError as exc:
-        return Decline("ledger_unavailable", str(exc))
+    except DECLINING as exc:
+        return declined(exc)
     except InputError as exc:  # the model's schema has no allowed range for some feature
         return Decline("statistics_unavailable", str(exc))
     record_eps = ledger.spent(UNIT_RECORD) if privacy.record_epsilon is not None else None
