@@ -56,12 +56,7 @@ from bedside.config import load_file, setting
 from bedside.errors import ConfigError
 from bedside.federation.settings import (
     FederationSettings,
-    PrivacyPlan,
-    RoundsPlan,
-    StrategyPlan,
-    TrainingPlan,
 )
-from bedside.federation.statistics import StatisticsSettings
 from bedside.transport.mqtt import MqttConfig
 from bedside.wire.signing import validate_id
 
@@ -83,8 +78,12 @@ class EvaluationConfig:
             raise ConfigError("'data' and 'label' go together")
 
 
-@dataclass(frozen=True)
-class AggregatorConfig:
+@dataclass(frozen=True, kw_only=True)
+class AggregatorConfig(FederationSettings):
+    """``aggregator.toml``: the federation (``[rounds]``, ``[training]``, ``[privacy]``,
+    ``[strategy]``, ``[statistics]``, declared once in :class:`FederationSettings`) and the
+    service around it."""
+
     fleet: str = setting(doc="name of the federation (part of every topic)", check=_id)
     key: Path = setting(doc="the aggregator's Ed25519 private key (mode 0600)")
     devices: Path = setting(doc="directory of enrolled devices' public keys, <device_id>.pub")
@@ -94,13 +93,6 @@ class AggregatorConfig:
     max_update_bytes: int = setting(DEFAULT_MAX_UPDATE_BYTES, "larger updates are rejected "
                                     "before parsing", min=1024)
     mqtt: MqttConfig = setting(doc="[mqtt]", factory=MqttConfig)
-    rounds: RoundsPlan = setting(doc="[rounds]", factory=RoundsPlan)
-    training: TrainingPlan = setting(doc="[training]", factory=TrainingPlan)
-    privacy: PrivacyPlan = setting(doc="[privacy]", factory=PrivacyPlan)
-    strategy: StrategyPlan = setting(doc="[strategy]", factory=StrategyPlan)
-    statistics: StatisticsSettings | None = setting(None, "[statistics]: before training, "
-                                                     "estimate the model's input scaling from "
-                                                     "noised feature statistics")
     evaluation: EvaluationConfig = setting(doc="[evaluation]", factory=EvaluationConfig)
     testing: bool = setting(False, "allows [privacy] noise_seed (reproducible noise: NOT private);"
                             " every announcement, model and report then says so. Tests and "
@@ -108,7 +100,7 @@ class AggregatorConfig:
     source: str = setting("aggregator.toml", internal=True)
 
     def __post_init__(self) -> None:
-        _ = self.federation  # runs the cross-section checks (noise, rule, weighting, adaptive)
+        super().__post_init__()  # the federation's cross-section checks (noise, rule, ...)
         if self.privacy.noise_seed is not None and not self.testing:
             raise ConfigError(
                 "[privacy] noise_seed makes the aggregator's noise reproducible, which removes "
@@ -117,9 +109,7 @@ class AggregatorConfig:
 
     @property
     def federation(self) -> FederationSettings:
-        return FederationSettings(rounds=self.rounds, training=self.training,
-                                  privacy=self.privacy, strategy=self.strategy,
-                                  statistics=self.statistics)
+        return self
 
     @property
     def state_path(self) -> Path:
