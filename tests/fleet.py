@@ -146,9 +146,9 @@ def mem_fleet(work: Path, **kw: Any) -> MemFleet:
 class GatedTransport:
     """Wraps a real transport; while ``closed`` the device's uplink is down (publish fails)."""
 
-    def __init__(self, inner: Any) -> None:
+    def __init__(self, inner: Any, *, closed: bool = False) -> None:
         self.inner = inner
-        self.closed = False
+        self.closed = closed
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
         from bedside.errors import TransportError
@@ -171,17 +171,22 @@ class GatedTransport:
         self.inner.close()
 
 
-def start_agent(fleet: Fleet, i: int, *, gated: bool = False) -> tuple[Any, threading.Event,
-                                                                       threading.Thread]:
-    """Run clinic i's agent in a thread over the fleet's broker settings."""
+def start_agent(fleet: Fleet, i: int, *, gated: bool = False,
+                offline: bool = False) -> tuple[Any, threading.Event, threading.Thread]:
+    """Run clinic i's agent in a thread over the fleet's broker settings.
+
+    ``gated`` wraps its transport in a :class:`GatedTransport`; ``offline`` (implies ``gated``)
+    starts with the uplink down, so that nothing is published before the test opens the gate
+    (closing it after the thread started races with a fast first round).
+    """
     from bedside.edge.agent import Agent
     from bedside.edge.config import load as load_agent
     from bedside.transport.mqtt import MqttTransport
 
     cfg = load_agent(fleet.agent_toml(i))
     transport: Any = MqttTransport(cfg.mqtt, client_id=cfg.device_id, clean_session=False)
-    if gated:
-        transport = GatedTransport(transport)
+    if gated or offline:
+        transport = GatedTransport(transport, closed=offline)
     agent = Agent(cfg, transport)
     stop = threading.Event()
     t = threading.Thread(target=agent.run, args=(stop,), kwargs={"poll": 0.05}, daemon=True,

@@ -89,9 +89,8 @@ def test_bad_updates_are_rejected_and_the_round_completes(tmp_path, mosquitto):
     spy.subscribe(topic_updates_all(f))
     agg, agg_stop, agg_thread = start_aggregator(fleet)
     # clinic-3 is held back so that the round stays open while the attacks arrive
-    agents = [start_agent(fleet, i, gated=(i == 2)) for i in range(3)]
+    agents = [start_agent(fleet, i, offline=(i == 2)) for i in range(3)]
     gate = agents[2][0].transport
-    gate.closed = True
 
     def attack(device, payload):
         """Someone holding the device's certificate (its session is taken over meanwhile; the
@@ -153,9 +152,8 @@ def test_offline_agent_delivers_from_outbox(tmp_path, mosquitto):
     fleet = make_fleet(tmp_path / "fleet", clients=3, rounds=2, broker=mosquitto,
                        aggregator={"rounds": {"deadline_seconds": 60}})
     agg, agg_stop, agg_thread = start_aggregator(fleet)
-    agents = [start_agent(fleet, i, gated=(i == 0)) for i in range(3)]
+    agents = [start_agent(fleet, i, offline=(i == 0)) for i in range(3)]
     a0 = agents[0][0]
-    a0.transport.closed = True
     try:
         wait_for(lambda: a0.state.handled(1) == "contributed", 90, "clinic-1 to train round 1")
         time.sleep(1.0)
@@ -175,9 +173,8 @@ def test_offline_agent_drops_stale_update(tmp_path, mosquitto):
     fleet = make_fleet(tmp_path / "fleet", clients=3, rounds=2, broker=mosquitto,
                        aggregator={"rounds": {"deadline_seconds": 12, "min_participants": 2}})
     agg, agg_stop, agg_thread = start_aggregator(fleet)
-    agents = [start_agent(fleet, i, gated=(i == 0)) for i in range(3)]
+    agents = [start_agent(fleet, i, offline=(i == 0)) for i in range(3)]
     a0 = agents[0][0]
-    a0.transport.closed = True
     try:
         wait_for(lambda: a0.state.handled(1) == "contributed", 90, "clinic-1 to train round 1")
         wait_for(lambda: agg.state.get_round(1).status == "closed", 60,
@@ -206,9 +203,8 @@ def test_aggregator_killed_mid_round_loses_nothing(tmp_path, mosquitto):
                        aggregator={"rounds": {"deadline_seconds": 90}})
     log = (tmp_path / "aggregator.log").open("wb")
     proc = _spawn_aggregator(fleet, log)
-    agents = [start_agent(fleet, i, gated=(i == 2)) for i in range(3)]
+    agents = [start_agent(fleet, i, offline=(i == 2)) for i in range(3)]
     a2 = agents[2][0]
-    a2.transport.closed = True
     state = State(fleet.plan["aggregator_dir"] / "data" / "state.db")
     try:
         wait_for(lambda: state.current_round() is not None
