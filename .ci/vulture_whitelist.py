@@ -38,3 +38,5 @@ _.final_loss
 _.seeded
 # The in-memory broker's switch that tests use to take the network down (a test double).
 _.set_up
+# Flower loads the ServerApp and ClientApp by name (the app pyproject.toml components).
+app

@@ -42,6 +42,12 @@ driver shares); the loader is derived from them (:mod:`bedside.config`). Example
     [strategy.params]          # passed to the rule, e.g. trim_fraction = 0.2
     [strategy.optimizer_params]  # passed to the optimizer, e.g. lr = 1.0, momentum = 0.9
 
+    [flower]                   # optional: run over Flower instead (docs/flower.md)
+    port = 9093
+    ca_file = "certs/ca.crt"   # TLS (or insecure = true, on 127.0.0.1 only)
+    cert_file = "certs/superlink.crt"
+    key_file = "certs/superlink.key"
+
     [evaluation]               # optional: a labelled CSV held centrally by the data team
     data = "holdout.csv"
     label = "label"
@@ -57,6 +63,7 @@ from bedside.errors import ConfigError
 from bedside.federation.settings import (
     FederationSettings,
 )
+from bedside.transport.flower import FlowerServerConfig
 from bedside.transport.mqtt import MqttConfig
 from bedside.wire.signing import validate_id
 
@@ -93,6 +100,8 @@ class AggregatorConfig(FederationSettings):
     max_update_bytes: int = setting(DEFAULT_MAX_UPDATE_BYTES, "larger updates are rejected "
                                     "before parsing", min=1024)
     mqtt: MqttConfig = setting(doc="[mqtt]", factory=MqttConfig)
+    flower: FlowerServerConfig | None = setting(None, "[flower]: the SuperLink, when the "
+                                                "federation runs over Flower (docs/flower.md)")
     evaluation: EvaluationConfig = setting(doc="[evaluation]", factory=EvaluationConfig)
     testing: bool = setting(False, "allows [privacy] noise_seed (reproducible noise: NOT private);"
                             " every announcement, model and report then says so. Tests and "

@@ -30,6 +30,8 @@ GROUPS: dict[str, tuple[str, str]] = {
     "privacy": ("bedside.privacy.cli", "plan privacy budgets: epsilon, calibrate, gaussian-sigma"),
     "keys": ("bedside.wire.cli", "generate and inspect Ed25519 signing keys"),
     "broker": ("bedside.transport.cli", "run the embedded MQTT broker on 127.0.0.1"),
+    "flower": ("bedside.transport.flower_cli", "run the federation on Flower: superlink, "
+               "supernode, run"),
     "demo": ("bedside.demo.cli", "run a whole federation on one machine and report it"),
 }
 
@@ -49,7 +51,8 @@ def _root_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _configure_logging(verbose: bool) -> None:
+def configure_logging(verbose: bool) -> None:
+    """Bedside's log format on stderr (the CLI, and processes Flower starts for it)."""
     level = logging.DEBUG if verbose or os.environ.get("BEDSIDE_DEBUG") else logging.INFO
     logging.basicConfig(
         level=level,
@@ -57,7 +60,7 @@ def _configure_logging(verbose: bool) -> None:
         stream=sys.stderr,
     )
     # Third-party chatter stays at warning level unless debugging.
-    for noisy in ("amqtt", "transitions", "onnxscript", "torch", "opacus", "absl"):
+    for noisy in ("amqtt", "transitions", "onnxscript", "torch", "opacus", "absl", "httpx"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
@@ -80,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if func is None:
         parser.print_help()
         return 2
-    _configure_logging(getattr(ns, "verbose", False))
+    configure_logging(getattr(ns, "verbose", False))
     try:
         return int(func(ns) or 0)
     except BedsideError as exc:

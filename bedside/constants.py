@@ -71,6 +71,10 @@ def topic_receipt(fleet: str, device_id: str) -> str:
     return f"{TOPIC_ROOT}/{fleet}/receipt/{device_id}"
 
 
+def topic_receipts_all(fleet: str) -> str:
+    return f"{TOPIC_ROOT}/{fleet}/receipt/+"
+
+
 def topic_status(fleet: str, who: str) -> str:
     return f"{TOPIC_ROOT}/{fleet}/status/{who}"
 

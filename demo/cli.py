@@ -37,7 +37,12 @@ def build(parser: argparse.ArgumentParser) -> None:
                         help="also seed every DP noise draw, for a reproducible run (never do this "
                         "in production; by default noise comes from the OS)")
     parser.add_argument("--out", type=Path, help="working directory (default: a new temp dir)")
-    parser.add_argument("--timeout", type=float, default=d.timeout)
+    parser.add_argument("--transport", choices=["mqtt", "flower"], default=d.transport,
+                        help="mqtt: the embedded broker (default); flower: a Flower SuperLink and "
+                        "one SuperNode per clinic (Deployment Engine, 127.0.0.1)")
+    parser.add_argument("--timeout", type=float, default=d.timeout,
+                        help="seconds the whole federation may take (default: 300 over MQTT, "
+                        "1200 over Flower)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.set_defaults(func=_demo)
 
@@ -58,7 +63,8 @@ def _demo(ns: argparse.Namespace) -> int:
                      target_epsilon=ns.target_epsilon, noise_multiplier=ns.noise_multiplier,
                      clip_norm=ns.clip_norm, dataset=ns.dataset, data=ns.data, label=ns.label,
                      arch=arch, alpha=ns.alpha, epochs=ns.epochs, seed=ns.seed, out=ns.out,
-                     timeout=ns.timeout, quiet=ns.json, noise_seed=ns.noise_seed)
+                     timeout=ns.timeout, quiet=ns.json, noise_seed=ns.noise_seed,
+                     transport=ns.transport)
     report = run(cfg)
     if ns.json:
         print_json(report)

@@ -62,8 +62,9 @@ class DemoConfig:
     out: Path | None = None
     deadline: float = 60.0
     noise_seed: int | None = None  # seeds every DP noise draw: reproducible runs, never production
-    timeout: float = 300.0
+    timeout: float | None = None  # default: DEFAULT_TIMEOUT of the transport
     quiet: bool = False
+    transport: str = "mqtt"  # mqtt (embedded broker) | flower (Deployment Engine processes)
     # Overrides merged into the generated configs: {"aggregator": {...}, "agent": {...}} (every
     # clinic). Tables merge key by key; a value of None removes the key. For tests and benchmarks
     # (e.g. a non-private baseline); not a command-line option.
@@ -297,12 +298,15 @@ def _write_configs(plan: dict[str, Any], port: int) -> None:
 
 
 # -- running ---------------------------------------------------------------------------------------
-def run(cfg: DemoConfig) -> dict[str, Any]:
-    from bedside.transport.broker import EmbeddedBroker
-    from bedside.transport.mqtt import MqttConfig, MqttTransport
+TRANSPORTS = ("mqtt", "flower")
 
+
+def run(cfg: DemoConfig) -> dict[str, Any]:
     if cfg.mode not in ("central", "local"):
         raise InputError(f"--mode must be 'central' or 'local', not {cfg.mode!r}")
+    if cfg.transport not in TRANSPORTS:
+        raise InputError(f"--transport must be one of {', '.join(TRANSPORTS)}, not "
+                         f"{cfg.transport!r}")
     if cfg.clients < 2:
         raise InputError("--clients must be at least 2")
     if cfg.rounds < 1:
@@ -320,44 +324,27 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     ui = _Table(cfg, plan)
     ui.intro(work)
     timeline = {"prepared": time.monotonic() - started}
-    broker = EmbeddedBroker("127.0.0.1", 0).start()
-    procs: dict[str, Any] = {}
-    watcher = None
+    fleet: _MqttFleet | _FlowerFleet = (_MqttFleet() if cfg.transport == "mqtt"
+                                        else _FlowerFleet())
     rows: list[dict[str, Any]] = []
     devices: dict[str, dict[str, Any]] = {}
     final: dict[str, Any] | None = None
+    timeout = cfg.timeout if cfg.timeout is not None else DEFAULT_TIMEOUT[cfg.transport]
     try:
-        _write_configs(plan, broker.port)
-        watcher = MqttTransport(MqttConfig(port=broker.port), client_id="demo-observer",
-                                clean_session=True)
-        if not watcher.wait_connected(10):
-            raise TransportError("the demo could not connect to its embedded broker")
-        watcher.subscribe(topic_status_all(plan["fleet"]))
-        procs["aggregator"] = processes.start(
-            ["aggregator", "serve", "--config", "aggregator.toml"], logs / "aggregator.log",
-            plan["aggregator_dir"], "aggregator")
-        for c in plan["clinics"]:
-            procs[c["id"]] = processes.start(["edge", "run", "--config", "agent.toml"],
-                                             logs / f"{c['id']}.log", c["dir"], c["id"])
-        agg_topic = topic_status(plan["fleet"], AGGREGATOR_ID)
-        deadline = time.monotonic() + cfg.timeout
+        fleet.start(plan, logs)
+        deadline = time.monotonic() + timeout
         seen_rounds: set[int] = set()
         while final is None:
             if time.monotonic() > deadline:
-                raise TransportError(f"the federation did not finish within {cfg.timeout:g} s; "
+                raise TransportError(f"the federation did not finish within {timeout:g} s; "
                                      f"see the logs in {logs}")
-            dead = [n for n, p in procs.items() if p.exitcode not in (None, 0)]
+            dead = fleet.failed()
             if dead:
                 raise TransportError(f"{', '.join(dead)} exited with an error; see {logs}")
-            msg = watcher.get(0.5)
-            if msg is None:
-                continue
-            try:
-                body = json.loads(msg.payload)
-            except (ValueError, UnicodeDecodeError):
-                continue
-            if msg.topic == agg_topic:
-                if body.get("state") == "round_closed" and body["round"] not in seen_rounds:
+            for who, body in fleet.events(0.5):
+                if who != AGGREGATOR_ID:
+                    devices[who] = body
+                elif body.get("state") == "round_closed" and body["round"] not in seen_rounds:
                     seen_rounds.add(body["round"])
                     row = _row(body, devices)
                     rows.append(row)
@@ -365,24 +352,9 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
                 elif body.get("state") == "done":
                     final = body
                     timeline["federation_done"] = time.monotonic() - started
-            else:
-                devices[msg.topic.rsplit("/", 1)[-1]] = body
-        for name, p in procs.items():
-            p.join(timeout=30 if name != "aggregator" else 10)
-            if p.is_alive():
-                p.terminate()
+        devices.update(fleet.finish())
     finally:
-        for p in procs.values():
-            if p.is_alive():
-                p.terminate()
-        for p in procs.values():
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-                p.join(timeout=5)
-        if watcher is not None:
-            watcher.close()
-        broker.stop()
+        fleet.stop()
     report = _report(cfg, plan, rows, devices, final, work, time.monotonic() - started)
     report["timeline_s"] = {k: round(v, 2) for k, v in timeline.items()}
     (work / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
@@ -391,6 +363,188 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
                        "logs": str(logs)}
     ui.outro(report)
     return report
+
+
+#: How long a whole demo may take by default (a Flower round costs a ClientApp process per
+#: device and Flower's polling; benchmarks/README.md, section Federation).
+DEFAULT_TIMEOUT = {"mqtt": 300.0, "flower": 1200.0}
+
+
+class _MqttFleet:
+    """The embedded broker on 127.0.0.1, the aggregator and the agents as processes of the fork
+    server, and an observer of the status topics."""
+
+    def __init__(self) -> None:
+        self.broker: Any = None
+        self.watcher: Any = None
+        self.procs: dict[str, Any] = {}
+        self.fleet = FLEET
+
+    def start(self, plan: dict[str, Any], logs: Path) -> None:
+        from bedside.demo import processes
+        from bedside.transport.broker import EmbeddedBroker
+        from bedside.transport.mqtt import MqttConfig, MqttTransport
+
+        self.fleet = plan["fleet"]
+        self.broker = EmbeddedBroker("127.0.0.1", 0).start()
+        _write_configs(plan, self.broker.port)
+        self.watcher = MqttTransport(MqttConfig(port=self.broker.port),
+                                     client_id="demo-observer", clean_session=True)
+        if not self.watcher.wait_connected(10):
+            raise TransportError("the demo could not connect to its embedded broker")
+        self.watcher.subscribe(topic_status_all(plan["fleet"]))
+        self.procs["aggregator"] = processes.start(
+            ["aggregator", "serve", "--config", "aggregator.toml"], logs / "aggregator.log",
+            plan["aggregator_dir"], "aggregator")
+        for c in plan["clinics"]:
+            self.procs[c["id"]] = processes.start(["edge", "run", "--config", "agent.toml"],
+                                                  logs / f"{c['id']}.log", c["dir"], c["id"])
+
+    def failed(self) -> list[str]:
+        return [n for n, p in self.procs.items() if p.exitcode not in (None, 0)]
+
+    def events(self, timeout: float) -> list[tuple[str, dict[str, Any]]]:
+        msg = self.watcher.get(timeout)
+        if msg is None:
+            return []
+        body = _json_object(msg.payload)
+        if body is None:
+            return []
+        who = AGGREGATOR_ID if msg.topic == topic_status(self.fleet, AGGREGATOR_ID) else \
+            msg.topic.rsplit("/", 1)[-1]
+        return [(who, body)]
+
+    def finish(self) -> dict[str, dict[str, Any]]:
+        for name, p in self.procs.items():  # the agents exit once the federation is done
+            p.join(timeout=30 if name != "aggregator" else 10)
+        return {}
+
+    def stop(self) -> None:
+        _stop_processes(list(self.procs.values()))
+        if self.watcher is not None:
+            self.watcher.close()
+        if self.broker is not None:
+            self.broker.stop()
+
+
+class _FlowerFleet:
+    """A Flower SuperLink and one SuperNode per clinic on 127.0.0.1 (plaintext, loopback only),
+    the federation submitted with ``flwr run``; the ServerApp's status files are observed."""
+
+    def __init__(self) -> None:
+        self.procs: dict[str, Any] = {}
+        self.status: Path | None = None
+        self._offset = 0
+
+    def start(self, plan: dict[str, Any], logs: Path) -> None:
+        import subprocess
+
+        from bedside.aggregator.config import load as load_aggregator
+        from bedside.aggregator.flower import run_command, status_dir, superlink_command
+        from bedside.edge.config import load as load_agent
+        from bedside.edge.flower import supernode_command
+        from bedside.transport.flower import wait_listening
+
+        _write_flower_configs(plan)
+        agg_toml = plan["aggregator_dir"] / "aggregator.toml"
+        agg = load_aggregator(agg_toml)
+        self.status = status_dir(agg)
+
+        def start(name: str, command: tuple[list[str], dict[str, str]]) -> None:
+            log = (logs / f"{name}.log").open("wb")
+            self.procs[name] = subprocess.Popen(command[0], env=command[1], stdout=log,
+                                                stderr=subprocess.STDOUT)
+
+        start("superlink", superlink_command(agg))
+        if not wait_listening(agg.flower.port, 60):
+            raise TransportError(f"the Flower SuperLink did not listen on 127.0.0.1:"
+                                 f"{agg.flower.port} within 60 s; see {logs / 'superlink.log'}")
+        for c in plan["clinics"]:
+            path = c["dir"] / "agent.toml"
+            start(c["id"], supernode_command(load_agent(path), path))
+        start("aggregator", run_command(agg, agg_toml))
+
+    def failed(self) -> list[str]:
+        return [n for n, p in self.procs.items() if p.poll() not in (None, 0)]
+
+    def events(self, timeout: float) -> list[tuple[str, dict[str, Any]]]:
+        """New lines of the ServerApp's ``aggregator.jsonl`` (every status, in order)."""
+        assert self.status is not None
+        path = self.status / f"{AGGREGATOR_ID}.jsonl"
+        if not path.exists():
+            time.sleep(timeout)
+            return []
+        with path.open("rb") as f:
+            f.seek(self._offset)
+            data = f.read()
+        end = data.rfind(b"\n") + 1
+        self._offset += end
+        out = [(AGGREGATOR_ID, b) for b in map(_json_object, data[:end].splitlines())
+               if b is not None]
+        if not out:
+            time.sleep(timeout)
+        return out
+
+    def finish(self) -> dict[str, dict[str, Any]]:
+        """The devices' last statuses (written by the ServerApp from their replies)."""
+        assert self.status is not None
+        p = self.procs.get("aggregator")
+        if p is not None:
+            p.wait(60)
+        out = {}
+        for f in sorted(self.status.glob("*.json")):
+            body = _json_object(f.read_bytes())
+            if f.stem != AGGREGATOR_ID and body is not None:
+                out[f.stem] = body
+        return out
+
+    def stop(self) -> None:
+        import subprocess
+
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.terminate()
+        for p in self.procs.values():
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5)
+
+
+def _json_object(payload: bytes) -> dict[str, Any] | None:
+    try:
+        body = json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def _stop_processes(procs: list[Any]) -> None:
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    for p in procs:
+        p.join(timeout=10)
+        if p.is_alive():
+            p.kill()
+            p.join(timeout=5)
+
+
+def _write_flower_configs(plan: dict[str, Any]) -> None:
+    """``[flower]`` in every config: the demo's SuperLink on a free loopback port, plaintext
+    (loopback only: a real deployment uses TLS, docs/flower.md); ``[mqtt]`` is not used."""
+    from bedside.transport.flower import free_port
+
+    port = free_port()
+    plan["aggregator"].pop("mqtt", None)
+    plan["aggregator"]["flower"] = {"port": port, "insecure": True}
+    (plan["aggregator_dir"] / "aggregator.toml").write_text(to_toml(plan["aggregator"]))
+    for c in plan["clinics"]:
+        c["config"].pop("mqtt", None)
+        c["config"]["flower"] = {"superlink": f"127.0.0.1:{port}", "insecure": True,
+                                 "port": free_port()}
+        (c["dir"] / "agent.toml").write_text(to_toml(c["config"]))
 
 
 MARKER = ".bedside-demo"

@@ -143,6 +143,13 @@ class Agent:
         except LedgerError as exc:
             return {"error": str(exc)}
 
+    def close(self) -> None:
+        """Close the device's databases (the transport is its owner's)."""
+        for db in (self._ledger, self.store, self.state):
+            if db is not None:
+                db.close()
+        self._ledger = None
+
     # -- loop --------------------------------------------------------------------------------------
     def start(self) -> None:
         f = self.cfg.fleet

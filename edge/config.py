@@ -13,6 +13,10 @@ loader is derived from them (:mod:`bedside.config`). Example::
     host = "127.0.0.1"
     port = 1883
 
+    [flower]                 # optional: take part over Flower instead (docs/flower.md)
+    superlink = "aggregator.hospital.example:9093"
+    ca_file = "/etc/bedside/ca.crt"
+
     [privacy]
     record_epsilon = 8.0     # record-level budget (DP-SGD): required, unless
     # allow_no_record_dp = true  # ... says in writing that this device trains without DP-SGD
@@ -39,6 +43,7 @@ from typing import Any
 from bedside.config import load_file, setting
 from bedside.errors import ConfigError
 from bedside.federation.device import DevicePrivacy
+from bedside.transport.flower import FlowerNodeConfig
 from bedside.transport.mqtt import MqttConfig
 from bedside.wire.signing import validate_device_id, validate_id
 
@@ -80,6 +85,9 @@ class AgentConfig:
     data_dir: Path | None = setting(None, "records.db, ledger.db, agent.db, models/ (default: "
                                     "<device_id>-data beside this file)")
     mqtt: MqttConfig = setting(doc="[mqtt]: broker and TLS", factory=MqttConfig)
+    flower: FlowerNodeConfig | None = setting(None, "[flower]: this device's SuperNode, when "
+                                              "the federation runs over Flower "
+                                              "(docs/flower.md)")
     privacy: DevicePrivacy = setting(doc="[privacy]", factory=DevicePrivacy)
     agent: AgentSettings = setting(doc="[agent]", factory=AgentSettings)
     testing: bool = setting(False, "allows [agent] seed (reproducible noise: NOT private); every "
