@@ -121,12 +121,12 @@ class MemFleet:
                                           manual_ack=True), clock=self.clock)
 
 
-def mem_fleet(work: Path, **kw: Any) -> MemFleet:
-    from bedside.transport.memory import MemoryBroker
-
+def seeded_fleet(work: Path, **kw: Any) -> Fleet:
+    """:func:`make_fleet` with every noise draw seeded (deterministic unit tests) and a nominal
+    MQTT port (an in-memory transport does not use it)."""
     fleet = make_fleet(work, **kw)
     fleet.plan["aggregator"]["mqtt"]["port"] = 1883
-    fleet.plan["aggregator"]["privacy"].setdefault("noise_seed", 0)  # deterministic unit tests
+    fleet.plan["aggregator"]["privacy"].setdefault("noise_seed", 0)
     fleet.plan["aggregator"]["testing"] = True
     fleet.aggregator_toml.write_text(to_toml(fleet.plan["aggregator"]))
     for i, c in enumerate(fleet.plan["clinics"]):
@@ -134,6 +134,13 @@ def mem_fleet(work: Path, **kw: Any) -> MemFleet:
         c["config"].setdefault("agent", {})["seed"] = i
         c["config"]["testing"] = True
         fleet.agent_toml(i).write_text(to_toml(c["config"]))
+    return fleet
+
+
+def mem_fleet(work: Path, **kw: Any) -> MemFleet:
+    from bedside.transport.memory import MemoryBroker
+
+    fleet = seeded_fleet(work, **kw)
     mf = MemFleet(fleet=fleet, broker=MemoryBroker(), aggregator=None, agents=[], clock=Clock())
     mf.aggregator = mf.new_aggregator()
     mf.agents = [mf.new_agent(i) for i in range(len(fleet.clinic_ids))]

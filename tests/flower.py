@@ -60,15 +60,16 @@ class MemoryGrid:
 
 def set_flower(fleet: Fleet, *, tls: Path | None = None) -> int:
     """Give the fleet's configs a ``[flower]`` table (insecure on loopback, or TLS with the CA
-    and certificates in ``tls``, as ``bedside broker certs`` writes them); return the port."""
+    and server certificate in ``tls``, as ``bedside broker certs`` writes them: the broker's
+    certificate serves the SuperLink); return the port."""
     port = free_port()
     agg: dict[str, Any] = {"port": port}
     node: dict[str, Any] = {"superlink": f"127.0.0.1:{port}"}
     if tls is None:
         agg["insecure"] = node["insecure"] = True
     else:
-        agg.update(ca_file=str(tls / "ca.crt"), cert_file=str(tls / "superlink.crt"),
-                   key_file=str(tls / "superlink.key"))
+        agg.update(ca_file=str(tls / "ca.crt"), cert_file=str(tls / "broker.crt"),
+                   key_file=str(tls / "broker.key"))
         node["ca_file"] = str(tls / "ca.crt")
     fleet.plan["aggregator"]["flower"] = agg
     fleet.plan["aggregator"]["mqtt"]["port"] = 1883  # unused over Flower

@@ -1,0 +1,93 @@
+"""The federation on real Flower processes (issue 12): a SuperLink and one SuperNode per clinic on
+127.0.0.1, started with Bedside's own commands, the federation submitted with ``flwr run``.
+
+Flower's Deployment Engine starts a ClientApp process for every message (and polls every few
+seconds), so a round costs seconds here; the protocol's edge cases run over an in-memory Grid in
+tests/unit/federation/test_flower.py."""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+
+import pytest
+
+from bedside.aggregator.state import State
+from bedside.models.registry import Registry
+from bedside.privacy.ledger import Ledger
+from tests.fleet import make_fleet
+from tests.flower import FlowerProcesses, set_flower
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+
+def _statuses(fleet):
+    d = fleet.plan["aggregator_dir"] / "data" / "flower" / "status"
+    return {f.stem: json.loads(f.read_text()) for f in d.glob("*.json")}
+
+
+def test_wdbc_rounds_over_flower_with_a_device_that_refuses(tmp_path):
+    """Two clinics train (the statistics round, then two training rounds, record-level DP-SGD
+    at epsilon 8); the third accepts only local noise and declines every central round with
+    reason 'policy', releasing nothing."""
+    fleet = make_fleet(tmp_path / "fleet", clients=3, rounds=2, statistics=True,
+                       aggregator={"rounds": {"min_participants": 2}})
+    fleet.plan["clinics"][2]["config"]["privacy"]["accept_noise"] = ["local"]
+    set_flower(fleet)
+    procs = FlowerProcesses(fleet, tmp_path / "logs")
+    try:
+        procs.start()
+        done = procs.run()
+    finally:
+        procs.stop()
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rounds = State(fleet.plan["aggregator_dir"] / "data" / "state.db").rounds()
+    assert [(r.settings.task, r.status) for r in rounds] == [
+        ("statistics", "closed"), ("train", "closed"), ("train", "closed")]
+    assert [r.result["accepted"] for r in rounds] == [2, 2, 2]
+    assert [r.result["declined"] for r in rounds] == [{"clinic-3": "policy"}] * 3
+    # the privacy report: both epsilons, from the devices' ledgers and the aggregator's accountant
+    registry = Registry(fleet.plan["aggregator_dir"] / "data" / "registry")
+    final = registry.manifest(registry.latest())
+    assert registry.latest() == 4
+    assert final.privacy["epsilon"] > 0 and final.privacy["delta"] == pytest.approx(1e-5)
+    record = rounds[-1].result["record_epsilon"]
+    assert 0 < record["max"] <= 8.0 and record["devices"] == 2
+    assert final.metrics["holdout"]["accuracy"] > 0.6
+    for i, spent in ((0, True), (1, True), (2, False)):
+        ledger = Ledger(fleet.plan["clinics"][i]["dir"] / "data" / "ledger.db", {})
+        assert bool(ledger.releases("record")) is spent
+        if spent:
+            assert 0 < ledger.spent("record") <= 8.0
+        ledger.close()
+    # every device runs the final model, and says so in the status the ServerApp wrote
+    statuses = _statuses(fleet)
+    assert statuses["aggregator"]["state"] == "done"
+    assert {d: statuses[d]["model_version"] for d in fleet.clinic_ids} == {
+        d: 4 for d in fleet.clinic_ids}
+
+
+def test_flower_with_tls_and_a_self_signed_ca(tmp_path):
+    from bedside.transport.pki import create_fleet
+
+    certs = create_fleet(tmp_path / "certs", [], ["127.0.0.1", "localhost"])
+    fleet = make_fleet(tmp_path / "fleet", clients=2, rounds=1)
+    port = set_flower(fleet, tls=certs)
+    procs = FlowerProcesses(fleet, tmp_path / "logs")
+    try:
+        procs.start()
+        # the SuperLink speaks TLS with the certificate our CA signed, and nothing else
+        ctx = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+        with socket.create_connection(("127.0.0.1", port), 10) as raw, \
+                ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            assert tls.version() is not None
+        with socket.create_connection(("127.0.0.1", port), 10) as raw:
+            raw.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert not raw.recv(64).startswith(b"HTTP/")
+        done = procs.run()
+    finally:
+        procs.stop()
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rounds = State(fleet.plan["aggregator_dir"] / "data" / "state.db").rounds()
+    assert [(r.status, r.result["accepted"]) for r in rounds] == [("closed", 2)]
