@@ -11,6 +11,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
+# Flower imported in this process (the in-memory Grid tests) never calls home either; the Flower
+# processes the tests start get the same from bedside.transport.flower.flower_env.
+os.environ["FLWR_TELEMETRY_ENABLED"] = "0"
+os.environ["FLWR_DISABLE_UPDATE_CHECK"] = "1"
 
 
 def bedside_exe() -> str:
