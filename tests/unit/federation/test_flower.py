@@ -248,3 +248,15 @@ def test_a_hostile_server_gets_nothing_from_a_device(tmp_path):
                     model_version=1, meta={"fleet": "demo", "task": "train"})
     out = exchange(cfg, [(topic_round("demo"), forged)])
     assert [t for t, _ in out] == [topic_status("demo", "clinic-1")]
+
+
+def test_flower_commands_refuse_a_config_without_flower_with_exit_2(tmp_path, capsys):
+    from bedside.cli import main
+
+    fleet = seeded_fleet(tmp_path, clients=2, rounds=1)
+    for command, path in (("superlink", fleet.aggregator_toml), ("run", fleet.aggregator_toml),
+                          ("supernode", fleet.agent_toml(0))):
+        assert main(["flower", command, "--config", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert f"bedside flower: error: {path}" in err and "[flower]" in err
+    assert main(["flower"]) == 2  # no command: the group's help
