@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +46,7 @@ from bedside.constants import (
     topic_updates_all,
 )
 from bedside.errors import BedsideError, WireError
+from bedside.federation.validate import digest
 from bedside.files import atomic_write_bytes
 from bedside.transport import topic_matches
 from bedside.transport.flower import APP_CONFIG_KEY, Mailbox, pack, unpack
@@ -57,27 +58,55 @@ log = logging.getLogger("bedside.aggregator.flower")
 FINAL_SYNC_SECONDS = 60.0
 #: A device's status larger than this is not read (it is a few hundred bytes).
 MAX_STATUS_BYTES = 64 * 1024
+#: A SuperNode is asked at most this many times in one round (its ClientApp failed, its message
+#: expired or could not be stored), this long apart.
+MAX_ASKS_PER_ROUND = 3
+RETRY_SECONDS = 2.0
+#: Receipts kept for a device until its next message (older ones are dropped first).
+MAX_RECEIPTS = 32
 
 
 @dataclass
 class _Node:
-    device: str | None = None  # bound by the first authentic update it carried
+    device: str | None = None  # bound by a fresh, accepted update or decline it carried
     model_version: int = 0  # what its last status said it holds
-    asked: int = 0  # the last round it was sent
+    round: int = 0  # the round it was last asked in
+    asks: int = 0  # how many times in that round
+    retry_at: float = 0.0
+
+
+@dataclass
+class _Flight:
+    """A message on its way to a SuperNode, and what it carries that must not be lost."""
+
+    node: int
+    round: int
+    receipts: list[bytes]
+    expires: float
 
 
 class FlowerDriver:
     """Drives an :class:`~bedside.aggregator.service.Aggregator` whose transport is ``link``
-    over a Flower ``grid`` (``send_and_receive``, ``get_node_ids``)."""
+    over a Flower ``grid`` (``get_node_ids``, ``push_messages``, ``pull_messages``).
+
+    The loop never waits on one SuperNode: it asks every node that has not been asked in the
+    open round, pulls whatever replies have arrived, lets the aggregator close the round when it
+    is due, and asks again at once when the next round opens. A message lives as long as its
+    round (Flower's TTL); a node whose ClientApp failed, or whose message expired, is asked
+    again (at most ``MAX_ASKS_PER_ROUND`` times a round).
+    """
 
     def __init__(self, aggregator: Any, link: Mailbox, grid: Any, *,
                  clock: Callable[[], float] = time.time, poll: float = 0.2,
-                 status_dir: Path | None = None) -> None:
+                 status_dir: Path | None = None,
+                 final_seconds: float = FINAL_SYNC_SECONDS) -> None:
         self.agg, self.link, self.grid = aggregator, link, grid
         self.fleet = aggregator.cfg.fleet
         self.clock, self.poll = clock, poll
         self.status_dir = status_dir
+        self.final_seconds = final_seconds
         self.nodes: dict[int, _Node] = {}
+        self.flights: dict[str, _Flight] = {}
         self.receipts: dict[str, list[bytes]] = {}
         self.statuses: dict[str, dict[str, Any]] = {}
         self.messages = 0  # Flower messages sent (benchmarks)
@@ -91,25 +120,48 @@ class FlowerDriver:
         while not self.agg.finished:
             cur = self.agg.state.current_round()
             assert cur is not None
-            remaining = cur.deadline - self.clock()
-            ask = [n for n in self.grid.get_node_ids()
-                   if self.nodes.setdefault(n, _Node()).asked != cur.round]
-            if ask:
-                for n in ask:
-                    self.nodes[n].asked = cur.round
-                self._exchange(ask, MessageType.TRAIN, str(cur.round), max(remaining, 1.0))
-            else:
-                time.sleep(max(0.0, min(self.poll, remaining)))
+            now = self.clock()
+            asked = self._ask(cur.round, cur.deadline, now)
+            answered = self._pull(now)
             self.agg.step(0.0)
             self._collect()
-        nodes = list(self.grid.get_node_ids())
-        if nodes:  # the end of the federation and the final model, to every device
-            self._exchange(nodes, MessageType.QUERY, "final", FINAL_SYNC_SECONDS)
+            if not (asked or answered):
+                time.sleep(max(0.0, min(self.poll, cur.deadline - self.clock())))
+        self._final_sync(MessageType.QUERY)
         log.info("federation done over Flower: %d message(s) to %d SuperNode(s)", self.messages,
                  len(self.nodes))
 
+    def _ask(self, round_id: int, deadline: float, now: float) -> int:
+        """Send the open round to every node that has not had it (or must have it again)."""
+        from flwr.app import MessageType
+
+        busy = {f.node for f in self.flights.values() if f.round == round_id}
+        ask = []
+        for n in self.grid.get_node_ids():
+            node = self.nodes.setdefault(n, _Node())
+            if node.round != round_id:
+                node.round, node.asks, node.retry_at = round_id, 0, 0.0
+            if n in busy or node.asks == -1 or node.asks >= MAX_ASKS_PER_ROUND or \
+                    now < node.retry_at:
+                continue
+            ask.append(n)
+        if ask:
+            self._push(ask, MessageType.TRAIN, round_id, max(deadline - now, 1.0))
+        return len(ask)
+
+    def _final_sync(self, message_type: str) -> None:
+        """The end of the federation and the final model, to every SuperNode."""
+        nodes = list(self.grid.get_node_ids())
+        if not nodes:
+            return
+        self._push(nodes, message_type, 0, self.final_seconds)
+        end = time.monotonic() + self.final_seconds
+        while self.flights and time.monotonic() < end:
+            if not self._pull(self.clock()):
+                time.sleep(self.poll)
+
     # -- messages ----------------------------------------------------------------------------------
-    def outgoing(self, node: _Node) -> list[tuple[str, bytes]]:
+    def outgoing(self, node: _Node, receipts: list[bytes]) -> list[tuple[str, bytes]]:
         """What one SuperNode is sent: the model release it lacks, the round's (or the end's)
         announcement, its device's receipts."""
         items: list[tuple[str, bytes]] = []
@@ -120,68 +172,110 @@ class FlowerDriver:
         if announce is not None:
             items.append((topic_round(self.fleet), announce))
         if node.device is not None:
-            items += [(topic_receipt(self.fleet, node.device), r)
-                      for r in self.receipts.pop(node.device, [])]
+            items += [(topic_receipt(self.fleet, node.device), r) for r in receipts]
         return items
 
-    def _exchange(self, node_ids: Iterable[int], message_type: str, group: str,
-                  timeout: float) -> None:
+    def _push(self, node_ids: list[int], message_type: str, round_id: int, ttl: float) -> None:
         from flwr.app import Message
 
-        messages = [Message(content=pack(self.outgoing(self.nodes.setdefault(n, _Node()))),
-                            message_type=message_type, dst_node_id=n, group_id=group)
-                    for n in node_ids]
+        messages, flights = [], []
+        for n in node_ids:
+            node = self.nodes.setdefault(n, _Node())
+            receipts = self.receipts.pop(node.device, []) if node.device else []
+            messages.append(Message(content=pack(self.outgoing(node, receipts)),
+                                    message_type=message_type, dst_node_id=n,
+                                    group_id=str(round_id or "final"), ttl=ttl))
+            flights.append(_Flight(n, round_id, receipts, self.clock() + ttl))
+            node.asks += 1
         self.messages += len(messages)
-        for reply in self._send_and_receive(messages, timeout):
-            node_id = reply.metadata.src_node_id
-            if reply.has_error():
-                log.warning("SuperNode %s answered with an error: %s", node_id,
-                            reply.error.reason)
+        for mid, flight in zip(self.grid.push_messages(messages), flights, strict=True):
+            if mid:
+                self.flights[mid] = flight
+            else:  # not stored (the node went away): its receipts wait, it is asked again
+                self._failed(flight, "the SuperLink did not accept the message")
+
+    def _failed(self, flight: _Flight, why: str) -> None:
+        node = self.nodes[flight.node]
+        if node.device is not None and flight.receipts:
+            self._keep_receipts(node.device, flight.receipts)
+        node.retry_at = self.clock() + RETRY_SECONDS
+        log.warning("SuperNode %s, round %s: %s", flight.node, flight.round or "final", why)
+
+    def _pull(self, now: float) -> int:
+        """Handle the replies that have arrived; give up on expired messages."""
+        if not self.flights:
+            return 0
+        replies = list(self.grid.pull_messages(set(self.flights)))
+        for reply in replies:
+            flight = self.flights.pop(reply.metadata.reply_to_message_id, None)
+            if flight is None:
                 continue
             try:
-                self.receive(self.nodes.setdefault(node_id, _Node()), unpack(reply.content))
-            except WireError as exc:
-                log.warning("SuperNode %s: reply ignored: %s (%s)", node_id, exc.reason, exc)
+                self._reply(flight, reply)
+            except Exception:  # nothing a SuperNode sends may stop the federation
+                log.exception("SuperNode %s: reply dropped", flight.node)
+        for mid, flight in list(self.flights.items()):
+            if now > flight.expires:
+                del self.flights[mid]
+                self._failed(flight, "no reply before the round's deadline")
+        return len(replies)
 
-    def _send_and_receive(self, messages: list[Any], timeout: float) -> Iterable[Any]:
-        """``Grid.send_and_receive``, polling every ``poll`` seconds instead of Flower's fixed
-        3 s (a round's replies arrive within a second of each other)."""
-        pending = set(self.grid.push_messages(messages))
-        end = time.monotonic() + timeout
-        while pending:
-            replies = list(self.grid.pull_messages(pending))
-            pending -= {r.metadata.reply_to_message_id for r in replies}
-            yield from replies
-            if not pending or time.monotonic() >= end:
-                return
-            time.sleep(self.poll)
+    def _reply(self, flight: _Flight, reply: Any) -> None:
+        node = self.nodes[flight.node]
+        if reply.has_error():
+            # the ClientApp failed on the device; its reason stays there (its log)
+            self._failed(flight, f"the ClientApp failed (Flower error code {reply.error.code})")
+            return
+        try:
+            items = unpack(reply.content)
+        except WireError as exc:
+            self._failed(flight, f"reply ignored: {exc.reason} ({exc})")
+            return
+        node.asks = -1 if flight.round == node.round else node.asks  # answered: not asked again
+        self.receive(node, items)
 
     def receive(self, node: _Node, items: list[tuple[str, bytes]]) -> None:
-        """Hand a SuperNode's reply to the aggregator, as its messages would arrive over MQTT."""
+        """Hand a SuperNode's reply to the aggregator, as its messages would arrive on its
+        device's MQTT topic."""
         for topic, payload in items:
             if topic_matches(topic_updates_all(self.fleet), topic):
-                self._bind(node, payload)
-                device = node.device or topic.rsplit("/", 1)[-1]
-                self.link.deliver(topic_update(self.fleet, device), payload)
+                self._update(node, payload)
             elif topic_matches(topic_status_all(self.fleet), topic):
                 self._node_status(node, payload)
         self.agg.step(0.0)
         self._collect()
 
-    def _bind(self, node: _Node, payload: bytes) -> None:
-        """Bind an unbound SuperNode to the device that signed its update (verified here, once;
-        the aggregator verifies every message again)."""
+    def _update(self, node: _Node, payload: bytes) -> None:
+        """A bound node's update goes to the aggregator under its device's topic (a mismatch
+        with the signer is rejected there, as Mosquitto's ACL would refuse it). An unbound
+        node's must carry a valid device signature first (a stranger's bytes never reach the
+        aggregator's records); a fresh update or decline for the open round that the aggregator
+        records binds the node to that device."""
         if node.device is not None:
+            self.link.deliver(topic_update(self.fleet, node.device), payload)
             return
         try:
             env = decode(payload, self.agg.devices, kinds={KIND_UPDATE})
-        except BedsideError:
-            return  # the aggregator rejects it, with its reason
+        except BedsideError as exc:
+            log.warning("an unbound SuperNode sent an update that is not authentic: %s", exc)
+            return
+        h = env.header
+        cur = self.agg.state.current_round()
+        self.link.deliver(topic_update(self.fleet, h.sender), payload)
+        self.agg.step(0.0)
+        if cur is None or h.round != cur.round:
+            return
+        seen = self.agg.state.nonce_seen(h.sender, h.nonce)
+        fresh = (seen == (cur.round, digest(payload)) if env.tensors
+                 else h.sender in self.agg.state.declines(cur.round))
+        if not fresh:
+            return
         for other in self.nodes.values():  # the device's SuperNode restarted: a new node id
-            if other is not node and other.device == env.header.sender:
+            if other is not node and other.device == h.sender:
                 other.device = None
-        node.device = env.header.sender
-        log.info("SuperNode bound to device %s (its signed update)", node.device)
+        node.device = h.sender
+        log.info("SuperNode bound to device %s (its signed %s for round %d)", h.sender,
+                 "update" if env.tensors else "decline", cur.round)
 
     def _node_status(self, node: _Node, payload: bytes) -> None:
         """A device's status: which model version its SuperNode holds (so a release is sent
@@ -196,12 +290,19 @@ class FlowerDriver:
             self.statuses[node.device] = body
             self._write_status(node.device, body)
 
+    def _keep_receipts(self, device: str, receipts: list[bytes]) -> None:
+        kept = self.receipts.setdefault(device, [])
+        kept[:0] = receipts
+        del kept[:-MAX_RECEIPTS]
+
     def _collect(self) -> None:
         """What the aggregator published: receipts wait for their device's next message; its
         status is written out. Announcements and releases stay in ``link.retained``."""
         for topic, payload in self.link.take():
             if topic_matches(topic_receipts_all(self.fleet), topic):
-                self.receipts.setdefault(topic.rsplit("/", 1)[-1], []).append(payload)
+                device = topic.rsplit("/", 1)[-1]
+                self.receipts.setdefault(device, []).append(payload)
+                del self.receipts[device][:-MAX_RECEIPTS]
             elif topic == topic_status(self.fleet, AGGREGATOR_ID):
                 body = _status_body(payload)
                 if body is not None:
@@ -220,11 +321,13 @@ class FlowerDriver:
 
 
 def _status_body(payload: bytes) -> dict[str, Any] | None:
+    """A status as a flat JSON object, or None (too large, not JSON, nested too deeply)."""
     if len(payload) > MAX_STATUS_BYTES:
         return None
     try:
         body = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
+        json.dumps(body)  # what is written out again must survive the round trip
+    except (ValueError, UnicodeDecodeError, RecursionError):
         return None
     return body if isinstance(body, dict) else None
 

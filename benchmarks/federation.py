@@ -686,6 +686,8 @@ def flower_part(work: Path, quick: bool) -> dict[str, Any]:
             "training_round_s_median": round(med([p["round_wall"] for p in training]), 3),
             "device_work_s_median": round(med([sum(p[k] for k in DEVICE_WORK)
                                                for p in training]), 3),
+            "device_phases_s_median": {k: round(med([p[k] for p in training]), 3)
+                                       for k in DEVICE_WORK},
             "aggregator_work_s_median": round(med([sum(p[k] for k in AGGREGATOR_WORK)
                                                    for p in training]), 3),
         }
@@ -725,8 +727,16 @@ def flower_section(r: Mapping[str, Any]) -> list[str]:
         f"{mq['training_round_s_median']:.2f} | {fl['training_round_s_median']:.2f} |",
         f"| of which device work (plan, DP-SGD, privatize, sign; slowest device), s | "
         f"{mq['device_work_s_median']:.2f} | {fl['device_work_s_median']:.2f} |",
+        *[f"| &nbsp;&nbsp;device: {label} | {mq['device_phases_s_median'][key]:.2f} | "
+          f"{fl['device_phases_s_median'][key]:.2f} |"
+          for key, label in (("plan", "plan (DP-SGD calibration, ledger check)"),
+                             ("train", "train (DP-SGD)"))],
         f"| of which aggregator work (validate, aggregate, ONNX, evaluate, account, store), s | "
         f"{mq['aggregator_work_s_median']:.2f} | {fl['aggregator_work_s_median']:.2f} |",
+        "",
+        "Device work itself costs more over Flower: every message is a fresh ClientApp process, "
+        "so the device's caches (the accountant's DP-SGD calibration, torch's first-call set-up) "
+        "start cold every round, where the MQTT agent keeps them for the federation.",
         "",
         f"Where a Flower round's {fl['training_round_s_median']:.1f} s go: the same device and "
         f"aggregator work as over MQTT ({work:.2f} s); **starting a ClientApp process on every "

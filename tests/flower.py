@@ -16,7 +16,8 @@ from tests.fleet import Fleet
 class MemoryGrid:
     """The part of Flower's ``Grid`` the ServerApp driver uses, delivering every message to the
     real ClientApp (:data:`bedside.edge.flower.app`) of the node's ``agent.toml``, in this
-    process. ``down`` holds node ids that do not answer."""
+    process. ``down`` holds node ids that do not answer, ``failing`` those whose ClientApp
+    fails (an error reply)."""
 
     def __init__(self, agent_tomls: list[Path]) -> None:
         from flwr.supercore.task_identity import TaskIdentity
@@ -25,6 +26,8 @@ class MemoryGrid:
         # process has them; Message() reads them
         self.configs = {i + 1: str(p) for i, p in enumerate(agent_tomls)}
         self.down: set[int] = set()
+        self.failing: set[int] = set()
+        self.pushed: list[Any] = []
         self._replies: dict[str, Any] = {}
 
     def get_node_ids(self) -> list[int]:
@@ -42,7 +45,14 @@ class MemoryGrid:
             m.metadata.__dict__["_message_id"] = mid
             node = m.metadata.dst_node_id
             ids.append(mid)
+            self.pushed.append(m)
             if node in self.down:
+                continue
+            if node in self.failing:
+                from flwr.app import Message
+                from flwr.app.error import Error
+
+                self._replies[mid] = Message(Error(code=1, reason="failed"), reply_to=m)
                 continue
             ctx = Context(run_id=1, node_id=node, node_config={"agent-config":
                                                                self.configs[node]},

@@ -131,7 +131,7 @@ def test_a_config_without_flower_says_how_to_add_it(tmp_path):
 
 
 # -- federations over an in-memory Grid ------------------------------------------------------------
-def flower_federation(work, policy=None, **kw):
+def flower_federation(work, policy=None, final_seconds=60.0, **kw):
     """A seeded fleet driven over Flower (in-memory Grid, real ClientApp); ``policy`` rewrites
     clinic 1's [privacy]. Returns (driver, aggregator, fleet)."""
     fleet = seeded_fleet(work, **kw)
@@ -141,7 +141,8 @@ def flower_federation(work, policy=None, **kw):
     link = Mailbox()
     agg = Aggregator(load_agg(fleet.aggregator_toml), link)
     grid = MemoryGrid([fleet.agent_toml(i) for i in range(len(fleet.clinic_ids))])
-    driver = FlowerDriver(agg, link, grid, poll=0.0, status_dir=work / "status")
+    driver = FlowerDriver(agg, link, grid, poll=0.01, status_dir=work / "status",
+                          final_seconds=final_seconds)
     return driver, agg, fleet
 
 
@@ -260,3 +261,54 @@ def test_flower_commands_refuse_a_config_without_flower_with_exit_2(tmp_path, ca
         err = capsys.readouterr().err
         assert f"bedside flower: error: {path}" in err and "[flower]" in err
     assert main(["flower"]) == 2  # no command: the group's help
+
+
+def test_a_silent_or_failing_node_delays_no_one_and_loses_no_receipt(tmp_path):
+    """clinic-3's SuperNode never answers, clinic-2's ClientApp fails in round 1: the rounds
+    close at their deadlines with the others' updates; clinic-2 is asked again in the round and
+    gets the receipts it missed."""
+    driver, agg, fleet = flower_federation(tmp_path, clients=3, rounds=2, final_seconds=0.5,
+                                           aggregator={"rounds": {"deadline_seconds": 4.0,
+                                                                  "min_participants": 1}})
+    grid = driver.grid
+    grid.down.add(3)
+    grid.failing.add(2)
+    original = driver._reply
+
+    def heal(flight, reply):  # the ClientApp works again after its first failure
+        original(flight, reply)
+        grid.failing.discard(2)
+
+    driver._reply = heal
+    driver.run()
+    assert [(r.status, r.result["accepted"]) for r in agg.state.rounds()] == [("closed", 2)] * 2
+    to_clinic_2 = [m for m in grid.pushed if m.metadata.dst_node_id == 2]
+    assert len(to_clinic_2) >= 3  # round 1 twice (after the failure), round 2, the end
+    from bedside.edge.outbox import AgentState
+
+    state = AgentState(fleet.plan["clinics"][1]["dir"] / "data" / "agent.db", "demo")
+    assert state.counts().get("accepted") == 2  # both receipts arrived
+
+
+def test_what_a_stranger_node_sends_never_reaches_the_aggregator_or_stops_it(tmp_path):
+    driver, agg, fleet = flower_federation(tmp_path, clients=2, rounds=1)
+    agg.start()
+    driver._collect()
+    stranger = driver.nodes.setdefault(99, _Node())
+    cur = agg.state.current_round()
+    unsigned = encode(KIND_UPDATE, "clinic-1", SigningKey.generate(), {}, round=cur.round,
+                      model_version=cur.model_version, meta={"decline": "no_records",
+                                                             "fleet": "demo"})
+    driver.receive(stranger, [(topic_update("demo", "clinic-1"), unsigned),
+                              (topic_status("demo", "clinic-1"), b"[" * 60000),
+                              (topic_status("demo", "clinic-1"), b"\xff\xfe"),
+                              ("bedside/v1/other/round", b"x")])
+    assert stranger.device is None
+    assert agg.state.rejections(cur.round) == {} and agg.state.declines(cur.round) == {}
+    # an authentic decline of an earlier round (a replay) does not bind either
+    own = SigningKey.load(fleet.plan["clinics"][0]["dir"] / "keys" / "clinic-1.key")
+    old = encode(KIND_UPDATE, "clinic-1", own, {}, round=cur.round - 1 or 0,
+                 model_version=cur.model_version, meta={"decline": "no_records",
+                                                        "fleet": "demo"})
+    driver.receive(stranger, [(topic_update("demo", "clinic-1"), old)])
+    assert stranger.device is None
