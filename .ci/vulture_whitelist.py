@@ -40,3 +40,6 @@ _.seeded
 _.set_up
 # Flower loads the ServerApp and ClientApp by name (the app pyproject.toml components).
 app
+# Flower starts these by name through the scripts bedside.transport.flower.write_runtime writes.
+serverapp_main
+clientapp_main

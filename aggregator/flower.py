@@ -25,10 +25,11 @@ Statuses (the aggregator's and each device's last) are written as JSON files in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,11 +46,11 @@ from bedside.constants import (
     topic_update,
     topic_updates_all,
 )
-from bedside.errors import BedsideError, WireError
+from bedside.errors import BedsideError, ConfigError, WireError
 from bedside.federation.validate import digest
 from bedside.files import atomic_write_bytes
 from bedside.transport import topic_matches
-from bedside.transport.flower import APP_CONFIG_KEY, Mailbox, pack, unpack
+from bedside.transport.flower import Mailbox, pack, unpack
 from bedside.wire.envelope import decode, peek
 
 log = logging.getLogger("bedside.aggregator.flower")
@@ -337,49 +338,54 @@ def status_dir(cfg: Any) -> Path:
     return Path(cfg.data_dir) / "flower" / "status"
 
 
+def federation_done(cfg: Any, since: float) -> bool:
+    """Whether the aggregator's last status, written after ``since``, says the federation is
+    done."""
+    try:
+        body = _status_body((status_dir(cfg) / f"{AGGREGATOR_ID}.json").read_bytes())
+    except OSError:
+        return False
+    if body is None:
+        return False
+    at = body.get("time")
+    return body.get("state") == "done" and isinstance(at, int | float) and at >= since
+
+
 def serve(grid: Any, config: str | Path) -> None:
     """Run the federation of ``aggregator.toml`` at ``config`` over ``grid``."""
     from bedside.aggregator.config import load
     from bedside.aggregator.service import Aggregator
 
     cfg = load(config)
-    link = Mailbox()
-    agg = Aggregator(cfg, link)
     out = status_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    try:
-        poll = cfg.flower.poll_seconds if cfg.flower is not None else 0.2
-        FlowerDriver(agg, link, grid, poll=poll, status_dir=out).run()
-    finally:
-        agg.state.close()
+    with _only_one(out.parent / "serverapp.lock", cfg.source):
+        link = Mailbox()
+        agg = Aggregator(cfg, link)
+        try:
+            poll = cfg.flower.poll_seconds if cfg.flower is not None else 0.2
+            FlowerDriver(agg, link, grid, poll=poll, status_dir=out).run()
+        finally:
+            agg.state.close()
 
 
-def _server_app() -> Any:
-    from flwr.serverapp import ServerApp
+@contextlib.contextmanager
+def _only_one(lock: Path, source: str) -> Iterator[None]:
+    """One ServerApp per federation: a second run submitted to the SuperLink (by mistake, or by
+    someone who can reach its Control API) fails instead of sharing the state."""
+    import fcntl
 
-    server = ServerApp()
-
-    @server.main()
-    def main(grid: Any, context: Any) -> None:
-        from bedside.cli import configure_logging
-
-        configure_logging(verbose=False)
-        path = context.run_config.get(APP_CONFIG_KEY)
-        if not isinstance(path, str) or not path:
-            raise BedsideError(f"the Flower app has no {APP_CONFIG_KEY!r}; submit it with "
-                               "'bedside flower run --config aggregator.toml'")
-        serve(grid, path)
-
-    return server
-
-
-app = _server_app()
+    with lock.open("a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"{source}: another ServerApp is running this federation; stop "
+                              "its run ('flwr stop') before submitting another") from None
+        yield
 
 
 # -- processes (``bedside flower superlink|run``) -----------------------------------------------
 def _flower(cfg: Any) -> Any:
-    from bedside.errors import ConfigError
-
     if cfg.flower is None:
         raise ConfigError(f"{cfg.source}: no [flower] table; add one to run the federation over "
                           "Flower (docs/flower.md), e.g. [flower] with insecure = true on "
@@ -394,23 +400,27 @@ def flower_home(cfg: Any) -> Path:
 
 def superlink_command(cfg: Any) -> tuple[list[str], dict[str, str]]:
     """The SuperLink of the federation configured by ``cfg`` (argv, environment)."""
-    from bedside.transport.flower import flower_env, superlink_argv
+    from bedside.transport.flower import CONFIG_ENV, flower_env, superlink_argv, write_runtime
 
     fl = _flower(cfg)
     database = (Path(fl.database) if fl.database is not None
                 else Path(cfg.data_dir) / "flower" / "superlink.db")
     database.parent.mkdir(parents=True, exist_ok=True)
-    return superlink_argv(fl, database), flower_env(flower_home(cfg))
+    bin_dir = write_runtime(Path(cfg.data_dir) / "flower" / "bin", "flwr-serverapp",
+                            "bedside.aggregator.flower_app", "serverapp_main")
+    env = flower_env(flower_home(cfg), bin_dir)
+    env[CONFIG_ENV] = str(Path(cfg.source).resolve())
+    return superlink_argv(fl, database), env
 
 
-def run_command(cfg: Any, config_path: Path, *, stream: bool = True
-                ) -> tuple[list[str], dict[str, str]]:
-    """``flwr run`` of Bedside's app for the federation at ``config_path`` (argv, environment):
-    writes the app (its pyproject.toml names this aggregator.toml) and the connection."""
+def run_command(cfg: Any, *, stream: bool = True) -> tuple[list[str], dict[str, str]]:
+    """``flwr run`` of Bedside's app (argv, environment): writes the app and the connection.
+    Which federation runs is the SuperLink's (``bedside flower superlink --config``), not the
+    submitted app's."""
     from bedside.transport.flower import flower_env, run_argv, write_app, write_connection
 
     fl = _flower(cfg)
     home = flower_home(cfg)
     write_connection(home, fl)
-    app_dir = write_app(Path(cfg.data_dir) / "flower" / "app", config_path)
+    app_dir = write_app(Path(cfg.data_dir) / "flower" / "app")
     return run_argv(app_dir, stream=stream), flower_env(home)

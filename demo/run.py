@@ -443,8 +443,9 @@ class _FlowerFleet:
         from bedside.aggregator.flower import run_command, status_dir, superlink_command
         from bedside.edge.config import load as load_agent
         from bedside.edge.flower import supernode_command
-        from bedside.transport.flower import wait_listening
+        from bedside.transport.flower import require_flower, wait_listening
 
+        require_flower()
         _write_flower_configs(plan)
         agg_toml = plan["aggregator_dir"] / "aggregator.toml"
         agg = load_aggregator(agg_toml)
@@ -462,10 +463,22 @@ class _FlowerFleet:
         for c in plan["clinics"]:
             path = c["dir"] / "agent.toml"
             start(c["id"], supernode_command(load_agent(path), path))
-        start("aggregator", run_command(agg, agg_toml))
+        start("aggregator", run_command(agg))
 
     def failed(self) -> list[str]:
-        return [n for n, p in self.procs.items() if p.poll() not in (None, 0)]
+        """Processes that exited with an error, and the run if it ended before the federation
+        was done (``flwr run`` exits 0 whatever the ServerApp did) and every status it wrote
+        has been read."""
+        dead = [n for n, p in self.procs.items() if p.poll() not in (None, 0)]
+        run = self.procs.get("aggregator")
+        if run is not None and run.poll() == 0 and not self._unread():
+            dead.append("the Flower run (flwr run: it ended before the federation was done)")
+        return dead
+
+    def _unread(self) -> bool:
+        assert self.status is not None
+        path = self.status / f"{AGGREGATOR_ID}.jsonl"
+        return path.exists() and path.stat().st_size > self._offset
 
     def events(self, timeout: float) -> list[tuple[str, dict[str, Any]]]:
         """New lines of the ServerApp's ``aggregator.jsonl`` (every status, in order)."""
@@ -487,10 +500,16 @@ class _FlowerFleet:
 
     def finish(self) -> dict[str, dict[str, Any]]:
         """The devices' last statuses (written by the ServerApp from their replies)."""
+        import subprocess
+
         assert self.status is not None
         p = self.procs.get("aggregator")
         if p is not None:
-            p.wait(60)
+            try:  # the ServerApp sends every device the final model before it ends
+                p.wait(120)
+            except subprocess.TimeoutExpired:
+                log.warning("the Flower run did not end within 120 s after the federation was "
+                            "done; stopping it")
         out = {}
         for f in sorted(self.status.glob("*.json")):
             body = _json_object(f.read_bytes())

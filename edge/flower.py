@@ -1,7 +1,8 @@
-"""The device's Flower ClientApp: the edge agent, driven by Flower messages instead of MQTT.
+"""The device's side of Flower: the edge agent, driven by Flower messages instead of MQTT.
 
-A SuperNode started by ``bedside flower supernode --config agent.toml`` runs this ClientApp for
-every message the ServerApp sends it (in a fresh process, as Flower's Deployment Engine does). The
+A SuperNode started by ``bedside flower supernode --config agent.toml`` runs Bedside's ClientApp
+(:mod:`bedside.edge.flower_app`) for every message the ServerApp sends it (in a fresh process, as
+Flower's Deployment Engine does), and never the ClientApp of the app that was submitted. The
 message carries Bedside's signed envelopes (the round's announcement, a model release the device
 lacks, its receipts; :mod:`bedside.transport.flower`); :func:`exchange` hands them to the same
 :class:`~bedside.edge.agent.Agent` the MQTT service runs, through a
@@ -23,7 +24,7 @@ from typing import Any
 
 from bedside.constants import topic_status
 from bedside.errors import ConfigError
-from bedside.transport.flower import NODE_CONFIG_KEY, Mailbox, pack, unpack
+from bedside.transport.flower import Mailbox
 
 log = logging.getLogger("bedside.edge.flower")
 
@@ -52,42 +53,16 @@ def exchange(cfg: Any, items: list[tuple[str, bytes]], *,
                                                             if t == status)]
 
 
-def _config_path(context: Any) -> Path:
-    path = context.node_config.get(NODE_CONFIG_KEY)
-    if not isinstance(path, str) or not path:
-        raise ConfigError(f"this SuperNode has no {NODE_CONFIG_KEY!r} in its node config; start "
-                          "it with 'bedside flower supernode --config agent.toml'")
-    return Path(path)
-
-
-def _reply(msg: Any, context: Any) -> Any:
-    from flwr.app import Message
-
-    from bedside.edge.config import load
-
-    cfg = load(_config_path(context))
-    return Message(content=pack(exchange(cfg, unpack(msg.content))), reply_to=msg)
-
-
-def _client_app() -> Any:
-    from flwr.clientapp import ClientApp
-
-    client = ClientApp()
-    client.train()(_reply)  # a round: the announcement opens it
-    client.query()(_reply)  # no round: the end of the federation, a final model, receipts
-    return client
-
-
-app = _client_app()
-
-
 def supernode_command(cfg: Any, config_path: Path) -> tuple[list[str], dict[str, str]]:
     """The SuperNode of the device configured by ``cfg`` at ``config_path`` (argv, environment);
     its ClientApp processes read that file."""
-    from bedside.transport.flower import flower_env, supernode_argv
+    from bedside.transport.flower import flower_env, supernode_argv, write_runtime
 
     if cfg.flower is None:
         raise ConfigError(f"{cfg.source}: no [flower] table; add one to take part over Flower "
                           "(docs/flower.md): superlink = \"HOST:PORT\" and ca_file (TLS), or "
                           "insecure = true on 127.0.0.1 for a test")
-    return supernode_argv(cfg.flower, config_path), flower_env(Path(cfg.data) / "flower-home")
+    bin_dir = write_runtime(Path(cfg.data) / "flower-bin", "flwr-clientapp",
+                            "bedside.edge.flower_app", "clientapp_main")
+    return (supernode_argv(cfg.flower, config_path),
+            flower_env(Path(cfg.data) / "flower-home", bin_dir))

@@ -37,7 +37,7 @@ class MemoryGrid:
         from flwr.app import Context, RecordDict
         from flwr.supercore.task_identity import TaskIdentity
 
-        from bedside.edge.flower import app
+        from bedside.edge.flower_app import app
 
         ids = []
         for m in messages:
@@ -116,12 +116,16 @@ class FlowerProcesses:
             path = self.fleet.agent_toml(i)
             self._start(self.fleet.clinic_ids[i], *supernode_command(load_agent(path), path))
 
-    def run(self, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-        """Submit the federation (``flwr run --stream``) and wait for it to end."""
+    def run(self, timeout: float = 600, app: Path | None = None
+            ) -> subprocess.CompletedProcess[str]:
+        """Submit the federation (``flwr run --stream``; ``app``: another app directory in its
+        place) and wait for it to end."""
         from bedside.aggregator.config import load as load_agg
         from bedside.aggregator.flower import run_command
 
-        argv, env = run_command(load_agg(self.fleet.aggregator_toml), self.fleet.aggregator_toml)
+        argv, env = run_command(load_agg(self.fleet.aggregator_toml))
+        if app is not None:
+            argv[2] = str(app)  # flwr run APP_DIR CONNECTION --stream
         return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout,
                               check=False)
 

@@ -47,8 +47,10 @@ FLWR_VERSION = "1.41.0"
 MAX_ITEMS = 64
 #: Keys of the one ConfigRecord a Bedside Flower message carries.
 RECORD = "bedside"
-APP_CONFIG_KEY = "aggregator-config"
+#: The node config key (``--node-config``) naming a SuperNode's agent.toml.
 NODE_CONFIG_KEY = "agent-config"
+#: The environment variable naming the SuperLink's aggregator.toml (read by its ServerApp).
+CONFIG_ENV = "BEDSIDE_AGGREGATOR_CONFIG"
 
 
 def _tls_rule(where: str, host: str, insecure: bool, has_tls: bool, what: str) -> None:
@@ -216,23 +218,71 @@ def wait_listening(port: int, timeout: float) -> bool:
     return False
 
 
-def flower_env(home: Path) -> dict[str, str]:
-    """The environment of every Flower process Bedside starts: this interpreter's ``bin`` first
-    on PATH (``flower-superexec`` and ``flwr-clientapp`` are started by name), ``FLWR_HOME``,
-    and Flower's telemetry and update check off (they would call Flower's servers)."""
-    bindir = str(Path(sys.executable).parent)
-    return {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
-            "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1"}
+def require_flower() -> None:
+    """Flower must be installed (the ``flower`` extra) for anything that starts it."""
+    import importlib.util
+
+    if importlib.util.find_spec("flwr") is None:
+        raise ConfigError(f"Flower is not installed; install it with: pip install "
+                          f"'bedside[flower]' (flwr=={FLWR_VERSION})")
+
+
+def flower_env(home: Path, runtime_bin: Path | None = None) -> dict[str, str]:
+    """The environment of every Flower process Bedside starts: Bedside's runtime scripts
+    (``runtime_bin``, :func:`write_runtime`) then this interpreter's scripts first on PATH
+    (Flower starts ``flower-superexec``, ``flwr-serverapp`` and ``flwr-clientapp`` by name),
+    ``FLWR_HOME``, and Flower's telemetry and update check off (they would call Flower's
+    servers)."""
+    dirs = [str(runtime_bin)] if runtime_bin is not None else []
+    dirs += [_scripts(), os.environ.get("PATH", "")]
+    return {**os.environ, "PATH": os.pathsep.join(dirs), "FLWR_HOME": str(home),
+            "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "PYTHONUNBUFFERED": "1"}
+
+
+def _scripts() -> str:
+    import sysconfig
+
+    return sysconfig.get_path("scripts")
 
 
 def executable(name: str) -> str:
-    """A Flower console script of this interpreter's environment."""
-    path = Path(sys.executable).parent / name
-    if not path.exists():
-        raise ConfigError(f"{name} is not installed next to {sys.executable}; install Flower "
-                          f"with: pip install 'bedside[flower]' (flwr=={FLWR_VERSION})")
-    return str(path)
+    """A Flower console script of this environment (its scripts directory, else PATH)."""
+    import shutil
+
+    require_flower()
+    path = Path(_scripts()) / name
+    found = str(path) if path.exists() else shutil.which(name)
+    if found is None:
+        raise ConfigError(f"{name} is not installed in {_scripts()} nor on PATH; install "
+                          f"Flower with: pip install 'bedside[flower]' (flwr=={FLWR_VERSION})")
+    return found
+
+
+def replace_in(module: Any, **replacements: Any) -> None:
+    """Replace functions of one of Flower's runtime modules (the pinned release's names). A name
+    that is missing fails loudly: a Flower release that renamed it would otherwise run the
+    submitted app's code."""
+    for name, value in replacements.items():
+        if not hasattr(module, name):
+            raise ConfigError(f"{module.__name__}.{name} does not exist: this Flower release is "
+                              f"not flwr=={FLWR_VERSION}, whose runtime Bedside replaces; install "
+                              f"'bedside[flower]'")
+        setattr(module, name, value)
+
+
+def write_runtime(directory: Path, name: str, module: str, function: str) -> Path:
+    """A script ``name`` in ``directory`` that runs ``module.function()`` with this interpreter:
+    what Flower's SuperExec starts by name instead of Flower's own ``flwr-clientapp`` or
+    ``flwr-serverapp`` (so that the submitted app never chooses the code that runs)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    script = directory / name
+    script.write_text(f"#!{sys.executable}\n"
+                      f"# Written by Bedside: Flower starts this {name} for every message or run;\n"
+                      f"# it runs Bedside's app, never the submitted one.\n"
+                      f"import sys\nfrom {module} import {function}\nsys.exit({function}())\n")
+    script.chmod(0o755)
+    return directory
 
 
 def superlink_argv(cfg: FlowerServerConfig, database: Path) -> list[str]:
@@ -263,14 +313,14 @@ def _toml_string(s: str) -> str:
     return json.dumps(s)  # a JSON string is a valid TOML basic string
 
 
-def write_app(directory: Path, aggregator_toml: Path) -> Path:
-    """The Flower app (a FAB's ``pyproject.toml``) whose ServerApp and ClientApp are Bedside's.
+def write_app(directory: Path) -> Path:
+    """The Flower app (a FAB's ``pyproject.toml``) that ``flwr run`` submits.
 
-    Its components are modules of the installed ``bedside`` package, and it lists no
-    dependencies: SuperLink and SuperNodes run it in the environment Bedside is installed in,
-    with runtime dependency installation off, so nothing is fetched at run time."""
+    Flower needs one to start a run. Bedside's SuperLink and SuperNodes never install or import
+    a submitted app (:func:`write_runtime`): its components name Bedside's ServerApp and
+    ClientApp for readers and for Flower's own checks, and it lists no dependencies."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "pyproject.toml").write_text(f"""\
+    (directory / "pyproject.toml").write_text("""\
 # Written by Bedside ('bedside flower run'); the app is the installed bedside package.
 [project]
 name = "bedside-federation"
@@ -282,19 +332,19 @@ dependencies = []
 publisher = "bedside"
 
 [tool.flwr.app.components]
-serverapp = "bedside.aggregator.flower:app"
-clientapp = "bedside.edge.flower:app"
-
-[tool.flwr.app.config]
-{APP_CONFIG_KEY} = {_toml_string(str(aggregator_toml.resolve()))}
+serverapp = "bedside.aggregator.flower_app:app"
+clientapp = "bedside.edge.flower_app:app"
 """)
     return directory
 
 
 def write_connection(home: Path, cfg: FlowerServerConfig, name: str = "bedside") -> None:
-    """``$FLWR_HOME/config.toml``: how ``flwr run`` reaches the SuperLink's Control API."""
+    """``$FLWR_HOME/config.toml``: how ``flwr run`` reaches the SuperLink's Control API (on
+    127.0.0.1 when the SuperLink binds every address: its certificate must name 127.0.0.1)."""
     home.mkdir(parents=True, exist_ok=True)
     host = DEFAULT_HOST if cfg.host in ("0.0.0.0", "::") else cfg.host  # noqa: S104 (a name)
+    if ":" in host:  # an IPv6 address
+        host = f"[{host}]"
     lines = ["[superlink]", f"default = {_toml_string(name)}", "",
              f"[superlink.{name}]", f"address = {_toml_string(f'{host}:{cfg.port}')}"]
     if cfg.insecure:

@@ -15,6 +15,8 @@ import os
 import sys
 from pathlib import Path
 
+from bedside.transport.flower import require_flower
+
 
 def build(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
@@ -46,6 +48,7 @@ def _superlink(ns: argparse.Namespace) -> int:
     from bedside.aggregator.config import load
     from bedside.aggregator.flower import superlink_command
 
+    require_flower()
     return _exec(*superlink_command(load(ns.config)))
 
 
@@ -53,11 +56,29 @@ def _supernode(ns: argparse.Namespace) -> int:
     from bedside.edge.config import load
     from bedside.edge.flower import supernode_command
 
+    require_flower()
     return _exec(*supernode_command(load(ns.config), ns.config.resolve()))
 
 
 def _run(ns: argparse.Namespace) -> int:
-    from bedside.aggregator.config import load
-    from bedside.aggregator.flower import run_command
+    """``flwr run``, then the federation's own verdict: Flower's CLI exits 0 when the run ends,
+    whether or not the ServerApp succeeded, so the aggregator's last status decides."""
+    import subprocess
+    import time
 
-    return _exec(*run_command(load(ns.config), ns.config.resolve(), stream=not ns.no_stream))
+    from bedside.aggregator.config import load
+    from bedside.aggregator.flower import federation_done, run_command, status_dir
+
+    require_flower()
+    cfg = load(ns.config)
+    argv, env = run_command(cfg, stream=not ns.no_stream)
+    print("bedside flower: " + " ".join(argv), file=sys.stderr, flush=True)
+    started = time.time()
+    code = subprocess.call(argv, env=env)
+    if code != 0 or ns.no_stream:
+        return code
+    if not federation_done(cfg, since=started):
+        print(f"bedside flower: error: the run ended but the federation did not finish; see the "
+              f"ServerApp's log above and {status_dir(cfg)}", file=sys.stderr)
+        return 1
+    return 0

@@ -40,9 +40,13 @@ def test_wdbc_rounds_over_flower_with_a_device_that_refuses(tmp_path):
     try:
         procs.start()
         done = procs.run()
+        # then someone who can reach the SuperLink submits an app of their own
+        hostile = procs.run(app=_hostile_app(tmp_path / "hostile"))
     finally:
         procs.stop()
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert hostile.returncode == 0, hostile.stdout[-3000:] + hostile.stderr[-3000:]
+    assert not list((tmp_path / "hostile").glob("ran-*")), "a submitted app's code ran"
     rounds = State(fleet.plan["aggregator_dir"] / "data" / "state.db").rounds()
     assert [(r.settings.task, r.status) for r in rounds] == [
         ("statistics", "closed"), ("train", "closed"), ("train", "closed")]
@@ -66,6 +70,22 @@ def test_wdbc_rounds_over_flower_with_a_device_that_refuses(tmp_path):
     assert statuses["aggregator"]["state"] == "done"
     assert {d: statuses[d]["model_version"] for d in fleet.clinic_ids} == {
         d: 4 for d in fleet.clinic_ids}
+
+
+def _hostile_app(d):
+    """An app whose ServerApp and ClientApp leave a mark where they run: Bedside's SuperLink and
+    SuperNodes must never import it (they run Bedside's apps, whatever is submitted)."""
+    d.mkdir(parents=True)
+    for side, cls in (("server", "from flwr.serverapp import ServerApp as App"),
+                      ("client", "from flwr.clientapp import ClientApp as App")):
+        (d / f"evil_{side}.py").write_text(
+            f"import pathlib\npathlib.Path({str(d / f'ran-{side}')!r}).write_text('code ran')\n"
+            f"{cls}\napp = App()\n")
+    (d / "pyproject.toml").write_text(
+        '[project]\nname = "evil"\nversion = "1.0.0"\ndependencies = []\n\n'
+        '[tool.flwr.app]\npublisher = "evil"\n\n[tool.flwr.app.components]\n'
+        'serverapp = "evil_server:app"\nclientapp = "evil_client:app"\n')
+    return d
 
 
 def test_flower_with_tls_and_a_self_signed_ca(tmp_path):

@@ -5,7 +5,9 @@ processes in tests/integration/test_federation_flower.py."""
 
 from __future__ import annotations
 
+import os
 import tomllib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -109,13 +111,50 @@ def test_flower_needs_tls_or_an_explicit_insecure_on_loopback(tmp_path):
 def test_the_app_flower_installs_names_bedsides_server_and_client(tmp_path):
     from flwr.common.config import validate_config
 
-    app = write_app(tmp_path / "app", tmp_path / "aggregator.toml")
+    app = write_app(tmp_path / "app")
     config = tomllib.loads((app / "pyproject.toml").read_text())
     ok, errors, _ = validate_config(config, check_module=True, project_dir=app)
     assert ok, errors
     assert config["project"]["dependencies"] == []  # nothing installed at run time
-    assert config["tool"]["flwr"]["app"]["config"]["aggregator-config"] == str(
-        (tmp_path / "aggregator.toml").resolve())
+
+
+def test_bedside_replaces_exactly_what_the_pinned_flower_runtime_has():
+    """The runtime functions Bedside replaces (so that a submitted app's code never runs)
+    exist in this Flower; a release that renamed one is refused, not silently bypassed."""
+    import importlib
+
+    from bedside.transport.flower import replace_in
+
+    server = importlib.import_module("flwr.superlink.runtime.run_serverapp")
+    client = importlib.import_module("flwr.supernode.runtime.run_clientapp")
+
+    for module, names in ((client, ("install_from_fab", "install_app_dependencies",
+                                    "get_project_dir", "get_load_client_app_fn")),
+                          (server, ("install_from_fab", "install_app_dependencies",
+                                    "get_project_dir", "get_project_config",
+                                    "get_fused_config_from_dir", "run_"))):
+        replace_in(module, **{n: getattr(module, n) for n in names})
+    with pytest.raises(ConfigError, match=r"not flwr==1\.41\.0"):
+        replace_in(client, load_everything=None)
+
+
+def test_flower_processes_start_bedsides_runtime_first_on_path(tmp_path):
+    from bedside.aggregator.flower import superlink_command
+    from bedside.edge.config import load as load_agent
+    from bedside.edge.flower import supernode_command
+    from bedside.transport.flower import CONFIG_ENV
+
+    fleet = seeded_fleet(tmp_path, clients=2, rounds=1)
+    set_flower(fleet)
+    cfg = load_agg(fleet.aggregator_toml)
+    _, env = superlink_command(cfg)
+    script = Path(env["PATH"].split(os.pathsep)[0]) / "flwr-serverapp"
+    assert "bedside.aggregator.flower_app import serverapp_main" in script.read_text()
+    assert os.access(script, os.X_OK)
+    assert env[CONFIG_ENV] == str(fleet.aggregator_toml.resolve())
+    _, env = supernode_command(load_agent(fleet.agent_toml(0)), fleet.agent_toml(0))
+    script = Path(env["PATH"].split(os.pathsep)[0]) / "flwr-clientapp"
+    assert "bedside.edge.flower_app import clientapp_main" in script.read_text()
 
 
 def test_a_config_without_flower_says_how_to_add_it(tmp_path):
