@@ -1,9 +1,9 @@
-"""The aggregator's Flower ServerApp: the aggregator service, driven over a Flower Grid.
+"""The aggregator service, driven over a Flower Grid (Bedside's ServerApp is
+:mod:`bedside.aggregator.flower_app`).
 
-``bedside flower run --config aggregator.toml`` submits this ServerApp to the SuperLink. It runs
-the same :class:`~bedside.aggregator.service.Aggregator` as ``bedside aggregator serve``, with a
-:class:`~bedside.transport.flower.Mailbox` for a transport, so rounds, validation
-(:func:`~bedside.federation.validate.validate_update`), aggregation
+Over Flower, the ServerApp runs the same :class:`~bedside.aggregator.service.Aggregator` as
+``bedside aggregator serve``, with a :class:`~bedside.transport.flower.Mailbox` for a transport,
+so rounds, validation (:func:`~bedside.federation.validate.validate_update`), aggregation
 (:func:`~bedside.federation.aggregate.aggregate_round`), the registry, signed releases, receipts,
 ``state.db`` and the privacy report are the MQTT service's, unchanged. :class:`FlowerDriver` does
 what the MQTT broker does there:
@@ -14,13 +14,15 @@ what the MQTT broker does there:
   waiting for its device;
 * what comes back (the device's signed update or decline, and its status) is handed to the
   aggregator as it would arrive on the device's MQTT topic. A SuperNode is bound to the device
-  whose signature its first update carries: a later envelope it sends under another device's
-  name is rejected as a topic mismatch, as Mosquitto's ACL would refuse it;
+  whose fresh update or decline of the open round the aggregator recorded; a later envelope it
+  sends under another device's name is rejected as a topic mismatch, as Mosquitto's ACL would
+  refuse it, and an unbound node's update that no enrolled device signed is dropped;
 * when the federation is done, every SuperNode gets a last message (``query``) with the final
   model and the end of the federation.
 
 Statuses (the aggregator's and each device's last) are written as JSON files in
-``<data_dir>/flower/status/``, where ``bedside demo`` and operators read them.
+``<data_dir>/flower/status/``, where ``bedside flower run``, ``bedside demo`` and operators read
+them. This module imports Flower only inside the functions that build Flower messages.
 """
 
 from __future__ import annotations
