@@ -1,4 +1,4 @@
-"""``bedside models ...``: export, import, inspect, verify."""
+"""``bedside models ...``: export, import, schema, inspect; list and show a registry."""
 
 from __future__ import annotations
 
@@ -57,6 +57,27 @@ def build(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_import)
 
+    p = sub.add_parser("schema", help="write an input schema to edit, from a CSV's columns "
+                       "(for 'bedside models import --schema')")
+    p.add_argument("--from-csv", required=True, type=Path, metavar="FILE.csv", dest="csv")
+    p.add_argument("--label", required=True, help="the label column (its values are the classes)")
+    p.add_argument("--out", required=True, type=Path, metavar="schema.json")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=_schema)
+
+    p = sub.add_parser("list", help="the versions in an aggregator's registry")
+    p.add_argument("--registry", required=True, type=Path, metavar="DIR",
+                   help="the aggregator's registry (<data_dir>/registry)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_list)
+
+    p = sub.add_parser("show", help="one version of a registry: its lineage, privacy, metrics")
+    p.add_argument("version", type=int)
+    p.add_argument("--registry", required=True, type=Path, metavar="DIR",
+                   help="the aggregator's registry (<data_dir>/registry)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_show)
+
     p = sub.add_parser("inspect", help="show a model directory's manifest and verify its files")
     p.add_argument("model", type=Path, metavar="DIR")
     p.add_argument("--json", action="store_true")
@@ -83,8 +104,16 @@ def _summary(m: Any, out: Path) -> str:
             f"batch-1 p50 {lat['int8']['batch1_p50_ms']:.3f} ms vs fp32 "
             f"{lat['fp32']['batch1_p50_ms']:.3f} ms, {q['bytes']['int8']} vs "
             f"{q['bytes']['fp32']} bytes")
-    lines.append(f"  privacy: {m.privacy or 'none (trained without differential privacy)'}")
+    lines.append(f"  privacy: {_privacy_line(m)}")
     return "\n".join(lines)
+
+
+def _privacy_line(m: Any) -> str:
+    from bedside.models.catalog import privacy_text
+
+    if not m.privacy and m.arch is not None and "round" not in m.training:
+        return "none (trained without differential privacy)"
+    return privacy_text(m)
 
 
 def _export(ns: argparse.Namespace) -> int:
@@ -141,3 +170,86 @@ def _inspect(ns: argparse.Namespace) -> int:
     else:
         print(_summary(m, ns.model) + "\n  files verified: sha256 matches the manifest")
     return 0
+
+
+def _schema(ns: argparse.Namespace) -> int:
+    """A tabular schema from a CSV: every column but the label a numeric feature, the label's
+    values the classes, an allowed range per feature from the file's values (widened and rounded
+    outward). Meant to be edited: units, descriptions and clinically plausible ranges."""
+    from bedside.files import write_output
+    from bedside.models import datasets
+
+    if ns.out.exists() and not ns.force:
+        raise InputError(f"{ns.out} exists; choose another --out or pass --force")
+    ds = datasets.load_csv(ns.csv, ns.label)
+    schema = datasets.infer_ranges(ds.schema, ds.x)
+    write_output(ns.out, json.dumps(schema.to_dict(), indent=2) + "\n")
+    print(f"wrote {ns.out}: {schema.n_features} features, labels {list(schema.labels)} (the "
+          f"class order a model's outputs must follow). Edit it before you import: give each "
+          f"feature its 'unit', a 'description' and the clinically plausible 'min'/'max' (values "
+          f"outside are refused at inference; the ones written here come from {ns.csv.name}'s "
+          f"values, widened and rounded outward); 'loc'/'scale' matter only to models Bedside "
+          f"exports (an imported model scales inside its own graph). Then: bedside models "
+          f"import MODEL.onnx --schema {ns.out} --out DIR (docs/models.md)")
+    return 0
+
+
+def _list(ns: argparse.Namespace) -> int:
+    from bedside.models.catalog import summary
+
+    registry = _registry(ns.registry)
+    rows = [summary(registry.manifest(v)) for v in registry.versions()]
+    if ns.json:
+        print_json({"registry": str(ns.registry), "versions": rows})
+        return 0
+    if not rows:
+        print(f"{ns.registry}: no versions yet")
+        return 0
+    print(f"{'version':>7}  {'parent':>6}  {'created (UTC)':<19}  {'accuracy':>8}  "
+          f"{'eps dev':>8}  {'eps rec':>7}  origin")
+    for r in rows:
+        print(f"{r['version']:>7}  {_dash(r['parent']):>6}  {_when(r['created_at']):<19}  "
+              f"{_dash(r['accuracy'], '.4f'):>8}  {_dash(r['epsilon_device'], '.3g'):>8}  "
+              f"{_dash(r['epsilon_record_max'], '.3g'):>7}  {r['origin']}")
+    return 0
+
+
+def _show(ns: argparse.Namespace) -> int:
+    from bedside.models.catalog import lineage, summary
+
+    chain = lineage(_registry(ns.registry), ns.version)
+    m = chain[0]
+    if ns.json:
+        print_json({"version": summary(m), "manifest": m.to_dict(),
+                    "lineage": [summary(a) for a in chain]})
+        return 0
+    s = summary(m)
+    print(f"{m.name} v{m.version}: {s['origin']}, created {_when(m.created_at)} UTC")
+    print(f"  sha256 {m.sha256}, {_dash(s['bytes'])} bytes, opset {m.opset}")
+    print(f"  accuracy {_dash(s['accuracy'], '.4f')}, AUC {_dash(s['auc'], '.4f')} on the "
+          "reference set")
+    print(f"  privacy: {s['privacy']}"
+          + (f"; record-level epsilon <= {s['epsilon_record_max']:.3g} reported by its "
+             "contributors" if s["epsilon_record_max"] is not None else ""))
+    print("  lineage: " + " <- ".join(f"v{a.version} ({origin})" for a, origin in
+                                      ((a, summary(a)["origin"]) for a in chain)))
+    return 0
+
+
+def _registry(path: Path) -> Any:
+    from bedside.models.registry import Registry
+
+    if not (path / "versions").is_dir():
+        raise InputError(f"{path}: not a registry (no versions/ inside); the aggregator's is "
+                         "<data_dir>/registry")
+    return Registry(path)
+
+
+def _dash(v: Any, fmt: str = "") -> str:
+    return "-" if v is None else format(v, fmt)
+
+
+def _when(t: float) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")

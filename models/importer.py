@@ -107,6 +107,9 @@ def import_onnx(model_file: str | Path, schema: Schema, out_dir: str | Path, *,
     manifest = Manifest(
         name=name or path.stem, version=version, schema=schema, sha256="", opset=opset,
         arch=None, output=io, training={"imported_from": path.name},
+        privacy={"status": "unknown",
+                 "note": "imported: how and on what data it was trained is not known to "
+                         "Bedside; no privacy guarantee is claimed"},
     )
     _self_test(data, io, schema)
     write_model_dir(out_dir, data, manifest)

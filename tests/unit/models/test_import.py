@@ -79,3 +79,35 @@ def test_import_cli(tmp_path, capsys):
                str(tmp_path / "bad.json"), "--out", str(tmp_path / "out2")])
     assert rc == 2
     assert "not valid JSON" in capsys.readouterr().err
+
+
+def test_a_schema_written_from_a_csv_imports_a_users_model(tmp_path, capsys):
+    """``bedside models schema --from-csv`` writes the schema a user edits and imports with; the
+    imported model's privacy is unknown, not 'trained without differential privacy'."""
+    ds = datasets.load("wdbc")
+    csv = datasets.to_csv(ds, tmp_path / "cohort.csv", label_column="diagnosis")
+    out = tmp_path / "schema.json"
+    assert main(["models", "schema", "--from-csv", str(csv), "--label", "diagnosis", "--out",
+                 str(out)]) == 0
+    assert "Edit it before you import" in capsys.readouterr().out
+    written = json.loads(out.read_text())
+    assert written["labels"] == ["benign", "malignant"]  # the file's classes, sorted
+    names = [f["name"] for f in written["features"]]
+    assert names == [f.name for f in ds.schema.features]
+    for f, col in zip(written["features"], ds.x.T, strict=True):
+        assert f["min"] <= col.min() and f["max"] >= col.max()  # every row of the file fits
+    assert main(["models", "schema", "--from-csv", str(csv), "--label", "diagnosis", "--out",
+                 str(out)]) == 2  # not replaced without --force
+    assert "exists" in capsys.readouterr().err
+    # the user's own model, trained on the file's labels (scikit-learn orders them by name)
+    clf = LogisticRegression(max_iter=3000).fit(ds.x, np.array(ds.schema.labels)[ds.y])
+    (tmp_path / "m.onnx").write_bytes(_convert(clf, ds.x.shape[1], True))
+    assert main(["models", "import", str(tmp_path / "m.onnx"), "--schema", str(out), "--out",
+                 str(tmp_path / "model")]) == 0
+    capsys.readouterr()
+    np.testing.assert_allclose(Predictor(tmp_path / "model").predict_proba(ds.x),
+                               clf.predict_proba(ds.x), atol=1e-5)
+    assert main(["models", "inspect", str(tmp_path / "model")]) == 0
+    assert "privacy: unknown: imported" in capsys.readouterr().out
+    assert main(["models", "schema", "--from-csv", str(csv), "--label", "nope", "--out",
+                 str(tmp_path / "x.json")]) == 2
