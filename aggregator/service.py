@@ -123,6 +123,7 @@ class Aggregator:
         return ring
 
     def _bootstrap_model(self) -> None:
+        self._warn_ignored_initial_model()
         if self.registry.latest() is None:
             src = self.cfg.initial_model
             if src is None:
@@ -146,6 +147,26 @@ class Aggregator:
 
             assert ev.label is not None and self._manifest is not None
             self._evaluator = Evaluator(ev.data, ev.label, self._manifest)
+
+    def _warn_ignored_initial_model(self) -> None:
+        """``initial_model`` starts a federation; once the registry holds versions it is not
+        read again. Say so when it names another model than the one this federation started
+        from (an operator who meant to start over)."""
+        src, versions = self.cfg.initial_model, self.registry.versions()
+        if src is None or not versions:
+            return
+        try:
+            given = load_manifest(src).sha256
+        except BedsideError as exc:
+            log.warning("initial_model %s is ignored (the registry holds versions %d..%d) and "
+                        "cannot be read: %s", src, versions[0], versions[-1], exc)
+            return
+        if given != self.registry.manifest(versions[0]).sha256:
+            log.warning("initial_model %s is ignored: the registry %s already holds versions "
+                        "%d..%d of this federation, which started from another model. To start "
+                        "a new federation, give it a new fleet name (here and in every "
+                        "agent.toml) and a new data_dir (docs/models.md)", src,
+                        self.registry.root, versions[0], versions[-1])
 
     def _load_version(self, version: int) -> None:
         self._manifest = self.registry.manifest(version)

@@ -201,8 +201,18 @@ class Agent:
                         env.header.meta.get("fleet"))
             return
         latest = self.models.latest_version()
-        if (latest is not None and version <= latest) or version in self.refused_versions:
-            return  # a retained release we already have (or refused)
+        if version in self.refused_versions:
+            log.debug("model release v%d ignored: refused before", version)
+            return
+        if latest is not None and version == latest:
+            log.debug("model release v%d ignored: installed already", version)
+            return  # the retained release, delivered again at every (re)connection
+        if latest is not None and version < latest:
+            log.warning("model release v%d of fleet %r ignored: this device has v%d, and a "
+                        "release older than the newest it has is never installed (a replay, or "
+                        "an aggregator that started its registry over: a new federation needs a "
+                        "new fleet name, docs/models.md)", version, self.cfg.fleet, latest)
+            return
         manifest = env.header.meta.get("manifest")
         if not isinstance(manifest, dict):
             log.warning("model release v%d has no manifest; ignored", version)
@@ -228,9 +238,14 @@ class Agent:
             log.warning("announcement for fleet %r ignored", meta.get("fleet"))
             return
         seen = self.state.announced_round()
+        if self.announce is not None:
+            seen = max(seen or 0, self.announce.header.round)
         if seen is not None and env.header.round < seen:
-            return  # an old announcement replayed: never go back
-        if self.announce is not None and env.header.round < self.announce.header.round:
+            # never go back: an old announcement replayed, or an aggregator that started over
+            log.warning("round %d announcement of fleet %r ignored: this device has seen round "
+                        "%d, and announcements never go back (a replay, or an aggregator that "
+                        "started over: a new federation needs a new fleet name, docs/models.md)",
+                        env.header.round, self.cfg.fleet, seen)
             return
         self.state.set_announced_round(env.header.round)
         self.announce, self.settings = env, None
