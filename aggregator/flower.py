@@ -262,17 +262,20 @@ class FlowerDriver:
         except BedsideError as exc:
             log.warning("an unbound SuperNode sent an update that is not authentic: %s", exc)
             return
-        h = env.header
-        cur = self.agg.state.current_round()
+        h, state = env.header, self.agg.state
+        cur = state.current_round()
+
+        def recorded() -> bool:
+            assert cur is not None
+            if env.tensors:
+                return state.nonce_seen(h.sender, h.nonce) == (cur.round, digest(payload))
+            return h.sender in state.declines(cur.round)
+
+        fresh = cur is not None and h.round == cur.round and not recorded()
         self.link.deliver(topic_update(self.fleet, h.sender), payload)
         self.agg.step(0.0)
-        if cur is None or h.round != cur.round:
-            return
-        seen = self.agg.state.nonce_seen(h.sender, h.nonce)
-        fresh = (seen == (cur.round, digest(payload)) if env.tensors
-                 else h.sender in self.agg.state.declines(cur.round))
-        if not fresh:
-            return
+        if not (fresh and recorded()):
+            return  # another round's, a copy of what was recorded already, or rejected
         for other in self.nodes.values():  # the device's SuperNode restarted: a new node id
             if other is not node and other.device == h.sender:
                 other.device = None

@@ -49,13 +49,19 @@ def privacy_text(m: Manifest) -> str:
     """The privacy a version's manifest states, in words (never a guarantee it does not have)."""
     p = m.privacy or {}
     if p.get("status") == "unknown":
-        return "unknown: " + str(p.get("note", "imported; how it was trained is not known"))
-    if "epsilon" in p:
-        return (f"device-level epsilon {p['epsilon']:.3g} (delta {p.get('delta', '?')}, "
+        text = "unknown: " + str(p.get("note", "imported; how it was trained is not known"))
+    elif isinstance(p.get("epsilon"), int | float):
+        text = (f"device-level epsilon {p['epsilon']:.3g} (delta {p.get('delta', '?')}, "
                 f"{p.get('noise', '?')} noise, {p.get('rounds', '?')} round(s))")
-    if p:
-        return ", ".join(f"{k} {v}" for k, v in sorted(p.items()))
-    return "none recorded (no federated round produced this version)"
+    elif "epsilon" in p:
+        text = "no device-level guarantee" + (f": {p['note']}" if p.get("note") else "")
+    elif p:
+        text = ", ".join(f"{k} {v}" for k, v in sorted(p.items()))
+    else:
+        text = "none recorded (no federated round produced this version)"
+    if p.get("seeded_noise") or p.get("warning"):
+        text += "; WARNING: " + str(p.get("warning") or "its noise was seeded: NOT private")
+    return text
 
 
 def lineage(registry: Any, version: int) -> list[Manifest]:

@@ -35,6 +35,7 @@ from typing import Any
 from bedside.config import setting
 from bedside.constants import DEFAULT_HOST
 from bedside.errors import ConfigError, WireError
+from bedside.files import atomic_write_bytes
 from bedside.transport import Message, is_loopback, topic_matches
 
 #: The SuperLink's one HTTP port in flwr 1.41 (Fleet, Control and Runtime APIs).
@@ -80,6 +81,11 @@ class FlowerServerConfig:
                                      "include the host SuperNodes dial)")
     key_file: Path | None = setting(None, "TLS: the SuperLink's private key")
     insecure: bool = setting(False, "plaintext HTTP, only on 127.0.0.1 (tests and the demo)")
+    expose_all_apis: bool = setting(False, "bind beyond 127.0.0.1 although the SuperLink's "
+                                    "Control and Runtime APIs share the port and have no "
+                                    "authentication in flwr 1.41 (anyone who reaches them can "
+                                    "stop runs or claim the ServerApp's task); instead, keep "
+                                    "127.0.0.1 and forward only /v1/fleet/ (docs/flower.md)")
     database: Path | None = setting(None, "the SuperLink's state (default: "
                                     "<data_dir>/flower/superlink.db)")
     home: Path | None = setting(None, "FLWR_HOME of the SuperLink and of 'flwr run': installed "
@@ -94,6 +100,15 @@ class FlowerServerConfig:
             raise ConfigError("[flower] ca_file, cert_file and key_file go together")
         _tls_rule("SuperLink", self.host, self.insecure, all(tls), "ca_file, cert_file and "
                   "key_file")
+        if not is_loopback(self.host) and not self.expose_all_apis:
+            raise ConfigError(
+                f"[flower] host = {self.host!r}: the SuperLink's port also serves Flower's "
+                "Control and Runtime APIs, which have no authentication in flwr 1.41: anyone "
+                "who reaches them can stop the federation or take the ServerApp's place and "
+                "receive the devices' updates. Keep host = \"127.0.0.1\" and let devices reach "
+                "the Fleet API through a TLS proxy that forwards only /v1/fleet/ "
+                "(docs/flower.md), or set expose_all_apis = true if the network itself admits "
+                "only the devices and the data team")
 
 
 @dataclass(frozen=True)
@@ -234,8 +249,9 @@ def flower_env(home: Path, runtime_bin: Path | None = None) -> dict[str, str]:
     ``FLWR_HOME``, and Flower's telemetry and update check off (they would call Flower's
     servers)."""
     dirs = [str(runtime_bin)] if runtime_bin is not None else []
-    dirs += [_scripts(), os.environ.get("PATH", "")]
-    return {**os.environ, "PATH": os.pathsep.join(dirs), "FLWR_HOME": str(home),
+    dirs += [_scripts(), *os.environ.get("PATH", "").split(os.pathsep)]
+    path = os.pathsep.join(d for d in dirs if d)  # an empty entry would mean the working dir
+    return {**os.environ, "PATH": path, "FLWR_HOME": str(home),
             "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
             "PYTHONUNBUFFERED": "1"}
 
@@ -272,16 +288,29 @@ def replace_in(module: Any, **replacements: Any) -> None:
 
 
 def write_runtime(directory: Path, name: str, module: str, function: str) -> Path:
-    """A script ``name`` in ``directory`` that runs ``module.function()`` with this interpreter:
-    what Flower's SuperExec starts by name instead of Flower's own ``flwr-clientapp`` or
-    ``flwr-serverapp`` (so that the submitted app never chooses the code that runs)."""
+    """Bedside's runtime for one side of Flower, in ``directory`` (put first on the PATH of the
+    SuperLink or SuperNode, :func:`flower_env`): a script ``name`` that runs ``module.function()``
+    with this interpreter (Bedside's ServerApp or ClientApp process), and, for every other
+    program Flower's SuperExec starts by name (``flwr-agentapp``, ``flwr-model``,
+    ``flwr-connector``, ``flwr-simulation``, the other side's app), a script that refuses. So
+    neither a submitted app nor a task type Bedside does not use ever runs code here."""
+    import shlex
+
+    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND
+
     directory.mkdir(parents=True, exist_ok=True)
-    script = directory / name
-    script.write_text(f"#!{sys.executable}\n"
-                      f"# Written by Bedside: Flower starts this {name} for every message or run;\n"
-                      f"# it runs Bedside's app, never the submitted one.\n"
-                      f"import sys\nfrom {module} import {function}\nsys.exit({function}())\n")
-    script.chmod(0o755)
+    python = shlex.quote(sys.executable)
+    code = shlex.quote(f"import sys; sys.argv[0] = {name!r}; from {module} import {function}; "
+                       f"sys.exit({function}())")
+    scripts = {name: f"exec {python} -c {code} \"$@\"\n"}
+    for other in sorted(set(TASK_TYPE_TO_COMMAND.values()) - {name}):
+        refusal = shlex.quote(f"bedside: Flower asked to start {other}; this side runs only "
+                              f"{name} (Bedside's)")
+        scripts[other] = f"echo {refusal} >&2\nexit 1\n"
+    for script, body in scripts.items():
+        path = directory / script
+        atomic_write_bytes(path, ("#!/bin/sh\n# Written by Bedside: Flower starts programs by "
+                                  "name; this one is Bedside's.\n" + body).encode(), mode=0o755)
     return directory
 
 

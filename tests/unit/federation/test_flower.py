@@ -86,7 +86,10 @@ def test_flower_needs_tls_or_an_explicit_insecure_on_loopback(tmp_path):
     with pytest.raises(ConfigError, match="no TLS files"):
         FlowerNodeConfig()
     with pytest.raises(ConfigError, match="plaintext Flower beyond"):
-        FlowerServerConfig(host="10.0.0.5", insecure=True)
+        FlowerServerConfig(host="10.0.0.5", insecure=True, expose_all_apis=True)
+    with pytest.raises(ConfigError, match="Control and Runtime APIs"):
+        FlowerServerConfig(host="0.0.0.0", ca_file=tmp_path / "ca.crt",
+                           cert_file=tmp_path / "s.crt", key_file=tmp_path / "s.key")
     with pytest.raises(ConfigError, match="plaintext Flower beyond"):
         FlowerNodeConfig(superlink="aggregator.example:9093", insecure=True)
     with pytest.raises(ConfigError, match="go together"):
@@ -94,7 +97,8 @@ def test_flower_needs_tls_or_an_explicit_insecure_on_loopback(tmp_path):
     with pytest.raises(ConfigError, match="host:port"):
         FlowerNodeConfig(superlink="9093", insecure=True)
     tls = FlowerServerConfig(host="10.0.0.5", ca_file=tmp_path / "ca.crt",
-                             cert_file=tmp_path / "s.crt", key_file=tmp_path / "s.key")
+                             cert_file=tmp_path / "s.crt", key_file=tmp_path / "s.key",
+                             expose_all_apis=True)
     argv = superlink_argv(tls, tmp_path / "db")
     assert "--insecure" not in argv and argv[argv.index("--ssl-certfile") + 1].endswith("s.crt")
     argv = superlink_argv(FlowerServerConfig(insecure=True), tmp_path / "db")
@@ -153,8 +157,21 @@ def test_flower_processes_start_bedsides_runtime_first_on_path(tmp_path):
     assert os.access(script, os.X_OK)
     assert env[CONFIG_ENV] == str(fleet.aggregator_toml.resolve())
     _, env = supernode_command(load_agent(fleet.agent_toml(0)), fleet.agent_toml(0))
-    script = Path(env["PATH"].split(os.pathsep)[0]) / "flwr-clientapp"
-    assert "bedside.edge.flower_app import clientapp_main" in script.read_text()
+    runtime = Path(env["PATH"].split(os.pathsep)[0])
+    assert "bedside.edge.flower_app import clientapp_main" in (runtime /
+                                                              "flwr-clientapp").read_text()
+    # every other program Flower starts by name refuses on a device (an agent app, a model...)
+    import subprocess
+
+    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND
+
+    others = set(TASK_TYPE_TO_COMMAND.values()) - {"flwr-clientapp"}
+    assert others >= {"flwr-agentapp", "flwr-serverapp", "flwr-model", "flwr-connector"}
+    for name in others:
+        done = subprocess.run([str(runtime / name), "--token", "x"], capture_output=True,
+                              text=True, env=env, check=False)
+        assert done.returncode == 1 and "this side runs only flwr-clientapp" in done.stderr
+    assert "" not in env["PATH"].split(os.pathsep)
 
 
 def test_a_config_without_flower_says_how_to_add_it(tmp_path):
@@ -351,3 +368,13 @@ def test_what_a_stranger_node_sends_never_reaches_the_aggregator_or_stops_it(tmp
                                                         "fleet": "demo"})
     driver.receive(stranger, [(topic_update("demo", "clinic-1"), old)])
     assert stranger.device is None
+    # clinic-1's own node declines the round and is bound; a copy of that decline carried by
+    # the stranger (a replay) does not move the binding
+    node = driver.nodes.setdefault(1, _Node())
+    fresh = encode(KIND_UPDATE, "clinic-1", own, {}, round=cur.round,
+                   model_version=cur.model_version, meta={"decline": "no_records",
+                                                          "fleet": "demo"})
+    driver.receive(node, [(topic_update("demo", "clinic-1"), fresh)])
+    assert node.device == "clinic-1"
+    driver.receive(stranger, [(topic_update("demo", "clinic-1"), fresh)])
+    assert stranger.device is None and node.device == "clinic-1"

@@ -44,3 +44,25 @@ def test_show_walks_the_lineage_and_refuses_an_unknown_version(registry, capsys)
     assert "no version 9 (it holds 1..4)" in capsys.readouterr().err
     assert main(["models", "list", "--registry", str(registry.parent)]) == 2
     assert "not a registry" in capsys.readouterr().err
+
+
+def test_privacy_text_never_claims_a_guarantee_a_version_does_not_have():
+    from bedside.manifest import Manifest
+    from bedside.models.catalog import privacy_text
+
+    def text(privacy):
+        return privacy_text(Manifest(name="m", version=2, schema=_schema(), sha256="",
+                                     opset=18, privacy=privacy))
+
+    assert text({"epsilon": None, "note": "a round without device-level noise: no "
+                 "device-level guarantee"}).startswith("no device-level guarantee")
+    seeded = text({"epsilon": 3.0, "delta": 1e-5, "noise": "central", "rounds": 2,
+                   "seeded_noise": True, "warning": "noise was seeded: NOT private"})
+    assert seeded.startswith("device-level epsilon 3") and "WARNING: noise was seeded" in seeded
+    assert text({"status": "unknown", "note": "imported"}) == "unknown: imported"
+
+
+def _schema():
+    from bedside.models import datasets
+
+    return datasets.load("wdbc").schema
