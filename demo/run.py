@@ -437,13 +437,12 @@ class _FlowerFleet:
         self._offset = 0
 
     def start(self, plan: dict[str, Any], logs: Path) -> None:
-        import subprocess
 
         from bedside.aggregator.config import load as load_aggregator
         from bedside.aggregator.flower import run_command, status_dir, superlink_command
         from bedside.edge.config import load as load_agent
         from bedside.edge.flower import supernode_command
-        from bedside.transport.flower import require_flower, wait_listening
+        from bedside.transport.flower import require_flower, start_process, wait_listening
 
         require_flower()
         _write_flower_configs(plan)
@@ -452,9 +451,7 @@ class _FlowerFleet:
         self.status = status_dir(agg)
 
         def start(name: str, command: tuple[list[str], dict[str, str]]) -> None:
-            log = (logs / f"{name}.log").open("wb")
-            self.procs[name] = subprocess.Popen(command[0], env=command[1], stdout=log,
-                                                stderr=subprocess.STDOUT)
+            self.procs[name] = start_process(command, logs / f"{name}.log")
 
         start("superlink", superlink_command(agg))
         if not wait_listening(agg.flower.port, 60):
@@ -518,17 +515,9 @@ class _FlowerFleet:
         return out
 
     def stop(self) -> None:
-        import subprocess
+        from bedside.transport.flower import stop_processes
 
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs.values():
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+        stop_processes(list(self.procs.values()))
 
 
 def _json_object(payload: bytes) -> dict[str, Any] | None:

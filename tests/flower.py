@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from bedside.demo.run import to_toml
-from bedside.transport.flower import free_port, wait_listening
+from bedside.transport.flower import free_port, start_process, stop_processes, wait_listening
 from tests.fleet import Fleet
 
 
@@ -100,8 +100,7 @@ class FlowerProcesses:
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     def _start(self, name: str, argv: list[str], env: dict[str, str]) -> None:
-        log = (self.logs / f"{name}.log").open("wb")
-        self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)
+        self.procs[name] = start_process((argv, env), self.logs / f"{name}.log")
 
     def start(self, clinics: list[int] | None = None) -> None:
         from bedside.aggregator.config import load as load_agg
@@ -130,12 +129,4 @@ class FlowerProcesses:
                               check=False)
 
     def stop(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.terminate()
-        for p in self.procs.values():
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5)
+        stop_processes(list(self.procs.values()))

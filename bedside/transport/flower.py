@@ -219,6 +219,32 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def start_process(command: tuple[list[str], dict[str, str]], log: Path) -> Any:
+    """Start a Flower process (argv, environment, as the ``*_command`` functions return them)
+    with its output in ``log``."""
+    import subprocess
+
+    with log.open("wb") as out:  # the child keeps its own descriptor
+        return subprocess.Popen(command[0], env=command[1], stdout=out,
+                                stderr=subprocess.STDOUT)
+
+
+def stop_processes(procs: list[Any], grace: float = 15.0) -> None:
+    """Terminate Flower processes (SIGTERM: their SuperExec and app processes exit with them),
+    killing any still running after ``grace`` seconds."""
+    import subprocess
+
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(grace)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(5)
+
+
 def wait_listening(port: int, timeout: float) -> bool:
     """Whether something listens on 127.0.0.1:``port`` within ``timeout`` seconds."""
     import socket
