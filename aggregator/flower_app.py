@@ -15,7 +15,7 @@ import os
 from typing import Any
 
 from bedside.errors import ConfigError
-from bedside.transport.flower import CONFIG_ENV, replace_in
+from bedside.transport.flower import CONFIG_ENV, refuse_dependencies, replace_in, skip_fab
 
 
 def _server_app() -> Any:
@@ -54,17 +54,11 @@ def serverapp_main() -> None:
     runtime = importlib.import_module("flwr.superlink.runtime.run_serverapp")
     empty = Path(tempfile.mkdtemp(prefix="bedside-serverapp-"))
 
-    def no_fab(*_: Any, **__: Any) -> None:
-        """The submitted app's files are not installed: Bedside's ServerApp runs."""
-
-    def no_dependencies(*_: Any, **__: Any) -> None:
-        raise ConfigError("Bedside's ServerApp installs no dependencies at run time")
-
     def bedside_server_app(grid: Any, context: Any, **_: Any) -> Any:
         return run_server_app(grid=grid, context=context, server_app_dir=str(empty),
                               loaded_server_app=app)
 
-    replace_in(runtime, install_from_fab=no_fab, install_app_dependencies=no_dependencies,
+    replace_in(runtime, install_from_fab=skip_fab, install_app_dependencies=refuse_dependencies,
                get_project_dir=lambda *_, **__: empty,
                get_project_config=lambda *_, **__: {
                    "tool": {"flwr": {"app": {"components": {"serverapp": "bedside"}}}}},

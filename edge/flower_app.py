@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from bedside.errors import ConfigError
-from bedside.transport.flower import NODE_CONFIG_KEY, pack, replace_in, unpack
+from bedside.transport.flower import (
+    NODE_CONFIG_KEY,
+    pack,
+    refuse_dependencies,
+    replace_in,
+    skip_fab,
+    unpack,
+)
 
 log = logging.getLogger("bedside.edge.flower")
 
@@ -69,13 +76,7 @@ def clientapp_main() -> None:
     # the module, not the function of the same name its package exports
     runtime = importlib.import_module("flwr.supernode.runtime.run_clientapp")
 
-    def no_fab(*_: Any, **__: Any) -> None:
-        """The submitted app's files are not installed: Bedside's ClientApp runs."""
-
-    def no_dependencies(*_: Any, **__: Any) -> None:
-        raise ConfigError("Bedside's ClientApp installs no dependencies at run time")
-
-    replace_in(runtime, install_from_fab=no_fab, install_app_dependencies=no_dependencies,
+    replace_in(runtime, install_from_fab=skip_fab, install_app_dependencies=refuse_dependencies,
                get_project_dir=lambda *_, **__: Path(tempfile.gettempdir()),
                get_load_client_app_fn=lambda **_: (lambda *__: app))
     flwr_clientapp()

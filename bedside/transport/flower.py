@@ -301,6 +301,15 @@ def executable(name: str) -> str:
     return found
 
 
+def skip_fab(*_: Any, **__: Any) -> None:
+    """Replaces Flower's ``install_from_fab``: a submitted app's files are never installed."""
+
+
+def refuse_dependencies(*_: Any, **__: Any) -> None:
+    """Replaces Flower's ``install_app_dependencies``: Bedside installs nothing at run time."""
+    raise ConfigError("Bedside's Flower apps install no dependencies at run time")
+
+
 def replace_in(module: Any, **replacements: Any) -> None:
     """Replace functions of one of Flower's runtime modules (the pinned release's names). A name
     that is missing fails loudly: a Flower release that renamed it would otherwise run the
