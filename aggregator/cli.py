@@ -1,4 +1,4 @@
-"""``bedside aggregator serve | enroll | status``."""
+"""``bedside aggregator serve | enroll | revoke | status``."""
 
 from __future__ import annotations
 
@@ -21,6 +21,14 @@ def build(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--public-key", required=True, type=Path, metavar="FILE.pub")
     p.add_argument("--force", action="store_true", help="replace an enrolled key")
     p.set_defaults(func=_enroll)
+
+    p = sub.add_parser("revoke", help="stop accepting a device at once (a running aggregator "
+                       "notices); with --ca, also revoke its broker certificate")
+    p.add_argument("device", metavar="DEVICE_ID")
+    p.add_argument("--config", required=True, type=Path, metavar="aggregator.toml")
+    p.add_argument("--ca", type=Path, metavar="DIR", help="the broker CA ('bedside broker certs "
+                   "--out'): also revoke the device's certificate and rewrite the CRL")
+    p.set_defaults(func=_revoke)
 
     p = sub.add_parser("status", help="rounds, model versions and privacy spent (offline)")
     p.add_argument("--config", required=True, type=Path, metavar="aggregator.toml")
@@ -54,6 +62,38 @@ def _enroll(ns: argparse.Namespace) -> int:
     key.save(dest)
     print(f"enrolled {ns.device_id} (fingerprint {key.fingerprint}); it takes part from the next "
           "round")
+    return 0
+
+
+def _revoke(ns: argparse.Namespace) -> int:
+    """Move the device's key to ``<devices>/revoked/``: the running aggregator reloads its
+    enrolled devices when that directory changes, and rejects the device's next message."""
+    import os
+
+    from bedside.aggregator.config import load
+    from bedside.errors import InputError
+    from bedside.wire.signing import validate_device_id
+
+    cfg = load(ns.config)
+    validate_device_id(ns.device, what="DEVICE_ID")
+    key = cfg.devices / f"{ns.device}.pub"
+    gone = cfg.devices / "revoked" / f"{ns.device}.pub"
+    if key.exists():
+        gone.parent.mkdir(exist_ok=True)
+        os.replace(key, gone)
+        print(f"{ns.device} is no longer enrolled: its updates are rejected from now on (its key "
+              f"is kept in {gone})")
+    elif gone.exists():
+        print(f"{ns.device} was revoked before")
+    else:
+        raise InputError(f"{ns.device} is not enrolled in {cfg.devices}")
+    if ns.ca is not None:
+        from bedside.transport.pki import CRL_FILE, revoke
+
+        serial = revoke(ns.ca, ns.device)
+        print(f"revoked its broker certificate (serial {serial:x}); {ns.ca / CRL_FILE} "
+              "rewritten: restart or reload Mosquitto (SIGHUP), and regenerate the ACL "
+              "('bedside broker acl --devices')")
     return 0
 
 

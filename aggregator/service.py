@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -94,6 +95,7 @@ class Aggregator:
             log.warning("the aggregator's noise is seeded (privacy.noise_seed): reproducible, for "
                         "tests and demos only; never set it in production")
         self.devices = self._load_devices()
+        self._devices_seen = _mtime(cfg.devices)
         if transport is None:
             from bedside.transport.mqtt import MqttTransport
 
@@ -121,6 +123,23 @@ class Aggregator:
                 raise ConfigError(f"{self.cfg.devices / (device + '.pub')}: {exc}; remove the "
                                   "file") from None
         return ring
+
+    def _refresh_devices(self) -> None:
+        """Reload the enrolled devices when their directory changed (a device enrolled or
+        revoked while the service runs): a revoked device's next message is rejected. A
+        directory that cannot be read enrolls nobody until it is fixed (fail closed)."""
+        seen = _mtime(self.cfg.devices)
+        if seen == self._devices_seen:
+            return
+        self._devices_seen = seen
+        try:
+            self.devices = self._load_devices()
+        except BedsideError as exc:
+            self.devices = KeyRing()
+            log.error("enrolled devices unreadable, every update is rejected until it is "
+                      "fixed: %s", exc)
+            return
+        log.info("enrolled devices reloaded: %d", len(self.devices))
 
     def _bootstrap_model(self) -> None:
         self._warn_ignored_initial_model()
@@ -305,6 +324,7 @@ class Aggregator:
     # -- updates -----------------------------------------------------------------------------------
     def _handle(self, msg: Message) -> None:
         started = time.perf_counter()
+        self._refresh_devices()
         device = msg.topic.rsplit("/", 1)[-1]
         cur = self.state.current_round()
         round_id = cur.round if cur else None
@@ -401,6 +421,7 @@ class Aggregator:
             self._finish_federation(rows[-1].round if rows else 0)
             return
         self.devices = self._load_devices()  # devices enrolled since the last round join now
+        self._devices_seen = _mtime(self.cfg.devices)
         latest = self.registry.latest()
         assert latest is not None and self._manifest is not None
         round_id = (rows[-1].round if rows else 0) + 1
@@ -612,3 +633,10 @@ def _record_epsilon(accepted: list[dict[str, Any]]) -> dict[str, Any]:
         return {}
     return {"max": max(values), "min": min(values), "devices": len(values),
             "delta": accepted[0]["info"].get("record_delta")}
+
+
+def _mtime(path: Any) -> int | None:
+    try:
+        return int(os.stat(path).st_mtime_ns)
+    except OSError:
+        return None

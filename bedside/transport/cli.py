@@ -1,4 +1,5 @@
-"""``bedside broker ...``: the embedded broker, and certificates for Mosquitto."""
+"""``bedside broker ...``: the embedded broker, and certificates (and their revocation) for
+Mosquitto."""
 
 from __future__ import annotations
 
@@ -41,6 +42,18 @@ def build(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, metavar="FILE", help="write here (default stdout; '-' too)")
     p.set_defaults(func=_acl)
 
+    p = sub.add_parser("revoke", help="revoke an identity's certificate and rewrite the CA's CRL "
+                       "(then restart or reload Mosquitto)")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR",
+                   help="the CA directory ('bedside broker certs --out')")
+    p.add_argument("--identity", required=True, metavar="ID")
+    p.set_defaults(func=_revoke)
+
+    p = sub.add_parser("crl", help="rewrite the CA's CRL (before it expires, or for a CA made "
+                       "before Bedside wrote one)")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR")
+    p.set_defaults(func=_crl)
+
 
 def _serve(ns: argparse.Namespace) -> int:
     from bedside.transport.broker import EmbeddedBroker
@@ -74,4 +87,20 @@ def _certs(ns: argparse.Namespace) -> int:
     else:
         print(f"wrote {', '.join(files)} to {out} (private keys mode 0600: keep them on their "
               "owner's machine only)")
+    return 0
+
+
+def _revoke(ns: argparse.Namespace) -> int:
+    from bedside.transport.pki import CRL_FILE, revoke
+
+    serial = revoke(ns.out, ns.identity)
+    print(f"revoked {ns.identity}'s certificate (serial {serial:x}); {ns.out / CRL_FILE} "
+          "rewritten: restart or reload Mosquitto (SIGHUP) for it to take effect")
+    return 0
+
+
+def _crl(ns: argparse.Namespace) -> int:
+    from bedside.transport.pki import write_crl
+
+    print(f"wrote {write_crl(ns.out)}")
     return 0

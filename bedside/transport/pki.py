@@ -85,6 +85,68 @@ def create_ca(out: Path, name: str = "Bedside fleet CA") -> None:
     cert = _cert(name, key, _name(name), key, ca=True)
     _write_key(out / "ca.key", key)
     atomic_write_bytes(out / "ca.crt", _pem(cert))
+    write_crl(out)  # empty: the broker's config names it from the start
+
+
+CRL_FILE = "ca.crl"
+REVOKED_FILE = "revoked.json"
+
+
+def revoked(out: Path) -> list[dict[str, object]]:
+    """The certificates the CA in ``out`` revoked: identity, serial, time."""
+    import json
+
+    path = out / REVOKED_FILE
+    if not path.exists():
+        return []
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: unreadable ({exc}); restore it from backup") from None
+    if not isinstance(entries, list):
+        raise InputError(f"{path}: expected a list of revoked certificates")
+    return entries
+
+
+def write_crl(out: Path) -> Path:
+    """(Re)write ``ca.crl``: every revoked certificate's serial, signed by the CA, valid for
+    ``VALID_DAYS`` (an expired CRL makes Mosquitto refuse every client: rewrite it before then
+    with ``bedside broker crl``)."""
+    ca_cert, ca_key = _load_ca(out)
+    now = dt.datetime.now(dt.UTC)
+    b = (x509.CertificateRevocationListBuilder().issuer_name(ca_cert.subject)
+         .last_update(now - dt.timedelta(minutes=5))
+         .next_update(now + dt.timedelta(days=VALID_DAYS)))
+    for entry in revoked(out):
+        b = b.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(int(str(entry["serial"])))
+            .revocation_date(dt.datetime.fromtimestamp(float(str(entry["at"])), dt.UTC))
+            .build())
+    crl = b.sign(ca_key, hashes.SHA256())
+    atomic_write_bytes(out / CRL_FILE, crl.public_bytes(serialization.Encoding.PEM))
+    return out / CRL_FILE
+
+
+def revoke(out: Path, identity: str) -> int:
+    """Revoke ``identity``'s certificate (issued by the CA in ``out``) and rewrite the CRL;
+    returns its serial. Revoking twice is harmless."""
+    import json
+    import time
+
+    path = out / f"{identity}.crt"
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except FileNotFoundError:
+        raise InputError(f"{path}: no certificate for {identity!r} in {out}") from None
+    except ValueError as exc:
+        raise InputError(f"{path}: not a PEM certificate ({exc})") from None
+    entries = revoked(out)
+    if not any(int(str(e["serial"])) == cert.serial_number for e in entries):
+        entries.append({"identity": identity, "serial": str(cert.serial_number),
+                        "at": time.time()})
+        atomic_write_bytes(out / REVOKED_FILE, (json.dumps(entries, indent=1) + "\n").encode())
+    write_crl(out)
+    return cert.serial_number
 
 
 def _load_ca(out: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
