@@ -9,6 +9,7 @@ _ = object()
 _.forward
 _.on_connect
 _.on_disconnect
+_.on_connect_fail
 _.on_message
 _.on_socket_open
 # onnxruntime reads the session options set on it; numpy reads array flags.

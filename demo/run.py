@@ -542,7 +542,7 @@ def _stop_processes(procs: list[Any]) -> None:
 def _write_flower_configs(plan: dict[str, Any]) -> None:
     """``[flower]`` in every config: the demo's SuperLink on a free loopback port, plaintext
     (loopback only: a real deployment uses TLS, docs/flower.md); ``[mqtt]`` is not used."""
-    from bedside.transport.flower import free_port
+    from bedside.transport import free_port
 
     port = free_port()
     plan["aggregator"].pop("mqtt", None)

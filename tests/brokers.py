@@ -15,7 +15,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bedside.transport.broker import EmbeddedBroker, free_port
+from bedside.transport import free_port
+from bedside.transport.broker import EmbeddedBroker
 from bedside.transport.mqtt import MqttConfig
 from bedside.transport.pki import acl_text, create_fleet, issue
 

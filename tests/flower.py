@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from bedside.demo.run import to_toml
-from bedside.transport.flower import free_port, start_process, stop_processes, wait_listening
+from bedside.transport import free_port
+from bedside.transport.flower import start_process, stop_processes, wait_listening
 from tests.fleet import Fleet
 
 

@@ -70,6 +70,15 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port of ``host`` (loopback by default) that is free now (tests, the demo)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
 def topic_matches(topic_filter: str, topic: str) -> bool:
     """MQTT topic filter matching with ``+`` (one level) and ``#`` (the rest)."""
     f_parts, t_parts = topic_filter.split("/"), topic.split("/")
@@ -83,4 +92,4 @@ def topic_matches(topic_filter: str, topic: str) -> bool:
     return len(f_parts) == len(t_parts)
 
 
-__all__ = ["Message", "Transport", "is_loopback", "topic_matches"]
+__all__ = ["Message", "Transport", "free_port", "is_loopback", "topic_matches"]

@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import threading
 from typing import Any
 
 from bedside.constants import DEFAULT_HOST
 from bedside.errors import ConfigError, TransportError
-from bedside.transport import is_loopback
+from bedside.transport import free_port, is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +47,6 @@ class SnapshotDict(dict[Any, Any]):
 
     def items(self) -> Any:
         return list(super().items())
-
-
-def free_port(host: str = DEFAULT_HOST) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 class EmbeddedBroker:

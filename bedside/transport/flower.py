@@ -210,15 +210,6 @@ class Mailbox:
 
 
 # -- processes -------------------------------------------------------------------------------------
-def free_port() -> int:
-    """A TCP port of 127.0.0.1 that is free now (for tests and the demo)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind((DEFAULT_HOST, 0))
-        return int(s.getsockname()[1])
-
-
 def start_process(command: tuple[list[str], dict[str, str]], log: Path) -> Any:
     """Start a Flower process (argv, environment, as the ``*_command`` functions return them)
     with its output in ``log``."""

@@ -139,6 +139,7 @@ class MqttTransport:
         self._lock = threading.Lock()
         self._connected = threading.Event()
         self.last_error: str | None = None
+        self.failed_attempts = 0  # connection attempts that could not reach the broker
         c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id,
                         protocol=paho.MQTTv311, clean_session=clean_session)
         c.manual_ack_set(manual_ack)
@@ -154,6 +155,7 @@ class MqttTransport:
         if will is not None:
             c.will_set(will[0], will[1], qos=1, retain=True)
         c.on_connect = self._on_connect
+        c.on_connect_fail = self._on_connect_fail
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
         c.on_socket_open = _no_delay
@@ -172,7 +174,10 @@ class MqttTransport:
             self.last_error = f"broker refused the connection: {reason}"
             log.warning("%s: %s", self.cfg.describe(), self.last_error)
             return
-        self.last_error = None
+        if self.failed_attempts:
+            log.info("%s: connected after %d failed attempt(s)", self.cfg.describe(),
+                     self.failed_attempts)
+        self.last_error, self.failed_attempts = None, 0
         with self._lock:
             filters = list(self._filters.items())
         for f, qos in filters:
@@ -180,11 +185,24 @@ class MqttTransport:
         self._connected.set()
         log.debug("%s connected as %s", self.cfg.describe(), self.client_id)
 
+    def _on_connect_fail(self, client: paho.Client, _userdata: Any) -> None:
+        """The broker could not be reached (down, wrong host or port, TLS refused): say so at
+        every attempt, so an operator sees it at once rather than a silent agent."""
+        self.failed_attempts += 1
+        self.last_error = "cannot reach the broker"
+        log.warning("%s: cannot reach the MQTT broker (attempt %d: it is down, the host or port "
+                    "is wrong, or TLS was refused); retrying within 5 s", self.cfg.describe(),
+                    self.failed_attempts)
+
     def _on_disconnect(self, client: paho.Client, _userdata: Any, flags: Any, reason: Any,
                        _properties: Any) -> None:
+        was = self._connected.is_set()
         self._connected.clear()
         if reason is not None and getattr(reason, "is_failure", False):
             self.last_error = f"disconnected: {reason}"
+            if was:
+                log.warning("%s: connection lost (%s); reconnecting", self.cfg.describe(),
+                            reason)
 
     def _on_message(self, client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
         ack: Callable[[], None] | None = None

@@ -11,7 +11,7 @@ import numpy as np
 import psutil
 import pytest
 
-from bedside.transport.broker import free_port
+from bedside.transport import free_port
 from tests.conftest import bedside_exe
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from bedside.transport.mqtt import MqttTransport
+from bedside.transport.mqtt import MqttConfig, MqttTransport
 from tests.brokers import start_embedded, start_mosquitto
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
@@ -250,3 +250,22 @@ def test_a_revoked_device_certificate_is_refused_by_mosquitto(tmp_path, capsys):
         for c in clients:
             c.close()
         b.stop()
+
+
+def test_an_unreachable_broker_is_reported_at_once_and_at_every_retry(caplog):
+    """Clinic IT sees at once that the agent cannot reach its broker (not 40 s of silence)."""
+    import logging
+
+    from bedside.transport import free_port
+
+    caplog.set_level(logging.WARNING, logger="bedside.transport.mqtt")
+    t = MqttTransport(MqttConfig(port=free_port()), client_id="lonely")
+    try:
+        deadline = time.monotonic() + 15
+        while t.failed_attempts < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert t.failed_attempts >= 2 and not t.connected
+        lines = [r.getMessage() for r in caplog.records if "cannot reach" in r.getMessage()]
+        assert "attempt 1" in lines[0] and "attempt 2" in lines[1]
+    finally:
+        t.close()
