@@ -115,10 +115,25 @@ def _status(ns: argparse.Namespace) -> int:
             "latest_metrics": registry.manifest(latest).metrics if latest else {}}
     if ns.json:
         print_json(info)
-    else:
-        print(f"fleet {cfg.fleet}: model versions {info['versions']}")
-        for r in rounds:
-            print(f"  round {r['round']}: {r['status']}, base v{r['model_version']}, accepted "
-                  f"{r['accepted']}, rejected {r['rejected'] or 0}, declined {r['declined'] or 0}")
-        print(f"  privacy (latest model): {info['latest_privacy']}")
+        return 0
+    from bedside.federation.report import strength
+    from bedside.models.catalog import privacy_text
+
+    versions = info["versions"]
+    acc = (info["latest_metrics"].get("holdout") or {}).get("accuracy")
+    print(f"fleet {cfg.fleet}: " + (f"model versions v{versions[0]}..v{versions[-1]} (latest "
+                                     f"v{latest}" + (f", held-out accuracy {acc:.4f})"
+                                                     if acc is not None else ")")
+                                     if versions else "no model version yet"))
+    if rounds:
+        print(f"{'round':>7}  {'status':<7}  {'base':>5}  {'accepted':>8}  {'declined':>8}  "
+              "rejected")
+    for r in rounds:
+        rejected = ", ".join(f"{k} {v}" for k, v in sorted(r["rejected"].items())) or "0"
+        print(f"{r['round']:>7}  {r['status']:<7}  {'v' + str(r['model_version']):>5}  "
+              f"{r['accepted']:>8}  {len(r['declined']):>8}  {rejected}")
+    if latest is not None:
+        m = registry.manifest(latest)
+        print(f"privacy of v{latest}: {privacy_text(m)}"
+              + (f": {strength(m.privacy.get('epsilon'))}" if "epsilon" in m.privacy else ""))
     return 0

@@ -597,17 +597,17 @@ def _weak_device_statement(eps: float | None, clients: int, mode: str,
                            delta: float = 1e-5) -> str:
     if eps is None or not np.isfinite(eps):
         return "no device-level guarantee was recorded"
+    from bedside.federation.report import strength
+
     text = (f"device-level epsilon {eps:.3g} (delta {delta:g}, {mode} noise) over the released "
-            "models: ")
+            f"models: {'this is ' if eps > 10 else ''}{strength(eps)}")
     if eps > 10:
-        text += (f"this is a weak guarantee. A fleet of {clients} clinics cannot hide one clinic's "
+        text += (f". A fleet of {clients} clinics cannot hide one clinic's "
                  "whole contribution without drowning the model in noise; device-level privacy "
                  "needs hundreds of devices per round. The record-level guarantee (DP-SGD on each "
                  "clinic) is the one that protects each patient here.")
-    elif eps > 1:
-        text += "a moderate guarantee."
     else:
-        text += "a strong guarantee."
+        text += "."
     return text
 
 

@@ -139,9 +139,40 @@ def _status(ns: argparse.Namespace) -> int:
     if ns.json:
         print_json(info)
     else:
-        for k, v in info.items():
-            print(f"{k}: {v}")
+        print(_status_text(cfg, info))
     return 0
+
+
+def _status_text(cfg: Any, info: dict[str, Any]) -> str:
+    """The device's status for a person: model, last round, outbox, both guarantees in words."""
+    from bedside.federation.report import strength
+
+    serving, latest = info["serving_version"], info["latest_version"]
+    blocked = ", ".join(f"v{v}" for v in info["blocked_versions"]) or "none"
+    lines = [f"{cfg.device_id} (fleet {cfg.fleet})",
+             f"  model: {f'v{serving} serving' if serving else 'none installed yet'}"
+             + (f" (newest v{latest}; blocked: {blocked})" if latest else "")]
+    last = info["last_round"]
+    lines.append(f"  last round: {f'{last[0]}, {last[1]}' if last else 'none yet'}")
+    outbox = info["outbox"]
+    lines.append("  outbox: " + (", ".join(f"{k} {v}" for k, v in sorted(outbox.items()))
+                                 or "empty"))
+    privacy = info["privacy"]
+    if "error" in privacy:
+        lines.append(f"  privacy ledger: UNAVAILABLE ({privacy['error']}); this device refuses "
+                     "to take part until it is fixed")
+        return "\n".join(lines)
+    for unit, label in (("record", "record-level"), ("device", "device-level")):
+        p = privacy.get(unit) or {}
+        eps, budget = p.get("epsilon"), p.get("budget_epsilon")
+        spent = "nothing released yet" if not p.get("releases") else (
+            f"epsilon {eps:.3g}" if isinstance(eps, int | float) else "epsilon infinite")
+        of = f" of a budget of {budget:g}" if budget is not None else " (no budget set)"
+        lines.append(f"  {label} privacy: {spent}{of} (delta {p.get('delta', '?')}), "
+                     f"{strength(eps) if p.get('releases') else 'no release'}")
+        if p.get("guarantee"):
+            lines.append(f"    {p['guarantee']}")
+    return "\n".join(lines)
 
 
 def _rollback(ns: argparse.Namespace) -> int:

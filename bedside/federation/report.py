@@ -7,11 +7,22 @@ rounds released so far; devices account the same rounds with the same releases
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 from bedside.constants import NOISE_CENTRAL, NOISE_NONE
 from bedside.federation.settings import RoundSettings
+
+
+def strength(epsilon: float | None) -> str:
+    """An epsilon in the words a privacy officer uses: above 10 weak, above 1 moderate, else
+    strong (at delta well below one over the population size). None or infinite: none."""
+    if epsilon is None or not math.isfinite(epsilon):
+        return "no guarantee"
+    if epsilon > 10:
+        return "a weak guarantee"
+    return "a moderate guarantee" if epsilon > 1 else "a strong guarantee"
 
 
 def round_device_releases(round_id: int, s: RoundSettings) -> list[Any]:
