@@ -52,10 +52,29 @@ def private_dir(path: str | os.PathLike[str]) -> Path:
     return p
 
 
-def private_file(path: str | os.PathLike[str]) -> Path:
+def refuse_shared(path: str | os.PathLike[str], what: str) -> None:
+    """Refuse an existing ``path`` that others than its owner may read or write: it holds
+    patients' data or privacy state, which may already have been read (a silent ``chmod`` would
+    hide that). Raises :class:`~bedside.errors.ConfigError` with the fix."""
+    from bedside.errors import ConfigError
+
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return
+    if mode & 0o077:
+        raise ConfigError(
+            f"{path}: the {what} is readable or writable by others (mode {mode:04o}); it may "
+            f"have been read. Restrict it (chmod 600 {path}), tell your privacy officer, then "
+            "start again")
+
+
+def private_file(path: str | os.PathLike[str], what: str = "file") -> Path:
     """Create ``path`` empty if it is missing, in a private directory, and make it 0600 (before
-    anything is written to it, so no reader ever sees it with wider permissions)."""
+    anything is written to it, so no reader ever sees it with wider permissions). An existing
+    file that others may read is refused (:func:`refuse_shared`), not silently tightened."""
     p = Path(path)
+    refuse_shared(p, what)
     private_dir(p.parent)
     fd = os.open(p, os.O_WRONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
     try:

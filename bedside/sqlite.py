@@ -32,7 +32,7 @@ def open_db(path: str | Path, what: str, schema: str = "", *,
     p.parent.mkdir(parents=True, exist_ok=True)
     try:
         if private:
-            private_file(p)
+            private_file(p, what)
         db = sqlite3.connect(p, isolation_level=None, timeout=30, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")

@@ -63,7 +63,7 @@ from typing import Any, Final, Literal
 
 from bedside.constants import DEFAULT_DELTA, LEDGER_SCHEMA, PRIVACY_UNITS
 from bedside.errors import BudgetExceededError, InputError, LedgerError
-from bedside.files import fsync_dir, private_dir
+from bedside.files import fsync_dir, private_dir, refuse_shared
 from bedside.privacy import accountant as acct
 from bedside.sqlite import transaction
 
@@ -304,6 +304,7 @@ class Ledger:
                     "with its budgets (check the path)"
                 )
             self._create(wanted, accountant or "auto")
+        refuse_shared(self.path, "privacy ledger")  # it describes patients' data
         self._conn = self._open()
         self._identity: tuple[int, int] | None = None
         try:

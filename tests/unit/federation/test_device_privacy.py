@@ -241,3 +241,25 @@ def test_seeded_noise_says_so_in_updates_models_and_rounds(tmp_path):
     assert privacy["seeded_noise"] is True and "NOT private" in privacy["warning"]
     assert all(r.settings.seeded for r in mf.aggregator.state.rounds())
     assert round_rng(0, 1).random() != round_rng(0, 2).random()
+
+
+@pytest.mark.parametrize("which", ["records_path", "ledger_path", "state_path"])
+def test_the_agent_refuses_to_start_on_data_files_others_can_read(tmp_path, which, capsys):
+    """A records, ledger or agent database readable by others is refused with the fix, not
+    silently tightened (it may have been read: the operator must know)."""
+    from bedside.cli import main
+    from bedside.edge.agent import Agent
+    from bedside.edge.config import load as load_agent
+    from bedside.errors import ConfigError
+
+    mf = mem_fleet(tmp_path, clients=2, rounds=1)
+    mf.run()
+    a = mf.agents[0]
+    a.close()
+    path = getattr(a.cfg, which)
+    os.chmod(path, 0o644)
+    with pytest.raises(ConfigError, match=f"chmod 600 {path}"):
+        Agent(load_agent(mf.fleet.agent_toml(0)), mf.new_agent(1).transport)
+    assert main(["edge", "run", "--config", str(mf.fleet.agent_toml(0))]) == 2
+    assert "readable or writable by others" in capsys.readouterr().err
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644  # not silently changed
