@@ -24,6 +24,9 @@ def build(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, metavar="DIR")
     p.add_argument("--identity", action="append", default=[], metavar="ID",
                    help="device id or 'aggregator' (repeatable)")
+    p.add_argument("--broker-group", default="mosquitto", metavar="GROUP",
+                   help="make the broker's certificate, key and CRL readable by this group "
+                   "(default mosquitto, the user Mosquitto 2 drops to; '' for none)")
     p.add_argument("--broker-host", action="append", default=[], metavar="HOST",
                    help="name or IP clients use to reach the broker (default 127.0.0.1, "
                    "localhost)")
@@ -78,15 +81,16 @@ def _acl(ns: argparse.Namespace) -> int:
 
 
 def _certs(ns: argparse.Namespace) -> int:
-    from bedside.transport.pki import create_fleet
+    from bedside.transport.pki import create_fleet, share_with_broker
 
-    out = create_fleet(ns.out, ns.identity, ns.broker_host or None)
-    files = sorted(p.name for p in out.iterdir())
+    create_fleet(ns.out, ns.identity, ns.broker_host or None)
+    group = share_with_broker(ns.out, ns.broker_group) if ns.broker_group else None
+    files = sorted(p.name for p in ns.out.iterdir())
     if ns.json:
-        print_json({"dir": str(out), "files": files})
+        print_json({"dir": str(ns.out), "files": files, "broker_group": group})
     else:
-        print(f"wrote {', '.join(files)} to {out} (private keys mode 0600: keep them on their "
-              "owner's machine only)")
+        print(f"wrote {', '.join(files)} to {ns.out} (private keys mode 0600: keep them on their "
+              f"owner's machine only){f'; {group}' if group else ''}")
     return 0
 
 

@@ -208,9 +208,14 @@ def acl_text(fleet: str, devices: list[str], aggregator: str = "aggregator") -> 
     return "\n".join(lines)
 
 
+#: The group Debian's Mosquitto runs as (it drops root privileges at start).
+BROKER_GROUP = "mosquitto"
+
+
 def create_fleet(out: str | Path, identities: list[str],
                  broker_hosts: list[str] | None = None) -> Path:
-    """CA + broker certificate + one client certificate per identity, in ``out``."""
+    """CA + broker certificate + one client certificate per identity, in ``out`` (0700; see
+    :func:`share_with_broker` for the broker's own user)."""
     d = Path(out)
     create_ca(d)
     issue(d, "broker", server_hosts=broker_hosts or ["127.0.0.1", "localhost"])
@@ -218,3 +223,25 @@ def create_fleet(out: str | Path, identities: list[str],
         issue(d, ident)
     os.chmod(d, 0o700)
     return d
+
+
+def share_with_broker(d: Path, group: str = BROKER_GROUP) -> str:
+    """Make the broker's files in ``d`` readable by ``group`` (Mosquitto 2 drops privileges to
+    its own user, which must read them): the directory 0750, ``broker.key`` 0640, the CA and
+    broker certificates and the CRL group-owned. Client and CA keys stay owner-only. Returns
+    what was done, in words."""
+    import grp
+
+    try:
+        gid = grp.getgrnam(group).gr_gid
+    except KeyError:
+        return f"no group {group!r} here: give the broker's user read access to {d} yourself"
+    try:
+        for name in (".", "ca.crt", "broker.crt", "broker.key", CRL_FILE):
+            os.chown(d / name, -1, gid)
+    except PermissionError:
+        return (f"could not give group {group!r} the broker's files (run as root, or chgrp "
+                f"{group} {d} {d}/ca.crt {d}/broker.* {d}/{CRL_FILE} yourself)")
+    os.chmod(d, 0o750)  # noqa: S103 (group: the broker's user; others: nothing)
+    os.chmod(d / "broker.key", 0o640)
+    return f"the broker's files are readable by group {group!r} (Mosquitto's user)"

@@ -50,3 +50,35 @@ def test_the_crl_lists_exactly_the_revoked_certificates(tmp_path):
     assert [e["identity"] for e in revoked(certs)] == ["clinic-1"]
     with pytest.raises(InputError, match="no certificate for 'clinic-9'"):
         revoke(certs, "clinic-9")
+
+
+def test_certs_give_the_broker_user_its_files_and_nothing_else(tmp_path, capsys):
+    """``bedside broker certs`` makes the broker's certificate, key and CRL readable by the
+    ``mosquitto`` group (Mosquitto 2 drops privileges to that user); client keys stay owner-only."""
+    import grp
+    import os
+    import stat
+
+    from bedside.transport.pki import share_with_broker
+
+    out = tmp_path / "certs"
+    assert main(["broker", "certs", "--out", str(out), "--identity", "clinic-1"]) == 0
+    said = capsys.readouterr().out
+    try:
+        gid = grp.getgrnam("mosquitto").gr_gid
+    except KeyError:
+        assert "no group 'mosquitto'" in said
+        return
+    if os.geteuid() != 0:
+        assert "could not give group" in said
+        return
+    assert "readable by group 'mosquitto'" in said
+    for name, mode in ((".", 0o750), ("broker.key", 0o640), ("broker.crt", None),
+                       ("ca.crt", None), (CRL_FILE, None)):
+        st = (out / name).stat()
+        assert st.st_gid == gid, name
+        if mode is not None:
+            assert stat.S_IMODE(st.st_mode) == mode, name
+    for private in ("ca.key", "clinic-1.key"):
+        assert stat.S_IMODE((out / private).stat().st_mode) == 0o600, private
+    assert "no group 'nobody-here'" in share_with_broker(out, "nobody-here")
