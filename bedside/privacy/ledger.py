@@ -304,12 +304,13 @@ class Ledger:
                     "with its budgets (check the path)"
                 )
             self._create(wanted, accountant or "auto")
-        refuse_shared(self.path, "privacy ledger")  # it describes patients' data
         self._conn = self._open()
         self._identity: tuple[int, int] | None = None
         try:
             with self._guard():
                 self._verify()
+                # a real ledger describes patients' data: others must not have been able to read
+                refuse_shared(self.path, "privacy ledger")
                 self._use_wal()
                 st = self.path.stat()
                 self._identity = (st.st_dev, st.st_ino)

@@ -265,7 +265,8 @@ def test_an_unreachable_broker_is_reported_at_once_and_at_every_retry(caplog):
         while t.failed_attempts < 2 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert t.failed_attempts >= 2 and not t.connected
-        lines = [r.getMessage() for r in caplog.records if "cannot reach" in r.getMessage()]
+        lines = [r.getMessage() for r in caplog.records
+                 if r.getMessage().startswith(f"{t.cfg.describe()}: cannot reach")]
         assert "attempt 1" in lines[0] and "attempt 2" in lines[1]
     finally:
         t.close()

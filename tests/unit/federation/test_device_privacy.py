@@ -197,6 +197,7 @@ def test_a_restored_ledger_cannot_forget(tmp_path):
     src.backup(dst)  # a consistent copy (the newest releases may still be in the WAL)
     src.close()
     dst.close()
+    os.chmod(backup, 0o600)  # a backup kept as private as the ledger (else it is refused)
     mf.run()
     assert a.state.handled(3) == "contributed"
     a._ledger.close()

@@ -199,6 +199,7 @@ def test_a_version_1_ledger_is_migrated_keeping_every_release(ledger_path: Path)
                    ('b2', 2, 'device', 'gaussian', 0.1, 1.0, 1, 'local noise; replace-one', 'x');
     """)
     db.close()
+    ledger_path.chmod(0o600)  # as Bedside wrote ledgers (a shared one is refused)
     with Ledger(ledger_path, {"device": Budget(1000.0, 1e-5)}) as lg:
         rep = lg.report()["device"]
         assert rep["releases"] == 2 and rep["epsilon_device_enforced"] is None
