@@ -26,10 +26,11 @@ GROUPS: dict[str, tuple[str, str]] = {
     "edge": ("bedside.edge.cli",
              "run on a clinic device: infer, ingest records, enroll, run the agent"),
     "aggregator": ("bedside.aggregator.cli", "run the central aggregator service"),
-    "models": ("bedside.models.cli", "train, export, import and inspect models"),
+    "models": ("bedside.models.cli", "train, export, import and inspect models; list a registry"),
     "privacy": ("bedside.privacy.cli", "plan privacy budgets: epsilon, calibrate, gaussian-sigma"),
     "keys": ("bedside.wire.cli", "generate and inspect Ed25519 signing keys"),
-    "broker": ("bedside.transport.cli", "run the embedded MQTT broker on 127.0.0.1"),
+    "broker": ("bedside.transport.cli", "run the embedded MQTT broker on 127.0.0.1; certificates, "
+               "ACL and revocation for Mosquitto"),
     "flower": ("bedside.transport.flower_cli", "run the federation on Flower: superlink, "
                "supernode, run"),
     "demo": ("bedside.demo.cli", "run a whole federation on one machine and report it"),
