@@ -51,6 +51,18 @@ driver shares); the loader is derived from them (:mod:`bedside.config`). Example
     [evaluation]               # optional: a labelled CSV held centrally by the data team
     data = "holdout.csv"
     label = "label"
+
+    [groups]                   # device groups a release can target (--to group:icu)
+    icu = ["clinic-1", "clinic-2"]
+
+    [releases]                 # how model versions travel to devices (docs/models.md)
+    max_message_bytes = 16777216   # larger models go in hashed chunks over HTTP(S):
+    http_port = 8470               # the aggregator's download endpoint (0: none)
+    http_host = "127.0.0.1"
+    url = "https://aggregator.hospital.example:8470"  # how devices reach it
+    cert_file = "certs/aggregator.crt"   # TLS for the endpoint (required off loopback)
+    key_file = "certs/aggregator.key"
+    ca_file = "certs/ca.crt"             # then devices must present a certificate of this CA
 """
 
 from __future__ import annotations
@@ -59,10 +71,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bedside.config import load_file, setting
-from bedside.errors import ConfigError
+from bedside.constants import DEFAULT_HOST
+from bedside.errors import BedsideError, ConfigError
+from bedside.federation.release import DEFAULT_CHUNK_BYTES
 from bedside.federation.settings import (
     FederationSettings,
 )
+from bedside.transport import is_loopback
 from bedside.transport.flower import FlowerServerConfig
 from bedside.transport.mqtt import MqttConfig
 from bedside.wire.signing import validate_id
@@ -85,6 +100,53 @@ class EvaluationConfig:
             raise ConfigError("'data' and 'label' go together")
 
 
+def _groups(value: dict[str, list[str]], where: str) -> None:
+    from bedside.federation.release import check_groups
+
+    try:
+        check_groups(value, where)
+    except BedsideError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+@dataclass(frozen=True)
+class ReleasesConfig:
+    """``[releases]``: how model versions travel to devices."""
+
+    max_message_bytes: int = setting(16 * 1024 * 1024, "a model file larger than this is not "
+                                     "sent inside the release message but in hashed chunks "
+                                     "from the download endpoint", min=1024)
+    chunk_bytes: int = setting(DEFAULT_CHUNK_BYTES, "size of one chunk of a download (what a "
+                               "device holds in memory at once while downloading)", min=1024)
+    http_port: int = setting(0, "port of the download endpoint (0: no endpoint; then models "
+                             "larger than max_message_bytes cannot be released)", min=0,
+                             max=65535)
+    http_host: str = setting(DEFAULT_HOST, "address the download endpoint binds")
+    url: str = setting("", "base URL devices download from (default: http(s)://http_host:"
+                       "http_port)")
+    cert_file: Path | None = setting(None, "TLS certificate of the download endpoint (required "
+                                     "unless it binds a loopback address)")
+    key_file: Path | None = setting(None, "its private key")
+    ca_file: Path | None = setting(None, "when set, devices must present a client certificate "
+                                   "of this CA")
+    wave_timeout_seconds: float = setting(600.0, "how long a canary wave waits for its devices' "
+                                          "reports, after their probation", positive=True)
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ConfigError("[releases]: cert_file and key_file go together")
+        if self.http_port and self.cert_file is None and not is_loopback(self.http_host):
+            raise ConfigError(f"[releases]: the download endpoint binds {self.http_host}, not a "
+                              "loopback address: give it cert_file and key_file (TLS)")
+
+    @property
+    def base_url(self) -> str:
+        if self.url:
+            return self.url.rstrip("/")
+        scheme = "https" if self.cert_file else "http"
+        return f"{scheme}://{self.http_host}:{self.http_port}"
+
+
 @dataclass(frozen=True, kw_only=True)
 class AggregatorConfig(FederationSettings):
     """``aggregator.toml``: the federation (``[rounds]``, ``[training]``, ``[privacy]``,
@@ -103,6 +165,10 @@ class AggregatorConfig(FederationSettings):
     flower: FlowerServerConfig | None = setting(None, "[flower]: the SuperLink, when the "
                                                 "federation runs over Flower (docs/flower.md)")
     evaluation: EvaluationConfig = setting(doc="[evaluation]", factory=EvaluationConfig)
+    groups: dict[str, list[str]] = setting(doc="[groups]: NAME = [device ids], targets of "
+                                           "releases (--to group:NAME)", factory=dict,
+                                           check=_groups)
+    releases: ReleasesConfig = setting(doc="[releases]", factory=ReleasesConfig)
     testing: bool = setting(False, "allows [privacy] noise_seed (reproducible noise: NOT private);"
                             " every announcement, model and report then says so. Tests and "
                             "demos only")
@@ -127,6 +193,11 @@ class AggregatorConfig(FederationSettings):
     @property
     def registry_path(self) -> Path:
         return self.data_dir / "registry"
+
+    @property
+    def staged_path(self) -> Path:
+        """Models pushed by an operator, waiting for the service to release them."""
+        return self.data_dir / "staged"
 
 
 def load(path: str | Path) -> AggregatorConfig:

@@ -37,15 +37,18 @@ from typing import Any
 import numpy as np
 
 from bedside.aggregator.config import AggregatorConfig
+from bedside.aggregator.releases import DownloadServer, ReleaseStore
+from bedside.aggregator.rollout import Rollouts
 from bedside.aggregator.state import RoundRow, State
 from bedside.constants import (
     AGGREGATOR_ID,
     KIND_ANNOUNCE,
-    KIND_MODEL,
     KIND_RECEIPT,
     NOISE_LOCAL,
     topic_model,
     topic_receipt,
+    topic_report,
+    topic_reports_all,
     topic_round,
     topic_status,
     topic_updates_all,
@@ -88,6 +91,13 @@ class Aggregator:
         self.key = SigningKey.load(cfg.key)
         self.state = State(cfg.state_path)
         self.registry = Registry(cfg.registry_path)
+        self.rollouts = Rollouts(cfg, ReleaseStore(self.state.db), self.registry, self.key,
+                                 lambda t, p, r: self._publish(t, p, retain=r), clock)
+        self.rollouts.on_refusal = (
+            lambda device, reason, detail: self.state.add_rejection(None, device,
+                                                                    f"release_{reason}", detail))
+        self.downloads: DownloadServer | None = None
+        self._round_deferred = False
         self.rule = make_rule(cfg.strategy.rule, **cfg.strategy.params)
         self.optimizer = make_optimizer(cfg.strategy.optimizer, **cfg.strategy.optimizer_params)
         self.clock = clock
@@ -155,11 +165,14 @@ class Aggregator:
                                   "models are inference-only) and cannot be trained federatedly")
             self.registry.add(data, m)
             log.info("registry: imported %s as version %d from %s", m.name, m.version, src)
-        latest = self.registry.latest()
-        assert latest is not None
-        self._load_version(latest)
-        if self.registry.release(latest) is None:  # also after a crash right after storing it
-            self.registry.put_release(latest, self._release(latest, round_id=0))
+        base = self.rollouts.base_version()
+        assert base is not None
+        self._load_version(base)
+        if not _has_counter(self.registry.release(base)):
+            # also after a crash right after storing it (or a release signed before counters)
+            self.registry.put_release(base, self.rollouts.release(
+                base, round_id=0, origin="initial" if base == self.registry.versions()[0]
+                else "round"))
         ev = self.cfg.evaluation
         if ev.data is not None and self._evaluator is None:
             from bedside.aggregator.evaluate import Evaluator
@@ -192,21 +205,20 @@ class Aggregator:
         self._shapes = {k: tuple(v) for k, v in self._manifest.parameters.items()}
         self._max_update = max_update_bytes(self._shapes, self.cfg.max_update_bytes)
 
-    def _release(self, version: int, round_id: int) -> bytes:
-        data = self.registry.model_bytes(version)
-        m = self.registry.manifest(version)
-        return encode(KIND_MODEL, AGGREGATOR_ID, self.key,
-                      {"onnx": np.frombuffer(data, dtype=np.uint8)}, round=round_id,
-                      model_version=version, meta={"fleet": self.cfg.fleet,
-                                                   "manifest": m.to_dict()})
-
     def start(self) -> None:
         self._bootstrap_model()
         self._check_statistics()
+        rc = self.cfg.releases
+        if rc.http_port and self.downloads is None:
+            self.downloads = DownloadServer(
+                self.registry.root / "objects", self.cfg.fleet, rc.http_host, rc.http_port,
+                rc.chunk_bytes, cert_file=rc.cert_file, key_file=rc.key_file,
+                ca_file=rc.ca_file).start()
         self.transport.subscribe(topic_updates_all(self.cfg.fleet), qos=1)
-        latest = self.registry.latest()
-        assert latest is not None
-        release = self.registry.release(latest)
+        self.transport.subscribe(topic_reports_all(self.cfg.fleet), qos=1)
+        base = self.rollouts.base_version()
+        assert base is not None
+        release = self.registry.release(base)
         assert release is not None
         self._publish(topic_model(self.cfg.fleet), release, retain=True)
         cur = self.state.current_round()
@@ -227,10 +239,16 @@ class Aggregator:
             raise ConfigError(f"{self.cfg.source}: [statistics]: {exc}; remove [statistics], or "
                               "start from a model whose schema states those ranges") from None
 
+    def close(self) -> None:
+        """Stop the download endpoint (the transport and databases are the owner's)."""
+        if self.downloads is not None:
+            self.downloads.close()
+            self.downloads = None
+
     def _recover(self, cur: RoundRow) -> None:
         """Resume an open round after a restart (or finish one whose version was already stored:
         the version holds the model and the optimizer's state, so nothing is recomputed)."""
-        latest = self.registry.latest()
+        latest = self.rollouts.base_version()
         assert latest is not None
         done = self.registry.manifest(latest)
         if done.training.get("round") == cur.round and latest > cur.model_version:
@@ -272,7 +290,16 @@ class Aggregator:
             t0 = time.perf_counter()
             self._open_next()
             add_timings(self.state.db, cur.round, {"publish_release": time.perf_counter() - t0})
-        return not self.finished
+            cur = self.state.current_round()
+        self._refresh_devices()
+        round_open = cur is not None and cur.status == "open"
+        if self.rollouts.tick(self.devices, round_open):
+            base = self.rollouts.base_version()
+            assert base is not None
+            self._load_version(base)  # the federation's model is now the released one
+        if self._round_deferred and not self.finished and not self.rollouts.store.blocks_rounds():
+            self._open_next()
+        return not self.finished or self.rollouts.active()
 
     def _due(self, cur: RoundRow) -> bool:
         if self.clock() >= cur.deadline:
@@ -326,6 +353,14 @@ class Aggregator:
         started = time.perf_counter()
         self._refresh_devices()
         device = msg.topic.rsplit("/", 1)[-1]
+        if msg.topic == topic_report(self.cfg.fleet, device):
+            try:
+                self.rollouts.on_report(device, msg.payload, self.devices)
+            except (sqlite3.Error, OSError):
+                log.exception("could not record a release report from %s", device)
+                raise
+            msg.ack()
+            return
         cur = self.state.current_round()
         round_id = cur.round if cur else None
         authentic = False
@@ -420,10 +455,24 @@ class Aggregator:
         if self.cfg.rounds.rounds and trained >= self.cfg.rounds.rounds:
             self._finish_federation(rows[-1].round if rows else 0)
             return
+        if self.rollouts.store.blocks_rounds():
+            if not self._round_deferred:
+                log.info("the next round waits for a fleet-wide model rollout (bedside models "
+                         "status)")
+            self._round_deferred = True
+            return
+        self._round_deferred = False
+        latest = self.rollouts.base_version()
+        assert latest is not None and self._manifest is not None
+        if latest != self._manifest.version:
+            self._load_version(latest)
+        if not self._manifest.trainable:
+            log.error("model v%d, released to the fleet, is inference-only (imported): "
+                      "federated training stops here; push a trainable model to go on", latest)
+            self._finish_federation(rows[-1].round if rows else 0)
+            return
         self.devices = self._load_devices()  # devices enrolled since the last round join now
         self._devices_seen = _mtime(self.cfg.devices)
-        latest = self.registry.latest()
-        assert latest is not None and self._manifest is not None
         round_id = (rows[-1].round if rows else 0) + 1
         deadline = self.clock() + self.cfg.rounds.deadline_seconds
         if self._needs_statistics(rows):
@@ -441,7 +490,7 @@ class Aggregator:
                  latest, len(self.devices), self.cfg.rounds.deadline_seconds)
 
     def _finish_federation(self, last_round: int) -> None:
-        latest = self.registry.latest() or 0
+        latest = self.rollouts.base_version() or 0
         done = encode(KIND_ANNOUNCE, AGGREGATOR_ID, self.key, {}, round=last_round,
                       model_version=latest, meta={"fleet": self.cfg.fleet, "state": "done"})
         self._publish(topic_round(self.cfg.fleet), done, retain=True)
@@ -521,7 +570,7 @@ class Aggregator:
         result["privacy"] = m.privacy
         t0 = time.perf_counter()
         self.registry.add(model_bytes, m, server_state=server_state)
-        self.registry.put_release(m.version, self._release(m.version, cur.round))
+        self.registry.put_release(m.version, self.rollouts.release(m.version, cur.round))
         timing["store_and_sign"] = time.perf_counter() - t0
         self._load_version(m.version)
         add_timings(self.state.db, cur.round, timing)
@@ -633,6 +682,15 @@ def _record_epsilon(accepted: list[dict[str, Any]]) -> dict[str, Any]:
         return {}
     return {"max": max(values), "min": min(values), "devices": len(values),
             "delta": accepted[0]["info"].get("record_delta")}
+
+
+def _has_counter(envelope: bytes | None) -> bool:
+    """A stored release that carries a release counter (signed by this version of Bedside)."""
+    if envelope is None:
+        return False
+    from bedside.wire.envelope import peek
+
+    return isinstance(peek(envelope).meta.get("release"), dict)
 
 
 def _mtime(path: Any) -> int | None:

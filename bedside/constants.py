@@ -42,6 +42,10 @@ NONCE_BYTES: Final = 16
 #   bedside/v1/{fleet}/receipt/{device} aggregator -> device   QoS 1            signed receipt
 #   bedside/v1/{fleet}/status/{device}  device -> anyone       QoS 1, retained  status (JSON)
 #   bedside/v1/{fleet}/status/aggregator                       QoS 1, retained  round results (JSON)
+#   bedside/v1/{fleet}/release/{device} aggregator -> device   QoS 1, retained  signed release
+#                                                                               (targeted pushes)
+#   bedside/v1/{fleet}/report/{device}  device -> aggregator   QoS 1            signed report on a
+#                                                                               release
 # ---------------------------------------------------------------------------------------------
 TOPIC_ROOT: Final = "bedside/v1"
 AGGREGATOR_ID: Final = "aggregator"
@@ -79,6 +83,18 @@ def topic_status(fleet: str, who: str) -> str:
     return f"{TOPIC_ROOT}/{fleet}/status/{who}"
 
 
+def topic_release(fleet: str, device_id: str) -> str:
+    return f"{TOPIC_ROOT}/{fleet}/release/{device_id}"
+
+
+def topic_report(fleet: str, device_id: str) -> str:
+    return f"{TOPIC_ROOT}/{fleet}/report/{device_id}"
+
+
+def topic_reports_all(fleet: str) -> str:
+    return f"{TOPIC_ROOT}/{fleet}/report/+"
+
+
 def topic_status_all(fleet: str) -> str:
     return f"{TOPIC_ROOT}/{fleet}/status/+"
 
@@ -91,8 +107,9 @@ KIND_MODEL: Final = "model"
 KIND_ANNOUNCE: Final = "announce"
 KIND_RECEIPT: Final = "receipt"
 KIND_MANIFEST: Final = "manifest"
+KIND_REPORT: Final = "report"  # a device's signed report on a model release
 ENVELOPE_KINDS: Final = frozenset(
-    {KIND_UPDATE, KIND_MODEL, KIND_ANNOUNCE, KIND_RECEIPT, KIND_MANIFEST}
+    {KIND_UPDATE, KIND_MODEL, KIND_ANNOUNCE, KIND_RECEIPT, KIND_MANIFEST, KIND_REPORT}
 )
 
 # ---------------------------------------------------------------------------------------------

@@ -235,6 +235,18 @@ class Schema:
             )
         return arr
 
+    def fingerprint(self) -> str:
+        """What makes rows of this schema interchangeable: feature names and order, kind,
+        window and labels (not ranges or scaling). A device stores its records under it, and a
+        model release whose fingerprint differs from the federation's is a new schema."""
+        import hashlib
+        import json
+
+        d = self.to_dict()
+        key = {"features": [f["name"] for f in d["features"]], "kind": d["kind"],
+               "window": d.get("window"), "labels": d["labels"]}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+
     # -- (de)serialisation --------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {

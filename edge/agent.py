@@ -36,14 +36,18 @@ from typing import Any
 
 import numpy as np
 
+from bedside import __version__
 from bedside.constants import (
     AGGREGATOR_ID,
     KIND_ANNOUNCE,
     KIND_MODEL,
     KIND_RECEIPT,
+    KIND_REPORT,
     KIND_UPDATE,
     topic_model,
     topic_receipt,
+    topic_release,
+    topic_report,
     topic_round,
     topic_status,
     topic_update,
@@ -56,18 +60,23 @@ from bedside.edge.participant import (
     participate,
     participate_statistics,
 )
+from bedside.edge.releases import Probation as ReleaseProbation
+from bedside.edge.releases import ReleaseLog
 from bedside.edge.store import RecordStore
-from bedside.edge.updater import ModelManager
+from bedside.edge.updater import ModelManager, Refused, run_golden
 from bedside.errors import (
     BedsideError,
+    IntegrityError,
     LedgerError,
     TransportError,
     ValidationError,
     WireError,
 )
 from bedside.federation.device import published_privacy
+from bedside.federation.release import Release, judge_release
 from bedside.federation.seeds import round_rng
 from bedside.federation.settings import RoundSettings
+from bedside.manifest import Manifest
 from bedside.sqlite import add_timings
 from bedside.transport import Message, Transport
 from bedside.wire.envelope import Envelope, decode, encode, peek
@@ -108,6 +117,11 @@ class Agent:
         self.refusing_reason = ""  # the reason code, which may be published
         self.refused_versions: set[int] = set()
         self._last_status = 0.0
+        self.releases = ReleaseLog(self.state.db, cfg.fleet)
+        self._download: tuple[Any, dict[str, Any]] | None = None
+        self._probation: ReleaseProbation | None = None
+        self._refused_old: set[tuple[int, str, str]] = set()
+
 
     # -- ledger ----------------------------------------------------------------------------------
     def _open_ledger(self) -> None:
@@ -153,7 +167,8 @@ class Agent:
     # -- loop --------------------------------------------------------------------------------------
     def start(self) -> None:
         f = self.cfg.fleet
-        for topic in (topic_model(f), topic_round(f), topic_receipt(f, self.cfg.device_id)):
+        for topic in (topic_model(f), topic_release(f, self.cfg.device_id), topic_round(f),
+                      topic_receipt(f, self.cfg.device_id)):
             self.transport.subscribe(topic, qos=1)
         self.publish_status(force=True)
 
@@ -171,14 +186,17 @@ class Agent:
         while msg is not None:
             self._handle(msg)
             msg = self.transport.get(0)
+        self._advance_download()
+        self._check_probation()
         self._maybe_participate()
         self._flush_outbox()
+        self._report_releases()
         self.publish_status()
 
     def _handle(self, msg: Message) -> None:
         f = self.cfg.fleet
         try:
-            if msg.topic == topic_model(f):
+            if msg.topic in (topic_model(f), topic_release(f, self.cfg.device_id)):
                 self._on_model(msg.payload)
             elif msg.topic == topic_round(f):
                 self._on_announce(msg.payload)
@@ -190,45 +208,204 @@ class Agent:
 
     # -- models ----------------------------------------------------------------------------------
     def _on_model(self, payload: bytes) -> None:
+        """A signed model release, for the fleet (``model``) or this device (``release/<id>``):
+        judge it (target, counter, agent version), then install it, or start its download."""
+        if not payload:
+            return  # a retained release cleared by the aggregator
         env = decode(payload, self.pinned, kinds={KIND_MODEL})
+        meta, version = env.header.meta, env.header.model_version
+        try:
+            rel = Release.from_meta(meta.get("release"))
+        except ValidationError as exc:
+            log.warning("model release v%d refused: %s", version, exc)
+            return
+        last = self.releases.last()
+        verdict, detail = judge_release(
+            rel, device_id=self.cfg.device_id, fleet=self.cfg.fleet,
+            release_fleet=meta.get("fleet"), last_counter=last.counter if last else None,
+            last_sha256=last.sha256 if last else None, agent_version=__version__,
+            blocked=self.models.blocked())
+        if verdict == "ignore":
+            if last is not None and last.state == "downloading" and self._download is None:
+                self._start_download(rel, meta)  # after a restart: resume where it stopped
+            elif (last is not None and last.state == "verified" and self._probation is None
+                  and last.until is not None):
+                self._probation = ReleaseProbation(rel, last.until)  # after a restart
+            else:
+                log.debug("model release %d (v%d) ignored: %s", rel.counter, rel.version, detail)
+            return
+        if verdict in ("not_targeted", "fleet"):
+            log.info("model release %d (v%d) ignored: %s", rel.counter, rel.version, detail)
+            return
+        if verdict in ("older_counter", "replay"):
+            self._refuse_old(rel, verdict, detail)
+            return
+        if verdict:
+            self._release_state(rel, "rejected", verdict, detail)
+            return
+        manifest = meta.get("manifest")
+        problem = self._check_release(rel, version, manifest)
+        if problem:
+            self._release_state(rel, "rejected", *problem)
+            return
+        assert isinstance(manifest, dict)
         onnx = env.tensors.get("onnx")
-        version = env.header.model_version
-        if onnx is None or onnx.dtype != np.uint8 or onnx.ndim != 1 or len(env.tensors) != 1:
-            log.warning("model release v%d malformed: expected one uint8 tensor 'onnx'", version)
+        if rel.inline_ok:
+            if onnx is None or onnx.dtype != np.uint8 or onnx.ndim != 1 or len(env.tensors) != 1:
+                self._release_state(rel, "rejected", "malformed",
+                                    "an inline release needs one uint8 tensor 'onnx'")
+                return
+            self._install(rel, manifest, onnx.tobytes())
+        else:
+            self._start_download(rel, meta)
+
+    def _refuse_old(self, rel: Release, reason: str, detail: str) -> None:
+        """A release at or below the newest counter handled: refused, logged and reported (once
+        per run and release), without touching the record of the release it replays."""
+        key = (rel.counter, rel.sha256, reason)
+        if key in self._refused_old:
             return
-        if env.header.meta.get("fleet") != self.cfg.fleet:
-            log.warning("model release v%d for fleet %r ignored", version,
-                        env.header.meta.get("fleet"))
-            return
-        latest = self.models.latest_version()
-        if version in self.refused_versions:
-            log.debug("model release v%d ignored: refused before", version)
-            return
-        if latest is not None and version == latest:
-            log.debug("model release v%d ignored: installed already", version)
-            return  # the retained release, delivered again at every (re)connection
-        if latest is not None and version < latest:
-            log.warning("model release v%d of fleet %r ignored: this device has v%d, and a "
-                        "release older than the newest it has is never installed (a replay, or "
-                        "an aggregator that started its registry over: a new federation needs a "
-                        "new fleet name, docs/models.md)", version, self.cfg.fleet, latest)
-            return
-        manifest = env.header.meta.get("manifest")
+        self._refused_old.add(key)
+        log.warning("model release %d (v%d): rejected (%s: %s)", rel.counter, rel.version, reason,
+                    detail)
+        msg = encode(KIND_REPORT, self.cfg.device_id, self.key, {}, round=0,
+                     model_version=rel.version,
+                     meta={"fleet": self.cfg.fleet, "counter": rel.counter, "state": "rejected",
+                           "reason": reason, "detail": detail, "refusal": True})
+        with contextlib.suppress(TransportError):  # a security notice: best effort
+            self.transport.publish(topic_report(self.cfg.fleet, self.cfg.device_id), msg, qos=1)
+
+    def _check_release(self, rel: Release, version: int, manifest: Any) -> tuple[str, str] | None:
         if not isinstance(manifest, dict):
-            log.warning("model release v%d has no manifest; ignored", version)
+            return "malformed", "the release has no manifest"
+        try:
+            m = Manifest.from_dict(manifest, "model release manifest")
+        except BedsideError as exc:
+            return "malformed", str(exc)
+        if not (m.version == rel.version == version) or m.sha256 != rel.sha256:
+            return "integrity", "the release, its header and its manifest disagree on the model"
+        serving = self.models.manifest()
+        if (serving is not None and not rel.new_schema
+                and m.schema.fingerprint() != serving.schema.fingerprint()):
+            return "schema", (f"model v{m.version} expects another input schema than the records "
+                              f"this device holds (those of v{serving.version})")
+        return None
+
+    def _start_download(self, rel: Release, meta: dict[str, Any]) -> None:
+        from bedside.edge.releases import Download, client_context
+
+        if self._download is not None and self._download[0].rel.counter != rel.counter:
+            old = self._download[0].rel
+            self._release_state(old, "rejected", "superseded",
+                                f"release {rel.counter} arrived before the download finished")
+        m = self.cfg.mqtt
+        try:
+            ctx = (client_context(m.ca_file, m.cert_file, m.key_file)
+                   if rel.url.startswith("https:") else None)
+            dl = Download(self.models.root / ".downloads", rel, self.cfg.fleet, ctx)
+        except (BedsideError, OSError) as exc:
+            self._release_state(rel, "rejected", "download", str(exc))
             return
+        self._download = (dl, dict(meta["manifest"]))
+        self._release_state(rel, "downloading", "", f"{rel.size} bytes in {dl.total} chunk(s)")
+
+    def _advance_download(self) -> None:
+        if self._download is None:
+            return
+        dl, manifest = self._download
+        try:
+            if not dl.step(0.5):
+                return
+            data = dl.verified_bytes()
+        except IntegrityError as exc:
+            self._download = None
+            dl.discard()
+            self._release_state(dl.rel, "rejected", "integrity", str(exc))
+            return
+        self._download = None
+        self._install(dl.rel, manifest, data)
+        dl.discard()
+
+    def _install(self, rel: Release, manifest: dict[str, Any], data: bytes) -> None:
         records = None
         serving = self.models.manifest()
         if serving is not None and self.cfg.agent.quality_tolerance is not None:
             x, y = self.store.load(serving.schema)
             records = (x, y) if len(x) else None
         try:
-            self.models.install(onnx.tobytes(), manifest, version, records,
-                                self.cfg.agent.quality_tolerance)
-        except BedsideError as exc:  # integrity or self-test: about the file, not the records
+            self.models.install(data, manifest, rel.version, records,
+                                self.cfg.agent.quality_tolerance, golden=rel.golden)
+        except BedsideError as exc:  # about the file and the golden rows, never the records
+            reason = (exc.reason if isinstance(exc, Refused)
+                      else "integrity" if isinstance(exc, IntegrityError) else "self_test")
+            self.refused_versions.add(rel.version)
+            self._release_state(rel, "rejected", reason, str(exc))
+            return
+        if rel.probation.seconds > 0:
+            until = self.clock() + rel.probation.seconds
+            self._probation = ReleaseProbation(rel, until)
+            self._release_state(rel, "verified", "", "in probation", until=until)
+        else:
+            self._release_state(rel, "active")
+
+    def _check_probation(self) -> None:
+        p = self._probation
+        now = self.clock()
+        if p is None or now < p.next_check:
+            return
+        from bedside.edge.predictor import Predictor
+
+        version = p.release.version
+        t0 = time.perf_counter()
+        try:
+            if p.predictor is None:
+                p.predictor = Predictor(self.models.root / f"v{version}",
+                                        threads=self.cfg.agent.threads)
+            predictor = p.predictor
+            if p.release.golden is not None:
+                why, ms = run_golden(predictor, p.release.golden)
+            else:  # no golden rows: the self-test on the schema's reference rows
+                predictor.self_test()
+                why, ms = "", (time.perf_counter() - t0) * 1000
+        except Exception as exc:
+            why, ms = f"the model failed: {exc}", (time.perf_counter() - t0) * 1000
+        reason = p.record(not why, ms)
+        p.next_check = now + max(p.release.probation.interval, 0.05)
+        if reason:
+            self._probation = None
+            self.models.withdraw(version, reason)
             self.refused_versions.add(version)
-            log.error("model v%d refused: %s", version, exc)
+            self._release_state(p.release, "rolled_back", "probation",
+                                f"{reason}{f' ({why})' if why else ''}")
+        elif now >= p.until:
+            self._probation = None
+            self._release_state(p.release, "active", "",
+                                f"probation passed: {p.checks} check(s), worst {p.worst_ms:.1f} ms")
+
+    def _release_state(self, rel: Release, state: str, reason: str = "", detail: str = "",
+                       until: float | None = None) -> None:
+        self.releases.set(rel, state, reason, detail, until=until, now=self.clock())
+        level = logging.WARNING if state in ("rejected", "rolled_back") else logging.INFO
+        log.log(level, "model release %d (v%d): %s%s", rel.counter, rel.version, state,
+                f" ({reason}: {detail})" if reason else f" ({detail})" if detail else "")
+        self._report_releases()
         self.publish_status(force=True)
+
+    def _report_releases(self) -> None:
+        """Send each state not yet reported, signed (re-tried while the broker is away)."""
+        if not self.transport.connected:
+            return
+        for h in self.releases.unreported():
+            msg = encode(KIND_REPORT, self.cfg.device_id, self.key, {}, round=0,
+                         model_version=h.version,
+                         meta={"fleet": self.cfg.fleet, "counter": h.counter, "state": h.state,
+                               "reason": h.reason, "detail": h.detail})
+            try:
+                self.transport.publish(topic_report(self.cfg.fleet, self.cfg.device_id), msg,
+                                       qos=1)
+            except TransportError:
+                return
+            self.releases.mark_reported(h.counter, h.state)
 
     # -- rounds ----------------------------------------------------------------------------------
     def _on_announce(self, payload: bytes) -> None:
@@ -403,6 +580,8 @@ class Agent:
             "privacy": ({"error": "ledger unavailable"} if "error" in report
                         else published_privacy(report)),
             "outbox": self.state.counts(),
+            # the newest release and its state: from the release and the golden rows only
+            "release": last.to_dict() if (last := self.releases.last()) else None,
             "connected": self.transport.connected,
             "time": self.clock(),
         }

@@ -40,7 +40,9 @@ class Predictor:
 
     def __init__(self, model_dir: str | Path, *, threads: int = 1, memory_arena: bool = False,
                  model_file: str | None = None) -> None:
-        self.model_dir = Path(model_dir)
+        # resolved once: through a 'current' symlink that is swapped meanwhile, the manifest and
+        # the model file must still come from the same version
+        self.model_dir = Path(model_dir).resolve()
         self.manifest: Manifest = load_manifest(self.model_dir)
         if model_file is None:
             data = verify_model_file(self.model_dir, self.manifest)

@@ -14,7 +14,6 @@ never lost by a later failed ingestion.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,10 +27,7 @@ from bedside.tabular import Table
 
 
 def schema_fingerprint(schema: Schema) -> str:
-    d = schema.to_dict()
-    key = {"features": [f["name"] for f in d["features"]], "kind": d["kind"],
-           "window": d.get("window"), "labels": d["labels"]}
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+    return schema.fingerprint()
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ import numpy as np
 
 from bedside.edge.predictor import Predictor
 from bedside.errors import IntegrityError, ModelError
+from bedside.federation.release import Golden, check_golden
 from bedside.files import atomic_write_bytes, private_dir
 from bedside.manifest import (
     Manifest,
@@ -47,6 +49,14 @@ from bedside.metrics import accuracy
 
 log = logging.getLogger("bedside.edge.updater")
 KEEP_VERSIONS = 3
+
+
+class Refused(ModelError):
+    """A release refused for a reason the device reports (``reason`` is a short code)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -62,6 +72,10 @@ class ModelManager:
         private_dir(self.root)
         self.threads = threads
         self._predictor: Predictor | None = None
+        # Inference may run on other threads: they take the predictor under this lock and keep
+        # using the object they got; a swap replaces it for the next caller only, so in-flight
+        # predictions finish on the old session.
+        self._lock = threading.Lock()
 
     # -- what is installed ---------------------------------------------------------------------
     @property
@@ -94,12 +108,15 @@ class ModelManager:
             raise ModelError(f"{self.root / 'blocked.json'} is unreadable ({exc})") from None
 
     def predictor(self) -> Predictor | None:
-        v = self.current_version()
-        if v is None:
-            return None
-        if self._predictor is None or self._predictor.version != v:
-            self._predictor = Predictor(self.root / f"v{v}", threads=self.threads)
-        return self._predictor
+        """The Predictor of the version in service (thread-safe)."""
+        with self._lock:
+            v = self.current_version()
+            if v is None:
+                return None
+            p = self._predictor
+            if p is None or p.version != v:
+                p = self._predictor = Predictor(self.root / f"v{v}", threads=self.threads)
+            return p
 
     def manifest(self, version: int | None = None) -> Manifest | None:
         """Manifest of ``version`` (default: the one serving)."""
@@ -118,10 +135,11 @@ class ModelManager:
     # -- installing ----------------------------------------------------------------------------
     def install(self, onnx_bytes: bytes, manifest_dict: dict[str, Any], version: int,
                 records: tuple[np.ndarray, np.ndarray] | None = None,
-                quality_tolerance: float | None = 0.15) -> Installed:
+                quality_tolerance: float | None = 0.15, golden: Golden | None = None) -> Installed:
         """Verify and keep ``version``; serve it unless the local quality gate says otherwise.
 
-        Raises (installing nothing) if the release is not what it claims or fails its self-test.
+        Raises (installing nothing) if the release is not what it claims, fails its self-test or
+        its golden vectors (:class:`Refused`, reason ``golden_vectors``).
         """
         m = Manifest.from_dict(manifest_dict, "model release manifest")
         if m.version != version:
@@ -144,6 +162,10 @@ class ModelManager:
         try:
             candidate = Predictor(staging, threads=self.threads)
             candidate.self_test()  # on the schema's reference rows: nothing from the records
+            if golden is not None:
+                why = run_golden(candidate, golden)[0]
+                if why:
+                    raise Refused("golden_vectors", f"model v{m.version}: {why}")
         except Exception:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -191,14 +213,33 @@ class ModelManager:
         tmp = self.root / ".current.tmp"
         tmp.unlink(missing_ok=True)
         os.symlink(name, tmp)
-        os.replace(tmp, self.current_link)
-        self._predictor = None
+        with self._lock:
+            os.replace(tmp, self.current_link)
+            self._predictor = None
 
     def _prune(self) -> None:
         cur = self.current_version()
         for v in self.versions()[:-KEEP_VERSIONS]:
             if v != cur:
                 shutil.rmtree(self.root / f"v{v}", ignore_errors=True)
+
+    def withdraw(self, version: int, why: str) -> int | None:
+        """Take ``version`` out (a release that failed on this device): block it, and if it
+        serves, put the newest earlier version back. Returns the version now serving."""
+        blocked = sorted(self.blocked() | {version})
+        atomic_write_bytes(self.root / "blocked.json", json.dumps(blocked).encode())
+        if self.current_version() == version:
+            older = [v for v in self.versions() if v < version and v not in blocked]
+            if older:
+                self._point_to(f"v{older[-1]}")
+            else:
+                with self._lock:
+                    self.current_link.unlink(missing_ok=True)
+                    self._predictor = None
+        shutil.rmtree(self.root / f"v{version}", ignore_errors=True)
+        now = self.current_version()
+        log.warning("model v%d withdrawn (%s); v%s serves", version, why, now)
+        return now
 
     def rollback(self) -> int:
         """Put the previous installed version back in service and block the one left."""
@@ -216,3 +257,16 @@ class ModelManager:
         self._point_to(f"v{target}")
         log.warning("rolled back from v%s to v%d (blocked: v%s and newer)", cur, target, cur)
         return target
+
+
+def run_golden(predictor: Predictor, golden: Golden) -> tuple[str, float]:
+    """Run the golden rows: ("" or why they failed, milliseconds taken)."""
+    import time
+
+    t0 = time.perf_counter()
+    try:
+        probs = predictor.predict_proba(golden.inputs)
+    except Exception as exc:  # a model that cannot run them fails them
+        return f"golden vectors: the model failed to run them ({exc})", \
+            (time.perf_counter() - t0) * 1000
+    return check_golden(golden, probs), (time.perf_counter() - t0) * 1000

@@ -69,4 +69,5 @@ def test_what_is_ignored_is_logged_with_its_reason(tmp_path, caplog):
     mf.run(max_steps=20)
     assert "round 1 announcement of fleet 'demo' ignored: this device has seen round 2" in \
         caplog.text
-    assert "model release v1 of fleet 'demo' ignored: this device has v3" in caplog.text
+    assert ("model release 1 (v1): rejected (older_counter: release counter 1 is older than the "
+            "newest this device handled (3)") in caplog.text

@@ -1,0 +1,256 @@
+"""The aggregator's side of model releases: sign, roll out in waves, read device reports.
+
+:class:`Rollouts` is driven by the :class:`~bedside.aggregator.service.Aggregator`'s loop (one
+thread): ``tick`` advances staged and canary rollouts, ``on_report`` records a device's signed
+report, ``release`` signs the release of a version a round produced. The states and the rules
+(a round never trains on a version in canary) are described in :mod:`bedside.aggregator.releases`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bedside.aggregator.config import AggregatorConfig
+from bedside.aggregator.releases import (
+    DONE,
+    FAILED,
+    ReleaseStore,
+    Rollout,
+    canary_devices,
+    golden_vectors,
+    make_release,
+    sign_release,
+)
+from bedside.constants import KIND_REPORT, topic_model, topic_release
+from bedside.errors import BedsideError, WireError
+from bedside.federation.release import Golden, Probation, Target
+from bedside.manifest import Manifest, load_manifest, verify_model_file
+from bedside.models.registry import Registry
+from bedside.wire.envelope import decode
+from bedside.wire.signing import KeyRing, SigningKey
+
+log = logging.getLogger("bedside.aggregator.rollout")
+
+Publish = Callable[[str, bytes, bool], None]
+
+
+class Rollouts:
+    def __init__(self, cfg: AggregatorConfig, store: ReleaseStore, registry: Registry,
+                 key: SigningKey, publish: Publish, clock: Callable[[], float]) -> None:
+        self.cfg, self.store, self.registry, self.key = cfg, store, registry, key
+        self.publish, self.clock = publish, clock
+        self._waiting: set[int] = set()  # rollouts already logged as waiting
+        self.on_refusal: Callable[[str, str, str], None] | None = None
+
+    # -- the federation's version ----------------------------------------------------------------
+    def base_version(self) -> int | None:
+        """The newest version every device is meant to run (rounds train on it)."""
+        held = self.store.held_back()
+        versions = [v for v in self.registry.versions() if v not in held]
+        return versions[-1] if versions else None
+
+    def active(self) -> bool:
+        return bool(self.store.rollouts(("staged", "canary")))
+
+    @property
+    def url(self) -> str:
+        return self.cfg.releases.base_url if self.cfg.releases.http_port else ""
+
+    # -- releases ----------------------------------------------------------------------------------
+    def release(self, version: int, round_id: int, origin: str = "round") -> bytes:
+        """Sign the fleet-wide release of ``version`` (a round's output, or the first version)."""
+        m = self.registry.manifest(version)
+        data = self.registry.model_bytes(version)
+        rel = make_release(counter=self.store.next_counter(), manifest=m, model_bytes=data,
+                           origin=origin, target=Target("all", None),
+                           max_message_bytes=self.cfg.releases.max_message_bytes,
+                           chunk_bytes=self.cfg.releases.chunk_bytes, url=self.url,
+                           golden=golden_vectors(data, m))
+        return sign_release(self.key, self.cfg.fleet, rel, m, data, round_id)
+
+    # -- reports -----------------------------------------------------------------------------------
+    def on_report(self, device: str, payload: bytes, devices: KeyRing) -> None:
+        """A device's signed report on a release (its topic must name its signer)."""
+        try:
+            env = decode(payload, devices, kinds={KIND_REPORT}, expected={})
+        except WireError as exc:
+            log.warning("release report on %s rejected: %s (%s)", device, exc.reason, exc)
+            return
+        meta = env.header.meta
+        if env.header.sender != device or meta.get("fleet") != self.cfg.fleet:
+            log.warning("release report from %s on %s's topic (or another fleet) rejected",
+                        env.header.sender, device)
+            return
+        try:
+            counter, state = int(meta["counter"]), str(meta["state"])
+            version = int(meta.get("version", env.header.model_version))
+        except (KeyError, TypeError, ValueError):
+            log.warning("release report from %s unreadable; ignored", device)
+            return
+        reason, detail = str(meta.get("reason", ""))[:64], str(meta.get("detail", ""))
+        if meta.get("refusal"):  # an old or replayed release refused: a notice, not a state
+            log.warning("%s refused a release with counter %d (v%d): %s: %s", device, counter,
+                        version, reason, detail[:200])
+            if self.on_refusal is not None:
+                self.on_refusal(device, reason, f"release {counter}: {detail[:200]}")
+            return
+        if self.store.report(device, counter, version, state, reason, detail, self.clock()):
+            level = logging.WARNING if state in FAILED else logging.INFO
+            log.log(level, "release %d (v%d): %s is %s%s", counter, version, device, state,
+                    f" ({reason}: {detail})" if reason else "")
+
+    # -- rollouts ----------------------------------------------------------------------------------
+    def tick(self, devices: KeyRing, round_open: bool) -> bool:
+        """Advance rollouts; True when a fleet-wide version was released (the base changed)."""
+        changed = False
+        for r in self.store.rollouts(("staged", "canary")):
+            if r.status == "staged":
+                if self._blocked(r, round_open):
+                    continue
+                changed |= self._start(r, sorted(devices))
+                break  # one rollout starts at a time, in order
+            changed |= self._advance(r, sorted(devices))
+        return changed
+
+    def _blocked(self, r: Rollout, round_open: bool) -> bool:
+        other = [o for o in self.store.rollouts(("canary",)) if o.everyone or r.everyone]
+        why = ("a round is open" if r.everyone and round_open else
+               f"rollout {other[0].id} is in canary" if other else "")
+        if why and r.id not in self._waiting:
+            log.info("rollout %d (%s) waits: %s", r.id, r.target.spec, why)
+            self._waiting.add(r.id)
+        return bool(why)
+
+    def _start(self, r: Rollout, enrolled: list[str]) -> bool:
+        now = self.clock()
+        try:
+            m, data = self._materialize(r)
+        except BedsideError as exc:
+            log.error("rollout %d aborted before release: %s", r.id, exc)
+            self.store.update(r.id, now, status="aborted", reason=str(exc))
+            return False
+        p = r.params
+        golden = Golden.from_meta(p["golden"]) if p.get("golden") else golden_vectors(data, m)
+        try:
+            rel = make_release(
+                counter=self.store.next_counter(), manifest=m, model_bytes=data, origin=r.origin,
+                target=r.target, max_message_bytes=self.cfg.releases.max_message_bytes,
+                chunk_bytes=self.cfg.releases.chunk_bytes, url=self.url, golden=golden,
+                probation=Probation.from_meta(p.get("probation", {})),
+                min_agent_version=str(p.get("min_agent_version", "")),
+                new_schema=bool(p.get("new_schema")), pushed_by=str(p.get("pushed_by", "")))
+        except BedsideError as exc:
+            log.error("rollout %d aborted: %s", r.id, exc)
+            self.store.update(r.id, now, status="aborted", reason=str(exc), version=m.version)
+            return False
+        envelope = sign_release(self.key, self.cfg.fleet, rel, m, data)
+        self.registry.put_release(m.version, envelope)
+        targets = enrolled if r.target.devices is None else list(r.target.devices)
+        canary = canary_devices(targets, p.get("canary"))
+        self.store.update(r.id, now, counter=rel.counter, version=m.version)
+        if canary and len(canary) < len(targets):
+            for d in canary:
+                self.publish(topic_release(self.cfg.fleet, d), envelope, True)
+            self.store.update(r.id, now, status="canary", canary=canary, wave_started_at=now)
+            log.info("rollout %d: release %d (v%d) to %d canary device(s) of %d: %s", r.id,
+                     rel.counter, m.version, len(canary), len(targets), ", ".join(canary))
+            return False
+        return self._complete(r.id, rel.counter, m.version, r.target, targets, envelope)
+
+    def _materialize(self, r: Rollout) -> tuple[Manifest, bytes]:
+        """Store the rollout's model as the next version (once: a restart finds it stored)."""
+        if r.version is not None:
+            return self.registry.manifest(r.version), self.registry.model_bytes(r.version)
+        p = r.params
+        parent = self.base_version()
+        if "source_version" in p:  # a rollback: the old version's model, as a new version
+            parent = int(p["source_version"])
+            src_m = self.registry.manifest(parent)
+            data = self.registry.model_bytes(parent)
+            m = Manifest.from_dict(src_m.to_dict())
+            m.training = {**src_m.training, "rollback_of": parent,
+                          "pushed": {"by": p.get("pushed_by", ""), "target": r.target.spec}}
+        else:
+            staged = Path(p["staged"])
+            m = load_manifest(staged)
+            data = verify_model_file(staged, m)
+            m.training = {**m.training, "pushed": {"by": p.get("pushed_by", ""),
+                                                   "from": p.get("source", str(staged)),
+                                                   "target": r.target.spec}}
+        latest = self.registry.latest() or 0
+        m.parent_version = parent
+        m.version, m.created_at, m.files = latest + 1, self.clock(), {}
+        self.registry.add(data, m)
+        self.store.update(r.id, self.clock(), version=m.version)
+        return self.registry.manifest(m.version), data
+
+    def _advance(self, r: Rollout, enrolled: list[str]) -> bool:
+        """A canary wave: proceed, abort, or keep waiting."""
+        now = self.clock()
+        assert r.counter is not None and r.version is not None and r.wave_started_at is not None
+        reports = {x["device"]: x for x in self.store.reports(r.counter)}
+        done = [d for d in r.canary if reports.get(d, {}).get("state") in DONE]
+        failed = [d for d in done if reports[d]["state"] in FAILED]
+        probation = float(r.params.get("probation", {}).get("seconds", 0.0))
+        timed_out = now >= r.wave_started_at + probation + self.cfg.releases.wave_timeout_seconds
+        if len(done) < len(r.canary) and not timed_out:
+            return False
+        threshold = float(r.params.get("abort_on_failure_rate", 0.0))
+        rate = len(failed) / len(done) if done else 1.0
+        if not done or rate > threshold:
+            why = (f"no canary device reported within {now - r.wave_started_at:.0f} s" if not done
+                   else f"canary failure rate {rate:.2f} > {threshold:.2f} ("
+                   + ", ".join(f"{d}: {reports[d]['reason'] or reports[d]['state']}"
+                               for d in failed) + ")")
+            self.store.update(r.id, now, status="aborted", reason=why)
+            log.error("rollout %d (release %d, v%d) aborted: %s; the rest of %s never sees it",
+                      r.id, r.counter, r.version, why, r.target.spec)
+            return False
+        envelope = self.registry.release(r.version)
+        assert envelope is not None
+        targets = enrolled if r.target.devices is None else list(r.target.devices)
+        log.info("rollout %d: canary passed (%d/%d done, failure rate %.2f <= %.2f); releasing "
+                 "to the rest of %s", r.id, len(done), len(r.canary), rate, threshold,
+                 r.target.spec)
+        return self._complete(r.id, r.counter, r.version, r.target,
+                              [d for d in targets if d not in r.canary], envelope)
+
+    def _complete(self, rollout_id: int, counter: int, version: int, target: Target,
+                  devices: list[str], envelope: bytes) -> bool:
+        if target.everyone:  # one retained message for the fleet, also for devices enrolled later
+            self.publish(topic_model(self.cfg.fleet), envelope, True)
+        else:
+            for d in devices:
+                self.publish(topic_release(self.cfg.fleet, d), envelope, True)
+        self.store.update(rollout_id, self.clock(), status="complete")
+        log.info("rollout %d: release %d (v%d) sent to %s", rollout_id, counter, version,
+                 target.spec)
+        return target.everyone
+
+
+def status(store: ReleaseStore, enrolled: list[str]) -> dict[str, Any]:
+    """What ``bedside models status`` shows: each device's latest release report, and every
+    rollout's progress."""
+    latest = store.devices()
+    rollouts = []
+    for r in store.rollouts():
+        d = r.to_dict()
+        if r.counter is not None:
+            reports = store.reports(r.counter)
+            d["reports"] = {s: sum(1 for x in reports if x["state"] == s)
+                            for s in ("downloading", "verified", "active", "rejected",
+                                      "rolled_back")}
+        rollouts.append(d)
+    devices = []
+    for dev in sorted(set(enrolled) | set(latest)):
+        rep = latest.get(dev)
+        devices.append({"device": dev, "enrolled": dev in enrolled,
+                        "counter": rep["counter"] if rep else None,
+                        "version": rep["version"] if rep else None,
+                        "state": rep["state"] if rep else None,
+                        "reason": rep["reason"] if rep else "",
+                        "at": rep["at"] if rep else None})
+    return {"devices": devices, "rollouts": rollouts}
