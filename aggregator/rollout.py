@@ -9,7 +9,9 @@ report, ``release`` signs the release of a version a round produced. The states 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +22,15 @@ from bedside.aggregator.releases import (
     ReleaseStore,
     Rollout,
     canary_devices,
+    copy_model_dir,
     golden_vectors,
     make_release,
     sign_release,
 )
 from bedside.constants import KIND_REPORT, topic_model, topic_release
-from bedside.errors import BedsideError, WireError
-from bedside.federation.release import Golden, Probation, Target
+from bedside.errors import BedsideError, InputError, WireError
+from bedside.federation.release import Golden, Probation, Target, parse_target
+from bedside.files import private_dir
 from bedside.manifest import Manifest, load_manifest, verify_model_file
 from bedside.models.registry import Registry
 from bedside.wire.envelope import decode
@@ -48,9 +52,7 @@ class Rollouts:
     # -- the federation's version ----------------------------------------------------------------
     def base_version(self) -> int | None:
         """The newest version every device is meant to run (rounds train on it)."""
-        held = self.store.held_back()
-        versions = [v for v in self.registry.versions() if v not in held]
-        return versions[-1] if versions else None
+        return base_version(self.registry, self.store)
 
     def active(self) -> bool:
         return bool(self.store.rollouts(("staged", "canary")))
@@ -254,3 +256,99 @@ def status(store: ReleaseStore, enrolled: list[str]) -> dict[str, Any]:
                         "reason": rep["reason"] if rep else "",
                         "at": rep["at"] if rep else None})
     return {"devices": devices, "rollouts": rollouts}
+
+
+def base_version(registry: Registry, store: ReleaseStore) -> int | None:
+    """The federation's version: the newest one not held back (in canary, aborted, targeted)."""
+    held = store.held_back()
+    versions = [v for v in registry.versions() if v not in held]
+    return versions[-1] if versions else None
+
+
+@dataclass(frozen=True)
+class PushOptions:
+    """What ``bedside models push`` and ``rollback`` take besides the model."""
+
+    to: str = "all"
+    canary: str | None = None
+    abort_on_failure_rate: float = 0.0
+    probation: Probation = field(default_factory=Probation)
+    new_schema: bool = False
+    min_agent_version: str = ""
+    pushed_by: str = ""
+
+
+def _check_options(opts: PushOptions) -> None:
+    if not 0.0 <= opts.abort_on_failure_rate <= 1.0:
+        raise InputError(f"--abort-on-failure-rate {opts.abort_on_failure_rate}: expected a "
+                         "failure rate between 0 and 1")
+    canary_devices(["x"], opts.canary)  # its format: a count or a percentage
+
+
+def _params(opts: PushOptions, target: Target) -> dict[str, Any]:
+    return {"canary": opts.canary, "abort_on_failure_rate": opts.abort_on_failure_rate,
+            "probation": opts.probation.to_meta(), "new_schema": opts.new_schema,
+            "min_agent_version": opts.min_agent_version, "pushed_by": opts.pushed_by}
+
+
+def stage_push(cfg: AggregatorConfig, store: ReleaseStore, registry: Registry, model_dir: Path,
+               opts: PushOptions, golden: Golden | None = None) -> int:
+    """Check a model directory and stage its rollout for the service. Returns the rollout id.
+
+    Refused (InputError) when the directory is not a verified model, its input schema differs
+    from the federation's without ``new_schema``, or the target names unknown groups or devices.
+    ``golden``: the ML engineer's test vectors (default: computed by the service from the
+    schema)."""
+    _check_options(opts)
+    m = load_manifest(model_dir)
+    data = verify_model_file(model_dir, m)
+    base = base_version(registry, store)
+    if base is None:
+        raise InputError(f"registry {registry.root} is empty: start the aggregator service once "
+                         "(it imports initial_model) before pushing models")
+    current = registry.manifest(base).schema
+    if m.schema.fingerprint() != current.fingerprint() and not opts.new_schema:
+        raise InputError(
+            f"{model_dir}: its input schema ({len(m.schema.features)} features, labels "
+            f"{list(m.schema.labels)}) differs from the federation's (v{base}: "
+            f"{len(current.features)} features, labels {list(current.labels)}); devices hold "
+            "records of the current one. Push with --new-schema if this is meant")
+    target = _target(cfg, opts.to)
+    if golden is not None:
+        from bedside.federation.release import check_golden
+        from bedside.models.onnx_model import OnnxClassifier
+
+        clf = OnnxClassifier(data, m.output, m.schema.labels, where=str(model_dir))
+        why = check_golden(golden, clf.probabilities(m.schema.validate(golden.inputs)))
+        if why:
+            raise InputError(f"{model_dir}: {why} on this machine already; fix the golden "
+                             "vectors or the model before pushing")
+    staged = cfg.staged_path / f"{m.sha256[:16]}-{int(time.time() * 1000)}"
+    private_dir(cfg.staged_path)
+    copy_model_dir(model_dir, staged)
+    params = {**_params(opts, target), "staged": str(staged), "source": str(model_dir)}
+    if golden is not None:
+        params["golden"] = golden.to_meta()
+    rid = store.stage("push", target, params)
+    log.info("rollout %d staged: %s v%d (%s) to %s", rid, m.name, m.version, m.sha256[:12],
+             target.spec)
+    return rid
+
+
+def stage_rollback(cfg: AggregatorConfig, store: ReleaseStore, registry: Registry, version: int,
+                   opts: PushOptions) -> int:
+    """Stage an operator's rollback: ``version``'s model released again as a new version with a
+    new, higher counter (devices never go back on their own)."""
+    _check_options(opts)
+    if version not in registry.versions():
+        have = registry.versions()
+        raise InputError(f"registry {registry.root}: no version {version} to roll back to (it "
+                         f"holds {f'{have[0]}..{have[-1]}' if have else 'none'})")
+    registry.model_bytes(version)  # verified now, not when the service gets to it
+    target = _target(cfg, opts.to)
+    return store.stage("rollback", target, {**_params(opts, target), "source_version": version})
+
+
+def _target(cfg: AggregatorConfig, spec: str) -> Target:
+    enrolled = sorted(p.stem for p in cfg.devices.glob("*.pub")) if cfg.devices.is_dir() else []
+    return parse_target(spec, cfg.groups, enrolled)

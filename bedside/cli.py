@@ -22,11 +22,16 @@ from bedside import __version__
 from bedside.errors import BedsideError
 
 # group name -> (module that owns it, one-line help). Order is the order of ``bedside --help``.
+# A group may be made of several parts' modules (space-separated): the first builds it and returns
+# its sub-command table, the others ``register`` their commands in it, so that ``bedside models
+# push`` lives with the aggregator it drives while ``bedside.models`` imports nothing above it.
 GROUPS: dict[str, tuple[str, str]] = {
     "edge": ("bedside.edge.cli",
              "run on a clinic device: infer, ingest records, enroll, run the agent"),
     "aggregator": ("bedside.aggregator.cli", "run the central aggregator service"),
-    "models": ("bedside.models.cli", "train, export, import and inspect models; list a registry"),
+    "models": ("bedside.models.cli bedside.aggregator.fleet_cli",
+               "train, export, import and inspect models; list a registry; push models to the "
+               "fleet, watch and roll back rollouts"),
     "privacy": ("bedside.privacy.cli", "plan privacy budgets: epsilon, calibrate, gaussian-sigma"),
     "keys": ("bedside.wire.cli", "generate and inspect Ed25519 signing keys"),
     "broker": ("bedside.transport.cli", "run the embedded MQTT broker on 127.0.0.1; certificates, "
@@ -77,8 +82,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     module_name, help_text = GROUPS[group]
     parser = argparse.ArgumentParser(prog=f"bedside {group}", description=help_text)
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
-    module = importlib.import_module(module_name)
-    module.build(parser)
+    first, *more = module_name.split()
+    sub = importlib.import_module(first).build(parser)
+    for name in more:
+        importlib.import_module(name).register(sub)
     ns = parser.parse_args(args_list[1:])
     func: Handler | None = getattr(ns, "func", None)
     if func is None:

@@ -121,6 +121,7 @@ class Agent:
         self._download: tuple[Any, dict[str, Any]] | None = None
         self._probation: ReleaseProbation | None = None
         self._refused_old: set[tuple[int, str, str]] = set()
+        self._notices: dict[tuple[int, str], float] = {}
 
 
     # -- ledger ----------------------------------------------------------------------------------
@@ -204,6 +205,9 @@ class Agent:
                 self._on_receipt(msg.payload)
         except WireError as exc:
             log.warning("ignored message on %s: %s (%s)", msg.topic, exc.reason, exc)
+            if msg.topic in (topic_model(f), topic_release(f, self.cfg.device_id)):
+                self._refusal_notice(0, 0, exc.reason, f"a model release that failed "
+                                     f"verification: {exc}")
         msg.ack()
 
     # -- models ----------------------------------------------------------------------------------
@@ -268,11 +272,21 @@ class Agent:
         self._refused_old.add(key)
         log.warning("model release %d (v%d): rejected (%s: %s)", rel.counter, rel.version, reason,
                     detail)
+        self._refusal_notice(rel.counter, rel.version, reason, detail)
+
+    def _refusal_notice(self, counter: int, version: int, reason: str, detail: str) -> None:
+        """Tell the aggregator that a release was refused before it was judged on its merits
+        (bad signature, old or replayed): a security notice, best effort, at most one a minute
+        per release and reason (a flood of forgeries does not become a flood of notices)."""
+        now = self.clock()
+        if now - self._notices.get((counter, reason), -1e18) < 60.0:
+            return
+        self._notices[(counter, reason)] = now
         msg = encode(KIND_REPORT, self.cfg.device_id, self.key, {}, round=0,
-                     model_version=rel.version,
-                     meta={"fleet": self.cfg.fleet, "counter": rel.counter, "state": "rejected",
-                           "reason": reason, "detail": detail, "refusal": True})
-        with contextlib.suppress(TransportError):  # a security notice: best effort
+                     model_version=version,
+                     meta={"fleet": self.cfg.fleet, "counter": counter, "state": "rejected",
+                           "reason": reason, "detail": detail[:300], "refusal": True})
+        with contextlib.suppress(TransportError):
             self.transport.publish(topic_report(self.cfg.fleet, self.cfg.device_id), msg, qos=1)
 
     def _check_release(self, rel: Release, version: int, manifest: Any) -> tuple[str, str] | None:

@@ -186,15 +186,18 @@ class Download:
     def chunk_url(self, index: int) -> str:
         return f"{self.rel.url.rstrip('/')}/v1/{self.fleet}/objects/{self.rel.sha256}/{index}"
 
-    def step(self, budget_seconds: float = 0.5, now: float | None = None) -> bool:
+    def step(self, budget_seconds: float = 0.5, now: float | None = None,
+             max_chunks: int | None = None) -> bool:
         """Fetch chunks for up to ``budget_seconds``; True once complete. Network errors are
         retried later (backing off); a chunk that fails its digest MAX_BAD_CHUNKS times raises
         IntegrityError."""
         now = time.monotonic() if now is None else now
         if self.complete or now < self.next_attempt:
             return self.complete
-        started = time.monotonic()
-        while not self.complete and time.monotonic() - started < budget_seconds:
+        started, fetched = time.monotonic(), 0
+        while (not self.complete and time.monotonic() - started < budget_seconds
+               and (max_chunks is None or fetched < max_chunks)):
+            fetched += 1
             try:
                 data = self._fetch(self.done)
             except TransportError as exc:

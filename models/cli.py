@@ -23,7 +23,9 @@ def _param(text: str) -> tuple[str, Any]:
         ) from None
 
 
-def build(parser: argparse.ArgumentParser) -> None:
+def build(parser: argparse.ArgumentParser) -> Any:
+    """Add the model commands; returns the sub-command table (the CLI root adds the fleet
+    commands of ``bedside.aggregator.fleet_cli`` to it: push, status, rollback)."""
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
 
     p = sub.add_parser("export",
@@ -82,6 +84,7 @@ def build(parser: argparse.ArgumentParser) -> None:
     p.add_argument("model", type=Path, metavar="DIR")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_inspect)
+    return sub
 
 
 def _summary(m: Any, out: Path) -> str:

@@ -202,8 +202,10 @@ def acl_text(fleet: str, devices: list[str], aggregator: str = "aggregator") -> 
         lines += [f"user {device}",
                   f"topic write {root}/update/{device}",
                   f"topic write {root}/status/{device}",
+                  f"topic write {root}/report/{device}",
                   f"topic read {root}/round",
                   f"topic read {root}/model",
+                  f"topic read {root}/release/{device}",
                   f"topic read {root}/receipt/{device}", ""]
     return "\n".join(lines)
 
