@@ -44,3 +44,9 @@ app
 # Flower starts these by name through the scripts bedside.transport.flower.write_runtime writes.
 serverapp_main
 clientapp_main
+# http.server calls these by name (the aggregator's download endpoint).
+_.server_version
+_.sys_version
+_.do_GET
+_.log_message
+_.daemon_threads

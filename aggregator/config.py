@@ -129,8 +129,10 @@ class ReleasesConfig:
     key_file: Path | None = setting(None, "its private key")
     ca_file: Path | None = setting(None, "when set, devices must present a client certificate "
                                    "of this CA")
-    wave_timeout_seconds: float = setting(600.0, "how long a canary wave waits for its devices' "
-                                          "reports, after their probation", positive=True)
+    wave_timeout_seconds: float = setting(600.0, "how long a canary wave (after its probation) "
+                                          "waits for its devices' reports; the service also "
+                                          "keeps serving a sent release this long for devices "
+                                          "that have not reported it done", positive=True)
 
     def __post_init__(self) -> None:
         if (self.cert_file is None) != (self.key_file is None):

@@ -33,7 +33,7 @@ from bedside.federation.release import Golden, Probation, Target, parse_target
 from bedside.files import private_dir
 from bedside.manifest import Manifest, load_manifest, verify_model_file
 from bedside.models.registry import Registry
-from bedside.wire.envelope import decode
+from bedside.wire.envelope import decode, peek
 from bedside.wire.signing import KeyRing, SigningKey
 
 log = logging.getLogger("bedside.aggregator.rollout")
@@ -54,8 +54,21 @@ class Rollouts:
         """The newest version every device is meant to run (rounds train on it)."""
         return base_version(self.registry, self.store)
 
-    def active(self) -> bool:
-        return bool(self.store.rollouts(("staged", "canary")))
+    def active(self, enrolled: list[str] | None = None) -> bool:
+        """A rollout is staged or in canary, or was sent less than ``wave_timeout_seconds``
+        ago and some of its devices have not reported it done (they may still be downloading
+        from this service's endpoint): the service keeps running for it."""
+        if self.store.rollouts(("staged", "canary")):
+            return True
+        now = self.clock()
+        for r in self.store.rollouts(("complete",)):
+            if r.counter is None or now > r.updated_at + self.cfg.releases.wave_timeout_seconds:
+                continue
+            targets = list(r.target.devices) if r.target.devices is not None else enrolled or []
+            done = {x["device"] for x in self.store.reports(r.counter) if x["state"] in DONE}
+            if not set(targets) <= done:
+                return True
+        return False
 
     @property
     def url(self) -> str:
@@ -72,6 +85,15 @@ class Rollouts:
                            chunk_bytes=self.cfg.releases.chunk_bytes, url=self.url,
                            golden=golden_vectors(data, m))
         return sign_release(self.key, self.cfg.fleet, rel, m, data, round_id)
+
+    def fleet_counter(self) -> int | None:
+        """The counter of the fleet-wide release in force (the base version's)."""
+        base = self.base_version()
+        envelope = self.registry.release(base) if base is not None else None
+        if envelope is None:
+            return None
+        release = peek(envelope).meta.get("release")
+        return int(release["counter"]) if isinstance(release, dict) else None
 
     # -- reports -----------------------------------------------------------------------------------
     def on_report(self, device: str, payload: bytes, devices: KeyRing) -> None:
@@ -94,6 +116,12 @@ class Rollouts:
             return
         reason, detail = str(meta.get("reason", ""))[:64], str(meta.get("detail", ""))
         if meta.get("refusal"):  # an old or replayed release refused: a notice, not a state
+            if (meta.get("reason") == "older_counter"
+                    and counter == self.fleet_counter() and counter):
+                # the fleet's retained release, older than a targeted one the device runs
+                log.debug("%s passed over the fleet release %d (it runs a newer one)", device,
+                          counter)
+                return
             log.warning("%s refused a release with counter %d (v%d): %s: %s", device, counter,
                         version, reason, detail[:200])
             if self.on_refusal is not None:

@@ -299,7 +299,7 @@ class Aggregator:
             self._load_version(base)  # the federation's model is now the released one
         if self._round_deferred and not self.finished and not self.rollouts.store.blocks_rounds():
             self._open_next()
-        return not self.finished or self.rollouts.active()
+        return not self.finished or self.rollouts.active(sorted(self.devices))
 
     def _due(self, cur: RoundRow) -> bool:
         if self.clock() >= cur.deadline:

@@ -52,7 +52,7 @@ AGGREGATOR_ID: Final = "aggregator"
 BROKER_ID: Final = "broker"
 #: Identities of the services (certificate CNs, signers): never a device's id, so a device can
 #: never borrow their broker identity or their place in an ACL (compared case-insensitively).
-RESERVED_IDS: Final = frozenset({AGGREGATOR_ID, BROKER_ID, "ca"})
+RESERVED_IDS: Final = frozenset({AGGREGATOR_ID, BROKER_ID, "ca", "downloads"})
 
 
 def topic_round(fleet: str) -> str:

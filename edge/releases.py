@@ -33,7 +33,7 @@ from typing import Any
 from bedside.errors import IntegrityError, TransportError
 from bedside.federation.release import Release, n_chunks
 from bedside.files import private_dir
-from bedside.sqlite import open_db, transaction
+from bedside.sqlite import transaction
 from bedside.transport import is_loopback
 
 log = logging.getLogger("bedside.edge.releases")
@@ -42,7 +42,6 @@ _DDL = ("CREATE TABLE IF NOT EXISTS releases (fleet TEXT NOT NULL, counter INTEG
         "version INTEGER NOT NULL, sha256 TEXT NOT NULL, state TEXT NOT NULL, reason TEXT NOT "
         "NULL DEFAULT '', detail TEXT NOT NULL DEFAULT '', at REAL NOT NULL, until REAL, "
         "reported INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (fleet, counter))")
-TERMINAL = ("active", "rejected", "rolled_back")
 MAX_BAD_CHUNKS = 3
 
 
@@ -96,13 +95,6 @@ class ReleaseLog:
                               (self.fleet,)).fetchone()
         return self.get(int(row[0])) if row and row[0] is not None else None
 
-    def in_state(self, *states: str) -> list[Handled]:
-        rows = self.db.execute(
-            f"SELECT counter FROM releases WHERE fleet = ? AND state IN "  # noqa: S608
-            f"({', '.join('?' * len(states))}) ORDER BY counter", (self.fleet, *states))
-        out = [self.get(int(r[0])) for r in rows.fetchall()]
-        return [h for h in out if h is not None]
-
     def unreported(self) -> list[Handled]:
         rows = self.db.execute("SELECT counter FROM releases WHERE fleet = ? AND reported = 0 "
                                "ORDER BY counter", (self.fleet,)).fetchall()
@@ -113,17 +105,6 @@ class ReleaseLog:
         with transaction(self.db):
             self.db.execute("UPDATE releases SET reported = 1 WHERE fleet = ? AND counter = ? AND "
                             "state = ?", (self.fleet, counter, state))
-
-    def recent(self, n: int = 5) -> list[Handled]:
-        rows = self.db.execute("SELECT counter FROM releases WHERE fleet = ? ORDER BY counter "
-                               "DESC LIMIT ?", (self.fleet, n)).fetchall()
-        out = [self.get(int(r[0])) for r in rows]
-        return [h for h in out if h is not None]
-
-
-def open_log(path: Path, fleet: str) -> ReleaseLog:
-    return ReleaseLog(open_db(path, "agent state", private=True), fleet)
-
 
 # -- downloads -------------------------------------------------------------------------------------
 def check_url(url: str) -> None:

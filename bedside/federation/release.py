@@ -42,8 +42,6 @@ from bedside.wire.signing import validate_device_id, validate_id
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
 #: Release states a device reports (``report`` messages and its status).
 STATES = ("downloading", "verified", "active", "rejected", "rolled_back")
-#: What produced a release.
-ORIGINS = ("round", "push", "rollback", "initial")
 
 
 def _version_tuple(text: str) -> tuple[int, ...]:

@@ -30,6 +30,10 @@ def build(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--broker-host", action="append", default=[], metavar="HOST",
                    help="name or IP clients use to reach the broker (default 127.0.0.1, "
                    "localhost)")
+    p.add_argument("--downloads-host", action="append", default=[], metavar="HOST",
+                   help="also issue downloads.crt/.key, a server certificate for the "
+                   "aggregator's model download endpoint ([releases] in aggregator.toml) at "
+                   "this name or IP (repeatable)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_certs)
 
@@ -84,6 +88,10 @@ def _certs(ns: argparse.Namespace) -> int:
     from bedside.transport.pki import create_fleet, share_with_broker
 
     create_fleet(ns.out, ns.identity, ns.broker_host or None)
+    if ns.downloads_host:
+        from bedside.transport.pki import DOWNLOADS_ID, issue
+
+        issue(ns.out, DOWNLOADS_ID, server_hosts=ns.downloads_host)
     group = share_with_broker(ns.out, ns.broker_group) if ns.broker_group else None
     files = sorted(p.name for p in ns.out.iterdir())
     if ns.json:

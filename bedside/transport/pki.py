@@ -210,6 +210,9 @@ def acl_text(fleet: str, devices: list[str], aggregator: str = "aggregator") -> 
     return "\n".join(lines)
 
 
+#: The aggregator's model download endpoint's server certificate (``downloads.crt``).
+DOWNLOADS_ID = "downloads"
+
 #: The group Debian's Mosquitto runs as (it drops root privileges at start).
 BROKER_GROUP = "mosquitto"
 
