@@ -336,6 +336,8 @@ class DownloadServer:
                  cert_file: Path | None = None, key_file: Path | None = None,
                  ca_file: Path | None = None) -> None:
         root, fleet_name, size = Path(objects), fleet, chunk_bytes
+        self.bytes_served = 0  # for benchmarks and operators: what left through this endpoint
+        counter = self
 
         class Handler(BaseHTTPRequestHandler):
             server_version = "bedside"
@@ -363,6 +365,7 @@ class DownloadServer:
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
+                counter.bytes_served += len(data)
 
             def log_message(self, format: str, *args: Any) -> None:
                 log.debug("download endpoint: " + format, *args)

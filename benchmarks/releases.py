@@ -24,13 +24,13 @@ cores; ``--quick`` for 5 devices and 1 MB / 20 MB). Writes ``results/releases.js
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -60,10 +60,8 @@ def _peak_mb() -> float:
 
 def _reset_peak() -> None:
     """Reset the kernel's peak-RSS counter of this process (Linux 4.0+)."""
-    try:
+    with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
 
 
 def _peak_hwm_mb() -> float:
@@ -73,7 +71,7 @@ def _peak_hwm_mb() -> float:
     return _peak_mb()
 
 
-# -- the fleet ---------------------------------------------------------------------------------------
+# -- the fleet -------------------------------------------------------------------------------------
 def prepare(work: Path, n: int, broker: Any, starting: Path) -> dict[str, Any]:
     """Keys, configs and an aggregator.toml whose one round ends at once (the devices hold no
     records and decline), so that the service only releases models."""
@@ -108,7 +106,7 @@ def prepare(work: Path, n: int, broker: Any, starting: Path) -> dict[str, Any]:
            "data_dir": str(work / "aggregator"), "initial_model": str(starting),
            "mqtt": mqtt("aggregator"),
            "rounds": {"rounds": 1, "min_participants": 1, "deadline_seconds": 30.0},
-           "privacy": {"noise": "none"}, "statistics": False,
+           "privacy": {"noise": "none"},
            "releases": {"max_message_bytes": 16 * MB, "chunk_bytes": 4 * MB,
                         "http_port": free_port()}}
     (work / "aggregator.toml").write_text(to_toml(agg))
@@ -129,13 +127,13 @@ def probe_device(toml: str, out: str) -> int:
     agent = _agent(Path(toml))
     agent.start()
     figures: dict[str, float] = {}
-    real = releases.Download.verified_bytes
+    real = releases.Download.verified_file
 
-    def at_end_of_transfer(self: Any) -> bytes:
+    def at_end_of_transfer(self: Any) -> Path:
         figures["peak_after_download_mb"] = _peak_hwm_mb()
         return real(self)
 
-    releases.Download.verified_bytes = at_end_of_transfer  # type: ignore[method-assign]
+    releases.Download.verified_file = at_end_of_transfer  # type: ignore[method-assign]
     stop = Path(out).with_suffix(".stop")
     base_version = None
     while not stop.exists():
@@ -174,15 +172,14 @@ def run_case(size_mb: int, kind: str, n: int, starting: Path, work: Path) -> dic
         for a in agents:
             a.start()
         agg = Aggregator(load_agg(plan["aggregator_toml"]))
-        stop = threading.Event()
-        t = threading.Thread(target=agg.run, args=(stop,), kwargs={"poll": 0.02}, daemon=True)
-        t.start()
+        agg.start()  # stepped below with the devices (its download endpoint has its own threads)
 
         def step_all(until: Any, timeout: float, what: str) -> None:
             deadline = time.monotonic() + timeout
             while not until():
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"timed out waiting for {what}")
+                agg.step(0.0)
                 for a in agents:
                     a.step(0.0)
                 time.sleep(0.005)
@@ -209,8 +206,7 @@ def run_case(size_mb: int, kind: str, n: int, starting: Path, work: Path) -> dic
         (work / "probe.stop").write_text("")
         probe.wait(60)
         mem = json.loads(probe_out.read_text())
-        stop.set()
-        t.join(30)
+        http_bytes = _served_bytes(agg) - served_before
         agg.close()
         for a in agents:
             a.transport.close()
@@ -219,7 +215,7 @@ def run_case(size_mb: int, kind: str, n: int, starting: Path, work: Path) -> dic
             "broker": kind, "devices": n, "model_bytes": size, "seconds": round(seconds, 2),
             "inline": chunks == 0, "chunks": chunks,
             "broker_bytes": len(envelope) * n, "release_message_bytes": len(envelope),
-            "http_bytes": _served_bytes(agg) - served_before,
+            "http_bytes": http_bytes,
             "device_rss_before_mb": round(mem.get("rss_before_mb", 0.0), 1),
             "device_peak_download_mb": round(mem.get("peak_after_download_mb", 0.0)
                                              - mem.get("rss_before_mb", 0.0), 1)
@@ -242,14 +238,15 @@ def markdown(res: dict[str, Any]) -> str:
             "broker | over HTTP | device RSS before | device peak, download | device peak, "
             "installed |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for c in res["cases"]:
+        how = "inline" if c["inline"] else f"{c['chunks']} chunks"
+        dl = c["device_peak_download_mb"]
+        dl_text = "-" if dl is None else f"+{dl:.0f} MB"
         rows.append(
-            f"| {c['model_bytes'] / MB:.0f} MB ({'inline' if c['inline'] else f'{c['chunks']} chunks'}) "
-            f"| {c['broker']} | {c['devices']} | {c['seconds']:.1f} | "
-            f"{1000 * c['seconds'] / c['devices']:.0f} | {c['release_message_bytes'] / MB:.2f} MB "
-            f"| {c['broker_bytes'] / MB:.0f} MB | {c['http_bytes'] / MB:.0f} MB | "
-            f"{c['device_rss_before_mb']:.0f} MB | "
-            f"{'-' if c['device_peak_download_mb'] is None else f'+{c['device_peak_download_mb']:.0f} MB'} "
-            f"| +{c['device_peak_install_mb']:.0f} MB |")
+            f"| {c['model_bytes'] / MB:.0f} MB ({how}) | {c['broker']} | {c['devices']} | "
+            f"{c['seconds']:.1f} | {1000 * c['seconds'] / c['devices']:.0f} | "
+            f"{c['release_message_bytes'] / MB:.2f} MB | {c['broker_bytes'] / MB:.0f} MB | "
+            f"{c['http_bytes'] / MB:.0f} MB | {c['device_rss_before_mb']:.0f} MB | {dl_text} | "
+            f"+{c['device_peak_install_mb']:.0f} MB |")
     return (f"Measured {env['date']} on {env['cpu_model']} ({env['usable_cores']} usable cores), "
             f"`benchmarks/releases.py`. A push of one model to every device of a fresh fleet: "
             "from staging to the last device's `active` report. All devices but one step in one "
@@ -274,13 +271,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return probe_device(*ns.probe_device)
     if ns.quick:
         ns.devices, ns.sizes = 5, [1, 20]
+    from bedside.models import datasets
     from bedside.models.pipeline import export_model
 
     res: dict[str, Any] = {"machine": machine(), "cases": []}
     with tempfile.TemporaryDirectory() as tmp:
         starting = Path(tmp) / "starting"
         log("exporting the starting model")
-        export_model("logreg", "wdbc", starting)
+        export_model(datasets.load("wdbc"), "logreg", starting)
         for size in ns.sizes:
             for kind in ns.brokers:
                 log(f"{size} MB to {ns.devices} devices over {kind}")

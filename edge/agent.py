@@ -32,6 +32,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -330,17 +331,17 @@ class Agent:
         try:
             if not dl.step(0.5):
                 return
-            data = dl.verified_bytes()
+            path = dl.verified_file()
         except IntegrityError as exc:
             self._download = None
             dl.discard()
             self._release_state(dl.rel, "rejected", "integrity", str(exc))
             return
         self._download = None
-        self._install(dl.rel, manifest, data)
-        dl.discard()
+        self._install(dl.rel, manifest, path)  # the file moves into the model's directory
+        dl.discard()  # (if it is still there: a refused install)
 
-    def _install(self, rel: Release, manifest: dict[str, Any], data: bytes) -> None:
+    def _install(self, rel: Release, manifest: dict[str, Any], data: bytes | Path) -> None:
         records = None
         serving = self.models.manifest()
         if serving is not None and self.cfg.agent.quality_tolerance is not None:

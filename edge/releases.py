@@ -215,7 +215,7 @@ class Download:
             raise TransportError(f"chunk {index + 1}: got {len(data)} bytes, expected {want}")
         return data
 
-    def verified_bytes(self) -> bytes:
+    def verified_file(self) -> Path:
         """The whole file, after its sha256 matched the release (streamed, chunk by chunk)."""
         h = hashlib.sha256()
         with open(self.path, "rb") as f:
@@ -225,7 +225,7 @@ class Download:
             self.discard()
             raise IntegrityError(f"release {self.rel.counter}: the downloaded file's sha256 does "
                                  "not match the signed release")
-        return self.path.read_bytes()
+        return self.path
 
     def discard(self) -> None:
         self.path.unlink(missing_ok=True)

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from bedside.constants import MANIFEST_FILE, MODEL_FILE
 from bedside.edge.predictor import Predictor
 from bedside.errors import IntegrityError, ModelError
 from bedside.federation.release import Golden, check_golden
@@ -133,13 +134,14 @@ class ModelManager:
         return verify_model_file(self.root / f"v{m.version}", m)
 
     # -- installing ----------------------------------------------------------------------------
-    def install(self, onnx_bytes: bytes, manifest_dict: dict[str, Any], version: int,
+    def install(self, onnx_bytes: bytes | Path, manifest_dict: dict[str, Any], version: int,
                 records: tuple[np.ndarray, np.ndarray] | None = None,
                 quality_tolerance: float | None = 0.15, golden: Golden | None = None) -> Installed:
         """Verify and keep ``version``; serve it unless the local quality gate says otherwise.
 
         Raises (installing nothing) if the release is not what it claims, fails its self-test or
-        its golden vectors (:class:`Refused`, reason ``golden_vectors``).
+        its golden vectors (:class:`Refused`, reason ``golden_vectors``). ``onnx_bytes`` may be
+        a downloaded file (moved into the staging directory, never held in memory twice).
         """
         m = Manifest.from_dict(manifest_dict, "model release manifest")
         if m.version != version:
@@ -152,13 +154,21 @@ class ModelManager:
                              "rollback')")
         if m.version in self.blocked():
             raise ModelError(f"model v{m.version} was rolled back by an operator; refused")
-        digest = sha256_bytes(onnx_bytes)
+        digest = (sha256_file(onnx_bytes) if isinstance(onnx_bytes, Path)
+                  else sha256_bytes(onnx_bytes))
         if digest != m.sha256:
             raise IntegrityError(f"model v{m.version}: sha256 {digest[:16]}... does not match its "
                                  f"signed manifest ({m.sha256[:16]}...); refused")
         staging = self.root / f".v{m.version}.staging"
         shutil.rmtree(staging, ignore_errors=True)
-        write_model_dir(staging, onnx_bytes, m)
+        if isinstance(onnx_bytes, Path):
+            staging.mkdir(parents=True)
+            size = onnx_bytes.stat().st_size
+            os.replace(onnx_bytes, staging / MODEL_FILE)
+            m.files["model"] = {"path": MODEL_FILE, "sha256": digest, "bytes": size}
+            atomic_write_bytes(staging / MANIFEST_FILE, m.to_json())
+        else:
+            write_model_dir(staging, onnx_bytes, m)
         try:
             candidate = Predictor(staging, threads=self.threads)
             candidate.self_test()  # on the schema's reference rows: nothing from the records
@@ -270,3 +280,13 @@ def run_golden(predictor: Predictor, golden: Golden) -> tuple[str, float]:
         return f"golden vectors: the model failed to run them ({exc})", \
             (time.perf_counter() - t0) * 1000
     return check_golden(golden, probs), (time.perf_counter() - t0) * 1000
+
+
+def sha256_file(path: Path, block: int = 4 * 1024 * 1024) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(block), b""):
+            h.update(chunk)
+    return h.hexdigest()

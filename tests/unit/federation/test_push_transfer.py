@@ -52,7 +52,7 @@ def test_a_cut_download_resumes_and_completes(tmp_path, served):
     assert again.done == 2 and again.path.stat().st_size == 2 * 1024
     while not again.step():
         pass
-    assert again.verified_bytes() == data
+    assert again.verified_file().read_bytes() == data
     assert list((tmp_path / "dl").glob("*.part")) == [again.path]
 
 
