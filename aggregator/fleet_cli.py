@@ -23,9 +23,6 @@ def register(sub: Any) -> None:
     p.add_argument("model", type=Path, metavar="DIR", help="model directory (model.onnx + "
                    "manifest.json, from 'bedside models export' or 'import')")
     _common(p, "--to")
-    p.add_argument("--new-schema", action="store_true",
-                   help="the model's input schema differs from the federation's, on purpose "
-                   "(devices then need records of the new schema to train)")
     p.add_argument("--golden", type=Path, metavar="FILE.json",
                    help="test vectors: {\"inputs\": [[...]], \"outputs\": [[...]], "
                    "\"tolerance\": 1e-4} (default: the schema's reference rows and this model's "
@@ -65,6 +62,9 @@ def _common(p: argparse.ArgumentParser, target_flag: str) -> None:
                    help="during probation: the share of failed checks that rolls back")
     p.add_argument("--max-latency-ms", type=float, default=1000.0, metavar="MS",
                    help="during probation: a check slower than this rolls back")
+    p.add_argument("--new-schema", action="store_true",
+                   help="the model's input schema differs from the federation's, on purpose "
+                   "(devices then need records of the new schema to train)")
     p.add_argument("--wait", action="store_true", help="wait until the service has completed "
                    "or aborted the rollout (exit 1 if aborted or timed out)")
     p.add_argument("--timeout", type=float, default=3600.0, metavar="SECONDS")

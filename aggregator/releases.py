@@ -86,6 +86,10 @@ _RANK = {"downloading": 0, "verified": 1, "active": 2, "rejected": 2, "rolled_ba
 FAILED = ("rejected", "rolled_back")
 DONE = ("active", *FAILED)
 GOLDEN_ROWS = 8
+#: Golden vectors travel in the release's signed header (at most 256 KiB with the manifest):
+#: rows are dropped to keep them within this many bytes of JSON (about 20 per value).
+GOLDEN_BUDGET = 64 * 1024
+GOLDEN_BYTES_PER_VALUE = 20
 _UPDATABLE = frozenset({"status", "counter", "version", "canary", "wave_started_at", "reason"})
 
 
@@ -127,6 +131,11 @@ class ReleaseStore:
                 db.execute(statement)
 
     # -- counter -------------------------------------------------------------------------------
+    def current_counter(self) -> int:
+        """The newest counter signed so far (0: none)."""
+        row = self.db.execute("SELECT counter FROM release_counter WHERE id = 1").fetchone()
+        return int(row[0]) if row else 0
+
     def next_counter(self) -> int:
         with transaction(self.db):
             row = self.db.execute("SELECT counter FROM release_counter WHERE id = 1").fetchone()
@@ -172,10 +181,11 @@ class ReleaseStore:
             self.db.execute(sql, (*fields.values(), now, rollout_id))
 
     def held_back(self) -> set[int]:
-        """Versions that are not the federation's: in canary, aborted, or for some devices."""
+        """Versions that are not the federation's: stored but not yet released (a crash between
+        the two), in canary, aborted, or for some devices only."""
         out = set()
         for r in self.rollouts():
-            if r.version is not None and (r.status in ("canary", "aborted") or not r.everyone):
+            if r.version is not None and (r.status != "complete" or not r.everyone):
                 out.add(r.version)
         return out
 
@@ -240,12 +250,17 @@ def golden_vectors(model_bytes: bytes, manifest: Manifest, n: int = GOLDEN_ROWS,
     from bedside.models.onnx_model import OnnxClassifier
 
     schema = manifest.schema
+    values = int(np.prod(schema.reference_rows(1).shape))  # per row (a window: features x steps)
+    n = max(1, min(n, GOLDEN_BUDGET // (GOLDEN_BYTES_PER_VALUE * values)))
+    if GOLDEN_BYTES_PER_VALUE * values > GOLDEN_BUDGET * 2:
+        raise ModelError(f"one input row has {values} values: too large for golden vectors in a "
+                         "release header")
     rows = schema.reference_rows(n)
     loc, scale = schema.loc_scale()
     lo = np.array([-np.inf if f.min is None else f.min for f in schema.features], np.float32)
     hi = np.array([np.inf if f.max is None else f.max for f in schema.features], np.float32)
     z = np.random.default_rng(0).standard_normal((n - 1, len(loc))).astype(np.float32)
-    spread = np.clip(loc + z * scale, lo, hi).astype(np.float32)
+    spread = np.clip(loc + z * scale, lo, hi).astype(np.float32)[: n - 1]
     if rows.ndim == 3:  # time series: one value per feature, held over the window
         spread = np.repeat(spread[:, :, None], rows.shape[2], axis=2)
     rows[1:] = spread
@@ -309,7 +324,7 @@ def canary_devices(devices: list[str], spec: str | None) -> list[str]:
     try:
         n = (int(np.ceil(len(devices) * float(spec[:-1]) / 100.0)) if spec.endswith("%")
              else int(spec))
-    except ValueError:
+    except (ValueError, OverflowError):
         raise InputError(f"--canary {spec!r}: expected a number of devices or a percentage "
                          "(e.g. 2 or 10%)") from None
     if n < 0:
@@ -334,8 +349,10 @@ class DownloadServer:
 
     def __init__(self, objects: Path, fleet: str, host: str, port: int, chunk_bytes: int, *,
                  cert_file: Path | None = None, key_file: Path | None = None,
-                 ca_file: Path | None = None) -> None:
+                 ca_file: Path | None = None,
+                 allowed: Callable[[str], bool] | None = None) -> None:
         root, fleet_name, size = Path(objects), fleet, chunk_bytes
+        may_serve = allowed or (lambda _sha: True)
         self.bytes_served = 0  # for benchmarks and operators: what left through this endpoint
         counter = self
 
@@ -343,9 +360,11 @@ class DownloadServer:
             server_version = "bedside"
             sys_version = ""
 
+            timeout = CONNECTION_TIMEOUT_S  # a peer that stalls (or never handshakes) is dropped
+
             def do_GET(self) -> None:
                 m = _PATH.match(self.path)
-                if m is None or m.group(1) != fleet_name:
+                if m is None or m.group(1) != fleet_name or not may_serve(m.group(2)):
                     self.send_error(404, "not found")
                     return
                 obj = root / f"{m.group(2)}.onnx"
@@ -370,7 +389,7 @@ class DownloadServer:
             def log_message(self, format: str, *args: Any) -> None:
                 log.debug("download endpoint: " + format, *args)
 
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        self.httpd = _BoundedServer((host, port), Handler)
         self.httpd.daemon_threads = True
         if cert_file is not None and key_file is not None:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -379,7 +398,10 @@ class DownloadServer:
             if ca_file is not None:
                 ctx.load_verify_locations(str(ca_file))
                 ctx.verify_mode = ssl.CERT_REQUIRED
-            self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
+            # the handshake happens in the connection's own thread (on its first read, under
+            # its timeout), never in accept(): a client that never speaks stalls nobody else
+            self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True,
+                                                do_handshake_on_connect=False)
         self.port = int(self.httpd.server_address[1])
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True,
                                         name="bedside-downloads")
@@ -392,6 +414,34 @@ class DownloadServer:
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+CONNECTION_TIMEOUT_S = 30.0
+MAX_CONNECTIONS = 64
+
+
+class _BoundedServer(ThreadingHTTPServer):
+    """At most MAX_CONNECTIONS connections served at once; more are closed at once."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except Exception:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 def copy_model_dir(src: Path, dst: Path) -> None:

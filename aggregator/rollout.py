@@ -8,10 +8,12 @@ report, ``release`` signs the release of a version a round produced. The states 
 
 from __future__ import annotations
 
+import json
 import logging
+import sqlite3
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +30,8 @@ from bedside.aggregator.releases import (
     sign_release,
 )
 from bedside.constants import KIND_REPORT, topic_model, topic_release
-from bedside.errors import BedsideError, InputError, WireError
-from bedside.federation.release import Golden, Probation, Target, parse_target
+from bedside.errors import InputError, WireError
+from bedside.federation.release import Golden, Probation, Release, Target, parse_target
 from bedside.files import private_dir
 from bedside.manifest import Manifest, load_manifest, verify_model_file
 from bedside.models.registry import Registry
@@ -47,6 +49,8 @@ class Rollouts:
         self.cfg, self.store, self.registry, self.key = cfg, store, registry, key
         self.publish, self.clock = publish, clock
         self._waiting: set[int] = set()  # rollouts already logged as waiting
+        self.servable = self._servable()  # sha256s the download endpoint may serve
+        self._notices: set[tuple[str, int, str]] = set()
         self.on_refusal: Callable[[str, str, str], None] | None = None
 
     # -- the federation's version ----------------------------------------------------------------
@@ -79,27 +83,35 @@ class Rollouts:
         """Sign the fleet-wide release of ``version`` (a round's output, or the first version)."""
         m = self.registry.manifest(version)
         data = self.registry.model_bytes(version)
+        try:
+            golden: Golden | None = golden_vectors(data, m)
+        except Exception as exc:  # devices still self-test it on the schema's reference rows
+            log.error("model v%d: no golden vectors (%s: %s); released without them", version,
+                      type(exc).__name__, exc)
+            golden = None
         rel = make_release(counter=self.store.next_counter(), manifest=m, model_bytes=data,
                            origin=origin, target=Target("all", None),
                            max_message_bytes=self.cfg.releases.max_message_bytes,
                            chunk_bytes=self.cfg.releases.chunk_bytes, url=self.url,
-                           golden=golden_vectors(data, m))
+                           golden=golden)
+        self.servable.add(rel.sha256)
         return sign_release(self.key, self.cfg.fleet, rel, m, data, round_id)
-
-    def fleet_counter(self) -> int | None:
-        """The counter of the fleet-wide release in force (the base version's)."""
-        base = self.base_version()
-        envelope = self.registry.release(base) if base is not None else None
-        if envelope is None:
-            return None
-        release = peek(envelope).meta.get("release")
-        return int(release["counter"]) if isinstance(release, dict) else None
 
     # -- reports -----------------------------------------------------------------------------------
     def on_report(self, device: str, payload: bytes, devices: KeyRing) -> None:
-        """A device's signed report on a release (its topic must name its signer)."""
+        """A device's signed report on a release (its topic must name its signer). Nothing in
+        it can stop the service: bad reports are logged and dropped."""
         try:
-            env = decode(payload, devices, kinds={KIND_REPORT}, expected={})
+            self._on_report(device, payload, devices)
+        except (sqlite3.Error, OSError):
+            raise  # our storage: the message is redelivered once it works again
+        except Exception:
+            log.exception("release report from %s could not be handled; dropped", device)
+
+    def _on_report(self, device: str, payload: bytes, devices: KeyRing) -> None:
+        try:
+            env = decode(payload, devices, kinds={KIND_REPORT}, expected={},
+                         max_bytes=MAX_REPORT_BYTES)
         except WireError as exc:
             log.warning("release report on %s rejected: %s (%s)", device, exc.reason, exc)
             return
@@ -108,24 +120,31 @@ class Rollouts:
             log.warning("release report from %s on %s's topic (or another fleet) rejected",
                         env.header.sender, device)
             return
-        try:
-            counter, state = int(meta["counter"]), str(meta["state"])
-            version = int(meta.get("version", env.header.model_version))
-        except (KeyError, TypeError, ValueError):
-            log.warning("release report from %s unreadable; ignored", device)
+        counter, version, state = meta.get("counter"), meta.get("version",
+                                                             env.header.model_version), \
+            meta.get("state")
+        issued = self.store.current_counter()
+        if not (_small_int(counter) and _small_int(version) and isinstance(state, str)
+                and counter <= issued):
+            log.warning("release report from %s names no release this aggregator signed "
+                        "(counter %r); ignored", device, counter)
             return
-        reason, detail = str(meta.get("reason", ""))[:64], str(meta.get("detail", ""))
-        if meta.get("refusal"):  # an old or replayed release refused: a notice, not a state
-            if (meta.get("reason") == "older_counter"
-                    and counter == self.fleet_counter() and counter):
-                # the fleet's retained release, older than a targeted one the device runs
-                log.debug("%s passed over the fleet release %d (it runs a newer one)", device,
-                          counter)
-                return
-            log.warning("%s refused a release with counter %d (v%d): %s: %s", device, counter,
-                        version, reason, detail[:200])
+        assert isinstance(counter, int) and isinstance(version, int)
+        reason, detail = str(meta.get("reason", ""))[:64], str(meta.get("detail", ""))[:300]
+        if meta.get("refusal"):  # a release refused before it was judged: a notice
+            key = (device, counter, reason)
+            if key in self._notices:
+                return  # once per device, release and reason (e.g. a stale retained copy)
+            if len(self._notices) < 100_000:
+                self._notices.add(key)
+            if reason == "older_counter" and counter:
+                # one of ours that the device had passed: a stale retained copy, or a replay
+                log.info("%s refused release %d as older than what it runs", device, counter)
+            else:
+                log.warning("%s refused a release (counter %d): %s: %s", device, counter,
+                            reason, detail)
             if self.on_refusal is not None:
-                self.on_refusal(device, reason, f"release {counter}: {detail[:200]}")
+                self.on_refusal(device, reason, f"release {counter}: {detail}")
             return
         if self.store.report(device, counter, version, state, reason, detail, self.clock()):
             level = logging.WARNING if state in FAILED else logging.INFO
@@ -146,7 +165,9 @@ class Rollouts:
         return changed
 
     def _blocked(self, r: Rollout, round_open: bool) -> bool:
-        other = [o for o in self.store.rollouts(("canary",)) if o.everyone or r.everyone]
+        """Rollouts run one at a time (their retained per-device releases and their counters
+        stay in order); a fleet-wide one also waits for the open round to close."""
+        other = [o for o in self.store.rollouts(("canary",)) if o.id != r.id]
         why = ("a round is open" if r.everyone and round_open else
                f"rollout {other[0].id} is in canary" if other else "")
         if why and r.id not in self._waiting:
@@ -155,40 +176,47 @@ class Rollouts:
         return bool(why)
 
     def _start(self, r: Rollout, enrolled: list[str]) -> bool:
+        """Store the version, sign its release (for the canary devices alone, if there is a
+        canary) and send it. Any failure aborts the rollout with its reason; the service goes
+        on."""
         now = self.clock()
+        version = r.version
         try:
             m, data = self._materialize(r)
-        except BedsideError as exc:
-            log.error("rollout %d aborted before release: %s", r.id, exc)
-            self.store.update(r.id, now, status="aborted", reason=str(exc))
-            return False
-        p = r.params
-        golden = Golden.from_meta(p["golden"]) if p.get("golden") else golden_vectors(data, m)
-        try:
+            version = m.version
+            p = r.params
+            golden = (Golden.from_meta(p["golden"]) if p.get("golden")
+                      else golden_vectors(data, m))
+            targets = enrolled if r.target.devices is None else list(r.target.devices)
+            canary = canary_devices(targets, p.get("canary"))
+            wave = canary if canary and len(canary) < len(targets) else []
+            # a canary's release names the canary devices only: whoever relays it elsewhere
+            # (a broker, a replay) cannot widen it
+            target = Target(f"{r.target.spec} (canary)", tuple(wave)) if wave else r.target
             rel = make_release(
                 counter=self.store.next_counter(), manifest=m, model_bytes=data, origin=r.origin,
-                target=r.target, max_message_bytes=self.cfg.releases.max_message_bytes,
+                target=target, max_message_bytes=self.cfg.releases.max_message_bytes,
                 chunk_bytes=self.cfg.releases.chunk_bytes, url=self.url, golden=golden,
                 probation=Probation.from_meta(p.get("probation", {})),
                 min_agent_version=str(p.get("min_agent_version", "")),
                 new_schema=bool(p.get("new_schema")), pushed_by=str(p.get("pushed_by", "")))
-        except BedsideError as exc:
-            log.error("rollout %d aborted: %s", r.id, exc)
-            self.store.update(r.id, now, status="aborted", reason=str(exc), version=m.version)
+            envelope = sign_release(self.key, self.cfg.fleet, rel, m, data)
+        except Exception as exc:  # a bad model or release must not stop the service
+            log.exception("rollout %d aborted before release", r.id)
+            self.store.update(r.id, now, status="aborted", version=version,
+                              reason=f"{type(exc).__name__}: {exc}")
             return False
-        envelope = sign_release(self.key, self.cfg.fleet, rel, m, data)
-        self.registry.put_release(m.version, envelope)
-        targets = enrolled if r.target.devices is None else list(r.target.devices)
-        canary = canary_devices(targets, p.get("canary"))
+        self.servable.add(rel.sha256)
         self.store.update(r.id, now, counter=rel.counter, version=m.version)
-        if canary and len(canary) < len(targets):
-            for d in canary:
+        if wave:
+            self.registry.put_release(m.version, envelope)  # the wave's: re-signed when it passes
+            for d in wave:
                 self.publish(topic_release(self.cfg.fleet, d), envelope, True)
-            self.store.update(r.id, now, status="canary", canary=canary, wave_started_at=now)
+            self.store.update(r.id, now, status="canary", canary=wave, wave_started_at=now)
             log.info("rollout %d: release %d (v%d) to %d canary device(s) of %d: %s", r.id,
-                     rel.counter, m.version, len(canary), len(targets), ", ".join(canary))
+                     rel.counter, m.version, len(wave), len(targets), ", ".join(wave))
             return False
-        return self._complete(r.id, rel.counter, m.version, r.target, targets, envelope)
+        return self._complete(r.id, rel, m, envelope, targets)
 
     def _materialize(self, r: Rollout) -> tuple[Manifest, bytes]:
         """Store the rollout's model as the next version (once: a restart finds it stored)."""
@@ -218,7 +246,8 @@ class Rollouts:
         return self.registry.manifest(m.version), data
 
     def _advance(self, r: Rollout, enrolled: list[str]) -> bool:
-        """A canary wave: proceed, abort, or keep waiting."""
+        """A canary wave: proceed, abort, or keep waiting. At the wave's timeout a canary
+        device that has not reported counts as failed (a model that crashed it cannot say)."""
         now = self.clock()
         assert r.counter is not None and r.version is not None and r.wave_started_at is not None
         reports = {x["device"]: x for x in self.store.reports(r.counter)}
@@ -228,37 +257,80 @@ class Rollouts:
         timed_out = now >= r.wave_started_at + probation + self.cfg.releases.wave_timeout_seconds
         if len(done) < len(r.canary) and not timed_out:
             return False
+        silent = [d for d in r.canary if d not in done]
         threshold = float(r.params.get("abort_on_failure_rate", 0.0))
-        rate = len(failed) / len(done) if done else 1.0
-        if not done or rate > threshold:
-            why = (f"no canary device reported within {now - r.wave_started_at:.0f} s" if not done
-                   else f"canary failure rate {rate:.2f} > {threshold:.2f} ("
-                   + ", ".join(f"{d}: {reports[d]['reason'] or reports[d]['state']}"
-                               for d in failed) + ")")
+        rate = (len(failed) + len(silent)) / len(r.canary)
+        if rate > threshold:
+            why = (f"canary failure rate {rate:.2f} > {threshold:.2f} ("
+                   + ", ".join([f"{d}: {reports[d]['reason'] or reports[d]['state']}"
+                                for d in failed]
+                               + [f"{d}: no report within {now - r.wave_started_at:.0f} s"
+                                  for d in silent]) + ")")
             self.store.update(r.id, now, status="aborted", reason=why)
+            self._unserve(r.version)
             log.error("rollout %d (release %d, v%d) aborted: %s; the rest of %s never sees it",
                       r.id, r.counter, r.version, why, r.target.spec)
             return False
-        envelope = self.registry.release(r.version)
-        assert envelope is not None
+        log.info("rollout %d: canary passed (failure rate %.2f <= %.2f); releasing to %s", r.id,
+                 rate, threshold, r.target.spec)
+        try:
+            m = self.registry.manifest(r.version)
+            data = self.registry.model_bytes(r.version)
+            canary_release = self.registry.release(r.version)
+            assert canary_release is not None
+            # signed again for the whole target, with a fresh counter (rounds may have released
+            # versions meanwhile): the canary devices see the version they run, and keep it
+            rel = replace(Release.from_meta(peek(canary_release).meta["release"]),
+                          counter=self.store.next_counter(), target=r.target)
+            envelope = sign_release(self.key, self.cfg.fleet, rel, m, data)
+        except Exception as exc:
+            log.exception("rollout %d aborted after its canary", r.id)
+            self.store.update(r.id, now, status="aborted", reason=f"{type(exc).__name__}: {exc}")
+            return False
+        self.store.update(r.id, now, counter=rel.counter)
         targets = enrolled if r.target.devices is None else list(r.target.devices)
-        log.info("rollout %d: canary passed (%d/%d done, failure rate %.2f <= %.2f); releasing "
-                 "to the rest of %s", r.id, len(done), len(r.canary), rate, threshold,
-                 r.target.spec)
-        return self._complete(r.id, r.counter, r.version, r.target,
-                              [d for d in targets if d not in r.canary], envelope)
+        return self._complete(r.id, rel, m, envelope, targets)
 
-    def _complete(self, rollout_id: int, counter: int, version: int, target: Target,
-                  devices: list[str], envelope: bytes) -> bool:
-        if target.everyone:  # one retained message for the fleet, also for devices enrolled later
+    def _complete(self, rollout_id: int, rel: Release, m: Manifest, envelope: bytes,
+                  devices: list[str]) -> bool:
+        self.registry.put_release(m.version, envelope)
+        if rel.target.everyone:  # one retained message for the fleet, also for later devices
             self.publish(topic_model(self.cfg.fleet), envelope, True)
+            self.clear_device_topics()
         else:
             for d in devices:
                 self.publish(topic_release(self.cfg.fleet, d), envelope, True)
         self.store.update(rollout_id, self.clock(), status="complete")
-        log.info("rollout %d: release %d (v%d) sent to %s", rollout_id, counter, version,
-                 target.spec)
-        return target.everyone
+        log.info("rollout %d: release %d (v%d) sent to %s", rollout_id, rel.counter, m.version,
+                 rel.target.spec)
+        return rel.target.everyone
+
+    def clear_device_topics(self) -> None:
+        """A fleet-wide release supersedes every per-device one: clear their retained copies,
+        so that devices reconnecting later are not handed an older release."""
+        devices: set[str] = set()
+        for r in self.store.rollouts():
+            devices.update(r.canary)
+            if r.target.devices is not None and r.status in ("canary", "complete"):
+                devices.update(r.target.devices)
+        for d in sorted(devices):
+            self.publish(topic_release(self.cfg.fleet, d), b"", True)
+
+    # -- what the download endpoint serves ------------------------------------------------------
+    def _servable(self) -> set[str]:
+        """Model files devices may download: every version except aborted rollouts'."""
+        aborted = {r.version for r in self.store.rollouts(("aborted",))}
+        out = set()
+        for v in self.registry.versions():
+            if v not in aborted:
+                out.add(self.registry.manifest(v).sha256)
+        return out
+
+    def _unserve(self, version: int) -> None:
+        sha = self.registry.manifest(version).sha256
+        if not any(self.registry.manifest(v).sha256 == sha for v in self.registry.versions()
+                   if v != version and v not in self.store.held_back()):
+            self.servable.discard(sha)
 
 
 def status(store: ReleaseStore, enrolled: list[str]) -> dict[str, Any]:
@@ -284,6 +356,13 @@ def status(store: ReleaseStore, enrolled: list[str]) -> dict[str, Any]:
                         "reason": rep["reason"] if rep else "",
                         "at": rep["at"] if rep else None})
     return {"devices": devices, "rollouts": rollouts}
+
+
+MAX_REPORT_BYTES = 16 * 1024
+
+
+def _small_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**53
 
 
 def base_version(registry: Registry, store: ReleaseStore) -> int | None:
@@ -334,29 +413,14 @@ def stage_push(cfg: AggregatorConfig, store: ReleaseStore, registry: Registry, m
     if base is None:
         raise InputError(f"registry {registry.root} is empty: start the aggregator service once "
                          "(it imports initial_model) before pushing models")
-    current = registry.manifest(base).schema
-    if m.schema.fingerprint() != current.fingerprint() and not opts.new_schema:
-        raise InputError(
-            f"{model_dir}: its input schema ({len(m.schema.features)} features, labels "
-            f"{list(m.schema.labels)}) differs from the federation's (v{base}: "
-            f"{len(current.features)} features, labels {list(current.labels)}); devices hold "
-            "records of the current one. Push with --new-schema if this is meant")
+    _check_schema(registry, store, m, str(model_dir), opts.new_schema)
     target = _target(cfg, opts.to)
-    if golden is not None:
-        from bedside.federation.release import check_golden
-        from bedside.models.onnx_model import OnnxClassifier
-
-        clf = OnnxClassifier(data, m.output, m.schema.labels, where=str(model_dir))
-        why = check_golden(golden, clf.probabilities(m.schema.validate(golden.inputs)))
-        if why:
-            raise InputError(f"{model_dir}: {why} on this machine already; fix the golden "
-                             "vectors or the model before pushing")
+    golden = _checked_golden(model_dir, m, data, golden)
     staged = cfg.staged_path / f"{m.sha256[:16]}-{int(time.time() * 1000)}"
     private_dir(cfg.staged_path)
     copy_model_dir(model_dir, staged)
-    params = {**_params(opts, target), "staged": str(staged), "source": str(model_dir)}
-    if golden is not None:
-        params["golden"] = golden.to_meta()
+    params = {**_params(opts, target), "staged": str(staged), "source": str(model_dir),
+              "golden": golden.to_meta()}
     rid = store.stage("push", target, params)
     log.info("rollout %d staged: %s v%d (%s) to %s", rid, m.name, m.version, m.sha256[:12],
              target.spec)
@@ -372,9 +436,52 @@ def stage_rollback(cfg: AggregatorConfig, store: ReleaseStore, registry: Registr
         have = registry.versions()
         raise InputError(f"registry {registry.root}: no version {version} to roll back to (it "
                          f"holds {f'{have[0]}..{have[-1]}' if have else 'none'})")
+    m = registry.manifest(version)
     registry.model_bytes(version)  # verified now, not when the service gets to it
+    _check_schema(registry, store, m, f"version {version}", opts.new_schema)
     target = _target(cfg, opts.to)
     return store.stage("rollback", target, {**_params(opts, target), "source_version": version})
+
+
+def _check_schema(registry: Registry, store: ReleaseStore, m: Manifest, what: str,
+                  new_schema: bool) -> None:
+    base = base_version(registry, store)
+    assert base is not None
+    current = registry.manifest(base).schema
+    if m.schema.fingerprint() != current.fingerprint() and not new_schema:
+        raise InputError(
+            f"{what}: its input schema ({len(m.schema.features)} features, labels "
+            f"{list(m.schema.labels)}) differs from the federation's (v{base}: "
+            f"{len(current.features)} features, labels {list(current.labels)}); devices hold "
+            "records of the current one. Use --new-schema if this is meant")
+
+
+def _checked_golden(model_dir: Path, m: Manifest, data: bytes, golden: Golden | None) -> Golden:
+    """The release's golden vectors (the given ones, or this model's outputs on rows from its
+    schema), run here first: a model that fails them, or fails to run, is refused now rather
+    than on the devices; and they must fit in a release's signed header."""
+    from bedside.constants import MAX_HEADER_BYTES
+    from bedside.federation.release import check_golden
+    from bedside.models.onnx_model import OnnxClassifier
+
+    try:
+        if golden is None:
+            golden = golden_vectors(data, m)
+        clf = OnnxClassifier(data, m.output, m.schema.labels, where=str(model_dir))
+        why = check_golden(golden, clf.probabilities(m.schema.validate(golden.inputs)))
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(f"{model_dir}: the model does not run on its golden vectors ({exc})") \
+            from None
+    if why:
+        raise InputError(f"{model_dir}: {why} on this machine already; fix the golden vectors or "
+                         "the model before pushing")
+    size = len(json.dumps(golden.to_meta())) + len(m.to_json())
+    if size > MAX_HEADER_BYTES * 3 // 4:
+        raise InputError(f"{model_dir}: the golden vectors and manifest take {size} bytes; a "
+                         f"release header holds at most {MAX_HEADER_BYTES}: give fewer rows")
+    return golden
 
 
 def _target(cfg: AggregatorConfig, spec: str) -> Target:

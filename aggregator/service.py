@@ -213,7 +213,7 @@ class Aggregator:
             self.downloads = DownloadServer(
                 self.registry.root / "objects", self.cfg.fleet, rc.http_host, rc.http_port,
                 rc.chunk_bytes, cert_file=rc.cert_file, key_file=rc.key_file,
-                ca_file=rc.ca_file).start()
+                ca_file=rc.ca_file, allowed=lambda sha: sha in self.rollouts.servable).start()
         self.transport.subscribe(topic_updates_all(self.cfg.fleet), qos=1)
         self.transport.subscribe(topic_reports_all(self.cfg.fleet), qos=1)
         base = self.rollouts.base_version()
@@ -356,7 +356,7 @@ class Aggregator:
         if msg.topic == topic_report(self.cfg.fleet, device):
             try:
                 self.rollouts.on_report(device, msg.payload, self.devices)
-            except (sqlite3.Error, OSError):
+            except (sqlite3.Error, OSError):  # our storage: not acknowledged, redelivered
                 log.exception("could not record a release report from %s", device)
                 raise
             msg.ack()
@@ -644,6 +644,7 @@ class Aggregator:
             release = self.registry.release(version)
             assert release is not None
             self._publish(topic_model(self.cfg.fleet), release, retain=True)
+            self.rollouts.clear_device_topics()
         body = {"state": "round_closed", "status": status, "model_version":
                 self.registry.latest(), "time": self.clock(), **result}
         self._status(body)

@@ -133,7 +133,7 @@ def probe_device(toml: str, out: str) -> int:
         figures["peak_after_download_mb"] = _peak_hwm_mb()
         return real(self)
 
-    releases.Download.verified_file = at_end_of_transfer  # type: ignore[method-assign]
+    releases.Download.verified_file = at_end_of_transfer
     stop = Path(out).with_suffix(".stop")
     base_version = None
     while not stop.exists():
@@ -161,6 +161,7 @@ def run_case(size_mb: int, kind: str, n: int, starting: Path, work: Path) -> dic
 
     broker = (start_mosquitto(work / "mosquitto", [f"device-{i:03d}" for i in range(n)],
                               fleet=FLEET) if kind == "mosquitto" else start_embedded())
+    probe = None
     try:
         plan = prepare(work, n, broker, starting)
         devices = plan["devices"]
@@ -210,7 +211,9 @@ def run_case(size_mb: int, kind: str, n: int, starting: Path, work: Path) -> dic
         agg.close()
         for a in agents:
             a.transport.close()
+            a.close()
         agg.transport.close()
+        agg.state.close()
         return {
             "broker": kind, "devices": n, "model_bytes": size, "seconds": round(seconds, 2),
             "inline": chunks == 0, "chunks": chunks,
@@ -225,6 +228,8 @@ def run_case(size_mb: int, kind: str, n: int, starting: Path, work: Path) -> dic
             "load_average_end": load_average(),
         }
     finally:
+        if probe is not None and probe.poll() is None:
+            probe.kill()
         broker.stop()
 
 
@@ -271,6 +276,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return probe_device(*ns.probe_device)
     if ns.quick:
         ns.devices, ns.sizes = 5, [1, 20]
+    # every device holds a socket and three SQLite files in this process
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536)), hard))
     from bedside.models import datasets
     from bedside.models.pipeline import export_model
 

@@ -160,7 +160,10 @@ class Agent:
             return {"error": str(exc)}
 
     def close(self) -> None:
-        """Close the device's databases (the transport is its owner's)."""
+        """Stop a download and close the device's databases (the transport is its owner's)."""
+        if self._download is not None:
+            self._download[0].stop()
+            self._download = None
         for db in (self._ledger, self.store, self.state):
             if db is not None:
                 db.close()
@@ -209,6 +212,8 @@ class Agent:
             if msg.topic in (topic_model(f), topic_release(f, self.cfg.device_id)):
                 self._refusal_notice(0, 0, exc.reason, f"a model release that failed "
                                      f"verification: {exc}")
+        except Exception:  # a retained message must not crash the agent at every start
+            log.exception("message on %s could not be handled; ignored", msg.topic)
         msg.ack()
 
     # -- models ----------------------------------------------------------------------------------
@@ -252,6 +257,12 @@ class Agent:
         problem = self._check_release(rel, version, manifest)
         if problem:
             self._release_state(rel, "rejected", *problem)
+            return
+        have = self.models.manifest(rel.version)
+        if have is not None and have.sha256 == rel.sha256:
+            # the version it has (a canary re-signed for the whole target, or an install that
+            # a crash interrupted before it was recorded): nothing to fetch
+            self._release_state(rel, "active", "", "installed already")
             return
         assert isinstance(manifest, dict)
         onnx = env.tensors.get("onnx")
@@ -307,30 +318,47 @@ class Agent:
         return None
 
     def _start_download(self, rel: Release, meta: dict[str, Any]) -> None:
-        from bedside.edge.releases import Download, client_context
+        import ssl
 
-        if self._download is not None and self._download[0].rel.counter != rel.counter:
-            old = self._download[0].rel
-            self._release_state(old, "rejected", "superseded",
+        from bedside.edge.releases import Download, check_url, client_context
+
+        if self._download is not None:
+            old = self._download[0]
+            if old.rel.counter == rel.counter:
+                return
+            old.stop()
+            self._download = None
+            self._release_state(old.rel, "rejected", "superseded",
                                 f"release {rel.counter} arrived before the download finished")
         m = self.cfg.mqtt
+        try:
+            check_url(rel.url)
+        except TransportError as exc:  # where the release says to download from: refused
+            self._release_state(rel, "rejected", "download", str(exc))
+            return
         try:
             ctx = (client_context(m.ca_file, m.cert_file, m.key_file)
                    if rel.url.startswith("https:") else None)
             dl = Download(self.models.root / ".downloads", rel, self.cfg.fleet, ctx)
-        except (BedsideError, OSError) as exc:
-            self._release_state(rel, "rejected", "download", str(exc))
+        except (BedsideError, OSError, ssl.SSLError) as exc:
+            # e.g. an unreadable certificate or a full disk: not the release's fault; the
+            # retained release is delivered again at the next (re)connection
+            log.error("release %d: cannot start its download: %s", rel.counter, exc)
             return
-        self._download = (dl, dict(meta["manifest"]))
-        self._release_state(rel, "downloading", "", f"{rel.size} bytes in {dl.total} chunk(s)")
+        self._download = (dl.start(), dict(meta["manifest"]))
+        if self.releases.get(rel.counter) is None:
+            self._release_state(rel, "downloading", "",
+                                f"{rel.size} bytes in {dl.total} chunk(s)")
 
     def _advance_download(self) -> None:
         if self._download is None:
             return
         dl, manifest = self._download
+        if not dl.finished:
+            return
         try:
-            if not dl.step(0.5):
-                return
+            if dl.error is not None:
+                raise dl.error
             path = dl.verified_file()
         except IntegrityError as exc:
             self._download = None

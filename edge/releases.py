@@ -22,6 +22,7 @@ import hashlib
 import logging
 import os
 import ssl
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -125,8 +126,16 @@ def client_context(ca_file: Path | None, cert_file: Path | None,
     return ctx
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Chunks come from the URL the release names, never from where a response redirects."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
 class Download:
-    """One release's chunked download (resumable; memory bounded by one chunk)."""
+    """One release's chunked download (resumable; memory bounded by one chunk), fetched on its
+    own thread (:meth:`start`) so that a slow or stalled endpoint never holds up the agent."""
 
     def __init__(self, directory: Path, rel: Release, fleet: str,
                  context: ssl.SSLContext | None = None, timeout: float = 30.0) -> None:
@@ -138,9 +147,45 @@ class Download:
             if other != self.path:
                 other.unlink(missing_ok=True)
         self.total = n_chunks(rel.size, rel.chunk_bytes)
-        self.bad = 0
+        self.bad = 0  # digest failures of the chunk being fetched
         self.next_attempt = 0.0
         self.done = self._resume()
+        self.error: IntegrityError | None = None  # set by the background thread
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        handlers: list[Any] = [_NoRedirect()]
+        if context is not None:
+            handlers.append(urllib.request.HTTPSHandler(context=context))
+        self._opener = urllib.request.build_opener(*handlers)
+
+    # -- in the background (the agent's loop only looks at the outcome) ---------------------------
+    def start(self) -> Download:
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"download-{self.rel.counter}")
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set() and not self.complete:
+            try:
+                self.step(budget_seconds=5.0)
+            except IntegrityError as exc:
+                self.error = exc
+                return
+            wait = self.next_attempt - time.monotonic()
+            if wait > 0:
+                self._stop.wait(wait)
+
+    @property
+    def finished(self) -> bool:
+        """Complete, or failed for good (``error``): the agent may take over."""
+        return self.error is not None or (self.complete and (
+            self._thread is None or not self._thread.is_alive()))
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.timeout + 5)
 
     def _resume(self) -> int:
         """Keep the verified whole chunks of an earlier attempt; cut the rest."""
@@ -193,12 +238,21 @@ class Download:
                 if self.bad >= MAX_BAD_CHUNKS:
                     raise IntegrityError(f"chunk {self.done + 1} of release {self.rel.counter} "
                                          f"failed its signed digest {self.bad} times")
-                continue
-            with open(self.path, "ab") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+                self.next_attempt = time.monotonic() + 2.0 * self.bad
+                return False
+            try:
+                with open(self.path, "ab") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as exc:  # e.g. a full disk: keep what was verified, try again later
+                self.next_attempt = time.monotonic() + 10.0
+                log.warning("release %d: cannot write chunk %d (%s); retrying", self.rel.counter,
+                            self.done + 1, exc)
+                self.done = self._resume()
+                return False
             self.done += 1
+            self.bad = 0
         return self.complete
 
     def _fetch(self, index: int) -> bytes:
@@ -206,8 +260,7 @@ class Download:
         url = self.chunk_url(index)  # https, or http on loopback: check_url at start
         req = urllib.request.Request(url, method="GET")  # noqa: S310
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout,  # noqa: S310
-                                        context=self.context) as resp:
+            with self._opener.open(req, timeout=self.timeout) as resp:
                 data = bytes(resp.read(self.rel.chunk_bytes + 1))
         except (urllib.error.URLError, OSError, ValueError) as exc:
             raise TransportError(str(getattr(exc, "reason", exc))) from None

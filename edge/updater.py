@@ -149,11 +149,12 @@ class ModelManager:
                                  f"{m.version}; refused")
         latest = self.latest_version()
         if latest is not None and m.version <= latest:
-            raise ModelError(f"model v{m.version} is not newer than v{latest} on this device; "
-                             "refused (no downgrades over the network; use 'bedside edge "
-                             "rollback')")
+            raise Refused("older_version", f"model v{m.version} is not newer than v{latest} on "
+                          "this device; refused (no downgrades over the network: an operator "
+                          "rolls back with 'bedside models rollback')")
         if m.version in self.blocked():
-            raise ModelError(f"model v{m.version} was rolled back by an operator; refused")
+            raise Refused("blocked", f"model v{m.version} was rolled back on this device; "
+                          "refused")
         digest = (sha256_file(onnx_bytes) if isinstance(onnx_bytes, Path)
                   else sha256_bytes(onnx_bytes))
         if digest != m.sha256:

@@ -40,6 +40,8 @@ from bedside.wire.signing import validate_device_id, validate_id
 
 #: Default slice of a chunked download (and the most a device holds of it in memory at once).
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
+#: The longest probation a release may ask for (a fleet-wide one holds rounds back meanwhile).
+MAX_PROBATION_S = 7 * 24 * 3600
 #: Release states a device reports (``report`` messages and its status).
 STATES = ("downloading", "verified", "active", "rejected", "rolled_back")
 
@@ -180,6 +182,9 @@ class Probation:
             v = getattr(self, name)
             if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0):
                 raise _bad(f"release: probation {name} must be a number >= 0")
+        if self.seconds > MAX_PROBATION_S:
+            raise _bad(f"release: probation of {self.seconds:g} s is longer than "
+                       f"{MAX_PROBATION_S} s (7 days)")
         if self.max_error_rate > 1:
             raise _bad("release: probation max_error_rate must be <= 1")
 

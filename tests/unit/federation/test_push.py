@@ -235,3 +235,112 @@ def test_the_release_store_ignores_stale_reports(tmp_path):
     assert store.report("d", 1, 1, "rolled_back", "probation", "", 3.0)
     assert not store.report("d", 1, 1, "bogus", "", "", 4.0)
     assert store.devices()["d"]["state"] == "rolled_back"
+
+
+def test_a_canary_release_names_only_the_canary(fleet, tmp_path):
+    """Relayed elsewhere (a broker, a replay), a canary's release widens nothing, and the
+    endpoint stops serving an aborted model."""
+    from bedside.wire.envelope import peek
+
+    cfg, store, registry = stores(fleet.aggregator)
+    src = other_model(registry.path(2), tmp_path / "m", 0.5)
+    rid = stage_push(cfg, store, registry, src, PushOptions(canary="1"))
+    _set_params(store, rid, golden=_wrong_golden(src).to_meta())
+    drive(fleet)
+    r = store.get(rid)
+    assert r.status == "aborted"
+    canary_release = registry.release(r.version)
+    assert peek(canary_release).meta["release"]["devices"] == list(r.canary)
+    fleet.broker.publish(topic_model("demo"), canary_release, retain=False)
+    drive(fleet, steps=3)
+    assert _versions(fleet) == [2, 2, 2]
+    others = [a for a in fleet.agents if a.cfg.device_id not in r.canary]
+    assert all(a.releases.get(r.counter) is None for a in others)
+    assert load_manifest(src).sha256 not in fleet.aggregator.rollouts.servable
+
+
+def test_a_silent_canary_counts_as_failed(fleet, tmp_path):
+    fleet.aggregator.cfg.releases.__dict__["wave_timeout_seconds"] = 10.0
+    rid, _ = _push(fleet, tmp_path, canary="1")
+    fleet.aggregator.step(0.0)  # the canary release goes out; nobody answers
+    r = fleet.aggregator.rollouts.store.get(rid)
+    assert r.status == "canary"
+    fleet.clock.advance(11.0)
+    fleet.aggregator.step(0.0)
+    r = fleet.aggregator.rollouts.store.get(rid)
+    assert r.status == "aborted" and "no report within" in r.reason
+
+
+def test_a_crash_between_storing_and_releasing_leaves_the_base_alone(fleet, tmp_path):
+    agg = fleet.aggregator
+    rid, _ = _push(fleet, tmp_path)
+    agg.rollouts._materialize(agg.rollouts.store.get(rid))  # stored as v3, then the crash
+    assert agg.registry.latest() == 3
+    agg.state.close()
+    fleet.aggregator = fleet.new_aggregator()
+    fleet.aggregator.start()  # the restart must not release v3 as the fleet's model
+    assert fleet.aggregator.rollouts.base_version() == 2
+    drive(fleet)  # the rollout then goes on as staged
+    assert fleet.aggregator.rollouts.store.get(rid).status == "complete"
+    assert _versions(fleet) == [3, 3, 3]
+
+
+def test_a_release_that_cannot_be_signed_aborts_its_rollout_not_the_service(fleet, tmp_path):
+    cfg, store, registry = stores(fleet.aggregator)
+    rid, src = _push(fleet, tmp_path)
+    m = load_manifest(src)
+    right = golden_vectors(verify_model_file(src, m), m)
+    huge = Golden(np.repeat(right.inputs, 3000, axis=0), np.repeat(right.outputs, 3000, axis=0))
+    _set_params(store, rid, golden=huge.to_meta())  # far beyond a release's header
+    drive(fleet, steps=3)
+    r = store.get(rid)
+    assert r.status == "aborted" and "TooLargeError" in r.reason
+    assert fleet.aggregator.rollouts.base_version() == 2
+    assert fleet.aggregator.step(0.0) is not None  # the service goes on
+    with pytest.raises(InputError, match="release header"):  # the push command says so first
+        stage_push(cfg, store, registry, src, PushOptions(), huge)
+
+
+def test_reports_out_of_range_do_not_stop_the_service(fleet):
+    from bedside.constants import KIND_REPORT, topic_report
+    from bedside.wire.envelope import encode
+    from bedside.wire.signing import SigningKey
+
+    a = fleet.agents[0]
+    for counter in (2**70, -1, "7", 10**6):
+        msg = encode(KIND_REPORT, a.cfg.device_id, a.key, {}, round=0, model_version=1,
+                     meta={"fleet": "demo", "counter": counter, "state": "active"})
+        fleet.broker.publish(topic_report("demo", a.cfg.device_id), msg, retain=False)
+    forged = encode(KIND_REPORT, a.cfg.device_id, SigningKey.generate(), {}, round=0,
+                    model_version=1, meta={"fleet": "demo", "counter": 1, "state": "rejected"})
+    fleet.broker.publish(topic_report("demo", a.cfg.device_id), forged, retain=False)
+    fleet.aggregator.step(0.0)
+    assert not any(r["counter"] > 2 for r in fleet.aggregator.rollouts.store.reports())
+    assert fleet.aggregator.rollouts.store.reports(1)[0]["state"] == "active"
+
+
+def test_rollback_checks_the_schema(fleet, tmp_path):
+    cfg, store, registry = stores(fleet.aggregator)
+    src = other_model(registry.path(2), tmp_path / "m")
+    mf = json.loads((src / "manifest.json").read_text())
+    mf["input_schema"]["features"][0]["name"] = "renamed"
+    (src / "manifest.json").write_text(json.dumps(mf))
+    stage_push(cfg, store, registry, src, PushOptions(new_schema=True))
+    drive(fleet)
+    assert fleet.aggregator.rollouts.base_version() == 3
+    with pytest.raises(InputError, match="differs from the federation's"):
+        stage_rollback(cfg, store, registry, 2, PushOptions())
+    stage_rollback(cfg, store, registry, 2, PushOptions(new_schema=True))
+
+
+def _wrong_golden(src):
+    m = load_manifest(src)
+    right = golden_vectors(verify_model_file(src, m), m)
+    return Golden(right.inputs, np.roll(right.outputs, 1, axis=1), 1e-4)
+
+
+def _set_params(store, rid, **changes):
+    params = json.loads(store.db.execute("SELECT params FROM rollouts WHERE id = ?",
+                                         (rid,)).fetchone()[0])
+    params.update(changes)
+    store.db.execute("UPDATE rollouts SET params = ? WHERE id = ?", (json.dumps(params), rid))

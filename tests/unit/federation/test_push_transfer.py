@@ -187,3 +187,53 @@ def test_the_cli(tmp_path, capsys):
     assert [(r["origin"], r["status"], r["version"]) for r in st["rollouts"]] == [
         ("push", "complete", 3), ("rollback", "complete", 4)]
     assert [a.models.current_version() for a in mf.agents] == [4, 2]
+
+
+def test_a_silent_client_does_not_stall_the_tls_endpoint(tmp_path, exported):
+    import socket
+
+    from bedside.edge.releases import client_context
+    from bedside.transport.pki import DOWNLOADS_ID, create_fleet, issue
+
+    certs = create_fleet(tmp_path / "certs", ["device-1"])
+    issue(certs, DOWNLOADS_ID, server_hosts=["127.0.0.1"])
+    src = exported("logreg", "wdbc")
+    reg = Registry(tmp_path / "registry")
+    m = load_manifest(src)
+    data = verify_model_file(src, m)
+    reg.add(data, m)
+    server = DownloadServer(reg.root / "objects", "demo", "127.0.0.1", free_port(), 1024,
+                            cert_file=certs / "downloads.crt", key_file=certs / "downloads.key",
+                            ca_file=certs / "ca.crt",
+                            allowed=lambda sha: sha == m.sha256).start()
+    silent = socket.create_connection(("127.0.0.1", server.port))  # connects, never speaks
+    try:
+        rel = make_release(counter=1, manifest=m, model_bytes=data, origin="push",
+                           target=Target("all", None), max_message_bytes=1024, chunk_bytes=1024,
+                           url=f"https://127.0.0.1:{server.port}", golden=None)
+        ctx = client_context(certs / "ca.crt", certs / "device-1.crt", certs / "device-1.key")
+        d = Download(tmp_path / "dl", rel, "demo", ctx, timeout=5.0)
+        assert d.step(max_chunks=3) is False and d.done == 3  # served despite the silent one
+        no_cert = Download(tmp_path / "dl2", rel, "demo", client_context(certs / "ca.crt", None,
+                                                                          None), timeout=5.0)
+        no_cert.step(max_chunks=1)
+        assert no_cert.done == 0  # the endpoint wants the fleet's client certificates
+    finally:
+        silent.close()
+        server.close()
+
+
+def test_the_endpoint_serves_only_released_models(tmp_path, served):
+    import urllib.error
+    import urllib.request
+
+    rel, _, reg, _ = served
+    server = DownloadServer(reg.root / "objects", "demo", "127.0.0.1", free_port(), 1024,
+                            allowed=lambda sha: False).start()
+    try:
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(f"http://127.0.0.1:{server.port}/v1/demo/objects/"
+                                   f"{rel.sha256}/0", timeout=5)
+        assert e.value.code == 404
+    finally:
+        server.close()
