@@ -50,3 +50,5 @@ _.sys_version
 _.do_GET
 _.log_message
 _.daemon_threads
+# urllib calls it by name (downloads refuse redirects).
+_.redirect_request
