@@ -29,6 +29,10 @@ def register(sub: Any) -> None:
                    "outputs on them)")
     p.add_argument("--tolerance", type=float, help="largest allowed difference on the golden "
                    "vectors (default: the file's, or 1e-4)")
+    p.add_argument("--new-federation", action="store_true",
+                   help="start a new federation on this model (another architecture or schema "
+                   "allowed): released to every device, then its rounds count from 1 with a "
+                   "fresh server optimizer; devices keep their records and their privacy ledger")
     p.add_argument("--min-agent-version", default="", metavar="X.Y.Z",
                    help="devices with an older bedside refuse the release")
     p.set_defaults(func=_push)
@@ -94,7 +98,8 @@ def _options(ns: argparse.Namespace) -> Any:
     return PushOptions(to=ns.to, canary=ns.canary, abort_on_failure_rate=ns.abort_on_failure_rate,
                        probation=probation, new_schema=getattr(ns, "new_schema", False),
                        min_agent_version=getattr(ns, "min_agent_version", ""),
-                       pushed_by=getpass.getuser())
+                       pushed_by=getpass.getuser(),
+                       new_federation=getattr(ns, "new_federation", False))
 
 
 def _push(ns: argparse.Namespace) -> int:

@@ -42,6 +42,9 @@ from bedside.constants import (
     topic_model,
     topic_receipt,
     topic_receipts_all,
+    topic_release,
+    topic_report,
+    topic_reports_all,
     topic_round,
     topic_status,
     topic_status_all,
@@ -76,6 +79,7 @@ class _Node:
     round: int = 0  # the round it was last asked in
     asks: int = 0  # how many times in that round
     retry_at: float = 0.0
+    release_sent: str = ""  # digest of the per-device release last sent to it
 
 
 @dataclass
@@ -175,6 +179,11 @@ class FlowerDriver:
         if announce is not None:
             items.append((topic_round(self.fleet), announce))
         if node.device is not None:
+            # a release targeted at this device (a group push, a canary wave), sent once
+            targeted = self.link.retained.get(topic_release(self.fleet, node.device))
+            if targeted and digest(targeted) != node.release_sent:
+                items.append((topic_release(self.fleet, node.device), targeted))
+                node.release_sent = digest(targeted)
             items += [(topic_receipt(self.fleet, node.device), r) for r in receipts]
         return items
 
@@ -245,6 +254,9 @@ class FlowerDriver:
                 self._update(node, payload)
             elif topic_matches(topic_status_all(self.fleet), topic):
                 self._node_status(node, payload)
+            elif topic_matches(topic_reports_all(self.fleet), topic) and node.device is not None:
+                # release reports, under the bound device's topic (its signer is checked there)
+                self.link.deliver(topic_report(self.fleet, node.device), payload)
         self.agg.step(0.0)
         self._collect()
 

@@ -80,6 +80,9 @@ CREATE TABLE IF NOT EXISTS release_reports (
 CREATE TABLE IF NOT EXISTS release_counter (
     id INTEGER PRIMARY KEY CHECK (id = 1), counter INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS federations (
+    started_after_round INTEGER PRIMARY KEY, rollout INTEGER NOT NULL, at REAL NOT NULL
+);
 """
 #: A later report of a release never replaces a later state with an earlier one.
 _RANK = {"downloading": 0, "verified": 1, "active": 2, "rejected": 2, "rolled_back": 3}
@@ -143,6 +146,17 @@ class ReleaseStore:
             self.db.execute("INSERT INTO release_counter (id, counter) VALUES (1, ?) ON CONFLICT "
                             "(id) DO UPDATE SET counter = excluded.counter", (value,))
         return int(value)
+
+    # -- federations ---------------------------------------------------------------------------
+    def federation_start(self) -> int:
+        """Rounds up to this one belong to earlier federations (0: there was one only)."""
+        row = self.db.execute("SELECT MAX(started_after_round) FROM federations").fetchone()
+        return int(row[0]) if row and row[0] is not None else 0
+
+    def start_federation(self, after_round: int, rollout_id: int, now: float) -> None:
+        with transaction(self.db):
+            self.db.execute("INSERT OR IGNORE INTO federations VALUES (?, ?, ?)",
+                            (after_round, rollout_id, now))
 
     # -- rollouts ------------------------------------------------------------------------------
     def stage(self, origin: str, target: Target, params: dict[str, Any],

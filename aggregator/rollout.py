@@ -52,6 +52,7 @@ class Rollouts:
         self.servable = self._servable()  # sha256s the download endpoint may serve
         self._notices: set[tuple[str, int, str]] = set()
         self.on_refusal: Callable[[str, str, str], None] | None = None
+        self.last_round: Callable[[], int] | None = None  # the service's newest round id
 
     # -- the federation's version ----------------------------------------------------------------
     def base_version(self) -> int | None:
@@ -300,6 +301,9 @@ class Rollouts:
         else:
             for d in devices:
                 self.publish(topic_release(self.cfg.fleet, d), envelope, True)
+        r = self.store.get(rollout_id)
+        if r is not None and r.params.get("new_federation") and self.last_round is not None:
+            self.store.start_federation(self.last_round(), rollout_id, self.clock())
         self.store.update(rollout_id, self.clock(), status="complete")
         log.info("rollout %d: release %d (v%d) sent to %s", rollout_id, rel.counter, m.version,
                  rel.target.spec)
@@ -383,9 +387,13 @@ class PushOptions:
     new_schema: bool = False
     min_agent_version: str = ""
     pushed_by: str = ""
+    new_federation: bool = False
 
 
 def _check_options(opts: PushOptions) -> None:
+    if opts.new_federation and opts.to != "all":
+        raise InputError("--new-federation releases to every device (--to all): a federation "
+                         "is the whole fleet")
     if not 0.0 <= opts.abort_on_failure_rate <= 1.0:
         raise InputError(f"--abort-on-failure-rate {opts.abort_on_failure_rate}: expected a "
                          "failure rate between 0 and 1")
@@ -394,8 +402,10 @@ def _check_options(opts: PushOptions) -> None:
 
 def _params(opts: PushOptions, target: Target) -> dict[str, Any]:
     return {"canary": opts.canary, "abort_on_failure_rate": opts.abort_on_failure_rate,
-            "probation": opts.probation.to_meta(), "new_schema": opts.new_schema,
-            "min_agent_version": opts.min_agent_version, "pushed_by": opts.pushed_by}
+            "probation": opts.probation.to_meta(),
+            "new_schema": opts.new_schema or opts.new_federation,
+            "min_agent_version": opts.min_agent_version, "pushed_by": opts.pushed_by,
+            "new_federation": opts.new_federation}
 
 
 def stage_push(cfg: AggregatorConfig, store: ReleaseStore, registry: Registry, model_dir: Path,
@@ -413,7 +423,7 @@ def stage_push(cfg: AggregatorConfig, store: ReleaseStore, registry: Registry, m
     if base is None:
         raise InputError(f"registry {registry.root} is empty: start the aggregator service once "
                          "(it imports initial_model) before pushing models")
-    _check_schema(registry, store, m, str(model_dir), opts.new_schema)
+    _check_schema(registry, store, m, str(model_dir), opts.new_schema or opts.new_federation)
     target = _target(cfg, opts.to)
     golden = _checked_golden(model_dir, m, data, golden)
     staged = cfg.staged_path / f"{m.sha256[:16]}-{int(time.time() * 1000)}"

@@ -93,11 +93,14 @@ class Aggregator:
         self.registry = Registry(cfg.registry_path)
         self.rollouts = Rollouts(cfg, ReleaseStore(self.state.db), self.registry, self.key,
                                  lambda t, p, r: self._publish(t, p, retain=r), clock)
+        self.rollouts.last_round = lambda: max((r.round for r in self.state.rounds()),
+                                               default=0)
         self.rollouts.on_refusal = (
             lambda device, reason, detail: self.state.add_rejection(None, device,
                                                                     f"release_{reason}", detail))
         self.downloads: DownloadServer | None = None
         self._round_deferred = False
+        self._federation_seen = self.rollouts.store.federation_start()
         self.rule = make_rule(cfg.strategy.rule, **cfg.strategy.params)
         self.optimizer = make_optimizer(cfg.strategy.optimizer, **cfg.strategy.optimizer_params)
         self.clock = clock
@@ -254,7 +257,7 @@ class Aggregator:
         if done.training.get("round") == cur.round and latest > cur.model_version:
             log.info("round %d: its model v%d was stored before the restart; closing it", cur.round,
                      latest)
-            drop = ([r.round for r in self.state.rounds() if r.settings.task == "statistics"]
+            drop = ([r.round for r in self._rows() if r.settings.task == "statistics"]
                     if cur.settings.statistics is not None else None)
             self._finish_round(cur.round, "closed", done.training.get("result", {}), latest,
                                drop=drop)
@@ -297,6 +300,11 @@ class Aggregator:
             base = self.rollouts.base_version()
             assert base is not None
             self._load_version(base)  # the federation's model is now the released one
+            if self.rollouts.store.federation_start() > self._federation_seen:
+                self._federation_seen = self.rollouts.store.federation_start()
+                log.info("a new federation starts on model v%d (pushed with --new-federation): "
+                         "its rounds count from 1", base)
+                self.finished, self._round_deferred = False, True
         if self._round_deferred and not self.finished and not self.rollouts.store.blocks_rounds():
             self._open_next()
         return not self.finished or self.rollouts.active(sorted(self.devices))
@@ -430,7 +438,7 @@ class Aggregator:
     # -- rounds ------------------------------------------------------------------------------------
     def _clip_norm(self) -> float:
         """The next round's clip norm: adaptive clipping's latest estimate, or the configured."""
-        latest = self.registry.latest()
+        latest = self.rollouts.base_version()
         stored = self.registry.manifest(latest).training.get("next_clip_norm") if latest else None
         return float(stored) if stored is not None else self.cfg.privacy.clip_norm
 
@@ -449,11 +457,17 @@ class Aggregator:
             return False
         return True
 
+    def _rows(self) -> list[RoundRow]:
+        """The rounds of the current federation (a push with --new-federation starts one)."""
+        start = self.rollouts.store.federation_start()
+        return [r for r in self.state.rounds() if r.round > start]
+
     def _open_next(self) -> None:
-        rows = self.state.rounds()
+        rows = self._rows()
+        last_round = self.state.rounds()[-1].round if self.state.rounds() else 0
         trained = sum(1 for r in rows if r.settings.task == "train")
         if self.cfg.rounds.rounds and trained >= self.cfg.rounds.rounds:
-            self._finish_federation(rows[-1].round if rows else 0)
+            self._finish_federation(last_round)
             return
         if self.rollouts.store.blocks_rounds():
             if not self._round_deferred:
@@ -469,11 +483,11 @@ class Aggregator:
         if not self._manifest.trainable:
             log.error("model v%d, released to the fleet, is inference-only (imported): "
                       "federated training stops here; push a trainable model to go on", latest)
-            self._finish_federation(rows[-1].round if rows else 0)
+            self._finish_federation(last_round)
             return
         self.devices = self._load_devices()  # devices enrolled since the last round join now
         self._devices_seen = _mtime(self.cfg.devices)
-        round_id = (rows[-1].round if rows else 0) + 1
+        round_id = last_round + 1
         deadline = self.clock() + self.cfg.rounds.deadline_seconds
         if self._needs_statistics(rows):
             settings = self.federation.announce_statistics(
@@ -512,7 +526,7 @@ class Aggregator:
         }
         if cur.settings.statistics is not None:
             # this round and the failed attempts before it (their vectors were kept)
-            attempts = [r.round for r in self.state.rounds() if r.settings.task == "statistics"]
+            attempts = [r.round for r in self._rows() if r.settings.task == "statistics"]
             vectors = self.state.first_tensors(attempts)
             if len(vectors) < self.cfg.rounds.min_participants:
                 self._fail(cur, result, f"{len(vectors)} device(s) released statistics < "

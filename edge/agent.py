@@ -350,6 +350,17 @@ class Agent:
             self._release_state(rel, "downloading", "",
                                 f"{rel.size} bytes in {dl.total} chunk(s)")
 
+    def settle_download(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for a download in progress to finish (for a caller
+        that lives for one message, as a Flower ClientApp does); True if one did."""
+        if self._download is None:
+            return False
+        dl = self._download[0]
+        deadline = time.monotonic() + timeout
+        while not dl.finished and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return dl.finished
+
     def _advance_download(self) -> None:
         if self._download is None:
             return

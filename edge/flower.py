@@ -29,6 +29,11 @@ from bedside.transport.flower import Mailbox
 log = logging.getLogger("bedside.edge.flower")
 
 
+#: How long one Flower message may spend downloading a large model (the rest resumes with the
+#: next message).
+DOWNLOAD_SECONDS = 120.0
+
+
 def exchange(cfg: Any, items: list[tuple[str, bytes]], *,
              clock: Callable[[], float] = time.time) -> list[tuple[str, bytes]]:
     """One Flower message for the device configured by ``cfg`` (an ``AgentConfig``): deliver
@@ -43,6 +48,8 @@ def exchange(cfg: Any, items: list[tuple[str, bytes]], *,
         for topic, payload in items:
             link.deliver(topic, payload)
         agent.step(0.0)
+        if agent.settle_download(DOWNLOAD_SECONDS):  # a ClientApp lives for one message:
+            agent.step(0.0)  # a large model is fetched within it, then installed
         agent.publish_status(force=True)
     finally:
         agent.close()
