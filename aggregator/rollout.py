@@ -67,7 +67,9 @@ class Rollouts:
             return True
         now = self.clock()
         for r in self.store.rollouts(("complete",)):
-            if r.counter is None or now > r.updated_at + self.cfg.releases.wave_timeout_seconds:
+            probation = float(r.params.get("probation", {}).get("seconds", 0.0))
+            if (r.counter is None
+                    or now > r.updated_at + probation + self.cfg.releases.wave_timeout_seconds):
                 continue
             targets = list(r.target.devices) if r.target.devices is not None else enrolled or []
             done = {x["device"] for x in self.store.reports(r.counter) if x["state"] in DONE}
