@@ -86,25 +86,18 @@ def prepare(work: Path, n: int, broker: Any, starting: Path) -> dict[str, Any]:
     agg_key.public.save(keys / "aggregator.pub")
     devices = [f"device-{i:03d}" for i in range(n)]
 
-    def mqtt(identity: str) -> dict[str, Any]:
-        c = broker.config(identity)
-        d: dict[str, Any] = {"host": "127.0.0.1", "port": broker.port}
-        if c.ca_file:
-            d.update(ca_file=str(c.ca_file), cert_file=str(c.cert_file), key_file=str(c.key_file))
-        return d
-
     for d in devices:
         k = SigningKey.generate()
         k.save(keys / f"{d}.key")
         k.public.save(keys / "devices" / f"{d}.pub")
         cfg = {"device_id": d, "fleet": FLEET, "key": str(keys / f"{d}.key"),
                "aggregator_key": str(keys / "aggregator.pub"), "data_dir": str(work / d),
-               "mqtt": mqtt(d), "privacy": {"allow_no_record_dp": True},
+               "mqtt": broker.table(d), "privacy": {"allow_no_record_dp": True},
                "agent": {"status_seconds": 60.0, "quality_tolerance": False}}
         (work / f"{d}.toml").write_text(to_toml(cfg))
     agg = {"fleet": FLEET, "key": str(keys / "aggregator.key"), "devices": str(keys / "devices"),
            "data_dir": str(work / "aggregator"), "initial_model": str(starting),
-           "mqtt": mqtt("aggregator"),
+           "mqtt": broker.table("aggregator"),
            "rounds": {"rounds": 1, "min_participants": 1, "deadline_seconds": 30.0},
            "privacy": {"noise": "none"},
            "releases": {"max_message_bytes": 16 * MB, "chunk_bytes": 4 * MB,

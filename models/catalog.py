@@ -19,6 +19,13 @@ from bedside.manifest import Manifest
 def origin(m: Manifest) -> str:
     """Where a version came from, in words."""
     t = m.training
+    pushed = t.get("pushed") if isinstance(t.get("pushed"), dict) else None
+    if "rollback_of" in t:
+        by = f" by {pushed['by']}" if pushed and pushed.get("by") else ""
+        return f"rollback to version {t['rollback_of']}{by}"
+    if pushed is not None:
+        by = f" by {pushed['by']}" if pushed.get("by") else ""
+        return f"pushed{by} to {pushed.get('target', 'all')} (from {pushed.get('from', '?')})"
     if "round" in t:
         task = t.get("result", {}).get("task", "train")
         kind = "feature statistics" if task == "statistics" else "training"

@@ -14,6 +14,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bedside.transport import free_port
 from bedside.transport.broker import EmbeddedBroker
@@ -61,6 +62,14 @@ class Broker:
         return MqttConfig(host="127.0.0.1", port=self.port, ca_file=self.certs / "ca.crt",
                           cert_file=self.certs / f"{identity}.crt",
                           key_file=self.certs / f"{identity}.key")
+
+    def table(self, identity: str) -> dict[str, Any]:
+        """``identity``'s ``[mqtt]`` table for a config file."""
+        c = self.config(identity)
+        d: dict[str, Any] = {"host": "127.0.0.1", "port": self.port}
+        if c.ca_file:
+            d.update(ca_file=str(c.ca_file), cert_file=str(c.cert_file), key_file=str(c.key_file))
+        return d
 
     def stop(self) -> None:
         if self.proc is not None:

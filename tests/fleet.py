@@ -53,17 +53,10 @@ def make_fleet(work: Path, *, clients: int = 3, rounds: int = 3, mode: str = "ce
 
 
 def set_broker(fleet: Fleet, broker: Any) -> None:
-    def mqtt(identity: str) -> dict[str, Any]:
-        c = broker.config(identity)
-        d: dict[str, Any] = {"host": "127.0.0.1", "port": broker.port}
-        if c.ca_file:
-            d.update(ca_file=str(c.ca_file), cert_file=str(c.cert_file), key_file=str(c.key_file))
-        return d
-
-    fleet.plan["aggregator"]["mqtt"] = mqtt("aggregator")
+    fleet.plan["aggregator"]["mqtt"] = broker.table("aggregator")
     (fleet.aggregator_toml).write_text(to_toml(fleet.plan["aggregator"]))
     for i, c in enumerate(fleet.plan["clinics"]):
-        c["config"]["mqtt"] = mqtt(c["id"])
+        c["config"]["mqtt"] = broker.table(c["id"])
         fleet.agent_toml(i).write_text(to_toml(c["config"]))
 
 

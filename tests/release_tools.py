@@ -47,3 +47,35 @@ def drive(fleet: Any, steps: int = 30, advance: float = 0.0) -> None:
 
 def stores(agg: Any) -> tuple[Any, Any, Any]:
     return agg.cfg, agg.rollouts.store, agg.registry
+
+
+class InferenceLoop:
+    """Point-of-care inference through a swap: predicts with ``models.predictor()`` in a loop on
+    a thread, recording the versions that served and any error."""
+
+    def __init__(self, models: Any) -> None:
+        import threading
+
+        self.models = models
+        self.x = models.manifest().schema.reference_rows(4)
+        self.errors: list[BaseException] = []
+        self.served: set[int] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                p = self.models.predictor()
+                self.served.add(p.version)
+                assert np.isfinite(p.predict_proba(self.x)).all()
+            except BaseException as exc:
+                self.errors.append(exc)
+
+    def __enter__(self) -> InferenceLoop:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -28,7 +28,7 @@ from bedside.wire.envelope import peek
 from bedside.wire.signing import SigningKey
 from tests.brokers import start_mosquitto
 from tests.fleet import make_fleet, start_agent, start_aggregator, wait_for
-from tests.release_tools import other_model
+from tests.release_tools import InferenceLoop, other_model
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 CLINICS = ["clinic-1", "clinic-2", "clinic-3"]
@@ -244,22 +244,9 @@ def test_a_100_mb_model_arrives_in_chunks_and_a_cut_download_resumes(fed, monkey
 
     monkeypatch.setattr(releases.Download, "_fetch", flaky)
     agent = fed.agent(2)
-    x = agent.models.manifest().schema.reference_rows(4)
-    stop, errors, served = threading.Event(), [], set()
-
-    def infer() -> None:  # point-of-care inference goes on through the download and the swap
-        while not stop.is_set():
-            try:
-                p = agent.models.predictor()
-                served.add(p.version)
-                assert np.isfinite(p.predict_proba(x)).all()
-            except BaseException as exc:
-                errors.append(exc)
-
-    t = threading.Thread(target=infer)
-    t.start()
+    loop = InferenceLoop(agent.models).__enter__()  # inference through the download and swap
+    agg, agg_stop, agg_thread = None, None, None
     try:
-        agg, agg_stop, agg_thread = None, None, None
         from bedside.aggregator.config import load
         from bedside.aggregator.releases import ReleaseStore
         from bedside.aggregator.state import State
@@ -279,16 +266,15 @@ def test_a_100_mb_model_arrives_in_chunks_and_a_cut_download_resumes(fed, monkey
         cut.clear()  # the network is back: the download resumes where it stopped
         wait_for(lambda: agent.models.current_version() == 5, 120, "clinic-3 to run v5")
     finally:
-        stop.set()
-        t.join()
+        loop.__exit__()
         if agg_stop is not None:
             agg_stop.set()
             agg_thread.join(30)
             agg.close()
             agg.transport.close()
             agg.state.close()
-    assert not errors
-    assert {2, 5} <= served
+    assert not loop.errors
+    assert {2, 5} <= loop.served
     assert agent.models.manifest().sha256 == load_manifest(src).sha256
     assert not list(part.glob("*.part"))
     st = agent.releases.last()

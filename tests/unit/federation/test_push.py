@@ -171,10 +171,7 @@ def test_rollback_is_a_new_higher_release(fleet, tmp_path):
 
 def test_a_new_schema_needs_saying_so(fleet, tmp_path):
     cfg, store, registry = stores(fleet.aggregator)
-    src = other_model(registry.path(2), tmp_path / "m")
-    mf = json.loads((src / "manifest.json").read_text())
-    mf["input_schema"]["features"][0]["name"] = "renamed"
-    (src / "manifest.json").write_text(json.dumps(mf))
+    src = _renamed_feature(other_model(registry.path(2), tmp_path / "m"))
     with pytest.raises(InputError, match="differs from the federation's"):
         stage_push(cfg, store, registry, src, PushOptions())
     stage_push(cfg, store, registry, src, PushOptions(new_schema=True, to="device:clinic-1"))
@@ -321,10 +318,7 @@ def test_reports_out_of_range_do_not_stop_the_service(fleet):
 
 def test_rollback_checks_the_schema(fleet, tmp_path):
     cfg, store, registry = stores(fleet.aggregator)
-    src = other_model(registry.path(2), tmp_path / "m")
-    mf = json.loads((src / "manifest.json").read_text())
-    mf["input_schema"]["features"][0]["name"] = "renamed"
-    (src / "manifest.json").write_text(json.dumps(mf))
+    src = _renamed_feature(other_model(registry.path(2), tmp_path / "m"))
     stage_push(cfg, store, registry, src, PushOptions(new_schema=True))
     drive(fleet)
     assert fleet.aggregator.rollouts.base_version() == 3
@@ -344,3 +338,11 @@ def _set_params(store, rid, **changes):
                                          (rid,)).fetchone()[0])
     params.update(changes)
     store.db.execute("UPDATE rollouts SET params = ? WHERE id = ?", (json.dumps(params), rid))
+
+
+def _renamed_feature(src):
+    """The model directory with its first feature renamed: another input schema."""
+    mf = json.loads((src / "manifest.json").read_text())
+    mf["input_schema"]["features"][0]["name"] = "renamed"
+    (src / "manifest.json").write_text(json.dumps(mf))
+    return src

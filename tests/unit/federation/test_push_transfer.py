@@ -4,9 +4,7 @@ after a cut, refused when tampered; swaps under a concurrent inference loop; the
 from __future__ import annotations
 
 import json
-import threading
 
-import numpy as np
 import pytest
 
 from bedside.aggregator.releases import DownloadServer, make_release
@@ -21,7 +19,7 @@ from bedside.models.registry import Registry
 from bedside.transport import free_port
 from bedside.wire.envelope import peek
 from tests.fleet import mem_fleet
-from tests.release_tools import drive, other_model, stores
+from tests.release_tools import InferenceLoop, drive, other_model, stores
 
 
 @pytest.fixture()
@@ -116,29 +114,10 @@ def test_a_large_model_reaches_the_fleet_in_chunks(tmp_path):
         cfg, store, registry = stores(mf.aggregator)
         src = other_model(registry.path(2), tmp_path / "big", pad_bytes=300 * 1024)
         rid = stage_push(cfg, store, registry, src, PushOptions())
-        stop = threading.Event()
-        errors: list[BaseException] = []
-        served = []
-        x = mf.agents[0].models.manifest().schema.reference_rows(4)
-
-        def infer() -> None:  # point-of-care inference through the swap
-            while not stop.is_set():
-                try:
-                    p = mf.agents[0].models.predictor()
-                    served.append(p.version)
-                    assert np.isfinite(p.predict_proba(x)).all()
-                except BaseException as exc:
-                    errors.append(exc)
-
-        t = threading.Thread(target=infer)
-        t.start()
-        try:
+        with InferenceLoop(mf.agents[0].models) as loop:  # inference through the swap
             drive(mf, steps=40)
-        finally:
-            stop.set()
-            t.join()
-        assert not errors
-        assert {2, 3} <= set(served)
+        assert not loop.errors
+        assert {2, 3} <= loop.served
         r = store.get(rid)
         assert r.status == "complete"
         rel_meta = peek(registry.release(3)).meta["release"]

@@ -66,3 +66,17 @@ def _schema():
     from bedside.models import datasets
 
     return datasets.load("wdbc").schema
+
+
+def test_origin_names_pushes_and_rollbacks():
+    from bedside.manifest import Manifest
+    from bedside.models.catalog import origin
+
+    def m(training):
+        return Manifest(name="m", version=2, schema=_schema(), sha256="", opset=18,
+                        training=training)
+
+    assert origin(m({"pushed": {"by": "ana", "target": "group:icu", "from": "models/x"}})) == \
+        "pushed by ana to group:icu (from models/x)"
+    assert origin(m({"rollback_of": 3, "pushed": {"by": "ana", "target": "all"}})) == \
+        "rollback to version 3 by ana"
