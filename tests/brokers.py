@@ -1,8 +1,8 @@
 """Start real brokers for tests: Mosquitto with the project's own config, or the embedded one.
 
-Mosquitto runs ``deploy/mosquitto/mosquitto.conf`` and ``acl`` with only the paths and the port
-rewritten (to a temporary directory and a free 127.0.0.1 port), so the tests exercise the TLS,
-certificate identity and ACL that production uses.
+Mosquitto runs the configuration ``bedside broker config`` generates (the generator that also
+wrote ``deploy/mosquitto/mosquitto.conf``), for a temporary directory and a free 127.0.0.1 port,
+so the tests exercise the TLS, certificate identity, CRL and ACL that production uses.
 """
 
 from __future__ import annotations
@@ -18,11 +18,9 @@ from typing import Any
 
 from bedside.transport import free_port
 from bedside.transport.broker import EmbeddedBroker
+from bedside.transport.mosquitto import config_text
 from bedside.transport.mqtt import MqttConfig
 from bedside.transport.pki import acl_text, create_fleet, issue
-
-ROOT = Path(__file__).resolve().parents[1]
-DEPLOY = ROOT / "deploy" / "mosquitto"
 
 
 def mosquitto_binary() -> str:
@@ -113,11 +111,7 @@ def start_mosquitto(workdir: Path, identities: list[str] | None = None, fleet: s
     create_fleet(certs, ["aggregator", *devices], ["127.0.0.1"])
     (certs / "acl").write_text(acl_text(fleet, devices) + "\n" + acl_extra)
     port = free_port()
-    conf = (DEPLOY / "mosquitto.conf").read_text()
-    conf = conf.replace("/etc/bedside/mosquitto/", f"{certs}/")
-    conf = conf.replace("/var/lib/bedside/mosquitto/", f"{workdir}/")
-    conf = conf.replace("listener 8883 127.0.0.1", f"listener {port} 127.0.0.1")
-    assert f"listener {port} 127.0.0.1" in conf
+    conf = config_text(certs, workdir, [("127.0.0.1", port)])
     if os.geteuid() == 0:
         # As root, Mosquitto would drop to the 'mosquitto' user, who cannot enter pytest's private
         # temporary directories. Tests only: production runs it as its own user.

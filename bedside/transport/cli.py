@@ -37,6 +37,32 @@ def build(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_certs)
 
+    p = sub.add_parser("config", help="write a Mosquitto configuration for a fleet: "
+                       "mosquitto.conf (TLS 1.2+, client certificates, no anonymous access, no "
+                       "plaintext listener), its ACL, and the CA's files and CRL")
+    p.add_argument("--fleet", required=True)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--devices", type=Path, metavar="DIR",
+                   help="the aggregator's enrolled devices (<device_id>.pub files)")
+    g.add_argument("--device", action="append", metavar="ID", help="a device id (repeatable)")
+    p.add_argument("--ca", required=True, type=Path, metavar="DIR",
+                   help="the CA directory ('bedside broker certs --out')")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR",
+                   help="where Mosquitto reads it, e.g. /etc/bedside/mosquitto")
+    p.add_argument("--listen", action="append", default=[], metavar="HOST:PORT",
+                   help="a TLS listener (repeatable; default 127.0.0.1:8883: name the clinic "
+                   "network's address explicitly)")
+    p.add_argument("--data-dir", type=Path, metavar="DIR",
+                   help="Mosquitto's persistence, writable by its user (default "
+                   "/var/lib/mosquitto)")
+    p.add_argument("--aggregator", default="aggregator",
+                   help="the aggregator's certificate CN (default aggregator)")
+    p.add_argument("--broker-group", default="mosquitto", metavar="GROUP",
+                   help="make the broker's key and files readable by this group (default "
+                   "mosquitto; '' for none)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_config)
+
     p = sub.add_parser("acl", help="write the Mosquitto ACL of a fleet: each device publishes "
                        "only its own topics, in its own fleet")
     p.add_argument("--fleet", required=True)
@@ -70,17 +96,38 @@ def _serve(ns: argparse.Namespace) -> int:
     return run_until_signalled(lambda stop: stop.wait(), broker.stop)
 
 
+def _device_ids(ns: argparse.Namespace) -> list[str]:
+    if ns.devices is not None:
+        from bedside.wire.signing import KeyRing
+
+        return list(KeyRing.from_dir(ns.devices))
+    return list(ns.device)
+
+
+def _config(ns: argparse.Namespace) -> int:
+    from bedside.transport.mosquitto import parse_listener, write_config
+    from bedside.transport.pki import share_with_broker
+
+    listeners = [parse_listener(x) for x in ns.listen] or None
+    files = write_config(ns.out, ns.ca, ns.fleet, _device_ids(ns), aggregator=ns.aggregator,
+                         data_dir=ns.data_dir, listeners=listeners)
+    group = share_with_broker(ns.out, ns.broker_group) if ns.broker_group else None
+    if ns.json:
+        print_json({"dir": str(ns.out), "files": [f.name for f in files],
+                    "broker_group": group})
+    else:
+        print(f"wrote {', '.join(f.name for f in files)} to {ns.out}"
+              f"{f'; {group}' if group else ''}")
+        print(f"start it with: mosquitto -c {ns.out / 'mosquitto.conf'} (regenerate it when "
+              "devices are enrolled or revoked, then reload or restart Mosquitto)")
+    return 0
+
+
 def _acl(ns: argparse.Namespace) -> int:
     from bedside.files import write_output
     from bedside.transport.pki import acl_text
 
-    if ns.devices is not None:
-        from bedside.wire.signing import KeyRing
-
-        devices = list(KeyRing.from_dir(ns.devices))
-    else:
-        devices = list(ns.device)
-    write_output(ns.out or "-", acl_text(ns.fleet, devices, ns.aggregator) + "\n")
+    write_output(ns.out or "-", acl_text(ns.fleet, _device_ids(ns), ns.aggregator) + "\n")
     return 0
 
 

@@ -270,3 +270,71 @@ def test_an_unreachable_broker_is_reported_at_once_and_at_every_retry(caplog):
         assert "attempt 1" in lines[0] and "attempt 2" in lines[1]
     finally:
         t.close()
+
+
+def test_mosquitto_from_the_generated_config_refuses_strangers(tmp_path, capsys):
+    """``bedside broker config`` writes a directory Mosquitto starts from: a device with its
+    certificate connects; no certificate, a certificate of another CA and plaintext MQTT on the
+    TLS port are refused; subscribing to another device's receipts delivers nothing."""
+    import subprocess
+
+    from bedside.cli import main
+    from bedside.transport import free_port
+    from bedside.transport.pki import create_fleet
+    from tests.brokers import _wait_port, mosquitto_binary
+
+    ca = create_fleet(tmp_path / "ca", ["aggregator", "clinic-1", "clinic-2"], ["127.0.0.1"])
+    other = create_fleet(tmp_path / "other-ca", ["clinic-1"], ["127.0.0.1"])
+    port = free_port()
+    out = tmp_path / "etc"
+    assert main(["broker", "config", "--fleet", "north", "--device", "clinic-1", "--device",
+                 "clinic-2", "--ca", str(ca), "--out", str(out), "--listen",
+                 f"127.0.0.1:{port}", "--data-dir", str(tmp_path / "data"),
+                 "--broker-group", ""]) == 0
+    assert "mosquitto.conf" in capsys.readouterr().out
+    (tmp_path / "data").mkdir()
+    conf = (out / "mosquitto.conf").read_text()
+    assert "allow_anonymous false" in conf and "require_certificate true" in conf
+    assert f"listener {port} 127.0.0.1" in conf and conf.count("listener ") == 1
+    if os.geteuid() == 0:  # tests only: Mosquitto would drop to a user who cannot enter tmp_path
+        (out / "mosquitto.conf").write_text("user root\n" + conf)
+    log = tmp_path / "mosquitto.log"
+    proc = subprocess.Popen([mosquitto_binary(), "-c", str(out / "mosquitto.conf")],
+                            stdout=subprocess.DEVNULL, stderr=log.open("wb"))
+    clients = []
+
+    def client(ca_dir, who, cid):
+        cfg = MqttConfig(host="127.0.0.1", port=port, ca_file=ca_dir / "ca.crt",
+                         cert_file=ca_dir / f"{who}.crt" if who else None,
+                         key_file=ca_dir / f"{who}.key" if who else None)
+        t = MqttTransport(cfg, client_id=cid)
+        clients.append(t)
+        return t
+
+    try:
+        _wait_port(port)
+        ok = client(ca, "clinic-1", "clinic-1")
+        assert ok.wait_connected(10)
+        assert not client(ca, None, "anonymous").wait_connected(3)
+        assert not client(other, "clinic-1", "clinic-1-forged").wait_connected(3)
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:  # MQTT CONNECT
+            s.sendall(bytes([0x10, 12, 0, 4]) + b"MQTT" + bytes([4, 2, 0, 30, 0, 0]))
+            s.settimeout(5)
+            try:
+                reply = s.recv(4)
+            except (ConnectionError, TimeoutError, OSError):
+                reply = b""
+            assert not reply.startswith(b"\x20")  # no CONNACK over plaintext
+        peer = client(ca, "clinic-2", "clinic-2")
+        assert peer.wait_connected(10)
+        ok.subscribe("bedside/v1/north/receipt/clinic-2", qos=1)  # not clinic-1's to read
+        agg = client(ca, "aggregator", "aggregator")
+        assert agg.wait_connected(10)
+        time.sleep(0.3)
+        agg.publish("bedside/v1/north/receipt/clinic-2", b"for clinic-2 only", qos=1)
+        assert ok.get(2) is None
+    finally:
+        for c in clients:
+            c.close()
+        proc.terminate()
+        proc.wait(10)

@@ -155,3 +155,13 @@ def test_a_device_cannot_take_a_services_identity(tmp_path, device):
                                               'devices = "devices"\n')
     with pytest.raises(ConfigError, match="reserved"):
         Aggregator(load_aggregator(tmp_path / "aggregator.toml"))
+
+
+def test_the_shipped_mosquitto_config_is_the_generated_one():
+    """deploy/mosquitto/mosquitto.conf is what 'bedside broker config' writes for
+    /etc/bedside/mosquitto: edit the generator, never the file."""
+    from bedside.transport.mosquitto import config_text
+
+    shipped = (ROOT / "deploy" / "mosquitto" / "mosquitto.conf").read_text()
+    assert shipped == config_text("/etc/bedside/mosquitto", "/var/lib/mosquitto")
+    assert "0.0.0.0" not in shipped and "listener 8883 127.0.0.1" in shipped
