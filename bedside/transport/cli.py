@@ -40,11 +40,7 @@ def build(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("config", help="write a Mosquitto configuration for a fleet: "
                        "mosquitto.conf (TLS 1.2+, client certificates, no anonymous access, no "
                        "plaintext listener), its ACL, and the CA's files and CRL")
-    p.add_argument("--fleet", required=True)
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--devices", type=Path, metavar="DIR",
-                   help="the aggregator's enrolled devices (<device_id>.pub files)")
-    g.add_argument("--device", action="append", metavar="ID", help="a device id (repeatable)")
+    _fleet_args(p)
     p.add_argument("--ca", required=True, type=Path, metavar="DIR",
                    help="the CA directory ('bedside broker certs --out')")
     p.add_argument("--out", required=True, type=Path, metavar="DIR",
@@ -55,8 +51,6 @@ def build(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", type=Path, metavar="DIR",
                    help="Mosquitto's persistence, writable by its user (default "
                    "/var/lib/mosquitto)")
-    p.add_argument("--aggregator", default="aggregator",
-                   help="the aggregator's certificate CN (default aggregator)")
     p.add_argument("--broker-group", default="mosquitto", metavar="GROUP",
                    help="make the broker's key and files readable by this group (default "
                    "mosquitto; '' for none)")
@@ -65,13 +59,7 @@ def build(parser: argparse.ArgumentParser) -> None:
 
     p = sub.add_parser("acl", help="write the Mosquitto ACL of a fleet: each device publishes "
                        "only its own topics, in its own fleet")
-    p.add_argument("--fleet", required=True)
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--devices", type=Path, metavar="DIR",
-                   help="the aggregator's enrolled devices (<device_id>.pub files)")
-    g.add_argument("--device", action="append", metavar="ID", help="a device id (repeatable)")
-    p.add_argument("--aggregator", default="aggregator",
-                   help="the aggregator's certificate CN (default aggregator)")
+    _fleet_args(p)
     p.add_argument("--out", type=Path, metavar="FILE", help="write here (default stdout; '-' too)")
     p.set_defaults(func=_acl)
 
@@ -94,6 +82,17 @@ def _serve(ns: argparse.Namespace) -> int:
     broker = EmbeddedBroker(ns.host, ns.port).start()
     print(f"embedded MQTT broker on {broker.url} (MQTT 3.1.1); Ctrl-C to stop", flush=True)
     return run_until_signalled(lambda stop: stop.wait(), broker.stop)
+
+
+def _fleet_args(p: argparse.ArgumentParser) -> None:
+    """Whose broker configuration or ACL: the fleet, its devices, its aggregator's CN."""
+    p.add_argument("--fleet", required=True)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--devices", type=Path, metavar="DIR",
+                   help="the aggregator's enrolled devices (<device_id>.pub files)")
+    g.add_argument("--device", action="append", metavar="ID", help="a device id (repeatable)")
+    p.add_argument("--aggregator", default="aggregator",
+                   help="the aggregator's certificate CN (default aggregator)")
 
 
 def _device_ids(ns: argparse.Namespace) -> list[str]:
