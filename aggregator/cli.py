@@ -30,6 +30,12 @@ def build(parser: argparse.ArgumentParser) -> None:
                    "--out'): also revoke the device's certificate and rewrite the CRL")
     p.set_defaults(func=_revoke)
 
+    p = sub.add_parser("rotate-key", help="replace the aggregator's signing key: the old key "
+                       "signs the new one, which devices verify and pin (restart the service)")
+    p.add_argument("--config", required=True, type=Path, metavar="aggregator.toml")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_rotate_key)
+
     p = sub.add_parser("status", help="rounds, model versions and privacy spent (offline)")
     p.add_argument("--config", required=True, type=Path, metavar="aggregator.toml")
     p.add_argument("--json", action="store_true")
@@ -41,7 +47,12 @@ def _serve(ns: argparse.Namespace) -> int:
     from bedside.aggregator.service import Aggregator
 
     agg = Aggregator(load(ns.config))
-    return run_until_signalled(agg.run, agg.transport.close)
+
+    def close() -> None:
+        agg.close()
+        agg.transport.close()
+
+    return run_until_signalled(agg.run, close)
 
 
 def _enroll(ns: argparse.Namespace) -> int:
@@ -94,6 +105,25 @@ def _revoke(ns: argparse.Namespace) -> int:
         print(f"revoked its broker certificate (serial {serial:x}); {ns.ca / CRL_FILE} "
               "rewritten: restart or reload Mosquitto (SIGHUP), and regenerate the ACL "
               "('bedside broker acl --devices')")
+    return 0
+
+
+def _rotate_key(ns: argparse.Namespace) -> int:
+    from bedside.aggregator.config import load
+    from bedside.aggregator.keys import rotate_key
+
+    cfg = load(ns.config)
+    old, new, sequence = rotate_key(cfg)
+    info = {"old_fingerprint": old, "new_fingerprint": new, "rotation": sequence,
+            "key": str(cfg.key), "public_key": str(cfg.key.with_suffix(".pub"))}
+    if ns.json:
+        print_json(info)
+    else:
+        print(f"rotation {sequence}: the aggregator's key is now {new} (was {old}; kept as "
+              f"{cfg.key.name}.retired-{sequence}).\nRestart the aggregator service: it publishes "
+              "the rotation, signed by the old key, before anything it signs with the new one, "
+              "and devices pin the new key.\nGive devices enrolled from now on the new public "
+              f"key ({info['public_key']}).")
     return 0
 
 

@@ -37,14 +37,17 @@ from typing import Any
 import numpy as np
 
 from bedside.aggregator.config import AggregatorConfig
+from bedside.aggregator.keys import statements as key_statements
 from bedside.aggregator.releases import DownloadServer, ReleaseStore
 from bedside.aggregator.rollout import Rollouts
 from bedside.aggregator.state import RoundRow, State
 from bedside.constants import (
     AGGREGATOR_ID,
     KIND_ANNOUNCE,
+    KIND_MODEL,
     KIND_RECEIPT,
     NOISE_LOCAL,
+    topic_key,
     topic_model,
     topic_receipt,
     topic_report,
@@ -76,7 +79,7 @@ from bedside.models.onnx_weights import apply_statistics, read_weights, replace_
 from bedside.models.registry import Registry
 from bedside.sqlite import add_timings
 from bedside.transport import Message, Transport
-from bedside.wire.envelope import encode
+from bedside.wire.envelope import decode, encode
 from bedside.wire.signing import KeyRing, SigningKey, validate_device_id
 
 log = logging.getLogger("bedside.aggregator")
@@ -171,7 +174,7 @@ class Aggregator:
         base = self.rollouts.base_version()
         assert base is not None
         self._load_version(base)
-        if not _has_counter(self.registry.release(base)):
+        if not self._signed_now(self.registry.release(base)):
             # also after a crash right after storing it (or a release signed before counters)
             self.registry.put_release(base, self.rollouts.release(
                 base, round_id=0, origin="initial" if base == self.registry.versions()[0]
@@ -217,6 +220,9 @@ class Aggregator:
                 self.registry.root / "objects", self.cfg.fleet, rc.http_host, rc.http_port,
                 rc.chunk_bytes, cert_file=rc.cert_file, key_file=rc.key_file,
                 ca_file=rc.ca_file, allowed=lambda sha: sha in self.rollouts.servable).start()
+        rotations = key_statements(self.cfg)
+        if rotations:  # before anything signed with the new key: devices pin it first
+            self._publish(topic_key(self.cfg.fleet), rotations[-1], retain=True)
         self.transport.subscribe(topic_updates_all(self.cfg.fleet), qos=1)
         self.transport.subscribe(topic_reports_all(self.cfg.fleet), qos=1)
         base = self.rollouts.base_version()
@@ -242,6 +248,19 @@ class Aggregator:
             raise ConfigError(f"{self.cfg.source}: [statistics]: {exc}; remove [statistics], or "
                               "start from a model whose schema states those ranges") from None
 
+    def _signed_now(self, envelope: bytes | None) -> bool:
+        """A stored envelope signed with the current key (not one rotated away) that devices of
+        this version understand (a release carries its counter)."""
+        if envelope is None:
+            return False
+        ring = KeyRing()
+        ring.add(AGGREGATOR_ID, self.key.public)
+        try:
+            env = decode(envelope, ring)
+        except WireError:
+            return False
+        return env.header.kind != KIND_MODEL or isinstance(env.header.meta.get("release"), dict)
+
     def close(self) -> None:
         """Stop the download endpoint (the transport and databases are the owner's)."""
         if self.downloads is not None:
@@ -266,7 +285,11 @@ class Aggregator:
         accepted = len(self.state.accepted(cur.round))
         log.info("resuming open round %d (model v%d): %d update(s) already accepted, deadline in "
                  "%.0f s", cur.round, cur.model_version, accepted, cur.deadline - self.clock())
-        self._publish(topic_round(self.cfg.fleet), cur.announce, retain=True)
+        announce = cur.announce
+        if not self._signed_now(announce):  # signed with a key rotated since: sign it again
+            announce = encode(KIND_ANNOUNCE, AGGREGATOR_ID, self.key, {}, round=cur.round,
+                              model_version=cur.model_version, meta=cur.settings.to_meta())
+        self._publish(topic_round(self.cfg.fleet), announce, retain=True)
 
     # -- loop --------------------------------------------------------------------------------------
     def run(self, stop: threading.Event | None = None, poll: float = 0.2) -> None:
@@ -699,13 +722,6 @@ def _record_epsilon(accepted: list[dict[str, Any]]) -> dict[str, Any]:
             "delta": accepted[0]["info"].get("record_delta")}
 
 
-def _has_counter(envelope: bytes | None) -> bool:
-    """A stored release that carries a release counter (signed by this version of Bedside)."""
-    if envelope is None:
-        return False
-    from bedside.wire.envelope import peek
-
-    return isinstance(peek(envelope).meta.get("release"), dict)
 
 
 def _mtime(path: Any) -> int | None:

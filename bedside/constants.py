@@ -46,6 +46,7 @@ NONCE_BYTES: Final = 16
 #                                                                               (targeted pushes)
 #   bedside/v1/{fleet}/report/{device}  device -> aggregator   QoS 1            signed report on a
 #                                                                               release
+#   bedside/v1/{fleet}/key              aggregator -> devices  QoS 1, retained  key rotation
 # ---------------------------------------------------------------------------------------------
 TOPIC_ROOT: Final = "bedside/v1"
 AGGREGATOR_ID: Final = "aggregator"
@@ -83,6 +84,10 @@ def topic_status(fleet: str, who: str) -> str:
     return f"{TOPIC_ROOT}/{fleet}/status/{who}"
 
 
+def topic_key(fleet: str) -> str:
+    return f"{TOPIC_ROOT}/{fleet}/key"
+
+
 def topic_release(fleet: str, device_id: str) -> str:
     return f"{TOPIC_ROOT}/{fleet}/release/{device_id}"
 
@@ -108,8 +113,9 @@ KIND_ANNOUNCE: Final = "announce"
 KIND_RECEIPT: Final = "receipt"
 KIND_MANIFEST: Final = "manifest"
 KIND_REPORT: Final = "report"  # a device's signed report on a model release
+KIND_KEY: Final = "key"  # a key rotation statement, signed by the key it replaces
 ENVELOPE_KINDS: Final = frozenset(
-    {KIND_UPDATE, KIND_MODEL, KIND_ANNOUNCE, KIND_RECEIPT, KIND_MANIFEST, KIND_REPORT}
+    {KIND_UPDATE, KIND_MODEL, KIND_ANNOUNCE, KIND_RECEIPT, KIND_MANIFEST, KIND_REPORT, KIND_KEY}
 )
 
 # ---------------------------------------------------------------------------------------------

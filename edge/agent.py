@@ -45,6 +45,7 @@ from bedside.constants import (
     KIND_RECEIPT,
     KIND_REPORT,
     KIND_UPDATE,
+    topic_key,
     topic_model,
     topic_receipt,
     topic_release,
@@ -172,8 +173,9 @@ class Agent:
     # -- loop --------------------------------------------------------------------------------------
     def start(self) -> None:
         f = self.cfg.fleet
-        for topic in (topic_model(f), topic_release(f, self.cfg.device_id), topic_round(f),
-                      topic_receipt(f, self.cfg.device_id)):
+        # the key topic first: a rotated key is pinned before what it signed is judged
+        for topic in (topic_key(f), topic_model(f), topic_release(f, self.cfg.device_id),
+                      topic_round(f), topic_receipt(f, self.cfg.device_id)):
             self.transport.subscribe(topic, qos=1)
         self.publish_status(force=True)
 
@@ -201,7 +203,9 @@ class Agent:
     def _handle(self, msg: Message) -> None:
         f = self.cfg.fleet
         try:
-            if msg.topic in (topic_model(f), topic_release(f, self.cfg.device_id)):
+            if msg.topic == topic_key(f):
+                self._on_key(msg.payload)
+            elif msg.topic in (topic_model(f), topic_release(f, self.cfg.device_id)):
                 self._on_model(msg.payload)
             elif msg.topic == topic_round(f):
                 self._on_announce(msg.payload)
@@ -215,6 +219,32 @@ class Agent:
         except Exception:  # a retained message must not crash the agent at every start
             log.exception("message on %s could not be handled; ignored", msg.topic)
         msg.ack()
+
+    # -- the aggregator's key ----------------------------------------------------------------------
+    def _on_key(self, payload: bytes) -> None:
+        """A key rotation: pin the new key if a chain of signatures leads to it from the pinned
+        one (:mod:`bedside.wire.rotation`), then fetch the retained messages again (they may
+        have arrived signed with the new key before this statement)."""
+        from bedside.wire.rotation import follow
+
+        if not payload:
+            return
+        pinned = self.pinned.get(AGGREGATOR_ID)
+        step = follow(payload, pinned, self.cfg.fleet)  # WireError: logged by _handle
+        if step is None:
+            return
+        new, sequence = step
+        path = self.cfg.aggregator_key
+        with contextlib.suppress(OSError):
+            path.with_name(path.name + ".previous").write_text(pinned.to_text() + "\n")
+        new.save(path)
+        self.pinned = KeyRing()
+        self.pinned.add(AGGREGATOR_ID, new)
+        log.warning("the aggregator's key was rotated (rotation %d): pinned %s in place of %s",
+                    sequence, new.fingerprint, pinned.fingerprint)
+        f = self.cfg.fleet
+        for topic in (topic_model(f), topic_release(f, self.cfg.device_id), topic_round(f)):
+            self.transport.subscribe(topic, qos=1)  # retained messages are delivered again
 
     # -- models ----------------------------------------------------------------------------------
     def _on_model(self, payload: bytes) -> None:

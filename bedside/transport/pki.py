@@ -205,6 +205,7 @@ def acl_text(fleet: str, devices: list[str], aggregator: str = "aggregator") -> 
                   f"topic write {root}/report/{device}",
                   f"topic read {root}/round",
                   f"topic read {root}/model",
+                  f"topic read {root}/key",
                   f"topic read {root}/release/{device}",
                   f"topic read {root}/receipt/{device}", ""]
     return "\n".join(lines)

@@ -311,3 +311,42 @@ def test_an_imported_sklearn_model_is_pushed_and_served(fed):
     np.testing.assert_allclose(fed.agent(2).models.predictor().predict_proba(rows),
                                clf.predict_proba(rows), atol=1e-5)
     assert fed.states(counter)["clinic-3"] == ("active", "")
+
+
+def test_after_a_key_rotation_devices_take_releases_signed_by_the_new_key_only(fed, capsys,
+                                                                               caplog):
+    """Issue 14: ``bedside aggregator rotate-key``; over Mosquitto (the ACL lets devices read the
+    fleet's key topic) every device pins the new key, installs a release it signs, and refuses
+    one the old key signs."""
+    from dataclasses import replace
+
+    from bedside.aggregator.config import load
+    from bedside.cli import main
+    from bedside.constants import AGGREGATOR_ID
+
+    caplog.set_level("WARNING")
+    cfg = load(fed.fleet.aggregator_toml)
+    old = SigningKey.load(cfg.key)
+    assert main(["aggregator", "rotate-key", "--config", str(fed.fleet.aggregator_toml)]) == 0
+    capsys.readouterr()
+    new = SigningKey.load(cfg.key)
+    src = other_model(_registry(fed).path(3), fed.tmp / "m-rotated", 0.3)
+    counter, r = fed.push(src, to="device:clinic-1")  # the service publishes the rotation first
+    assert r["status"] == "complete"
+    wait_for(lambda: all(a.pinned.get(AGGREGATOR_ID).fingerprint == new.public.fingerprint
+                         for a, _, _ in fed.agents), 30, "every device to pin the new key")
+    wait_for(lambda: fed.agent(0).models.current_version() == 7, 30, "clinic-1 to run v7")
+    # the old key's signature on a newer release is refused
+    reg = _registry(fed)
+    rel = Release.from_meta(peek(reg.release(7)).meta["release"])
+    m = load_manifest(reg.path(7))
+    data = verify_model_file(reg.path(7), m)
+    m.version = 8
+    stale = sign_release(old, "demo", replace(rel, counter=rel.counter + 5, version=8), m, data)
+    refused = "ignored message on bedside/v1/demo/release/clinic-1: bad_signature"
+    before = caplog.text.count(refused)
+    fed.drain(lambda agg: caplog.text.count(refused) > before, timeout=10,
+              inject=lambda agg: agg.transport.publish(topic_release("demo", "clinic-1"), stale,
+                                                       qos=1))
+    assert caplog.text.count(refused) > before  # refused by the device, which says why
+    assert fed.agent(0).models.current_version() == 7

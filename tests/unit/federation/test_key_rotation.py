@@ -1,0 +1,75 @@
+"""Rotating the aggregator's key (issue 14, item 2): the old key signs the new one; devices pin it
+and then accept only the new key's signatures."""
+
+from __future__ import annotations
+
+import pytest
+
+from bedside.cli import main
+from bedside.constants import AGGREGATOR_ID, KIND_ANNOUNCE, topic_key, topic_round
+from bedside.demo.run import to_toml
+from bedside.errors import SignatureError, WireError
+from bedside.wire.envelope import encode
+from bedside.wire.rotation import follow, make_statement
+from bedside.wire.signing import SigningKey
+from tests.fleet import mem_fleet
+from tests.release_tools import drive
+
+
+def test_a_chain_leads_from_the_pinned_key_only():
+    a, b, c = SigningKey.generate(), SigningKey.generate(), SigningKey.generate()
+    s1 = make_statement(a, b.public, "f", 1, [])
+    s2 = make_statement(b, c.public, "f", 2, [s1])
+    assert follow(s2, a.public, "f") == (c.public, 2)  # offline through both rotations
+    assert follow(s2, b.public, "f") == (c.public, 2)
+    assert follow(s2, c.public, "f") is None  # pinned already
+    stranger = SigningKey.generate()
+    with pytest.raises(SignatureError, match="pinned key"):
+        follow(s2, stranger.public, "f")
+    forged = make_statement(stranger, c.public, "f", 1, [])  # claims to replace a, signed by x
+    bad = bytearray(forged)
+    with pytest.raises(WireError):
+        follow(make_statement(stranger, stranger.public, "f", 2, [bytes(bad)]), a.public, "f")
+    with pytest.raises(WireError, match="this fleet"):
+        follow(s1, a.public, "other")
+
+
+def test_devices_pin_the_rotated_key_and_refuse_the_old_one(tmp_path, capsys):
+    # devices without a record-level budget (their device-level one is large): the second round
+    # is not declined for budget
+    mf = mem_fleet(tmp_path, clients=2, rounds=1,
+                   agent={"privacy": {"record_epsilon": None, "allow_no_record_dp": True}})
+    mf.run()
+    agg = mf.aggregator
+    old_key = SigningKey.load(agg.cfg.key)
+    assert main(["aggregator", "rotate-key", "--config", str(mf.fleet.aggregator_toml)]) == 0
+    assert "Restart the aggregator service" in capsys.readouterr().out
+    new_key = SigningKey.load(agg.cfg.key)
+    assert new_key.public.fingerprint != old_key.public.fingerprint
+    # restart with one more planned round: its announcement is signed with the new key
+    agg.state.close()
+    mf.fleet.plan["aggregator"]["rounds"]["rounds"] = 2
+    mf.fleet.aggregator_toml.write_text(to_toml(mf.fleet.plan["aggregator"]))
+    mf.aggregator = mf.new_aggregator()
+    mf.aggregator.start()
+    drive(mf, steps=100)
+    rounds = mf.aggregator.state.rounds()
+    assert [(r.round, r.status, r.result["accepted"]) for r in rounds] == [
+        (1, "closed", 2), (2, "closed", 2)]
+    for a in mf.agents:
+        assert a.pinned.get(AGGREGATOR_ID).fingerprint == new_key.public.fingerprint
+        assert a.cfg.aggregator_key.read_text().strip() == new_key.public.to_text()
+        assert a.models.current_version() == 3
+    # the old key signs nothing a device accepts any more: an announcement of a round 9
+    forged = encode(KIND_ANNOUNCE, AGGREGATOR_ID, old_key, {}, round=9, model_version=3,
+                    meta={"fleet": "demo", "state": "done"})
+    mf.broker.publish(topic_round("demo"), forged, retain=False)
+    drive(mf, steps=3)
+    assert all(a.announce.header.round == 2 for a in mf.agents)
+    # a rotation statement signed by a stranger is refused: the pinned key stays
+    stranger = SigningKey.generate()
+    mf.broker.publish(topic_key("demo"), make_statement(stranger, stranger.public, "demo", 9,
+                                                        []), retain=False)
+    drive(mf, steps=3)
+    assert all(a.pinned.get(AGGREGATOR_ID).fingerprint == new_key.public.fingerprint
+               for a in mf.agents)
