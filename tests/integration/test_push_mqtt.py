@@ -331,7 +331,7 @@ def test_after_a_key_rotation_devices_take_releases_signed_by_the_new_key_only(f
     capsys.readouterr()
     new = SigningKey.load(cfg.key)
     src = other_model(_registry(fed).path(3), fed.tmp / "m-rotated", 0.3)
-    counter, r = fed.push(src, to="device:clinic-1")  # the service publishes the rotation first
+    _, r = fed.push(src, to="device:clinic-1")  # the service publishes the rotation first
     assert r["status"] == "complete"
     wait_for(lambda: all(a.pinned.get(AGGREGATOR_ID).fingerprint == new.public.fingerprint
                          for a, _, _ in fed.agents), 30, "every device to pin the new key")
