@@ -29,7 +29,6 @@ MAX_CHAIN = 64
 @dataclass(frozen=True)
 class Rotation:
     sequence: int
-    old_fingerprint: str
     new_key: VerifyKey
 
 
@@ -51,7 +50,7 @@ def _parse(envelope: bytes, key: VerifyKey) -> Rotation:
     env = decode(envelope, ring, kinds={KIND_KEY}, expected={})
     m = env.header.meta
     try:
-        return Rotation(int(m["sequence"]), str(m["old_fingerprint"]),
+        return Rotation(int(m["sequence"]),
                         VerifyKey.from_text(str(m["new_key"]), source="rotated key"))
     except (KeyError, TypeError, ValueError) as exc:
         raise WireError(f"key rotation statement unreadable: {exc}") from None
