@@ -44,6 +44,7 @@ from bedside.aggregator.state import RoundRow, State
 from bedside.constants import (
     AGGREGATOR_ID,
     KIND_ANNOUNCE,
+    KIND_KEY,
     KIND_MODEL,
     KIND_RECEIPT,
     NOISE_LOCAL,
@@ -80,7 +81,7 @@ from bedside.models.registry import Registry
 from bedside.sqlite import add_timings
 from bedside.transport import Message, Transport
 from bedside.wire.envelope import decode, encode
-from bedside.wire.signing import KeyRing, SigningKey, validate_device_id
+from bedside.wire.signing import KeyRing, SigningKey, VerifyKey, validate_device_id
 
 log = logging.getLogger("bedside.aggregator")
 MAX_STATISTICS_ATTEMPTS = 3
@@ -384,6 +385,10 @@ class Aggregator:
         started = time.perf_counter()
         self._refresh_devices()
         device = msg.topic.rsplit("/", 1)[-1]
+        if msg.topic == topic_report(self.cfg.fleet, device) and _kind(msg.payload) == KIND_KEY:
+            self._on_device_key(device, msg.payload)
+            msg.ack()
+            return
         if msg.topic == topic_report(self.cfg.fleet, device):
             try:
                 self.rollouts.on_report(device, msg.payload, self.devices)
@@ -435,6 +440,47 @@ class Aggregator:
         if round_id is not None:
             add_timings(self.state.db, round_id, {"validate_and_record":
                                                   time.perf_counter() - started})
+
+    def _on_device_key(self, device: str, payload: bytes) -> None:
+        """A device rotating its own key ('bedside edge rotate-key'): signed by the key enrolled
+        for it, it replaces that key (kept as ``<id>.pub.previous``); a signed receipt confirms
+        it, and the device switches only then. The same statement again is confirmed again."""
+        from bedside.wire.rotation import device_rotation
+
+        try:
+            new = device_rotation(payload, self.devices, device, self.cfg.fleet)
+        except WireError as exc:
+            if device in self.devices:  # perhaps the rotation is done and this is a re-send
+                current = self.devices.get(device).fingerprint
+                prev = self.cfg.devices / f"{device}.pub.previous"
+                if prev.exists():
+                    ring = KeyRing()
+                    ring.add(device, VerifyKey.load(prev))
+                    try:
+                        again = device_rotation(payload, ring, device, self.cfg.fleet)
+                    except WireError:
+                        again = None
+                    if again is not None and again.fingerprint == current:
+                        self._key_receipt(device, current)
+                        return
+            log.warning("key rotation on %s's topic rejected: %s", device, exc)
+            self.state.add_rejection(None, device, "key_rotation", str(exc))
+            return
+        path = self.cfg.devices / f"{device}.pub"
+        old = self.devices.get(device)
+        old.save(self.cfg.devices / f"{device}.pub.previous")
+        new.save(path)
+        self.devices = self._load_devices()
+        self._devices_seen = _mtime(self.cfg.devices)
+        log.warning("device %s rotated its key: %s in place of %s", device, new.fingerprint,
+                    old.fingerprint)
+        self._key_receipt(device, new.fingerprint)
+
+    def _key_receipt(self, device: str, fingerprint: str) -> None:
+        env = encode(KIND_RECEIPT, AGGREGATOR_ID, self.key, {}, round=0, model_version=0,
+                     meta={"device": device, "fleet": self.cfg.fleet,
+                           "key_rotated": fingerprint})
+        self._publish(topic_receipt(self.cfg.fleet, device), env)
 
     def _record(self, verdict: Accepted | Declined | Duplicate, round_id: int) -> None:
         """Persist a verdict, then receipt it (the MQTT ack follows in ``_handle``)."""
@@ -722,6 +768,15 @@ def _record_epsilon(accepted: list[dict[str, Any]]) -> dict[str, Any]:
             "delta": accepted[0]["info"].get("record_delta")}
 
 
+
+
+def _kind(payload: bytes) -> str | None:
+    from bedside.wire.envelope import peek
+
+    try:
+        return peek(payload).kind
+    except WireError:
+        return None
 
 
 def _mtime(path: Any) -> int | None:

@@ -124,6 +124,7 @@ class Agent:
         self._probation: ReleaseProbation | None = None
         self._refused_old: set[tuple[int, str, str]] = set()
         self._notices: dict[tuple[int, str], float] = {}
+        self._key_sent_at = -1e18
 
 
     # -- ledger ----------------------------------------------------------------------------------
@@ -198,6 +199,7 @@ class Agent:
         self._maybe_participate()
         self._flush_outbox()
         self._report_releases()
+        self._send_key_rotation()
         self.publish_status()
 
     def _handle(self, msg: Message) -> None:
@@ -634,10 +636,58 @@ class Agent:
                 log.info("round %d: %s kept in the outbox (%s)", e.round, e.kind, exc)
                 return
 
+    # -- this device's own key --------------------------------------------------------------------
+    @property
+    def next_key_path(self) -> Any:
+        return self.cfg.key.with_name(self.cfg.key.name + ".next")
+
+    def _send_key_rotation(self) -> None:
+        """A rotation started with 'bedside edge rotate-key': the current key signs the next
+        one; sent until the aggregator's signed receipt confirms it (then the key is swapped)."""
+        nxt = self.next_key_path
+        if not nxt.exists() or not self.transport.connected:
+            return
+        now = self.clock()
+        if now - self._key_sent_at < self.cfg.agent.resend_seconds:
+            return
+        from bedside.wire.rotation import make_statement
+
+        new = SigningKey.load(nxt)
+        statement = make_statement(self.key, new.public, self.cfg.fleet, 1, [],
+                                   sender=self.cfg.device_id)
+        try:
+            self.transport.publish(topic_report(self.cfg.fleet, self.cfg.device_id), statement,
+                                   qos=1)
+            self._key_sent_at = now
+        except TransportError:
+            return
+
+    def _key_confirmed(self, fingerprint: str) -> None:
+        nxt = self.next_key_path
+        if not nxt.exists():
+            return
+        new = SigningKey.load(nxt)
+        if new.public.fingerprint != fingerprint:
+            return
+        retired = self.cfg.key.with_name(self.cfg.key.name + ".retired")
+        import os
+        import shutil
+
+        shutil.copy2(self.cfg.key, retired)
+        os.chmod(retired, 0o600)
+        os.replace(nxt, self.cfg.key)
+        new.public.save(self.cfg.key.with_suffix(".pub"))
+        old, self.key = self.key.public.fingerprint, new
+        log.warning("this device's key was rotated: %s in place of %s (the aggregator confirmed "
+                    "it)", new.public.fingerprint, old)
+
     def _on_receipt(self, payload: bytes) -> None:
         env = decode(payload, self.pinned, kinds={KIND_RECEIPT})
         meta = env.header.meta
         if meta.get("device") != self.cfg.device_id or meta.get("fleet") != self.cfg.fleet:
+            return
+        if isinstance(meta.get("key_rotated"), str):
+            self._key_confirmed(meta["key_rotated"])
             return
         nonce, status = str(meta.get("for_nonce", "")), str(meta.get("status", ""))
         if status not in ("accepted", "rejected", "declined"):

@@ -36,6 +36,12 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_status)
 
+    p = sub.add_parser("rotate-key", help="replace this device's signing key: the agent sends "
+                       "the new key signed by the old one and switches once the aggregator "
+                       "confirms")
+    p.add_argument("--config", required=True, type=Path, metavar="agent.toml")
+    p.set_defaults(func=_rotate_key)
+
     p = sub.add_parser("rollback", help="put the previous model version back in service")
     p.add_argument("--config", required=True, type=Path, metavar="agent.toml")
     p.set_defaults(func=_rollback)
@@ -73,6 +79,26 @@ def _enroll(ns: argparse.Namespace) -> int:
               "aggregator's operator)\n"
               f"send {pub_path} to the aggregator's operator, who runs:\n  "
               f"{info['aggregator_command']}")
+    return 0
+
+
+def _rotate_key(ns: argparse.Namespace) -> int:
+    from bedside.edge.config import load
+    from bedside.wire.signing import SigningKey
+
+    cfg = load(ns.config)
+    current = SigningKey.load(cfg.key)
+    nxt = cfg.key.with_name(cfg.key.name + ".next")
+    if nxt.exists():
+        new = SigningKey.load(nxt)
+        print(f"a rotation to {new.public.fingerprint} is already pending (from "
+              f"{current.public.fingerprint}); the agent sends it when it runs")
+        return 0
+    new = SigningKey.generate()
+    new.save(nxt)
+    print(f"new key {new.public.fingerprint} written to {nxt}; the running agent (bedside edge "
+          f"run) sends it signed by the current key {current.public.fingerprint} and switches "
+          "to it once the aggregator confirms (its log says so)")
     return 0
 
 

@@ -33,12 +33,13 @@ class Rotation:
 
 
 def make_statement(old: SigningKey, new: VerifyKey, fleet: str, sequence: int,
-                   previous: list[bytes]) -> bytes:
+                   previous: list[bytes], sender: str = AGGREGATOR_ID) -> bytes:
     """Statement number ``sequence`` (1, 2, ...): ``old`` introduces ``new``; ``previous`` are the
-    earlier statements, oldest first."""
+    earlier statements, oldest first. ``sender``: the aggregator, or a device rotating its own
+    key (then the aggregator checks it against the key it enrolled)."""
     if len(previous) >= MAX_CHAIN:
         raise WireError(f"more than {MAX_CHAIN} key rotations: enroll devices again instead")
-    return encode(KIND_KEY, AGGREGATOR_ID, old, {}, round=0, model_version=0, meta={
+    return encode(KIND_KEY, sender, old, {}, round=0, model_version=0, meta={
         "fleet": fleet, "sequence": sequence, "old_fingerprint": old.public.fingerprint,
         "new_key": new.to_text(), "new_fingerprint": new.fingerprint,
         "previous": [base64.b64encode(p).decode() for p in previous]})
@@ -90,3 +91,17 @@ def follow(statement: bytes, pinned: VerifyKey, fleet: str) -> tuple[VerifyKey, 
         raise SignatureError("no key rotation in this chain was signed by the pinned key "
                              f"{pinned.fingerprint}; refused")
     return key, sequence
+
+
+def device_rotation(statement: bytes, enrolled: KeyRing, device: str, fleet: str) -> VerifyKey:
+    """The new key a device's statement introduces, checked against the key enrolled for it
+    (``enrolled``); raises :class:`WireError` otherwise."""
+    env = decode(statement, enrolled, kinds={KIND_KEY}, expected={})
+    m = env.header.meta
+    if env.header.sender != device or m.get("fleet") != fleet:
+        raise WireError(f"a key rotation from {env.header.sender!r} on {device!r}'s topic (or "
+                        "for another fleet)")
+    try:
+        return VerifyKey.from_text(str(m["new_key"]), source="rotated device key")
+    except (KeyError, TypeError, ValueError) as exc:
+        raise WireError(f"key rotation statement unreadable: {exc}") from None

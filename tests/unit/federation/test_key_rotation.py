@@ -73,3 +73,32 @@ def test_devices_pin_the_rotated_key_and_refuse_the_old_one(tmp_path, capsys):
     drive(mf, steps=3)
     assert all(a.pinned.get(AGGREGATOR_ID).fingerprint == new_key.public.fingerprint
                for a in mf.agents)
+
+
+def test_a_device_rotates_its_own_key(tmp_path, capsys):
+    """``bedside edge rotate-key``: the device's old key signs the new one, the aggregator
+    re-enrolls it and confirms, the device switches; the old key's updates are then rejected."""
+    from bedside.constants import KIND_UPDATE, topic_update
+
+    mf = mem_fleet(tmp_path, clients=2, rounds=2,
+                   agent={"privacy": {"record_epsilon": None, "allow_no_record_dp": True}})
+    a = mf.agents[0]
+    old = SigningKey.load(a.cfg.key)
+    assert main(["edge", "rotate-key", "--config", str(mf.fleet.agent_toml(0))]) == 0
+    assert "switches to it once the aggregator confirms" in capsys.readouterr().out
+    drive(mf, steps=5)
+    new = SigningKey.load(a.cfg.key)
+    assert new.public.fingerprint != old.public.fingerprint
+    assert a.key.public.fingerprint == new.public.fingerprint
+    enrolled = mf.aggregator.cfg.devices / "clinic-1.pub"
+    assert enrolled.read_text().strip() == new.public.to_text()
+    mf.run()
+    assert [r.result["accepted"] for r in mf.aggregator.state.rounds()] == [2, 2]
+    # an update signed by the old key is rejected
+    stale = encode(KIND_UPDATE, "clinic-1", old, {}, round=2, model_version=2,
+                   meta={"decline": "budget", "fleet": "demo"})
+    mf.broker.publish(topic_update("demo", "clinic-1"), stale, retain=False)
+    mf.aggregator.step(0.0)
+    rows = mf.aggregator.state.db.execute(
+        "SELECT reason FROM rejections WHERE sender = 'clinic-1'").fetchall()
+    assert ("bad_signature",) in rows
