@@ -37,7 +37,8 @@ from typing import Any
 import numpy as np
 
 from bedside.aggregator.config import AggregatorConfig
-from bedside.aggregator.keys import statements as key_statements
+from bedside.aggregator.keys import check_current
+from bedside.aggregator.keys import published as published_rotation
 from bedside.aggregator.releases import DownloadServer, ReleaseStore
 from bedside.aggregator.rollout import Rollouts
 from bedside.aggregator.state import RoundRow, State
@@ -93,6 +94,7 @@ class Aggregator:
         self.cfg = cfg
         self.federation = cfg.federation
         self.key = SigningKey.load(cfg.key)
+        check_current(cfg, self.key)
         self.state = State(cfg.state_path)
         self.registry = Registry(cfg.registry_path)
         self.rollouts = Rollouts(cfg, ReleaseStore(self.state.db), self.registry, self.key,
@@ -221,9 +223,9 @@ class Aggregator:
                 self.registry.root / "objects", self.cfg.fleet, rc.http_host, rc.http_port,
                 rc.chunk_bytes, cert_file=rc.cert_file, key_file=rc.key_file,
                 ca_file=rc.ca_file, allowed=lambda sha: sha in self.rollouts.servable).start()
-        rotations = key_statements(self.cfg)
-        if rotations:  # before anything signed with the new key: devices pin it first
-            self._publish(topic_key(self.cfg.fleet), rotations[-1], retain=True)
+        rotation = published_rotation(self.cfg)
+        if rotation is not None:  # before anything signed with the new key: devices pin it first
+            self._publish(topic_key(self.cfg.fleet), rotation, retain=True)
         self.transport.subscribe(topic_updates_all(self.cfg.fleet), qos=1)
         self.transport.subscribe(topic_reports_all(self.cfg.fleet), qos=1)
         base = self.rollouts.base_version()
@@ -386,7 +388,12 @@ class Aggregator:
         self._refresh_devices()
         device = msg.topic.rsplit("/", 1)[-1]
         if msg.topic == topic_report(self.cfg.fleet, device) and _kind(msg.payload) == KIND_KEY:
-            self._on_device_key(device, msg.payload)
+            try:
+                self._on_device_key(device, msg.payload)
+            except (sqlite3.Error, OSError):  # our storage: not acknowledged, redelivered
+                raise
+            except Exception:  # whatever a device sends must not stop the service
+                log.exception("key rotation on %s's topic could not be handled; dropped", device)
             msg.ack()
             return
         if msg.topic == topic_report(self.cfg.fleet, device):
@@ -467,6 +474,9 @@ class Aggregator:
             self.state.add_rejection(None, device, "key_rotation", str(exc))
             return
         path = self.cfg.devices / f"{device}.pub"
+        if not path.exists():  # revoked meanwhile: a rotation never enrolls a device again
+            log.warning("key rotation from %s ignored: the device is no longer enrolled", device)
+            return
         old = self.devices.get(device)
         old.save(self.cfg.devices / f"{device}.pub.previous")
         new.save(path)

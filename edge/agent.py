@@ -652,15 +652,17 @@ class Agent:
             return
         from bedside.wire.rotation import make_statement
 
-        new = SigningKey.load(nxt)
+        self._key_sent_at = now
+        try:
+            new = SigningKey.load(nxt)
+        except BedsideError as exc:  # e.g. a key file others can read: say so, do not stop
+            log.error("the pending key rotation cannot be sent: %s", exc)
+            return
         statement = make_statement(self.key, new.public, self.cfg.fleet, 1, [],
                                    sender=self.cfg.device_id)
-        try:
+        with contextlib.suppress(TransportError):  # sent again after resend_seconds
             self.transport.publish(topic_report(self.cfg.fleet, self.cfg.device_id), statement,
                                    qos=1)
-            self._key_sent_at = now
-        except TransportError:
-            return
 
     def _key_confirmed(self, fingerprint: str) -> None:
         nxt = self.next_key_path
@@ -669,13 +671,14 @@ class Agent:
         new = SigningKey.load(nxt)
         if new.public.fingerprint != fingerprint:
             return
-        retired = self.cfg.key.with_name(self.cfg.key.name + ".retired")
         import os
-        import shutil
 
-        shutil.copy2(self.cfg.key, retired)
-        os.chmod(retired, 0o600)
+        from bedside.files import atomic_write_bytes, fsync_dir
+
+        retired = self.cfg.key.with_name(self.cfg.key.name + ".retired")
+        atomic_write_bytes(retired, self.cfg.key.read_bytes(), mode=0o600)
         os.replace(nxt, self.cfg.key)
+        fsync_dir(self.cfg.key.parent)
         new.public.save(self.cfg.key.with_suffix(".pub"))
         old, self.key = self.key.public.fingerprint, new
         log.warning("this device's key was rotated: %s in place of %s (the aggregator confirmed "

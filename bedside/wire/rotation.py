@@ -2,8 +2,9 @@
 
 Devices pin the aggregator's public key at enrollment and trust nothing else. To replace that key
 without touching every device, the aggregator signs a *rotation statement* with its current key:
-"from sequence N on, my key is K". Statements chain: each one carries the statements before it,
-so a device that was offline through several rotations walks the chain from the key it pinned,
+"from sequence N on, my key is K". The published statement carries the bare statements before it
+(each signed by its own old key, carrying nothing), so the message grows by one link per rotation
+and a device that was offline through several rotations walks the chain from the key it pinned,
 verifying each link with the key the previous link established, and pins the last key only if
 every link verifies. A device never accepts a key that its pinned key did not (transitively)
 sign; once it has moved on, the old key signs nothing it accepts.
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bedside.constants import AGGREGATOR_ID, KIND_KEY
-from bedside.errors import SignatureError, WireError
+from bedside.errors import BedsideError, SignatureError, WireError
 from bedside.wire.envelope import decode, encode, peek
 from bedside.wire.signing import KeyRing, SigningKey, VerifyKey
 
@@ -53,7 +54,7 @@ def _parse(envelope: bytes, key: VerifyKey) -> Rotation:
     try:
         return Rotation(int(m["sequence"]),
                         VerifyKey.from_text(str(m["new_key"]), source="rotated key"))
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, BedsideError) as exc:
         raise WireError(f"key rotation statement unreadable: {exc}") from None
 
 
@@ -103,5 +104,11 @@ def device_rotation(statement: bytes, enrolled: KeyRing, device: str, fleet: str
                         "for another fleet)")
     try:
         return VerifyKey.from_text(str(m["new_key"]), source="rotated device key")
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, BedsideError) as exc:
         raise WireError(f"key rotation statement unreadable: {exc}") from None
+
+
+def introduces(statement: bytes) -> str:
+    """The fingerprint of the key a statement introduces (unverified: for the signer's own
+    bookkeeping)."""
+    return str(peek(statement).meta.get("new_fingerprint", ""))

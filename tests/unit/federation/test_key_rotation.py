@@ -102,3 +102,58 @@ def test_a_device_rotates_its_own_key(tmp_path, capsys):
     rows = mf.aggregator.state.db.execute(
         "SELECT reason FROM rejections WHERE sender = 'clinic-1'").fetchall()
     assert ("bad_signature",) in rows
+
+
+def test_rotations_grow_by_one_link_and_an_interrupted_one_is_finished(tmp_path, monkeypatch):
+    import os as _os
+
+    from bedside.aggregator.config import load
+    from bedside.aggregator.keys import published, rotate_key
+    from bedside.aggregator.service import Aggregator
+    from bedside.errors import ConfigError
+    from tests.fleet import seeded_fleet
+
+    fleet = seeded_fleet(tmp_path, clients=1, rounds=1)
+    cfg = load(fleet.aggregator_toml)
+    first = SigningKey.load(cfg.key).public
+    sizes = []
+    for _ in range(12):  # more than a chain of nested chains could ever carry
+        rotate_key(cfg)
+        sizes.append(len(published(cfg)))
+    assert sizes[-1] - sizes[-2] == pytest.approx(sizes[-2] - sizes[-3], rel=0.05)  # linear
+    assert follow(published(cfg), first, "demo")[0].fingerprint == \
+        SigningKey.load(cfg.key).public.fingerprint  # from the very first key: 12 links
+    # a crash after the statements, before the swap
+    real = _os.replace
+
+    def crash_at_the_swap(src, dst):
+        if str(dst) == str(cfg.key):
+            raise OSError("crash (test)")
+        real(src, dst)
+
+    monkeypatch.setattr(_os, "replace", crash_at_the_swap)
+    with pytest.raises(OSError, match="crash"):
+        rotate_key(cfg)
+    monkeypatch.setattr(_os, "replace", real)
+    with pytest.raises(ConfigError, match="rotation was interrupted"):
+        Aggregator(cfg)  # it would publish a key it does not sign with
+    _, new, sequence = rotate_key(cfg)  # finishes it: no second statement for the same key
+    assert sequence == 13 and SigningKey.load(cfg.key).public.fingerprint == new
+    assert follow(published(cfg), first, "demo")[0].fingerprint == new
+    assert (cfg.key.with_name(cfg.key.name + ".retired-13").stat().st_mode & 0o077) == 0
+
+
+def test_a_junk_device_rotation_does_not_stop_the_aggregator(tmp_path):
+    from bedside.constants import KIND_KEY, topic_report
+
+    mf = mem_fleet(tmp_path, clients=1, rounds=1)
+    a = mf.agents[0]
+    junk = encode(KIND_KEY, a.cfg.device_id, a.key, {}, round=0, model_version=0,
+                  meta={"fleet": "demo", "new_key": "junk"})
+    mf.broker.publish(topic_report("demo", a.cfg.device_id), junk, retain=False)
+    mf.aggregator.step(0.0)  # no exception
+    rows = mf.aggregator.state.db.execute(
+        "SELECT reason FROM rejections WHERE sender = 'clinic-1'").fetchall()
+    assert ("key_rotation",) in rows
+    assert (mf.aggregator.cfg.devices / "clinic-1.pub").read_text().strip() == \
+        a.key.public.to_text()
