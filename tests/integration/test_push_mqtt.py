@@ -123,6 +123,9 @@ class Fed:
             stop.set()
         for t in self.fleet.threads:
             t.join(30)
+        for a, _, _ in self.agents:  # no client left reconnecting to a stopped broker
+            a.transport.close()
+            a.close()
         self.broker.stop()
 
 
