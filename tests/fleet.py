@@ -15,6 +15,7 @@ class Fleet:
     work: Path
     plan: dict[str, Any]
     threads: list[threading.Thread] = field(default_factory=list)
+    agents: list[Any] = field(default_factory=list)  # started by start_agent
 
     @property
     def aggregator_toml(self) -> Path:
@@ -193,7 +194,17 @@ def start_agent(fleet: Fleet, i: int, *, gated: bool = False,
                          name=cfg.device_id)
     t.start()
     fleet.threads.append(t)
+    fleet.agents.append(agent)
     return agent, stop, t
+
+
+def close_agents(fleet: Fleet) -> None:
+    """Close the clients of the agents :func:`start_agent` started (their threads stopped): none
+    is left reconnecting to a broker the test stops."""
+    for agent in fleet.agents:
+        agent.transport.close()
+        agent.close()
+    fleet.agents.clear()
 
 
 def start_aggregator(fleet: Fleet) -> tuple[Any, threading.Event, threading.Thread]:

@@ -20,7 +20,7 @@ from bedside.transport.mqtt import MqttTransport
 from bedside.wire.envelope import decode
 from bedside.wire.signing import SigningKey
 from tests.brokers import start_embedded, start_mosquitto
-from tests.fleet import make_fleet, start_agent, start_aggregator, wait_for
+from tests.fleet import close_agents, make_fleet, start_agent, start_aggregator, wait_for
 from tests.wire_tools import resign, with_nan
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -54,6 +54,7 @@ def _stop_all(fleet, stops):
         s.set()
     for t in fleet.threads:
         t.join(30)
+    close_agents(fleet)
 
 
 def test_full_run(tmp_path, any_broker):

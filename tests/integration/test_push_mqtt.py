@@ -27,7 +27,7 @@ from bedside.transport.pki import DOWNLOADS_ID, issue
 from bedside.wire.envelope import peek
 from bedside.wire.signing import SigningKey
 from tests.brokers import start_mosquitto
-from tests.fleet import make_fleet, start_agent, start_aggregator, wait_for
+from tests.fleet import close_agents, make_fleet, start_agent, start_aggregator, wait_for
 from tests.release_tools import InferenceLoop, other_model
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -123,9 +123,7 @@ class Fed:
             stop.set()
         for t in self.fleet.threads:
             t.join(30)
-        for a, _, _ in self.agents:  # no client left reconnecting to a stopped broker
-            a.transport.close()
-            a.close()
+        close_agents(self.fleet)  # no client left reconnecting to a stopped broker
         self.broker.stop()
 
 
