@@ -378,3 +378,26 @@ def test_what_a_stranger_node_sends_never_reaches_the_aggregator_or_stops_it(tmp
     assert node.device == "clinic-1"
     driver.receive(stranger, [(topic_update("demo", "clinic-1"), fresh)])
     assert stranger.device is None and node.device == "clinic-1"
+
+
+def test_release_reports_travel_over_flower_and_a_round_supersedes_a_targeted_push(tmp_path):
+    """Over Flower, devices' signed release reports reach the aggregator (here for the rounds'
+    releases). A push to one device staged before the run is superseded: a SuperNode gets its
+    device's releases only once bound (after round 1's update), and round 1's release to everyone
+    has replaced it by then, so the device never installs the older push (docs/models.md)."""
+    from bedside.aggregator.rollout import PushOptions, stage_push
+    from tests.release_tools import other_model
+
+    driver, agg, _ = flower_federation(tmp_path, clients=2, rounds=2)
+    agg._bootstrap_model()  # the registry's first version, to push from
+    src = other_model(agg.registry.path(1), tmp_path / "pushed", 0.5)
+    rid = stage_push(agg.cfg, agg.rollouts.store, agg.registry, src,
+                     PushOptions(to="device:clinic-2"))
+    driver.run()
+    r = agg.rollouts.store.get(rid)
+    assert (r.status, r.version, r.counter) == ("complete", 2, 2)
+    final = agg.rollouts.store.current_counter()
+    reports = {(x["device"], x["counter"]): x["state"] for x in agg.rollouts.store.reports()}
+    assert reports[("clinic-1", final)] == reports[("clinic-2", final)] == "active"
+    assert ("clinic-2", r.counter) not in reports  # superseded before its node was bound
+    assert driver.link.retained["bedside/v1/demo/release/clinic-2"] == b""
