@@ -25,6 +25,15 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def sha256_file(path: str | Path, block: int = 4 * 1024 * 1024) -> str:
+    """The sha256 of a file, read ``block`` bytes at a time (memory bounded by the block)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(block), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 @dataclass
 class Manifest:
     """What ``manifest.json`` holds. Unknown keys are kept in ``extra`` and written back."""

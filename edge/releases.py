@@ -34,6 +34,7 @@ from typing import Any
 from bedside.errors import IntegrityError, TransportError
 from bedside.federation.release import Release, n_chunks
 from bedside.files import private_dir
+from bedside.manifest import sha256_file
 from bedside.sqlite import transaction
 from bedside.transport import is_loopback
 
@@ -270,11 +271,7 @@ class Download:
 
     def verified_file(self) -> Path:
         """The whole file, after its sha256 matched the release (streamed, chunk by chunk)."""
-        h = hashlib.sha256()
-        with open(self.path, "rb") as f:
-            for block in iter(lambda: f.read(self.rel.chunk_bytes), b""):
-                h.update(block)
-        if h.hexdigest() != self.rel.sha256:
+        if sha256_file(self.path, self.rel.chunk_bytes) != self.rel.sha256:
             self.discard()
             raise IntegrityError(f"release {self.rel.counter}: the downloaded file's sha256 does "
                                  "not match the signed release")

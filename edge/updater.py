@@ -43,6 +43,7 @@ from bedside.manifest import (
     Manifest,
     load_manifest,
     sha256_bytes,
+    sha256_file,
     verify_model_file,
     write_model_dir,
 )
@@ -282,12 +283,3 @@ def run_golden(predictor: Predictor, golden: Golden) -> tuple[str, float]:
             (time.perf_counter() - t0) * 1000
     return check_golden(golden, probs), (time.perf_counter() - t0) * 1000
 
-
-def sha256_file(path: Path, block: int = 4 * 1024 * 1024) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(block), b""):
-            h.update(chunk)
-    return h.hexdigest()
