@@ -1,8 +1,10 @@
-"""``bedside aggregator serve | enroll | revoke | status``."""
+"""``bedside aggregator serve | invite | enroll | revoke | rotate-key | status``."""
 
 from __future__ import annotations
 
 import argparse
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,27 @@ def build(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, type=Path, metavar="aggregator.toml")
     p.set_defaults(func=_serve)
 
-    p = sub.add_parser("enroll", help="enroll a device's public key (it may then send updates)")
+    p = sub.add_parser("invite", help="issue a single-use, expiring enrollment token for a "
+                       "device: prints one line to hand to its clinic ('bedside edge enroll "
+                       "--token')")
+    p.add_argument("--config", required=True, type=Path, metavar="aggregator.toml")
+    p.add_argument("--device-id", required=True)
+    p.add_argument("--group", metavar="NAME", help="put the device in this group (a target "
+                   "of 'models push --to group:NAME')")
+    p.add_argument("--expires", metavar="DURATION", help="e.g. 30m, 24h (default: [enrollment] "
+                   "token_hours), 7d")
+    p.add_argument("--replace", action="store_true", help="the device is enrolled already: "
+                   "its new keys replace the old ones (a replacement device)")
+    p.add_argument("--offline", action="store_true", help="no endpoint: enrol the device now "
+                   "with keys made here and write them, its certificate and the model to --out "
+                   "(a credential: carry it on removable media and destroy it after use)")
+    p.add_argument("--out", type=Path, metavar="FILE", help="with --offline: the bundle file "
+                   "('bedside edge enroll --token-file FILE')")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_invite)
+
+    p = sub.add_parser("enroll", help="enroll a device's public key by hand (it may then send "
+                       "updates); 'invite' does it in one step")
     p.add_argument("--config", required=True, type=Path, metavar="aggregator.toml")
     p.add_argument("--device-id", required=True)
     p.add_argument("--public-key", required=True, type=Path, metavar="FILE.pub")
@@ -27,7 +49,8 @@ def build(parser: argparse.ArgumentParser) -> None:
     p.add_argument("device", metavar="DEVICE_ID")
     p.add_argument("--config", required=True, type=Path, metavar="aggregator.toml")
     p.add_argument("--ca", type=Path, metavar="DIR", help="the broker CA ('bedside broker certs "
-                   "--out'): also revoke the device's certificate and rewrite the CRL")
+                   "--out'): also revoke the device's certificate and rewrite the CRL (default: "
+                   "[enrollment] ca_dir)")
     p.set_defaults(func=_revoke)
 
     p = sub.add_parser("rotate-key", help="replace the aggregator's signing key: the old key "
@@ -76,6 +99,49 @@ def _enroll(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _invite(ns: argparse.Namespace) -> int:
+    from bedside.aggregator.config import load
+    from bedside.aggregator.enrollment import invite, offline_bundle
+    from bedside.enrollment import parse_duration
+    from bedside.errors import InputError
+    from bedside.files import atomic_write_bytes
+
+    cfg = load(ns.config)
+    if ns.offline != (ns.out is not None):
+        raise InputError("--offline and --out FILE go together (an offline bundle is a file)")
+    if ns.out is not None and (ns.out.exists() or not ns.out.parent.is_dir()):
+        raise InputError(f"--out {ns.out}: " + ("exists (a bundle is never overwritten)"
+                                                 if ns.out.exists() else
+                                                 "its directory does not exist"))
+    ttl = parse_duration(ns.expires) if ns.expires else None
+    tok = invite(cfg, ns.device_id, group=ns.group, ttl=ttl, replace_key=ns.replace,
+                 offline=ns.offline)
+    expires = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(tok.expires))
+    if ns.offline:
+        pkg = offline_bundle(cfg, tok)
+        atomic_write_bytes(ns.out, pkg.to_json(), mode=0o600)  # private keys: owner only
+        info = {"device_id": tok.device_id, "bundle": str(ns.out), "expires": tok.expires,
+                "aggregator_fingerprint": tok.aggregator}
+        if ns.json:
+            print_json(info)
+        else:
+            print(f"{ns.device_id} is enrolled; its bundle {ns.out} holds its private keys: carry "
+                  "it to the device, run 'bedside edge enroll --token-file "
+                  f"{ns.out.name} --dir DIR' there before {expires}, then destroy it.\n"
+                  f"aggregator key fingerprint (check it on the device): {tok.aggregator}")
+        return 0
+    line = tok.encode()
+    if ns.json:
+        print_json({"device_id": tok.device_id, "token": line, "expires": tok.expires,
+                    "url": tok.url, "aggregator_fingerprint": tok.aggregator})
+    else:
+        print(line)
+        print(f"# single use, for {tok.device_id} only, until {expires}; on the device: bedside "
+              "edge enroll --token-file FILE --dir DIR (hand it over as you would a password)",
+              file=sys.stderr)
+    return 0
+
+
 def _revoke(ns: argparse.Namespace) -> int:
     """Move the device's key to ``<devices>/revoked/``: the running aggregator reloads its
     enrolled devices when that directory changes, and rejects the device's next message."""
@@ -98,13 +164,21 @@ def _revoke(ns: argparse.Namespace) -> int:
         print(f"{ns.device} was revoked before")
     else:
         raise InputError(f"{ns.device} is not enrolled in {cfg.devices}")
-    if ns.ca is not None:
+    ca = ns.ca or cfg.enrollment.ca_dir
+    if ca is not None:
         from bedside.transport.pki import CRL_FILE, revoke
 
-        serial = revoke(ns.ca, ns.device)
-        print(f"revoked its broker certificate (serial {serial:x}); {ns.ca / CRL_FILE} "
-              "rewritten: restart or reload Mosquitto (SIGHUP), and regenerate the ACL "
-              "('bedside broker acl --devices')")
+        serial = revoke(ca, ns.device)
+        print(f"revoked its broker certificate (serial {serial:x}); {ca / CRL_FILE} rewritten")
+    from bedside.aggregator.enrollment import refresh_broker
+
+    rewritten = refresh_broker(cfg)
+    if rewritten:
+        print(f"rewrote {', '.join(rewritten)}: reload Mosquitto (SIGHUP; "
+              "bedside-broker-reload.path does it) so that it refuses the device")
+    elif ca is not None:
+        print("copy the CRL to the broker and regenerate its ACL ('bedside broker config'), "
+              "then reload Mosquitto (SIGHUP)")
     return 0
 
 

@@ -63,12 +63,25 @@ driver shares); the loader is derived from them (:mod:`bedside.config`). Example
     cert_file = "certs/aggregator.crt"   # TLS for the endpoint (required off loopback)
     key_file = "certs/aggregator.key"
     ca_file = "certs/ca.crt"             # then devices must present a certificate of this CA
+
+    [enrollment]               # one-step enrollment with tokens (docs/deploy.md)
+    port = 8471                # the enrollment endpoint (0: none; offline bundles still work)
+    host = "127.0.0.1"
+    url = "https://aggregator.hospital.example:8471"  # how devices reach it
+    cert_file = "certs/downloads.crt"    # TLS (required off loopback); tokens pin it
+    key_file = "certs/downloads.key"
+    ca_dir = "certs"           # the broker CA: signs each device's certificate (CN = device id)
+    broker = "broker.hospital.example:8883"  # how devices reach the broker
+    broker_dir = "/etc/bedside/mosquitto"    # 'bedside broker config --out': ACL kept current
+    [enrollment.privacy]       # suggested [privacy] of the agent.toml a device writes
+    record_epsilon = 8.0
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from bedside.config import load_file, setting
 from bedside.constants import DEFAULT_HOST
@@ -149,6 +162,56 @@ class ReleasesConfig:
         return f"{scheme}://{self.http_host}:{self.http_port}"
 
 
+@dataclass(frozen=True)
+class EnrollmentConfig:
+    """``[enrollment]``: devices enrolled with single-use tokens (``bedside aggregator invite``)."""
+
+    port: int = setting(0, "port of the enrollment endpoint (0: none; offline bundles, 'invite "
+                        "--offline', still work)", min=0, max=65535)
+    host: str = setting(DEFAULT_HOST, "address the enrollment endpoint binds")
+    url: str = setting("", "URL devices reach the endpoint at (default: http(s)://host:port)")
+    cert_file: Path | None = setting(None, "TLS certificate of the endpoint (required unless it "
+                                     "binds a loopback address); tokens pin it")
+    key_file: Path | None = setting(None, "its private key")
+    ca_dir: Path | None = setting(None, "the broker's CA ('bedside broker certs --out'): signs "
+                                  "each enrolled device's certificate (CN = device id) and "
+                                  "revokes it with 'aggregator revoke'. Unset: devices get no "
+                                  "broker certificate")
+    broker: str = setting("", "HOST:PORT devices reach the broker at (default: [mqtt] host and "
+                          "port)")
+    broker_dir: Path | None = setting(None, "the broker's configuration ('bedside broker config "
+                                      "--out'): its ACL and CRL are rewritten at each enrollment "
+                                      "and revocation (Mosquitto reloads them on SIGHUP: "
+                                      "deploy/systemd/bedside-broker-reload.path does it)")
+    token_hours: float = setting(24.0, "default life of a token ('invite --expires')",
+                                 positive=True)
+    privacy: dict[str, Any] = setting(doc="[enrollment.privacy]: the [privacy] table suggested "
+                                      "to enrolling devices (each device may choose its own)",
+                                      factory=dict)
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ConfigError("[enrollment]: cert_file and key_file go together")
+        if self.port and self.cert_file is None and not is_loopback(self.host):
+            raise ConfigError(f"[enrollment]: the endpoint binds {self.host}, not a loopback "
+                              "address: give it cert_file and key_file (TLS)")
+        if self.broker:
+            from bedside.transport.mosquitto import parse_listener
+
+            try:
+                parse_listener(self.broker)
+            except BedsideError:
+                raise ConfigError(f"[enrollment] broker {self.broker!r}: expected HOST:PORT") \
+                    from None
+
+    @property
+    def base_url(self) -> str:
+        if self.url:
+            return self.url.rstrip("/")
+        scheme = "https" if self.cert_file else "http"
+        return f"{scheme}://{self.host}:{self.port}"
+
+
 @dataclass(frozen=True, kw_only=True)
 class AggregatorConfig(FederationSettings):
     """``aggregator.toml``: the federation (``[rounds]``, ``[training]``, ``[privacy]``,
@@ -171,6 +234,7 @@ class AggregatorConfig(FederationSettings):
                                            "releases (--to group:NAME)", factory=dict,
                                            check=_groups)
     releases: ReleasesConfig = setting(doc="[releases]", factory=ReleasesConfig)
+    enrollment: EnrollmentConfig = setting(doc="[enrollment]", factory=EnrollmentConfig)
     testing: bool = setting(False, "allows [privacy] noise_seed (reproducible noise: NOT private);"
                             " every announcement, model and report then says so. Tests and "
                             "demos only")

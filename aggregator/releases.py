@@ -403,20 +403,7 @@ class DownloadServer:
             def log_message(self, format: str, *args: Any) -> None:
                 log.debug("download endpoint: " + format, *args)
 
-        self.httpd = _BoundedServer((host, port), Handler)
-        self.httpd.daemon_threads = True
-        if cert_file is not None and key_file is not None:
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-            ctx.load_cert_chain(str(cert_file), str(key_file))
-            if ca_file is not None:
-                ctx.load_verify_locations(str(ca_file))
-                ctx.verify_mode = ssl.CERT_REQUIRED
-            # the handshake happens in the connection's own thread (on its first read, under
-            # its timeout), never in accept(): a client that never speaks stalls nobody else
-            self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True,
-                                                do_handshake_on_connect=False)
-        self.port = int(self.httpd.server_address[1])
+        self.httpd, self.port = bounded_server(host, port, Handler, cert_file, key_file, ca_file)
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True,
                                         name="bedside-downloads")
 
@@ -428,6 +415,27 @@ class DownloadServer:
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def bounded_server(host: str, port: int, handler: type[BaseHTTPRequestHandler],
+                   cert_file: Path | None = None, key_file: Path | None = None,
+                   ca_file: Path | None = None) -> tuple[ThreadingHTTPServer, int]:
+    """An HTTP server in threads, at most MAX_CONNECTIONS at once; TLS 1.2+ with ``cert_file``
+    (and client certificates of ``ca_file`` required when given). Returns it and its port."""
+    httpd = _BoundedServer((host, port), handler)
+    httpd.daemon_threads = True
+    if cert_file is not None and key_file is not None:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(str(cert_file), str(key_file))
+        if ca_file is not None:
+            ctx.load_verify_locations(str(ca_file))
+            ctx.verify_mode = ssl.CERT_REQUIRED
+        # the handshake happens in the connection's own thread (on its first read, under its
+        # timeout), never in accept(): a client that never speaks stalls nobody else
+        httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True,
+                                       do_handshake_on_connect=False)
+    return httpd, int(httpd.server_address[1])
 
 
 CONNECTION_TIMEOUT_S = 30.0

@@ -498,4 +498,6 @@ def _checked_golden(model_dir: Path, m: Manifest, data: bytes, golden: Golden | 
 
 def _target(cfg: AggregatorConfig, spec: str) -> Target:
     enrolled = sorted(p.stem for p in cfg.devices.glob("*.pub")) if cfg.devices.is_dir() else []
-    return parse_target(spec, cfg.groups, enrolled)
+    from bedside.aggregator.enrollment import enrolled_groups
+
+    return parse_target(spec, enrolled_groups(cfg), enrolled)

@@ -105,6 +105,7 @@ class Aggregator:
             lambda device, reason, detail: self.state.add_rejection(None, device,
                                                                     f"release_{reason}", detail))
         self.downloads: DownloadServer | None = None
+        self.enrollment: Any = None  # EnrollmentServer, when [enrollment] port is set
         self._round_deferred = False
         self._federation_seen = self.rollouts.store.federation_start()
         self.rule = make_rule(cfg.strategy.rule, **cfg.strategy.params)
@@ -223,6 +224,10 @@ class Aggregator:
                 self.registry.root / "objects", self.cfg.fleet, rc.http_host, rc.http_port,
                 rc.chunk_bytes, cert_file=rc.cert_file, key_file=rc.key_file,
                 ca_file=rc.ca_file, allowed=lambda sha: sha in self.rollouts.servable).start()
+        if self.cfg.enrollment.port and self.enrollment is None:
+            from bedside.aggregator.enrollment import EnrollmentServer
+
+            self.enrollment = EnrollmentServer(self.cfg).start()
         rotation = published_rotation(self.cfg)
         if rotation is not None:  # before anything signed with the new key: devices pin it first
             self._publish(topic_key(self.cfg.fleet), rotation, retain=True)
@@ -265,9 +270,12 @@ class Aggregator:
         return env.header.kind != KIND_MODEL or isinstance(env.header.meta.get("release"), dict)
 
     def close(self) -> None:
-        """Stop the download endpoint (the transport and databases are the owner's)."""
+        """Stop the download and enrollment endpoints (the transport and databases are the
+        owner's)."""
         if self.downloads is not None:
             self.downloads.close()
+        if self.enrollment is not None:
+            self.enrollment.close()
             self.downloads = None
 
     def _recover(self, cur: RoundRow) -> None:

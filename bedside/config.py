@@ -27,6 +27,7 @@ every setting with its default and doc (``docs/configuration.md`` is checked aga
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import tomllib
 import types
@@ -272,5 +273,31 @@ def markdown_table(cls: type) -> str:
     return "\n".join(lines)
 
 
+# -- a small TOML writer: config files Bedside writes (tables of strings, numbers, booleans, lists)
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, Path):
+        v = str(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def to_toml(d: Mapping[str, Any], prefix: str = "") -> str:
+    """``d`` as TOML: plain values first, then each nested table as ``[prefix.key]``."""
+    lines = [f"{k} = {_toml_value(v)}" for k, v in d.items() if not isinstance(v, dict)]
+    for k, v in d.items():
+        if isinstance(v, dict):
+            name = f"{prefix}.{k}" if prefix else k
+            lines.append(f"\n[{name}]")
+            lines.append(to_toml(v, name))
+    return "\n".join(lines) + "\n"
+
+
 __all__ = ["REQUIRED", "describe", "load_file", "markdown_table", "read_table", "setting",
-           "settings_of", "to_table"]
+           "settings_of", "to_table", "to_toml"]

@@ -31,6 +31,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from bedside.config import to_toml
 from bedside.constants import AGGREGATOR_ID, topic_status, topic_status_all
 from bedside.errors import InputError, TransportError
 
@@ -82,31 +83,6 @@ def merge_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> None:
             merge_overrides(config[k], v)
         else:
             config[k] = copy.deepcopy(v)
-
-
-# -- small TOML writer (the configs are flat tables of strings, numbers and booleans) --------------
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, int | float):
-        return repr(v)
-    if isinstance(v, Path):
-        v = str(v)
-    if isinstance(v, str):
-        return json.dumps(v)
-    if isinstance(v, list | tuple):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    raise TypeError(f"cannot write {type(v).__name__} to TOML")
-
-
-def to_toml(d: dict[str, Any], prefix: str = "") -> str:
-    lines = [f"{k} = {_toml_value(v)}" for k, v in d.items() if not isinstance(v, dict)]
-    for k, v in d.items():
-        if isinstance(v, dict):
-            name = f"{prefix}.{k}" if prefix else k
-            lines.append(f"\n[{name}]")
-            lines.append(to_toml(v, name))
-    return "\n".join(lines) + "\n"
 
 
 # -- preparation ----------------------------------------------------------------------------------

@@ -11,9 +11,25 @@ from bedside.errors import BedsideError, InputError
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("enroll", help="create this device's signing key and check the pinned "
-                       "aggregator key; prints what the aggregator's operator needs")
-    p.add_argument("--config", required=True, type=Path, metavar="agent.toml")
+    p = sub.add_parser("enroll", help="enrol this device: with --token (or --token-file) in "
+                       "one step (keys, broker certificate, pinned aggregator key, model, "
+                       "agent.toml); with --config, by hand (creates the key, prints what the "
+                       "data team needs)")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--token", metavar="TOKEN", help="the line 'bedside aggregator invite' "
+                   "printed (visible in shell history and ps: prefer --token-file)")
+    g.add_argument("--token-file", type=Path, metavar="FILE", help="a file holding the token, "
+                   "or an offline bundle ('aggregator invite --offline')")
+    g.add_argument("--config", type=Path, metavar="agent.toml",
+                   help="enrol by hand with an agent.toml you wrote")
+    p.add_argument("--dir", type=Path, metavar="DIR", help="with a token: where agent.toml, "
+                   "keys/ and tls/ go (default: the current directory)")
+    p.add_argument("--data-dir", type=Path, metavar="DIR", help="with a token: records, ledger "
+                   "and models (default: DIR/data)")
+    p.add_argument("--record-epsilon", type=float, metavar="E", help="with a token: this "
+                   "device's record-level budget (default: the federation's suggestion)")
+    p.add_argument("--device-epsilon", type=float, metavar="E", help="with a token: this "
+                   "device's device-level budget (default: the federation's suggestion)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_enroll)
 
@@ -48,6 +64,8 @@ def register(sub: Any) -> None:
 
 
 def _enroll(ns: argparse.Namespace) -> int:
+    if ns.config is None:
+        return _enroll_token(ns)
     from bedside.edge.config import load
     from bedside.wire.signing import SigningKey, VerifyKey
 
@@ -79,6 +97,37 @@ def _enroll(ns: argparse.Namespace) -> int:
               "aggregator's operator)\n"
               f"send {pub_path} to the aggregator's operator, who runs:\n  "
               f"{info['aggregator_command']}")
+    return 0
+
+
+def _enroll_token(ns: argparse.Namespace) -> int:
+    from bedside.edge.enroll import enroll, read_token_file
+    from bedside.enrollment import Package, Token
+    from bedside.federation.report import strength
+
+    source = read_token_file(ns.token_file) if ns.token_file else Token.parse(ns.token)
+    privacy = {k: v for k, v in (("record_epsilon", ns.record_epsilon),
+                                 ("device_epsilon", ns.device_epsilon)) if v is not None}
+    info = enroll(source, ns.dir or Path.cwd(), data_dir=ns.data_dir, privacy=privacy)
+    if ns.json:
+        print_json(info)
+        return 0
+    if info["already"]:
+        print(f"{info['device_id']} is enrolled in fleet {info['fleet']} already ({info['config']}"
+              "); nothing done")
+        return 0
+    eps = info["privacy"].get("record_epsilon")
+    print(f"enrolled {info['device_id']} in fleet {info['fleet']} (key {info['fingerprint']})\n"
+          f"pinned aggregator key: {info['aggregator_fingerprint']}\n"
+          f"model v{info['model_version']} installed; broker {info['broker']}"
+          f"{' over TLS' if info['tls'] else ' (no TLS)'}\n"
+          + (f"record-level privacy budget: epsilon {eps} ({strength(eps)}); change it in "
+             f"{info['config']} before the first round if your privacy officer asks\n"
+             if eps is not None else "")
+          + f"next: bedside edge ingest FILE.csv --config {info['config']}; then bedside edge run "
+          f"--config {info['config']}")
+    if isinstance(source, Package):
+        print(f"{ns.token_file} holds this device's private keys: destroy it now")
     return 0
 
 

@@ -42,12 +42,13 @@ def _name(cn: str) -> x509.Name:
                       x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
 
-def _cert(subject: str, key: ec.EllipticCurvePrivateKey, issuer: x509.Name,
-          issuer_key: ec.EllipticCurvePrivateKey, *, ca: bool = False,
+def _cert(subject: str, key: ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey,
+          issuer: x509.Name, issuer_key: ec.EllipticCurvePrivateKey, *, ca: bool = False,
           server_hosts: list[str] | None = None, client: bool = False) -> x509.Certificate:
     now = dt.datetime.now(dt.UTC)
+    public = key.public_key() if isinstance(key, ec.EllipticCurvePrivateKey) else key
     b = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(issuer)
-         .public_key(key.public_key()).serial_number(x509.random_serial_number())
+         .public_key(public).serial_number(x509.random_serial_number())
          .not_valid_before(now - dt.timedelta(minutes=5))
          .not_valid_after(now + dt.timedelta(days=VALID_DAYS))
          .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
@@ -166,8 +167,7 @@ def issue(out: Path, identity: str, *, server_hosts: list[str] | None = None) ->
     With ``server_hosts`` it is a server certificate for those names/IPs (the broker); otherwise
     a client certificate whose CN is the identity (a device id or ``aggregator``).
     """
-    if not identity or "/" in identity or identity.startswith("."):
-        raise InputError(f"invalid certificate identity {identity!r}")
+    _check_identity(identity)
     ca_cert, ca_key = _load_ca(out)
     key = _key()
     cert = _cert(identity, key, ca_cert.subject, ca_key, server_hosts=server_hosts or [],
@@ -176,6 +176,61 @@ def issue(out: Path, identity: str, *, server_hosts: list[str] | None = None) ->
     _write_key(key_path, key)
     atomic_write_bytes(crt_path, _pem(cert))
     return crt_path, key_path
+
+
+def _check_identity(identity: str) -> None:
+    if not identity or "/" in identity or identity.startswith("."):
+        raise InputError(f"invalid certificate identity {identity!r}")
+
+
+def make_csr(identity: str) -> tuple[str, str]:
+    """A new key (PEM, PKCS#8) and a certificate request for ``identity`` (PEM): what a device
+    sends to be enrolled, keeping its key."""
+    _check_identity(identity)
+    key = _key()
+    csr = (x509.CertificateSigningRequestBuilder().subject_name(_name(identity))
+           .sign(key, hashes.SHA256()))
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    return pem.decode(), csr.public_bytes(serialization.Encoding.PEM).decode()
+
+
+def sign_csr(out: Path, identity: str, csr_pem: str) -> str:
+    """A client certificate for ``identity`` (CN) on the key of ``csr_pem``, signed by the CA in
+    ``out``; also written to ``out/<identity>.crt`` (what :func:`revoke` revokes). The request's
+    own subject is ignored: the CN is the identity the caller vouches for."""
+    _check_identity(identity)
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem.encode())
+    except ValueError as exc:
+        raise InputError(f"the certificate request is not a PEM CSR ({exc})") from None
+    if not csr.is_signature_valid:
+        raise InputError("the certificate request's signature does not verify (its sender does "
+                         "not hold the key)")
+    public = csr.public_key()
+    if not isinstance(public, ec.EllipticCurvePublicKey) or public.curve.name != "secp256r1":
+        raise InputError("the certificate request must be for a P-256 EC key")
+    ca_cert, ca_key = _load_ca(out)
+    cert = _pem(_cert(identity, public, ca_cert.subject, ca_key, client=True))
+    atomic_write_bytes(out / f"{identity}.crt", cert)
+    return cert.decode()
+
+
+def new_client(out: Path, identity: str) -> tuple[str, str]:
+    """A client key and certificate for ``identity`` made here (PEM key, PEM certificate), for
+    an offline bundle: the key is returned, never written; the certificate is kept in ``out``."""
+    key_pem, csr = make_csr(identity)
+    return key_pem, sign_csr(out, identity, csr)
+
+
+def certificate_cn(pem: str) -> str:
+    """The Common Name of a PEM certificate ('' if it has none)."""
+    try:
+        cert = x509.load_pem_x509_certificate(pem.encode())
+    except ValueError as exc:
+        raise InputError(f"not a PEM certificate ({exc})") from None
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if names else ""
 
 
 def acl_text(fleet: str, devices: list[str], aggregator: str = "aggregator") -> str:

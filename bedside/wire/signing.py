@@ -235,7 +235,9 @@ class SigningKey:
     def public(self) -> VerifyKey:
         return self._public
 
-    def _pem(self) -> bytes:
+    def private_pem(self) -> bytes:
+        """The key as PEM PKCS#8 (unencrypted): for an offline enrollment bundle, which is
+        handled as the credential it then is. Everything else uses :meth:`save`."""
         return self._key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
@@ -257,7 +259,7 @@ class SigningKey:
                 "working). Remove it first or pass --force / overwrite=True")
         try:
             p.parent.mkdir(parents=True, exist_ok=True)
-            _write_private(p, self._pem(), overwrite=overwrite)
+            _write_private(p, self.private_pem(), overwrite=overwrite)
         except FileExistsError:
             raise KeyStoreError(f"{p} already exists; refusing to replace a private key") from None
         except OSError as exc:
@@ -268,7 +270,12 @@ class SigningKey:
     def load(cls, path: str | os.PathLike[str]) -> SigningKey:
         """Read a key written by :meth:`save`. Refuses unsafe permissions, other key types, junk."""
         p = Path(path)
-        data = _read_small(p, "private key", private=True)
+        return cls.from_pem(_read_small(p, "private key", private=True), str(p))
+
+    @classmethod
+    def from_pem(cls, data: bytes, source: str) -> SigningKey:
+        """Parse a PEM PKCS#8 Ed25519 key (``source`` names it in errors)."""
+        p = source
         if b"ENCRYPTED" in data:
             raise KeyStoreError(
                 f"{p}: the key is encrypted with a passphrase; Bedside services start unattended "
