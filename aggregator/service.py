@@ -107,6 +107,7 @@ class Aggregator:
         self.downloads: DownloadServer | None = None
         self.enrollment: Any = None  # EnrollmentServer, when [enrollment] port is set
         self._round_deferred = False
+        self._waiting_for_devices = False
         self._federation_seen = self.rollouts.store.federation_start()
         self.rule = make_rule(cfg.strategy.rule, **cfg.strategy.params)
         self.optimizer = make_optimizer(cfg.strategy.optimizer, **cfg.strategy.optimizer_params)
@@ -339,7 +340,10 @@ class Aggregator:
                 log.info("a new federation starts on model v%d (pushed with --new-federation): "
                          "its rounds count from 1", base)
                 self.finished, self._round_deferred = False, True
-        if self._round_deferred and not self.finished and not self.rollouts.store.blocks_rounds():
+        if (self._round_deferred and not self.finished
+                and not self.rollouts.store.blocks_rounds()
+                and (not self._waiting_for_devices
+                     or len(self.devices) >= self.cfg.rounds.min_participants)):
             self._open_next()
         return not self.finished or self.rollouts.active(sorted(self.devices))
 
@@ -574,6 +578,16 @@ class Aggregator:
             return
         self.devices = self._load_devices()  # devices enrolled since the last round join now
         self._devices_seen = _mtime(self.cfg.devices)
+        need = self.cfg.rounds.min_participants
+        if len(self.devices) < need:
+            # a round now could only fail at its deadline: wait for devices to enrol instead
+            if not self._waiting_for_devices:
+                log.info("round %d waits for devices: %d enrolled, min_participants %d (enrol "
+                         "them with 'bedside aggregator invite')", last_round + 1,
+                         len(self.devices), need)
+            self._waiting_for_devices = self._round_deferred = True
+            return
+        self._waiting_for_devices = False
         round_id = last_round + 1
         deadline = self.clock() + self.cfg.rounds.deadline_seconds
         if self._needs_statistics(rows):
