@@ -12,6 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[3]
 UNITS = sorted((ROOT / "deploy" / "systemd").glob("*.service"))
+PATHS = sorted((ROOT / "deploy" / "systemd").glob("*.path"))
 ANALYZE = shutil.which("systemd-analyze")
 pytestmark = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is not installed "
                                 "(.ci/run installs it)")
@@ -19,17 +20,21 @@ pytestmark = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is not 
 
 def test_units_verify_without_a_warning(tmp_path):
     """In a root holding the units, systemd's own unit library and the executable they name."""
-    assert len(UNITS) == 2
-    exe = tmp_path / "opt/bedside/venv/bin/bedside"
-    exe.parent.mkdir(parents=True)
-    exe.write_text("#!/bin/sh\n")
-    exe.chmod(0o755)
+    assert {u.stem for u in UNITS} == {"bedside-agent", "bedside-aggregator",
+                                       "bedside-broker-reload"}
+    assert [p.stem for p in PATHS] == ["bedside-broker-reload"]
+    for name in ("opt/bedside/venv/bin/bedside", "usr/bin/systemctl"):
+        exe = tmp_path / name
+        exe.parent.mkdir(parents=True)
+        exe.write_text("#!/bin/sh\n")
+        exe.chmod(0o755)
     (tmp_path / "etc/systemd/system").mkdir(parents=True)
-    for u in UNITS:
+    for u in [*UNITS, *PATHS]:
         shutil.copy(u, tmp_path / "etc/systemd/system" / u.name)
     (tmp_path / "usr/lib").mkdir(parents=True)
     shutil.copytree("/usr/lib/systemd", tmp_path / "usr/lib/systemd", symlinks=True)
-    r = subprocess.run([ANALYZE, "verify", f"--root={tmp_path}", *[u.name for u in UNITS]],
+    r = subprocess.run([ANALYZE, "verify", f"--root={tmp_path}",
+                        *[u.name for u in [*UNITS, *PATHS]]],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "Unknown" not in r.stderr and "ignoring" not in r.stderr, r.stderr
