@@ -7,6 +7,10 @@
   their own connection.
 * :func:`transaction`: ``BEGIN IMMEDIATE`` (or another kind) ... ``COMMIT``, rolled back on any
   exception, so a group of writes happens entirely or not at all.
+* Encryption at rest (optional): with a ``key``, :func:`open_db` opens the file with SQLCipher
+  (``sqlcipher3``, the ``encryption`` extra): AES-256 on every page, the key from a file only the
+  service user reads (:func:`read_key`). :func:`encrypt_file` turns an existing plaintext file
+  into an encrypted one.
 """
 
 from __future__ import annotations
@@ -15,35 +19,142 @@ import contextlib
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from bedside.errors import StateError
-from bedside.files import private_file
+from bedside.errors import ConfigError, StateError
+from bedside.files import atomic_write_bytes, fsync_dir, private_file, refuse_shared
+
+PLAINTEXT_HEADER = b"SQLite format 3\x00"
+KEY_BYTES = 32
+
+
+def sqlcipher() -> Any:
+    try:
+        import sqlcipher3.dbapi2 as sqlcipher
+    except ImportError:
+        raise ConfigError("encryption at rest ([storage] key_file) needs SQLCipher: pip install "
+                          "'bedside[encryption]' (on ARM, build sqlcipher3 against Debian's "
+                          "libsqlcipher-dev), or remove key_file") from None
+    return sqlcipher
+
+
+def read_key(path: str | Path) -> bytes:
+    """A database key file: 64 hex digits, readable by its owner only."""
+    p = Path(path)
+    refuse_shared(p, "database key")
+    try:
+        text = p.read_text().strip()
+        key = bytes.fromhex(text)
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: the database key file does not exist") from None
+    except (OSError, ValueError, UnicodeDecodeError):
+        key = b""
+    if len(key) != KEY_BYTES:
+        raise ConfigError(f"{p}: a database key file holds {2 * KEY_BYTES} hex digits (make one "
+                          "with 'bedside edge enroll --encrypt-store' or: openssl rand -hex 32)")
+    return key
+
+
+def write_key(path: str | Path) -> bytes:
+    """Create a new random key file (0600); refuses to replace one (data would be lost)."""
+    import secrets
+
+    p = Path(path)
+    if p.exists():
+        raise ConfigError(f"{p} exists; a database key is never replaced (its data would be "
+                          "unreadable)")
+    key = secrets.token_bytes(KEY_BYTES)
+    atomic_write_bytes(p, (key.hex() + "\n").encode(), mode=0o600)
+    return key
+
+
+def _connect(p: Path, key: bytes | None) -> Any:
+    if key is None:
+        return sqlite3.connect(p, isolation_level=None, timeout=30, check_same_thread=False)
+    db = sqlcipher().connect(str(p), isolation_level=None, timeout=30, check_same_thread=False)
+    db.execute("PRAGMA cipher_log_level = NONE")  # a wrong key is reported once, by open_db
+    db.execute(f"PRAGMA key = \"x'{key.hex()}'\"")
+    return db
 
 
 def open_db(path: str | Path, what: str, schema: str = "", *,
-            private: bool = False) -> sqlite3.Connection:
+            private: bool = False, key: bytes | None = None) -> sqlite3.Connection:
     """Open (creating if needed) ``path``; ``schema`` is run as a script (CREATE ... IF NOT EXISTS).
 
     ``private``: the file is 0600 and its directory 0700 whatever the umask (SQLite gives its
-    journal files the database's own permissions). Raises StateError naming the file and
-    ``what`` it holds if it cannot be opened.
+    journal files the database's own permissions). ``key``: the file is encrypted with it
+    (SQLCipher). Raises StateError naming the file and ``what`` it holds if it cannot be opened.
     """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
+    errors: tuple[type[Exception], ...] = (sqlite3.DatabaseError,)
+    if key is not None:
+        errors += (sqlcipher().DatabaseError,)
+        if _is_plaintext(p):
+            raise StateError(f"{p}: the {what} is not encrypted, but [storage] key_file is set; "
+                             "stop the agent and run 'bedside edge encrypt-store --config "
+                             "agent.toml' (or remove key_file)")
+    elif p.exists() and p.stat().st_size and not _is_plaintext(p):
+        raise StateError(f"{p}: the {what} is encrypted (or damaged); set [storage] key_file to "
+                         "its key")
     try:
         if private:
             private_file(p, what)
-        db = sqlite3.connect(p, isolation_level=None, timeout=30, check_same_thread=False)
+        db = _connect(p, key)
+        if key is not None:
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()  # wrong key: fails here
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         if schema:
             db.executescript(schema)
         return db
-    except sqlite3.DatabaseError as exc:
+    except errors as exc:
+        if key is not None:
+            raise StateError(f"{p}: cannot open the {what} with the key of [storage] key_file "
+                             f"({exc}): a wrong key, or a damaged file") from None
         raise StateError(f"{p}: cannot open the {what} ({exc}); restore it from backup or move "
                          "it aside") from None
     except OSError as exc:
         raise StateError(f"{p}: cannot open the {what} ({exc.strerror or exc})") from None
+
+
+def _is_plaintext(p: Path) -> bool:
+    try:
+        with open(p, "rb") as f:
+            return f.read(len(PLAINTEXT_HEADER)) == PLAINTEXT_HEADER
+    except FileNotFoundError:
+        return False
+
+
+def encrypt_file(path: str | Path, key: bytes) -> bool:
+    """Encrypt the plaintext SQLite file ``path`` in place with ``key`` (nothing else may have
+    it open). Returns False when it is encrypted already or missing. The plaintext copy is
+    replaced atomically; its free pages are not scrubbed from the disk (full-disk encryption
+    covers that: docs/deploy.md)."""
+    import os
+
+    p = Path(path)
+    if not _is_plaintext(p):
+        return False
+    plain = sqlite3.connect(p)
+    plain.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    plain.execute("PRAGMA journal_mode=DELETE")  # no -wal file left beside the replaced file
+    plain.close()
+    tmp = p.with_name(f".{p.name}.encrypting")
+    tmp.unlink(missing_ok=True)
+    db = sqlcipher().connect(str(p), isolation_level=None)
+    try:
+        db.execute("ATTACH DATABASE ? AS encrypted KEY ?", (str(tmp), f"x'{key.hex()}'"))
+        db.execute("SELECT sqlcipher_export('encrypted')")
+        db.execute("DETACH DATABASE encrypted")
+    finally:
+        db.close()
+    os.chmod(tmp, 0o600)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, p)
+    fsync_dir(p.parent)
+    return True
 
 
 @contextlib.contextmanager

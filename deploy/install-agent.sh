@@ -17,6 +17,8 @@
 # Options:
 #   --token-file FILE   the token (or offline bundle) from the data team ('aggregator invite')
 #   --inference-only    no local training: no torch (an edge device that only serves the model)
+#   --encrypt-store     encrypt the records and the outbox at rest (SQLCipher; key in
+#                       /etc/bedside/keys/store.key, readable by the service user only)
 #   --from SPEC         what pip installs (default: this checkout); e.g. a wheel file
 #   --user NAME         the service user (default: bedside)
 #   --root DIR          install into DIR instead of / (images, tests): no user is created,
@@ -31,12 +33,13 @@ say() { echo "install-agent: $*"; }
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO="$(cd "$HERE/.." && pwd)"
 TOKEN_FILE="" ; FROM="" ; SVC_USER="bedside" ; ROOT="/" ; PYTHON="python3"
-EXTRAS="edge,train" ; START=1
+EXTRAS="edge,train" ; START=1 ; ENCRYPT=0
 
 while [ $# -gt 0 ]; do
   case "$1" in
     --token-file) TOKEN_FILE="${2:-}"; shift 2 ;;
     --inference-only) EXTRAS="edge"; shift ;;
+    --encrypt-store) ENCRYPT=1; shift ;;
     --from) FROM="${2:-}"; shift 2 ;;
     --user) SVC_USER="${2:-}"; shift 2 ;;
     --root) ROOT="${2:-}"; shift 2 ;;
@@ -111,6 +114,17 @@ if [[ ",$EXTRAS," == *",train,"* ]] && ! "$VENV/bin/python" -c 'import torch' 2>
   say "installing torch 2.13.0 (CPU)"
   "${PIP[@]}" install "torch==2.13.0" ${TORCH_INDEX:+--extra-index-url "$TORCH_INDEX"}
 fi
+if [ "$ENCRYPT" = 1 ] && ! "$VENV/bin/python" -c 'import sqlcipher3' 2>/dev/null; then
+  if [ "$(uname -m)" = "x86_64" ]; then
+    EXTRAS="$EXTRAS,encryption"  # a binary wheel with SQLCipher inside
+  elif [ -z "$R" ] && command -v apt-get >/dev/null; then
+    say "building sqlcipher3 against Debian's libsqlcipher (no binary wheel for $(uname -m))"
+    apt-get install -y -qq libsqlcipher-dev python3-dev build-essential >/dev/null
+    "${PIP[@]}" install sqlcipher3
+  else
+    die "--encrypt-store on $(uname -m): install libsqlcipher-dev and pip install sqlcipher3"
+  fi
+fi
 if [ -d "$FROM" ]; then SPEC="$FROM[$EXTRAS]"; else SPEC="$FROM"; fi
 say "installing Bedside ($EXTRAS) from $FROM"
 "${PIP[@]}" install --upgrade "$SPEC"
@@ -133,7 +147,9 @@ data team: bedside aggregator invite --device-id ID)"
   chown "$SVC_USER" "$COPY"
   chmod 0600 "$COPY"
   say "enrolling"
-  as_user "$VENV/bin/bedside" edge enroll --token-file "$COPY" --dir "$ETC" --data-dir "$DATA" \
+  ENROLL_ARGS=(--token-file "$COPY" --dir "$ETC" --data-dir "$DATA")
+  [ "$ENCRYPT" = 1 ] && ENROLL_ARGS+=(--encrypt-store)
+  as_user "$VENV/bin/bedside" edge enroll "${ENROLL_ARGS[@]}" \
     || die "enrollment failed (the message above says why); nothing is enabled"
   rm -f "$COPY"
 fi

@@ -98,8 +98,9 @@ class Agent:
         self.key = SigningKey.load(cfg.key)
         self.pinned = KeyRing()
         self.pinned.add(AGGREGATOR_ID, VerifyKey.load(cfg.aggregator_key))
-        self.store = RecordStore(cfg.records_path)
-        self.state = AgentState(cfg.state_path, cfg.fleet)
+        key = cfg.store_key()
+        self.store = RecordStore(cfg.records_path, key)
+        self.state = AgentState(cfg.state_path, cfg.fleet, key)
         self.models = ModelManager(cfg.models_path, threads=cfg.agent.threads)
         self._ledger: Any = None
         self.ledger_error: str | None = None

@@ -30,6 +30,8 @@ def register(sub: Any) -> None:
                    "device's record-level budget (default: the federation's suggestion)")
     p.add_argument("--device-epsilon", type=float, metavar="E", help="with a token: this "
                    "device's device-level budget (default: the federation's suggestion)")
+    p.add_argument("--encrypt-store", action="store_true", help="with a token: encrypt the "
+                   "records and the outbox (SQLCipher; writes keys/store.key)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_enroll)
 
@@ -57,6 +59,11 @@ def register(sub: Any) -> None:
                        "confirms")
     p.add_argument("--config", required=True, type=Path, metavar="agent.toml")
     p.set_defaults(func=_rotate_key)
+
+    p = sub.add_parser("encrypt-store", help="encrypt this device's records.db and agent.db "
+                       "in place with [storage] key_file (stop the agent first)")
+    p.add_argument("--config", required=True, type=Path, metavar="agent.toml")
+    p.set_defaults(func=_encrypt_store)
 
     p = sub.add_parser("rollback", help="put the previous model version back in service")
     p.add_argument("--config", required=True, type=Path, metavar="agent.toml")
@@ -108,7 +115,8 @@ def _enroll_token(ns: argparse.Namespace) -> int:
     source = read_token_file(ns.token_file) if ns.token_file else Token.parse(ns.token)
     privacy = {k: v for k, v in (("record_epsilon", ns.record_epsilon),
                                  ("device_epsilon", ns.device_epsilon)) if v is not None}
-    info = enroll(source, ns.dir or Path.cwd(), data_dir=ns.data_dir, privacy=privacy)
+    info = enroll(source, ns.dir or Path.cwd(), data_dir=ns.data_dir, privacy=privacy,
+                  encrypt=ns.encrypt_store)
     if ns.json:
         print_json(info)
         return 0
@@ -128,6 +136,23 @@ def _enroll_token(ns: argparse.Namespace) -> int:
           f"--config {info['config']}")
     if isinstance(source, Package):
         print(f"{ns.token_file} holds this device's private keys: destroy it now")
+    return 0
+
+
+def _encrypt_store(ns: argparse.Namespace) -> int:
+    from bedside.edge.config import load
+    from bedside.sqlite import encrypt_file
+
+    cfg = load(ns.config)
+    key = cfg.store_key()
+    if key is None:
+        raise InputError(f"{ns.config}: set [storage] key_file first (a file of 64 hex digits, "
+                         "mode 0600: openssl rand -hex 32 > FILE)")
+    for path in (cfg.records_path, cfg.state_path):
+        done = encrypt_file(path, key)
+        print(f"{path}: {'encrypted' if done else 'encrypted already (or absent)'}")
+    print("free pages of the old plaintext files may remain on the disk: full-disk encryption "
+          "covers them (docs/deploy.md)")
     return 0
 
 
@@ -164,11 +189,13 @@ def _ingest(ns: argparse.Namespace) -> int:
     else:
         m = ModelManager(cfg.models_path).manifest()
         if m is None:
-            raise InputError("no model in service yet to validate against; start the agent once "
-                             "(it receives the model) or pass --model DIR")
+            raise InputError("no model in service yet to validate against: a device enrolled "
+                             "with a token has one ('bedside edge enroll --token-file'); "
+                             "otherwise start the agent once (it receives the model) or pass "
+                             "--model DIR")
         schema = m.schema
     table = read_csv(ns.file, schema, ns.label)  # all rows valid, or nothing is stored
-    store = RecordStore(cfg.records_path)
+    store = RecordStore(cfg.records_path, cfg.store_key())
     try:
         result = store.ingest(table, schema, source=ns.file.name)
     finally:
@@ -198,7 +225,7 @@ def _status(ns: argparse.Namespace) -> int:
 
     cfg = load(ns.config)
     models = ModelManager(cfg.models_path)
-    state = AgentState(cfg.state_path, cfg.fleet)
+    state = AgentState(cfg.state_path, cfg.fleet, cfg.store_key())
     info: dict[str, Any] = {"device": cfg.device_id,
                             "serving_version": models.current_version(),
                             "latest_version": models.latest_version(),

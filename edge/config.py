@@ -25,6 +25,9 @@ loader is derived from them (:mod:`bedside.config`). Example::
     device_epsilon = 200.0   # device-level budget; omit to take part without one
     device_delta = 1e-5
 
+    [storage]                # optional: encrypt records.db and agent.db (SQLCipher)
+    key_file = "/etc/bedside/keys/store.key"   # 64 hex digits, mode 0600 (docs/deploy.md)
+
     [agent]
     seed = 7                 # ONLY for tests and reproducible demos: seeds training and DP noise
     resend_seconds = 5       # re-send an unreceipted update this often while its round is open
@@ -75,6 +78,17 @@ class AgentSettings:
 
 
 @dataclass(frozen=True)
+class StorageConfig:
+    """``[storage]``: encryption at rest of the device's databases."""
+
+    key_file: Path | None = setting(None, "encrypts records.db and agent.db (the outbox) with "
+                                    "SQLCipher (the 'encryption' extra): a file of 64 hex digits "
+                                    "only the service user may read ('bedside edge enroll "
+                                    "--encrypt-store' writes one; 'bedside edge encrypt-store' "
+                                    "encrypts existing files)")
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     device_id: str = setting(doc="this device's id (its certificate CN on Mosquitto; not a "
                              "service's: aggregator, broker, ca)", check=_device_id)
@@ -90,6 +104,7 @@ class AgentConfig:
                                               "(docs/flower.md)")
     privacy: DevicePrivacy = setting(doc="[privacy]", factory=DevicePrivacy)
     agent: AgentSettings = setting(doc="[agent]", factory=AgentSettings)
+    storage: StorageConfig = setting(doc="[storage]", factory=StorageConfig)
     testing: bool = setting(False, "allows [agent] seed (reproducible noise: NOT private); every "
                             "update this device sends then says so. Tests and demos only")
     source: str = setting("agent.toml", internal=True)
@@ -122,6 +137,14 @@ class AgentConfig:
         """This federation's model versions (versions are numbered per federation, so a device
         that joins another one keeps them apart)."""
         return self.data / "models" / self.fleet
+
+    def store_key(self) -> bytes | None:
+        """The databases' encryption key ([storage] key_file), or None."""
+        if self.storage.key_file is None:
+            return None
+        from bedside.sqlite import read_key
+
+        return read_key(self.storage.key_file)
 
     def budgets(self) -> dict[str, Any]:
         return dict(self.privacy.budgets())

@@ -66,11 +66,15 @@ def read_token_file(path: Path) -> Token | Package:
 
 
 def enroll(source: Token | Package, directory: Path, *, data_dir: Path | None = None,
-           privacy: dict[str, Any] | None = None) -> dict[str, Any]:
+           privacy: dict[str, Any] | None = None, encrypt: bool = False) -> dict[str, Any]:
     """Enrol this device from a token (online) or an offline bundle; returns what was done."""
     tok = source if isinstance(source, Token) else source.token
     assert tok is not None
     tok.check_expiry()
+    if encrypt:
+        from bedside.sqlite import sqlcipher
+
+        sqlcipher()  # installed, or say so before the token is used
     directory = directory.resolve()
     toml = directory / "agent.toml"
     if toml.exists():
@@ -120,6 +124,13 @@ def enroll(source: Token | Package, directory: Path, *, data_dir: Path | None = 
                              "data_dir": str(data), "mqtt": mqtt}
     if chosen:
         table["privacy"] = chosen
+    if encrypt:
+        from bedside.sqlite import write_key
+
+        store_key = keys / "store.key"
+        if not store_key.exists():
+            write_key(store_key)
+        table["storage"] = {"key_file": str(store_key)}
     from bedside.config import to_toml
 
     header = (f"# Written by 'bedside edge enroll' for {tok.device_id} in fleet {tok.fleet}.\n"
@@ -143,7 +154,7 @@ def enroll(source: Token | Package, directory: Path, *, data_dir: Path | None = 
             "already": False, "fingerprint": signing.public.fingerprint,
             "aggregator_fingerprint": aggregator.fingerprint, "model_version": rel.version,
             "broker": f"{pkg.broker_host}:{pkg.broker_port}", "tls": pkg.ca_cert is not None,
-            "group": pkg.group, "privacy": chosen}
+            "group": pkg.group, "privacy": chosen, "encrypted": encrypt}
 
 
 def _already(toml: Path, tok: Token) -> dict[str, Any]:

@@ -53,10 +53,10 @@ class AgentState:
     """``agent.db`` for one federation (``fleet``); older single-federation files are migrated,
     their rounds assigned to ``fleet``."""
 
-    def __init__(self, path: str | Path, fleet: str) -> None:
+    def __init__(self, path: str | Path, fleet: str, key: bytes | None = None) -> None:
         self.path = Path(path)
         self.fleet = fleet
-        self.db = open_db(self.path, "agent state", private=True)
+        self.db = open_db(self.path, "agent state", private=True, key=key)
         with transaction(self.db):
             if "round" in _columns(self.db, "rounds") and "fleet" not in _columns(self.db,
                                                                                  "rounds"):

@@ -38,13 +38,13 @@ class IngestResult:
 
 
 class RecordStore:
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, key: bytes | None = None) -> None:
         self.path = Path(path)
         self.db = open_db(
             self.path, "record store",
             "CREATE TABLE IF NOT EXISTS records (id INTEGER PRIMARY KEY, schema TEXT NOT NULL, "
             "digest TEXT NOT NULL, x BLOB NOT NULL, y INTEGER NOT NULL, source TEXT NOT NULL, "
-            "ingested_at REAL NOT NULL, UNIQUE (schema, digest))", private=True)
+            "ingested_at REAL NOT NULL, UNIQUE (schema, digest))", private=True, key=key)
 
     def close(self) -> None:
         self.db.close()

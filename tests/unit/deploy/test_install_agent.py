@@ -39,7 +39,8 @@ def _run(root: Path, src: Path, token: Path) -> subprocess.CompletedProcess[str]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("VIRTUAL_ENV", "PYTHON"))}
     return subprocess.run(
         ["bash", str(src / "deploy" / "install-agent.sh"), "--root", str(root), "--user",
-         getpass.getuser(), "--inference-only", "--python", sys.base_prefix + "/bin/python3",
+         getpass.getuser(), "--inference-only", "--encrypt-store", "--python",
+         sys.base_prefix + "/bin/python3",
          "--token-file", str(token)],
         capture_output=True, text=True, timeout=600, env=env)
 
@@ -84,6 +85,9 @@ def test_install_agent_twice_leaves_one_working_enrolled_agent(tmp_path, capsys)
                         str(mf.fleet.plan["clinics"][0]["dir"] / "records.csv"), "--config",
                         str(etc / "agent.toml")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
+    # --encrypt-store: the records are encrypted at rest, with a key only the user reads
+    assert (root / "var/lib/bedside/records.db").read_bytes()[:6] != b"SQLite"
+    assert (etc / "keys/store.key").stat().st_mode & 0o077 == 0
 
 
 def test_install_agent_explains_a_missing_token(tmp_path):
