@@ -144,10 +144,13 @@ def _invite(ns: argparse.Namespace) -> int:
 
 def _revoke(ns: argparse.Namespace) -> int:
     """Move the device's key to ``<devices>/revoked/``: the running aggregator reloads its
-    enrolled devices when that directory changes, and rejects the device's next message."""
+    enrolled devices when that directory changes, and rejects the device's next message. Its
+    unused enrollment tokens stop working, its broker certificate is revoked (CRL) and the
+    broker's ACL rewritten."""
     import os
 
     from bedside.aggregator.config import load
+    from bedside.aggregator.enrollment import Invites, refresh_broker
     from bedside.errors import InputError
     from bedside.wire.signing import validate_device_id
 
@@ -155,6 +158,13 @@ def _revoke(ns: argparse.Namespace) -> int:
     validate_device_id(ns.device, what="DEVICE_ID")
     key = cfg.devices / f"{ns.device}.pub"
     gone = cfg.devices / "revoked" / f"{ns.device}.pub"
+    invites = Invites(cfg.state_path)
+    try:
+        voided = invites.void(ns.device, "device revoked", time.time())
+    finally:
+        invites.close()
+    if voided:
+        print(f"{voided} unused enrollment token(s) for {ns.device} no longer work")
     if key.exists():
         gone.parent.mkdir(exist_ok=True)
         os.replace(key, gone)
@@ -162,23 +172,25 @@ def _revoke(ns: argparse.Namespace) -> int:
               f"is kept in {gone})")
     elif gone.exists():
         print(f"{ns.device} was revoked before")
-    else:
-        raise InputError(f"{ns.device} is not enrolled in {cfg.devices}")
+    elif not voided:
+        raise InputError(f"{ns.device} is not enrolled in {cfg.devices} and has no unused token")
     ca = ns.ca or cfg.enrollment.ca_dir
     if ca is not None:
         from bedside.transport.pki import CRL_FILE, revoke
 
-        serial = revoke(ca, ns.device)
-        print(f"revoked its broker certificate (serial {serial:x}); {ca / CRL_FILE} rewritten")
-    from bedside.aggregator.enrollment import refresh_broker
-
+        if (ca / f"{ns.device}.crt").exists():
+            serial = revoke(ca, ns.device)
+            print(f"revoked its broker certificate (serial {serial:x}); {ca / CRL_FILE} "
+                  "rewritten")
+        else:
+            print(f"no broker certificate for {ns.device} in {ca}: nothing to revoke there")
     rewritten = refresh_broker(cfg)
     if rewritten:
-        print(f"rewrote {', '.join(rewritten)}: reload Mosquitto (SIGHUP; "
-              "bedside-broker-reload.path does it) so that it refuses the device")
+        print(f"rewrote {', '.join(rewritten)}: restart Mosquitto so that it reads the CRL and "
+              "refuses the device (bedside-broker-reload.path does it)")
     elif ca is not None:
         print("copy the CRL to the broker and regenerate its ACL ('bedside broker config'), "
-              "then reload Mosquitto (SIGHUP)")
+              "then restart Mosquitto")
     return 0
 
 

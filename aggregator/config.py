@@ -183,8 +183,8 @@ class EnrollmentConfig:
                                       "--out'): its ACL and CRL are rewritten at each enrollment "
                                       "and revocation (Mosquitto reloads them on SIGHUP: "
                                       "deploy/systemd/bedside-broker-reload.path does it)")
-    token_hours: float = setting(24.0, "default life of a token ('invite --expires')",
-                                 positive=True)
+    token_hours: float = setting(24.0, "default life of a token ('invite --expires'; at most "
+                                 "720)", positive=True, max=720.0)
     privacy: dict[str, Any] = setting(doc="[enrollment.privacy]: the [privacy] table suggested "
                                       "to enrolling devices (each device may choose its own)",
                                       factory=dict)

@@ -19,9 +19,9 @@ device may try again. Every attempt is logged with its device id and outcome, ne
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
-import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -85,12 +85,23 @@ class Invites:
     def close(self) -> None:
         self.db.close()
 
-    def add(self, tok: Token, *, replace_key: bool, now: float) -> None:
+    def add(self, tok: Token, *, replace_key: bool, now: float) -> int:
+        """Store a new invite; earlier unused ones for the device stop working (superseded).
+        Returns how many were superseded."""
         with transaction(self.db):
+            n = self.void(tok.device_id, "superseded by a newer invite", now)
             self.db.execute("INSERT INTO invites (token_id, device_id, grp, secret_sha256, "
                             "created_at, expires_at, replace_key) VALUES (?, ?, ?, ?, ?, ?, ?)",
                             (tok.token_id, tok.device_id, tok.group, secret_digest(tok.secret),
                              now, tok.expires, int(replace_key)))
+        return n
+
+    def void(self, device_id: str, why: str, now: float) -> int:
+        """Unused tokens for ``device_id`` stop working (an invite superseded, a device revoked);
+        returns how many. Call inside a transaction, or alone."""
+        cur = self.db.execute("UPDATE invites SET used_at = ?, used_how = ? WHERE device_id = ? "
+                              "AND used_at IS NULL", (now, f"void: {why}", device_id))
+        return int(cur.rowcount)
 
     def get(self, token_id: str) -> Invite | None:
         row = self.db.execute("SELECT token_id, device_id, grp, expires_at, replace_key, used_at, "
@@ -101,11 +112,14 @@ class Invites:
                       None if row[5] is None else float(row[5]), row[6])
 
     def consume(self, token_id: str, secret: str, device_id: str, fingerprint: str, how: str,
-                now: float) -> Invite:
-        """Check the token and mark it used, at most once (across threads and processes)."""
+                now: float) -> tuple[Invite, bool]:
+        """Check the token and mark it used, at most once (across threads and processes).
+        Returns the invite and whether this is a retry: the same token and device key again,
+        before expiry (an answer lost on the way, a device that failed after it): enrolled
+        already, the device gets its package again."""
         with transaction(self.db):
-            row = self.db.execute("SELECT secret_sha256 FROM invites WHERE token_id = ?",
-                                  (token_id,)).fetchone()
+            row = self.db.execute("SELECT secret_sha256, key_fingerprint FROM invites WHERE "
+                                  "token_id = ?", (token_id,)).fetchone()
             inv = self.get(token_id)
             if row is None or inv is None or not secret_matches(secret, str(row[0])):
                 raise Refused("forged", "this enrollment token was not issued by this "
@@ -113,6 +127,12 @@ class Invites:
             if inv.device_id != device_id:
                 raise Refused("wrong_device", f"this token enrols {inv.device_id}, not "
                               f"{device_id}")
+            if (inv.used_at is not None and inv.used_how == how == "endpoint"
+                    and row[1] == fingerprint and now < inv.expires_at):
+                return inv, True
+            if inv.used_at is not None and (inv.used_how or "").startswith("void"):
+                raise Refused("used", f"this enrollment token no longer works ({inv.used_how}); "
+                              "ask the data team for a new one")
             if inv.used_at is not None:
                 when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(inv.used_at))
                 raise Refused("used", f"this enrollment token was used at {when} ({inv.used_how})"
@@ -125,7 +145,7 @@ class Invites:
                                   (now, how, fingerprint, token_id))
             if cur.rowcount != 1:
                 raise Refused("used", "this enrollment token was just used")
-        return inv
+        return inv, False
 
     def give_back(self, token_id: str) -> None:
         """An enrollment that failed after :meth:`consume`: the token may be used again."""
@@ -133,10 +153,18 @@ class Invites:
             self.db.execute("UPDATE invites SET used_at = NULL, used_how = NULL, "
                             "key_fingerprint = NULL WHERE token_id = ?", (token_id,))
 
-    def set_group(self, device_id: str, group: str) -> None:
+    def set_group(self, device_id: str, group: str | None) -> None:
         with transaction(self.db):
-            self.db.execute("INSERT INTO device_groups VALUES (?, ?) ON CONFLICT (device_id) DO "
-                            "UPDATE SET grp = excluded.grp", (device_id, group))
+            if group is None:
+                self.db.execute("DELETE FROM device_groups WHERE device_id = ?", (device_id,))
+            else:
+                self.db.execute("INSERT INTO device_groups VALUES (?, ?) ON CONFLICT (device_id) "
+                                "DO UPDATE SET grp = excluded.grp", (device_id, group))
+
+    def group_of(self, device_id: str) -> str | None:
+        row = self.db.execute("SELECT grp FROM device_groups WHERE device_id = ?",
+                              (device_id,)).fetchone()
+        return None if row is None else str(row[0])
 
     def groups(self) -> dict[str, list[str]]:
         out: dict[str, list[str]] = {}
@@ -171,11 +199,14 @@ def _endpoint_pin(cfg: AggregatorConfig) -> str:
     cert = cfg.enrollment.cert_file
     if cert is None:
         return ""
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
     try:
-        der = ssl.PEM_cert_to_DER_cert(Path(cert).read_text())
-    except (OSError, ValueError) as exc:
+        leaf = x509.load_pem_x509_certificates(Path(cert).read_bytes())[0]  # a chain: its leaf
+    except (OSError, ValueError, IndexError) as exc:
         raise InputError(f"[enrollment] cert_file {cert}: cannot read it ({exc})") from None
-    return hashlib.sha256(der).hexdigest()
+    return hashlib.sha256(leaf.public_bytes(Encoding.DER)).hexdigest()
 
 
 def invite(cfg: AggregatorConfig, device_id: str, *, group: str | None = None,
@@ -195,6 +226,9 @@ def invite(cfg: AggregatorConfig, device_id: str, *, group: str | None = None,
         raise InputError(f"{cfg.source}: [enrollment] port is 0, so no endpoint takes this "
                          "token; set [enrollment] port (and restart the service), or make an "
                          "offline bundle with --offline --out FILE")
+    if not offline and not ec.url and ec.host in ("0.0.0.0", "::", ""):  # noqa: S104
+        raise InputError(f"{cfg.source}: [enrollment] binds {ec.host!r}: set [enrollment] url "
+                         "to the address devices reach it at")
     key = SigningKey.load(cfg.key)
     tok = Token.new(fleet=cfg.fleet, device_id=device_id, aggregator=key.public.fingerprint,
                     ttl=ec.token_hours * 3600 if ttl is None else ttl,
@@ -202,9 +236,11 @@ def invite(cfg: AggregatorConfig, device_id: str, *, group: str | None = None,
                     tls_sha256="" if offline else _endpoint_pin(cfg), group=group, now=now)
     inv = Invites(cfg.state_path)
     try:
-        inv.add(tok, replace_key=replace_key, now=now)
+        superseded = inv.add(tok, replace_key=replace_key, now=now)
     finally:
         inv.close()
+    if superseded:
+        log.info("%d earlier unused invite(s) for %s no longer work", superseded, device_id)
     log.info("invite issued for %s (token %s…, expires %s)", device_id, tok.token_id[:8],
              time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(tok.expires)))
     return tok
@@ -228,55 +264,64 @@ class Enroller:
             key = VerifyKey.from_text(req.public_key, source="public_key")
         except BedsideError as exc:
             raise Refused("malformed", str(exc), 400) from None
+        ec = self.cfg.enrollment
+        if ec.ca_dir is not None and req.csr is None:
+            raise Refused("malformed", "this federation's broker needs a certificate: the "
+                          "request has no CSR", 400)
         with self._lock:
-            inv = self.invites.get(req.token_id)
+            # everything that can be known before a change is made
+            release, model = self._current()
+            aggregator_key = SigningKey.load(self.cfg.key).public.to_text()
+            host, port = broker_address(self.cfg)
+            inv, retry = self.invites.consume(req.token_id, req.secret, req.device_id,
+                                              key.fingerprint, how, now)
             dest = self.cfg.devices / f"{req.device_id}.pub"
-            if (inv is not None and inv.used_at is None and inv.device_id == req.device_id
-                    and dest.exists() and not inv.replace_key
+            if (not retry and dest.exists() and not inv.replace_key
                     and VerifyKey.load(dest).fingerprint != key.fingerprint):
+                self.invites.give_back(req.token_id)
                 raise Refused("enrolled", f"{req.device_id} is enrolled already with another "
                               "key; the data team can invite it again with --replace", 409)
-            if self.cfg.enrollment.ca_dir is not None and req.csr is None:
-                raise Refused("malformed", "this federation's broker needs a certificate: the "
-                              "request has no CSR", 400)
-            inv = self.invites.consume(req.token_id, req.secret, req.device_id, key.fingerprint,
-                                       how, now)
             previous = dest.read_bytes() if dest.exists() else None
+            group_before = self.invites.group_of(req.device_id)
+            cert_issued = False
             try:
-                return self._enroll(inv, key, req.csr, dest)
+                client_cert = ca_cert = None
+                if ec.ca_dir is not None and req.csr is not None:
+                    from bedside.transport.pki import sign_csr
+
+                    try:
+                        client_cert = sign_csr(ec.ca_dir, inv.device_id, req.csr)
+                    except InputError as exc:
+                        raise Refused("malformed", str(exc), 400) from None
+                    cert_issued = True
+                    ca_cert = (ec.ca_dir / "ca.crt").read_text()
+                self.cfg.devices.mkdir(parents=True, exist_ok=True)
+                key.save(dest)
+                if inv.group is not None:
+                    self.invites.set_group(inv.device_id, inv.group)
+                refresh_broker(self.cfg)
             except BaseException:
-                self.invites.give_back(req.token_id)
+                if not retry:
+                    self.invites.give_back(req.token_id)
                 if previous is None:
                     dest.unlink(missing_ok=True)
                 else:
                     dest.write_bytes(previous)
+                self.invites.set_group(inv.device_id, group_before)
+                if cert_issued and ec.ca_dir is not None:
+                    from bedside.transport.pki import revoke
+
+                    with contextlib.suppress(Exception):  # a certificate nobody received
+                        revoke(ec.ca_dir, inv.device_id)
+                with contextlib.suppress(Exception):
+                    refresh_broker(self.cfg)
                 raise
-
-    def _enroll(self, inv: Invite, key: VerifyKey, csr: str | None, dest: Path) -> Package:
-        from bedside.transport.pki import sign_csr
-
-        ec = self.cfg.enrollment
-        release, model = self._current()
-        client_cert = ca_cert = None
-        if ec.ca_dir is not None and csr is not None:
-            try:
-                client_cert = sign_csr(ec.ca_dir, inv.device_id, csr)
-            except InputError as exc:
-                raise Refused("malformed", str(exc), 400) from None
-            ca_cert = (ec.ca_dir / "ca.crt").read_text()
-        self.cfg.devices.mkdir(parents=True, exist_ok=True)
-        key.save(dest)
-        if inv.group is not None:
-            self.invites.set_group(inv.device_id, inv.group)
-        refresh_broker(self.cfg)
-        host, port = broker_address(self.cfg)
-        log.info("enrolled %s (key %s%s)", inv.device_id, key.fingerprint,
-                 f", group {inv.group}" if inv.group else "")
+        log.info("enrolled %s (key %s%s%s)", inv.device_id, key.fingerprint,
+                 f", group {inv.group}" if inv.group else "", ", again: a retry" if retry else "")
         return Package(fleet=self.cfg.fleet, device_id=inv.device_id,
-                       aggregator_key=SigningKey.load(self.cfg.key).public.to_text(),
-                       broker_host=host, broker_port=port, release=release, model=model,
-                       group=inv.group, ca_cert=ca_cert, client_cert=client_cert,
-                       privacy=dict(ec.privacy))
+                       aggregator_key=aggregator_key, broker_host=host, broker_port=port,
+                       release=release, model=model, group=inv.group, ca_cert=ca_cert,
+                       client_cert=client_cert, privacy=dict(ec.privacy))
 
     def _current(self) -> tuple[bytes, bytes]:
         """The federation's current model: its signed release and its ONNX file."""
@@ -303,7 +348,10 @@ def broker_address(cfg: AggregatorConfig) -> tuple[str, int]:
 
 def refresh_broker(cfg: AggregatorConfig) -> list[str]:
     """Rewrite the ACL (enrolled devices) and the CRL copy in ``[enrollment] broker_dir``;
-    returns what was rewritten. Mosquitto reads them again on SIGHUP."""
+    returns what was rewritten. Mosquitto reads the ACL again on SIGHUP and the CRL when it
+    restarts (``deploy/systemd/bedside-broker-reload.path`` restarts it when either changes)."""
+    import fcntl
+
     from bedside.files import atomic_write_bytes
     from bedside.transport.pki import CRL_FILE, acl_text
     from bedside.wire.signing import KeyRing
@@ -312,14 +360,25 @@ def refresh_broker(cfg: AggregatorConfig) -> list[str]:
     if d is None:
         return []
     done = []
-    devices = list(KeyRing.from_dir(cfg.devices)) if cfg.devices.is_dir() else []
-    atomic_write_bytes(d / "acl", acl_text(cfg.fleet, devices).encode())
-    done.append(str(d / "acl"))
-    ca = cfg.enrollment.ca_dir
-    if ca is not None and (ca / CRL_FILE).exists():
-        atomic_write_bytes(d / CRL_FILE, (ca / CRL_FILE).read_bytes(), mode=0o644)
-        done.append(str(d / CRL_FILE))
+    with open(d / ".bedside.lock", "a") as lock:  # the service and the CLI, one at a time
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        devices = list(KeyRing.from_dir(cfg.devices)) if cfg.devices.is_dir() else []
+        atomic_write_bytes(d / "acl", acl_text(cfg.fleet, devices, aggregator_cn(cfg)).encode())
+        done.append(str(d / "acl"))
+        ca = cfg.enrollment.ca_dir
+        if ca is not None and (ca / CRL_FILE).exists():
+            atomic_write_bytes(d / CRL_FILE, (ca / CRL_FILE).read_bytes(), mode=0o644)
+            done.append(str(d / CRL_FILE))
     return done
+
+
+def aggregator_cn(cfg: AggregatorConfig) -> str:
+    """The aggregator's MQTT identity: its certificate's CN (``aggregator`` without TLS)."""
+    from bedside.transport.pki import certificate_cn
+
+    if cfg.mqtt.cert_file is None:
+        return "aggregator"
+    return certificate_cn(Path(cfg.mqtt.cert_file).read_text()) or "aggregator"
 
 
 def offline_bundle(cfg: AggregatorConfig, tok: Token, *, now: float | None = None) -> Package:
@@ -347,7 +406,7 @@ class EnrollmentServer:
     """``POST /v1/enroll`` over HTTPS (HTTP on loopback only), in threads."""
 
     def __init__(self, cfg: AggregatorConfig) -> None:
-        from bedside.aggregator.releases import bounded_server
+        from bedside.aggregator.releases import MAX_PER_CLIENT, bounded_server
 
         self.enroller = Enroller(cfg)
         enroller = self.enroller
@@ -408,7 +467,7 @@ class EnrollmentServer:
 
         ec = cfg.enrollment
         self.httpd, self.port = bounded_server(ec.host, ec.port, Handler, ec.cert_file,
-                                               ec.key_file)
+                                               ec.key_file, per_client=MAX_PER_CLIENT)
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True,
                                         name="bedside-enrollment")
 

@@ -275,9 +275,10 @@ class Aggregator:
         owner's)."""
         if self.downloads is not None:
             self.downloads.close()
+            self.downloads = None
         if self.enrollment is not None:
             self.enrollment.close()
-            self.downloads = None
+            self.enrollment = None
 
     def _recover(self, cur: RoundRow) -> None:
         """Resume an open round after a restart (or finish one whose version was already stored:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import tomllib
 import types
 import typing
@@ -281,19 +282,25 @@ def _toml_value(v: Any) -> str:
         return repr(v)
     if isinstance(v, Path):
         v = str(v)
-    if isinstance(v, str):
-        return json.dumps(v)
+    if isinstance(v, str):  # a TOML basic string: JSON's escapes, plus DEL; non-ASCII as is
+        return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(v, list | tuple):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
 
 
+def _toml_key(k: str) -> str:
+    """A bare key when it is one, else quoted: a key never starts a line or table of its own."""
+    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else _toml_value(str(k))
+
+
 def to_toml(d: Mapping[str, Any], prefix: str = "") -> str:
     """``d`` as TOML: plain values first, then each nested table as ``[prefix.key]``."""
-    lines = [f"{k} = {_toml_value(v)}" for k, v in d.items() if not isinstance(v, dict)]
+    lines = [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in d.items()
+             if not isinstance(v, dict)]
     for k, v in d.items():
         if isinstance(v, dict):
-            name = f"{prefix}.{k}" if prefix else k
+            name = f"{prefix}.{_toml_key(k)}" if prefix else _toml_key(k)
             lines.append(f"\n[{name}]")
             lines.append(to_toml(v, name))
     return "\n".join(lines) + "\n"

@@ -97,7 +97,7 @@ class Token:
     device_id: str
     aggregator: str  # fingerprint of the aggregator's signing key
     token_id: str  # 32 hex digits
-    secret: str  # base64url, 32 random bytes
+    secret: str = field(repr=False)  # base64url, 32 random bytes
     expires: float  # Unix time
     url: str = ""  # the enrollment endpoint ("" in an offline bundle)
     tls_sha256: str = ""  # the endpoint's certificate ("" for plain HTTP on loopback)
@@ -121,14 +121,14 @@ class Token:
     def parse(cls, text: str) -> Token:
         """A token as ``invite`` printed it (surrounding whitespace allowed). Errors say what is
         wrong: not a token, damaged (cut or mistyped), or missing a field."""
-        t = text.strip()
+        t = text.strip().lstrip("\ufeff")  # a BOM left by an editor
         if not t.startswith(TOKEN_PREFIX):
             raise InputError(f"not a Bedside enrollment token (it should start with "
                              f"{TOKEN_PREFIX!r}); copy the whole line that 'bedside aggregator "
                              "invite' printed")
         try:
             raw = json.loads(_unb64(t[len(TOKEN_PREFIX):], "token"))
-        except (InputError, ValueError, UnicodeDecodeError):
+        except (InputError, ValueError, UnicodeDecodeError, RecursionError):
             raw = None
         if not isinstance(raw, dict):
             raise InputError("the enrollment token is damaged (cut short or mistyped); copy the "
@@ -182,7 +182,7 @@ def request_body(token: Token, public_key: str, csr_pem: str | None) -> bytes:
 @dataclass(frozen=True)
 class EnrollRequest:
     token_id: str
-    secret: str
+    secret: str = field(repr=False)
     device_id: str
     public_key: str
     csr: str | None
@@ -191,7 +191,7 @@ class EnrollRequest:
     def parse(cls, body: bytes) -> EnrollRequest:
         try:
             raw = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise InputError("the request is not JSON") from None
         if not isinstance(raw, dict):
             raise InputError("the request is not a JSON object")
@@ -222,9 +222,9 @@ class Package:
     client_cert: str | None = None  # PEM: the device's certificate, CN = device id
     privacy: dict[str, Any] = field(default_factory=dict)  # suggested [privacy] of agent.toml
     # offline bundles only: private keys made by the data team
-    device_key: str | None = None  # PEM (Ed25519)
-    client_key: str | None = None  # PEM (EC)
-    token: Token | None = None  # offline bundles: the invite it came from (expiry, ids)
+    device_key: str | None = field(default=None, repr=False)  # PEM (Ed25519)
+    client_key: str | None = field(default=None, repr=False)  # PEM (EC)
+    token: Token | None = field(default=None, repr=False)  # offline bundles: its invite
 
     def to_json(self) -> bytes:
         d: dict[str, Any] = {k: v for k, v in self.__dict__.items()
@@ -240,7 +240,7 @@ class Package:
     def from_json(cls, body: bytes, where: str) -> Package:
         try:
             raw = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise InputError(f"{where}: not JSON") from None
         if not isinstance(raw, dict):
             raise InputError(f"{where}: not a JSON object")
@@ -261,6 +261,9 @@ class Package:
             raise InputError(f"{where}: missing or malformed field ({exc})") from None
         validate_id(pkg.fleet, what=f"{where}: fleet")
         validate_device_id(pkg.device_id, what=f"{where}: device id")
+        if not re.fullmatch(r"[A-Za-z0-9.:\[\]-]{1,253}", pkg.broker_host):
+            raise InputError(f"{where}: broker host {pkg.broker_host!r} is not a host name or "
+                             "address")
         if not 0 < pkg.broker_port < 65536:
             raise InputError(f"{where}: broker port {pkg.broker_port} out of range")
         if bool(pkg.client_cert) and not pkg.ca_cert:

@@ -124,14 +124,16 @@ def _enroll_token(ns: argparse.Namespace) -> int:
         print(f"{info['device_id']} is enrolled in fleet {info['fleet']} already ({info['config']}"
               "); nothing done")
         return 0
-    eps = info["privacy"].get("record_epsilon")
+    budgets = ", ".join(f"{k} {v}" + (f" ({strength(v)})" if k == "record_epsilon" else "")
+                        for k, v in info["privacy"].items())
     print(f"enrolled {info['device_id']} in fleet {info['fleet']} (key {info['fingerprint']})\n"
           f"pinned aggregator key: {info['aggregator_fingerprint']}\n"
           f"model v{info['model_version']} installed; broker {info['broker']}"
           f"{' over TLS' if info['tls'] else ' (no TLS)'}\n"
-          + (f"record-level privacy budget: epsilon {eps} ({strength(eps)}); change it in "
-             f"{info['config']} before the first round if your privacy officer asks\n"
-             if eps is not None else "")
+          f"privacy: {budgets}; change it in {info['config']} before the first round if your "
+          "privacy officer asks\n"
+          + (f"ignored from the federation's suggestion (a device sets these itself): "
+             f"{', '.join(info['ignored_privacy'])}\n" if info["ignored_privacy"] else "")
           + f"next: bedside edge ingest FILE.csv --config {info['config']}; then bedside edge run "
           f"--config {info['config']}")
     if isinstance(source, Package):

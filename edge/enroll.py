@@ -103,8 +103,14 @@ def enroll(source: Token | Package, directory: Path, *, data_dir: Path | None = 
         atomic_write_bytes(tls_key_path, tls_key.encode(), mode=0o600)
         pkg = fetch_package(tok, request_body(tok, signing.public.to_text(), csr))
     aggregator, manifest, rel = check_package(pkg, tok, signing, tls_key)
-    # checked: write it all
-    if not key_path.exists():
+    chosen, ignored = suggested_privacy(pkg.privacy)
+    chosen.update(privacy or {})
+    # checked: write it all; agent.toml last (its presence means "enrolled": see _already)
+    if key_path.exists():
+        if SigningKey.load(key_path).public != signing.public:
+            raise InputError(f"{key_path} holds another key than this enrollment's: the "
+                             "directory belongs to another enrollment; use an empty --dir")
+    else:
         signing.save(key_path)
     signing.public.save(keys / f"{tok.device_id}.pub")
     aggregator.save(keys / "aggregator.pub")
@@ -118,7 +124,6 @@ def enroll(source: Token | Package, directory: Path, *, data_dir: Path | None = 
             atomic_write_bytes(tls_key_path, tls_key.encode(), mode=0o600)
             mqtt.update(cert_file=str(tls / f"{tok.device_id}.crt"), key_file=str(tls_key_path))
     data = private_dir(data_dir.resolve() if data_dir is not None else directory / "data")
-    chosen = {**pkg.privacy, **(privacy or {})}
     table: dict[str, Any] = {"device_id": tok.device_id, "fleet": tok.fleet,
                              "key": str(key_path), "aggregator_key": str(keys / "aggregator.pub"),
                              "data_dir": str(data), "mqtt": mqtt}
@@ -132,29 +137,52 @@ def enroll(source: Token | Package, directory: Path, *, data_dir: Path | None = 
             write_key(store_key)
         table["storage"] = {"key_file": str(store_key)}
     from bedside.config import to_toml
+    from bedside.edge.config import load
 
     header = (f"# Written by 'bedside edge enroll' for {tok.device_id} in fleet {tok.fleet}.\n"
               "# The [privacy] budget is this device's own decision: change it here (a smaller\n"
               "# epsilon protects patients more); the ledger in data_dir enforces it.\n")
-    atomic_write_bytes(toml, (header + to_toml(table)).encode(), mode=0o640)
-    from bedside.edge.config import load
-
+    draft = directory / ".agent.toml.new"
+    atomic_write_bytes(draft, (header + to_toml(table)).encode(), mode=0o640)
     try:
-        cfg = load(toml)
+        cfg = load(draft)
     except ConfigError as exc:
-        raise ConfigError(f"{tok.device_id} is enrolled, but {toml} is not complete: {exc}. Edit "
-                          "it (e.g. [privacy] record_epsilon = 8.0), then run the agent") from None
+        draft.unlink()
+        raise ConfigError(f"{tok.device_id} cannot be configured: {exc}. Run the same command "
+                          "again with your own budget, e.g. --record-epsilon 8") from None
     from bedside.edge.updater import ModelManager
     from bedside.privacy.ledger import Ledger
 
-    ModelManager(cfg.models_path).install(pkg.model, manifest, rel.version, None, None,
-                                          golden=rel.golden)
+    models = ModelManager(cfg.models_path)
+    if models.manifest(rel.version) is None:
+        models.install(pkg.model, manifest, rel.version, None, None, golden=rel.golden)
     Ledger(cfg.ledger_path, cfg.budgets()).close()  # created now, with the budgets it enforces
+    draft.replace(toml)
     return {"device_id": tok.device_id, "fleet": tok.fleet, "config": str(toml),
             "already": False, "fingerprint": signing.public.fingerprint,
             "aggregator_fingerprint": aggregator.fingerprint, "model_version": rel.version,
             "broker": f"{pkg.broker_host}:{pkg.broker_port}", "tls": pkg.ca_cert is not None,
-            "group": pkg.group, "privacy": chosen, "encrypted": encrypt}
+            "group": pkg.group, "privacy": chosen, "ignored_privacy": ignored,
+            "encrypted": encrypt}
+
+
+#: What an aggregator may suggest for a device's [privacy] table, and within which bounds: the
+#: budgets. Never the device's safeguards against the aggregator itself (accept_noise,
+#: allow_no_record_dp, min_noise_multiplier, max_clip_norm, ...): those are the device's.
+SUGGESTIBLE = {"record_epsilon": (0.0, 100.0), "device_epsilon": (0.0, 1000.0),
+               "record_delta": (0.0, 1e-3), "device_delta": (0.0, 1e-3)}
+
+
+def suggested_privacy(suggestion: dict[str, Any]) -> tuple[dict[str, float], list[str]]:
+    """The budgets an aggregator suggests that a device takes (bounded numbers only), and the
+    keys it ignored."""
+    taken: dict[str, float] = {}
+    for k, v in suggestion.items():
+        bounds = SUGGESTIBLE.get(k)
+        if (bounds is not None and isinstance(v, int | float) and not isinstance(v, bool)
+                and bounds[0] < v <= bounds[1]):
+            taken[k] = float(v)
+    return taken, sorted(set(suggestion) - set(taken))
 
 
 def _already(toml: Path, tok: Token) -> dict[str, Any]:
@@ -193,7 +221,10 @@ def fetch_package(tok: Token, body: bytes, timeout: float = TIMEOUT_S) -> Packag
         raise InputError("this token names no enrollment endpoint (it came from an offline "
                          "bundle): use --token-file with the bundle")
     u = urllib.parse.urlsplit(tok.url)
-    host, port = u.hostname or "", u.port or (443 if u.scheme == "https" else 80)
+    try:
+        host, port = u.hostname or "", u.port or (443 if u.scheme == "https" else 80)
+    except ValueError:
+        raise InputError(f"the token names {tok.url!r}: not a valid address") from None
     conn: http.client.HTTPConnection
     if u.scheme == "https":
         if not tok.tls_sha256:

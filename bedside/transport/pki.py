@@ -197,8 +197,9 @@ def make_csr(identity: str) -> tuple[str, str]:
 
 def sign_csr(out: Path, identity: str, csr_pem: str) -> str:
     """A client certificate for ``identity`` (CN) on the key of ``csr_pem``, signed by the CA in
-    ``out``; also written to ``out/<identity>.crt`` (what :func:`revoke` revokes). The request's
-    own subject is ignored: the CN is the identity the caller vouches for."""
+    ``out``; also written to ``out/<identity>.crt`` (what :func:`revoke` revokes), after the
+    certificate it replaces, if any, is revoked. The request's own subject and extensions are
+    ignored: the CN is the identity the caller vouches for."""
     _check_identity(identity)
     try:
         csr = x509.load_pem_x509_csr(csr_pem.encode())
@@ -212,6 +213,8 @@ def sign_csr(out: Path, identity: str, csr_pem: str) -> str:
         raise InputError("the certificate request must be for a P-256 EC key")
     ca_cert, ca_key = _load_ca(out)
     cert = _pem(_cert(identity, public, ca_cert.subject, ca_key, client=True))
+    if (out / f"{identity}.crt").exists():
+        revoke(out, identity)  # the certificate it replaces (a replaced device) stops working
     atomic_write_bytes(out / f"{identity}.crt", cert)
     return cert.decode()
 

@@ -87,7 +87,7 @@ def test_a_round_over_tls_with_devices_enrolled_by_token_only(tmp_path, capsys):
         assert main(["aggregator", "revoke", "clinic-2", "--config",
                      str(fleet.aggregator_toml)]) == 0
         out = capsys.readouterr().out
-        assert "revoked its broker certificate" in out and "reload Mosquitto" in out
+        assert "revoked its broker certificate" in out and "restart Mosquitto" in out
         assert "user clinic-2" not in (etc / "acl").read_text()
         broker.terminate()
         broker.wait(10)

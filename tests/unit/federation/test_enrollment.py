@@ -253,3 +253,114 @@ def _refused(port: int) -> bool:
 
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_an_aggregator_suggests_budgets_only_never_the_devices_safeguards(tmp_path, capsys):
+    """A hostile suggestion (train without DP-SGD, accept any noise) is not written into the
+    device's configuration; the CLI says what it ignored."""
+    from bedside.edge.config import load as load_agent
+    from bedside.edge.enroll import suggested_privacy
+
+    taken, ignored = suggested_privacy({"record_epsilon": 8, "allow_no_record_dp": True,
+                                        "accept_noise": ["none"], "device_epsilon": 1e9,
+                                        "record_delta": True, "x\n[agent]": 1})
+    assert taken == {"record_epsilon": 8.0}
+    assert ignored == ["accept_noise", "allow_no_record_dp", "device_epsilon", "record_delta",
+                       "x\n[agent]"]
+    mf = mem_fleet(tmp_path / "fed", clients=2, rounds=1, aggregator={"enrollment": {
+        "port": free_port(), "privacy": {"record_epsilon": 3.0, "allow_no_record_dp": True,
+                                         "min_statistics_noise": 1e-9}}})
+    try:
+        line = _invite(mf, "clinic-9", capsys=capsys)
+        assert main(["edge", "enroll", "--token", line, "--dir", str(tmp_path / "d")]) == 0
+        out = capsys.readouterr().out
+        assert "record_epsilon 3.0" in out
+        assert "ignored from the federation's suggestion" in out and "allow_no_record_dp" in out
+        cfg = load_agent(tmp_path / "d" / "agent.toml")
+        assert cfg.privacy.record_epsilon == 3.0 and not cfg.privacy.allow_no_record_dp
+    finally:
+        mf.aggregator.close()
+
+
+def test_replacing_a_device_revokes_its_old_certificate_and_tokens_can_be_voided(tls_fleet,
+                                                                                tmp_path,
+                                                                                capsys):
+    from bedside.edge.enroll import enroll
+    from bedside.transport.pki import revoked
+
+    mf = tls_fleet
+    first = Token.parse(_invite(mf, "clinic-9", capsys=capsys))
+    enroll(first, tmp_path / "old")
+    old_serial = _serial(mf.ca / "clinic-9.crt")
+    assert main(["aggregator", "invite", "--config", str(mf.fleet.aggregator_toml),
+                 "--device-id", "clinic-9"]) == 2
+    assert "--replace" in capsys.readouterr().err
+    second = Token.parse(_invite(mf, "clinic-9", "--replace", capsys=capsys))
+    enroll(second, tmp_path / "new")
+    assert old_serial in {int(str(e["serial"])) for e in revoked(mf.ca)}
+    assert _serial(mf.ca / "clinic-9.crt") != old_serial
+    # a newer invite voids the older unused one; revoke voids what is left
+    a = Token.parse(_invite(mf, "clinic-8", capsys=capsys))
+    b = Token.parse(_invite(mf, "clinic-8", capsys=capsys))
+    with pytest.raises(InputError, match="superseded"):
+        enroll(a, tmp_path / "a")
+    assert main(["aggregator", "revoke", "clinic-8", "--config",
+                 str(mf.fleet.aggregator_toml)]) == 0
+    assert "1 unused enrollment token(s)" in capsys.readouterr().out
+    with pytest.raises(InputError, match="device revoked"):
+        enroll(b, tmp_path / "b")
+
+
+def _serial(path: Path) -> int:
+    from cryptography import x509
+
+    return x509.load_pem_x509_certificate(path.read_bytes()).serial_number
+
+
+def test_a_device_that_lost_the_answer_enrols_again_with_the_same_token(tls_fleet, tmp_path,
+                                                                      capsys):
+    """The token is used, but the same device key may fetch its package again before expiry."""
+    from bedside.edge.enroll import enroll
+
+    mf = tls_fleet
+    tok = Token.parse(_invite(mf, "clinic-9", capsys=capsys))
+    d = tmp_path / "dev"
+    enroll(tok, d)
+    (d / "agent.toml").unlink()  # as if it failed after the answer arrived
+    again = enroll(tok, d)
+    assert again["device_id"] == "clinic-9" and not again["already"]
+    # another key with the same token is still refused
+    with pytest.raises(InputError, match="was used"):
+        enroll(tok, tmp_path / "other")
+
+
+def test_one_address_cannot_hold_every_connection_of_the_endpoint(tls_fleet):
+    import socket
+
+    from bedside.aggregator.releases import MAX_PER_CLIENT
+
+    port = tls_fleet.aggregator.enrollment.port
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(MAX_PER_CLIENT)]
+    try:
+        extra = socket.create_connection(("127.0.0.1", port))
+        extra.settimeout(5)
+        assert extra.recv(1) == b""  # closed at once
+        extra.close()
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_a_token_pins_the_leaf_of_a_certificate_chain(tls_fleet, tmp_path):
+    from dataclasses import replace
+
+    from bedside.aggregator.config import load as load_agg
+    from bedside.aggregator.enrollment import _endpoint_pin
+
+    mf = tls_fleet
+    cfg = load_agg(mf.fleet.aggregator_toml)
+    chain = tmp_path / "chain.pem"
+    chain.write_bytes((mf.ca / "downloads.crt").read_bytes() + (mf.ca / "ca.crt").read_bytes())
+    leaf = _endpoint_pin(cfg)
+    assert _endpoint_pin(replace(cfg, enrollment=replace(cfg.enrollment, cert_file=chain))) \
+        == leaf
