@@ -51,6 +51,9 @@ def build(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--data-dir", type=Path, metavar="DIR",
                    help="Mosquitto's persistence, writable by its user (default "
                    "/var/lib/mosquitto)")
+    p.add_argument("--plaintext-loopback", type=int, metavar="PORT",
+                   help="also a listener without TLS on 127.0.0.1:PORT, for tools on the "
+                   "broker's machine; they log in with a password (passwd, mosquitto_passwd)")
     p.add_argument("--broker-group", default="mosquitto", metavar="GROUP",
                    help="make the broker's key and files readable by this group (default "
                    "mosquitto; '' for none)")
@@ -109,7 +112,8 @@ def _config(ns: argparse.Namespace) -> int:
 
     listeners = [parse_listener(x) for x in ns.listen] or None
     files = write_config(ns.out, ns.ca, ns.fleet, _device_ids(ns), aggregator=ns.aggregator,
-                         data_dir=ns.data_dir, listeners=listeners)
+                         data_dir=ns.data_dir, listeners=listeners,
+                         plaintext_loopback=ns.plaintext_loopback)
     group = share_with_broker(ns.out, ns.broker_group) if ns.broker_group else None
     if ns.json:
         print_json({"dir": str(ns.out), "files": [f.name for f in files],

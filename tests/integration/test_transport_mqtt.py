@@ -338,3 +338,54 @@ def test_mosquitto_from_the_generated_config_refuses_strangers(tmp_path, capsys)
             c.close()
         proc.terminate()
         proc.wait(10)
+
+
+def test_an_explicit_plaintext_listener_is_loopback_only_and_needs_a_password(tmp_path, capsys):
+    """``--plaintext-loopback PORT``: a listener without TLS, on 127.0.0.1 only, for tools on the
+    broker's machine; anonymous clients are refused, a user from the password file connects
+    (and the ACL still applies to it)."""
+    import subprocess
+
+    from bedside.cli import main
+    from bedside.transport import free_port
+    from bedside.transport.pki import create_fleet
+    from tests.brokers import _wait_port, mosquitto_binary
+
+    ca = create_fleet(tmp_path / "ca", ["aggregator", "clinic-1"], ["127.0.0.1"])
+    tls_port, plain_port = free_port(), free_port()
+    out = tmp_path / "etc"
+    assert main(["broker", "config", "--fleet", "north", "--device", "clinic-1", "--ca", str(ca),
+                 "--out", str(out), "--listen", f"127.0.0.1:{tls_port}", "--data-dir",
+                 str(tmp_path / "data"), "--broker-group", "",
+                 "--plaintext-loopback", str(plain_port)]) == 0
+    conf = (out / "mosquitto.conf").read_text()
+    assert f"listener {plain_port} 127.0.0.1" in conf and conf.count("listener ") == 2
+    (tmp_path / "data").mkdir()
+    subprocess.run(["mosquitto_passwd", "-b", str(out / "passwd"), "monitor", "s3cret-pw"],
+                   check=True, capture_output=True)
+    acl = (out / "acl").read_text() + "\nuser monitor\ntopic read bedside/v1/north/round\n"
+    (out / "acl").write_text(acl)
+    if os.geteuid() == 0:
+        (out / "mosquitto.conf").write_text("user root\n" + conf)
+    proc = subprocess.Popen([mosquitto_binary(), "-c", str(out / "mosquitto.conf")],
+                            stdout=subprocess.DEVNULL, stderr=(tmp_path / "log").open("wb"))
+    clients = []
+    try:
+        _wait_port(plain_port)
+        _wait_port(tls_port)
+        anonymous = MqttTransport(MqttConfig(port=plain_port), client_id="anon")
+        wrong = MqttTransport(MqttConfig(port=plain_port, username="monitor", password="nope"),
+                              client_id="wrong")
+        good = MqttTransport(MqttConfig(port=plain_port, username="monitor",
+                                        password="s3cret-pw"), client_id="monitor")
+        device = MqttTransport(MqttConfig(port=tls_port, ca_file=ca / "ca.crt",
+                                          cert_file=ca / "clinic-1.crt",
+                                          key_file=ca / "clinic-1.key"), client_id="clinic-1")
+        clients += [anonymous, wrong, good, device]
+        assert good.wait_connected(10) and device.wait_connected(10)
+        assert not anonymous.wait_connected(2) and not wrong.wait_connected(1)
+    finally:
+        for c in clients:
+            c.close()
+        proc.terminate()
+        proc.wait(10)
