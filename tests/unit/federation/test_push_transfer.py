@@ -18,7 +18,7 @@ from bedside.manifest import load_manifest, verify_model_file
 from bedside.models.registry import Registry
 from bedside.transport import free_port
 from bedside.wire.envelope import peek
-from tests.fleet import mem_fleet
+from tests.fleet import mem_fleet, wait_for
 from tests.release_tools import InferenceLoop, drive, other_model, stores
 
 
@@ -115,7 +115,10 @@ def test_a_large_model_reaches_the_fleet_in_chunks(tmp_path):
         src = other_model(registry.path(2), tmp_path / "big", pad_bytes=300 * 1024)
         rid = stage_push(cfg, store, registry, src, PushOptions())
         with InferenceLoop(mf.agents[0].models) as loop:  # inference through the swap
-            drive(mf, steps=40)
+            # the downloads run on their own threads: step until they are done (a busy
+            # machine takes longer), then until the loop has served the new version
+            wait_for(lambda: (drive(mf, steps=1), store.get(rid).status == "complete"
+                              and 3 in loop.served)[1], 60, "the chunked release", poll=0.02)
         assert not loop.errors
         assert {2, 3} <= loop.served
         r = store.get(rid)
