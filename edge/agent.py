@@ -159,7 +159,7 @@ class Agent:
             return {"error": self.ledger_error}
         try:
             return dict(self._ledger.report())
-        except LedgerError as exc:
+        except BedsideError as exc:  # a broken ledger, or no accountant (the slim edge install)
             return {"error": str(exc)}
 
     def close(self) -> None:
