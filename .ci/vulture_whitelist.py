@@ -48,6 +48,7 @@ clientapp_main
 _.server_version
 _.sys_version
 _.do_GET
+_.do_POST
 _.log_message
 _.daemon_threads
 # urllib calls it by name (downloads refuse redirects).

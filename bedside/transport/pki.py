@@ -219,13 +219,6 @@ def sign_csr(out: Path, identity: str, csr_pem: str) -> str:
     return cert.decode()
 
 
-def new_client(out: Path, identity: str) -> tuple[str, str]:
-    """A client key and certificate for ``identity`` made here (PEM key, PEM certificate), for
-    an offline bundle: the key is returned, never written; the certificate is kept in ``out``."""
-    key_pem, csr = make_csr(identity)
-    return key_pem, sign_csr(out, identity, csr)
-
-
 def certificate_cn(pem: str) -> str:
     """The Common Name of a PEM certificate ('' if it has none)."""
     try:
