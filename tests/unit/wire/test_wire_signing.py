@@ -106,7 +106,7 @@ def test_from_text_refuses_junk(text):
 
 def test_signing_key_never_shows_or_pickles_its_secret():
     key = SigningKey.generate()
-    pem = key._pem()
+    pem = key.private_pem()
     assert pem.decode() not in repr(key)
     assert key.public.fingerprint in repr(key)
     with pytest.raises(TypeError, match="pickle"):
