@@ -48,6 +48,18 @@ def read_rows(path: Path) -> tuple[list[str], list[list[str]]]:
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror})") from None
     header = [h.strip() for h in header]
+    if len(header) == 1:
+        for sep, name in ((";", "semicolons"), ("\t", "tabs"), ("|", "vertical bars")):
+            if header[0].count(sep) >= 1:
+                raise DataError(f"{path}: the header seems to be separated by {name}, not "
+                                "commas; save the file as comma-separated CSV")
+    seen: dict[str, int] = {}
+    for i, name in enumerate(header, start=1):
+        if name in seen:
+            raise DataError(f"{path}: column {name!r} appears twice in the header (columns "
+                            f"{seen[name]} and {i}); rename or remove one, so that no value is "
+                            "read from the wrong copy")
+        seen[name] = i
     rows = [r for r in rows if any(c.strip() for c in r)]  # blank lines are not rows
     if not rows:
         raise DataError(f"{path}: has a header but no data rows")
@@ -73,10 +85,15 @@ def _parse(path: Path, value: str, row: int, column: str) -> float:
         raise SchemaError(
             f"{path}: row {row} (line {row + 1}), column {column!r}: {shown!r} is not a number"
         ) from None
-    if not math.isfinite(v):
+    if math.isnan(v):
         raise SchemaError(
-            f"{path}: row {row} (line {row + 1}), column {column!r}: value is {text}; Bedside does "
-            "not impute missing values: fill in or drop the row"
+            f"{path}: row {row} (line {row + 1}), column {column!r}: value is {text} (missing); "
+            "Bedside does not impute missing values: fill in or drop the row"
+        )
+    if math.isinf(v):
+        raise SchemaError(
+            f"{path}: row {row} (line {row + 1}), column {column!r}: {text} is out of range (too "
+            "large to be a measurement, or infinite); check the value and its unit"
         )
     return v
 

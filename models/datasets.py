@@ -522,9 +522,6 @@ def _infer_schema(path: Path, label_column: str) -> Schema:
     for j, name in enumerate(header):
         if not name:
             raise DataError(f"{path}: column {j + 1} has an empty name in the header; name it")
-    dupes = sorted({h for h in header if header.count(h) > 1})
-    if dupes:
-        raise DataError(f"{path}: repeated column name(s) in the header: {', '.join(dupes)}")
     width = len(header)
     for i, r in enumerate(rows, start=1):
         if len(r) != width:

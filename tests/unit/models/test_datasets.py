@@ -293,7 +293,7 @@ def test_load_csv_integer_labels_sort_numerically(tmp_path):
         (["a", "y"], [["1", "0"], ["2", ""], ["3", "1"]], "y", DataError,
          r"row 2 \(line 3\), column 'y': the label is empty"),
         (["y"], [["0"], ["1"]], "y", DataError, "no feature columns"),
-        (["a", "a", "y"], [["1", "1", "0"]], "y", DataError, "repeated column"),
+        (["a", "a", "y"], [["1", "1", "0"]], "y", DataError, "'a' appears twice"),
         (["a", "y"], [["1", "0"], ["2", "1", "9"]], "y", DataError,
          r"row 2 \(line 3\) has 3 fields"),
         (["a", "y"], [["1", "0"], ["nan", "0"], ["2", "1"], ["3", "1"]], "y", SchemaError,
