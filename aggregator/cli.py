@@ -94,6 +94,8 @@ def _enroll(ns: argparse.Namespace) -> int:
             raise InputError(f"{ns.device_id} is already enrolled with another key "
                              f"({existing.fingerprint}); use --force to replace it")
     key.save(dest)
+    audit_entry(cfg, "device_enrolled", f"device {ns.device_id}", key=key.fingerprint,
+                how="by hand")
     print(f"enrolled {ns.device_id} (fingerprint {key.fingerprint}); it takes part from the next "
           "round")
     return 0
@@ -116,6 +118,8 @@ def _invite(ns: argparse.Namespace) -> int:
     ttl = parse_duration(ns.expires) if ns.expires else None
     tok = invite(cfg, ns.device_id, group=ns.group, ttl=ttl, replace_key=ns.replace,
                  offline=ns.offline)
+    audit_entry(cfg, "invite_issued", f"device {ns.device_id}", group=ns.group, offline=ns.offline,
+           replace=ns.replace, token=tok.token_id[:8], expires=tok.expires)
     expires = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(tok.expires))
     if ns.offline:
         pkg = offline_bundle(cfg, tok)
@@ -184,6 +188,8 @@ def _revoke(ns: argparse.Namespace) -> int:
                   "rewritten")
         else:
             print(f"no broker certificate for {ns.device} in {ca}: nothing to revoke there")
+    audit_entry(cfg, "device_revoked", f"device {ns.device}", tokens_voided=voided,
+           certificate=ca is not None)
     rewritten = refresh_broker(cfg)
     if rewritten:
         print(f"rewrote {', '.join(rewritten)}: restart Mosquitto so that it reads the CRL and "
@@ -200,6 +206,7 @@ def _rotate_key(ns: argparse.Namespace) -> int:
 
     cfg = load(ns.config)
     old, new, sequence = rotate_key(cfg)
+    audit_entry(cfg, "key_rotated", "aggregator", old=old, new=new, rotation=sequence)
     info = {"old_fingerprint": old, "new_fingerprint": new, "rotation": sequence,
             "key": str(cfg.key), "public_key": str(cfg.key.with_suffix(".pub"))}
     if ns.json:
@@ -253,3 +260,10 @@ def _status(ns: argparse.Namespace) -> int:
         print(f"privacy of v{latest}: {privacy_text(m)}"
               + (f": {strength(m.privacy.get('epsilon'))}" if "epsilon" in m.privacy else ""))
     return 0
+
+
+def audit_entry(cfg: Any, action: str, subject: str, **detail: Any) -> None:
+    """An entry in the aggregator's audit trail (<data_dir>/audit.db) for a command."""
+    from bedside.audit import record
+
+    record(cfg.data_dir / "audit.db", cfg.key, "aggregator", action, subject, **detail)

@@ -29,6 +29,7 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bedside.audit import AuditLog
 from bedside.enrollment import (
     ENROLL_PATH,
     MAX_REQUEST_BYTES,
@@ -252,10 +253,12 @@ class Enroller:
     def __init__(self, cfg: AggregatorConfig) -> None:
         self.cfg = cfg
         self.invites = Invites(cfg.state_path)
+        self.audit = AuditLog(cfg.data_dir / "audit.db", SigningKey.load(cfg.key), "aggregator")
         self._lock = threading.Lock()
 
     def close(self) -> None:
         self.invites.close()
+        self.audit.close()
 
     def enroll(self, req: EnrollRequest, *, now: float | None = None,
                how: str = "endpoint") -> Package:
@@ -316,6 +319,9 @@ class Enroller:
                 with contextlib.suppress(Exception):
                     refresh_broker(self.cfg)
                 raise
+            self.audit.append("device_enrolled", f"device {inv.device_id}", actor=how,
+                              key=key.fingerprint, group=inv.group, retry=retry,
+                              token=inv.token_id[:8])
         log.info("enrolled %s (key %s%s%s)", inv.device_id, key.fingerprint,
                  f", group {inv.group}" if inv.group else "", ", again: a retry" if retry else "")
         return Package(fleet=self.cfg.fleet, device_id=inv.device_id,

@@ -109,6 +109,10 @@ def _push(ns: argparse.Namespace) -> int:
     cfg, store, registry = _open(ns.config)
     golden = read_golden(ns.golden, ns.tolerance) if ns.golden else None
     rid = stage_push(cfg, store, registry, ns.model, _options(ns), golden)
+    from bedside.aggregator.cli import audit_entry
+
+    audit_entry(cfg, "push_staged", f"rollout {rid}", to=ns.to, canary=ns.canary,
+           model=str(ns.model.name))
     return _staged(ns, store, rid)
 
 
@@ -117,6 +121,9 @@ def _rollback(ns: argparse.Namespace) -> int:
 
     cfg, store, registry = _open(ns.config)
     rid = stage_rollback(cfg, store, registry, ns.version, _options(ns))
+    from bedside.aggregator.cli import audit_entry
+
+    audit_entry(cfg, "rollback_staged", f"rollout {rid}", to=ns.to, version=ns.version)
     return _staged(ns, store, rid)
 
 

@@ -42,6 +42,7 @@ from bedside.aggregator.keys import published as published_rotation
 from bedside.aggregator.releases import DownloadServer, ReleaseStore
 from bedside.aggregator.rollout import Rollouts
 from bedside.aggregator.state import RoundRow, State
+from bedside.audit import AuditLog
 from bedside.constants import (
     AGGREGATOR_ID,
     KIND_ANNOUNCE,
@@ -96,6 +97,7 @@ class Aggregator:
         self.key = SigningKey.load(cfg.key)
         check_current(cfg, self.key)
         self.state = State(cfg.state_path)
+        self.audit = AuditLog(cfg.data_dir / "audit.db", self.key, "aggregator", clock=clock)
         self.registry = Registry(cfg.registry_path)
         self.rollouts = Rollouts(cfg, ReleaseStore(self.state.db), self.registry, self.key,
                                  lambda t, p, r: self._publish(t, p, retain=r), clock)
@@ -279,6 +281,7 @@ class Aggregator:
         if self.enrollment is not None:
             self.enrollment.close()
             self.enrollment = None
+        self.audit.close()
 
     def _recover(self, cur: RoundRow) -> None:
         """Resume an open round after a restart (or finish one whose version was already stored:
@@ -497,6 +500,8 @@ class Aggregator:
         self._devices_seen = _mtime(self.cfg.devices)
         log.warning("device %s rotated its key: %s in place of %s", device, new.fingerprint,
                     old.fingerprint)
+        self.audit.append("device_key_rotated", f"device {device}", old=old.fingerprint,
+                          new=new.fingerprint)
         self._key_receipt(device, new.fingerprint)
 
     def _key_receipt(self, device: str, fingerprint: str) -> None:
@@ -602,6 +607,8 @@ class Aggregator:
                           model_version=latest, meta=settings.to_meta())
         self.state.open_round(round_id, latest, announce, settings)
         self._publish(topic_round(self.cfg.fleet), announce, retain=True)
+        self.audit.append("round_opened", f"round {round_id}", model_version=latest,
+                          task=settings.task, enrolled=len(self.devices))
         log.info("round %d open: model v%d, %d enrolled device(s), deadline %.0f s", round_id,
                  latest, len(self.devices), self.cfg.rounds.deadline_seconds)
 
@@ -755,6 +762,8 @@ class Aggregator:
     def _finish_round(self, round_id: int, status: str, result: dict[str, Any],
                       version: int | None, drop: Iterable[int] | None = None) -> None:
         self.state.finish_round(round_id, status, result, drop)
+        self.audit.append("round_closed", f"round {round_id}", status=status,
+                          model_version=version, accepted=result.get("accepted"))
         t0 = time.perf_counter()
         if version is not None:
             release = self.registry.release(version)

@@ -38,6 +38,8 @@ GROUPS: dict[str, tuple[str, str]] = {
                "ACL and revocation for Mosquitto"),
     "flower": ("bedside.transport.flower_cli", "run the federation on Flower: superlink, "
                "supernode, run"),
+    "audit": ("bedside.audit_cli", "verify a device's or the aggregator's tamper-evident audit "
+              "trail; show its last entries"),
     "demo": ("bedside.demo.cli", "run a whole federation on one machine and report it"),
 }
 

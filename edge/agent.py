@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from bedside import __version__
+from bedside.audit import AuditLog
 from bedside.constants import (
     AGGREGATOR_ID,
     KIND_ANNOUNCE,
@@ -98,6 +99,8 @@ class Agent:
         self.key = SigningKey.load(cfg.key)
         self.pinned = KeyRing()
         self.pinned.add(AGGREGATOR_ID, VerifyKey.load(cfg.aggregator_key))
+        self.audit = AuditLog(cfg.data / "audit.db", self.key, f"device:{cfg.device_id}",
+                              clock=clock)
         key = cfg.store_key()
         self.store = RecordStore(cfg.records_path, key)
         self.state = AgentState(cfg.state_path, cfg.fleet, key)
@@ -167,7 +170,7 @@ class Agent:
         if self._download is not None:
             self._download[0].stop()
             self._download = None
-        for db in (self._ledger, self.store, self.state):
+        for db in (self._ledger, self.store, self.state, self.audit):
             if db is not None:
                 db.close()
         self._ledger = None
@@ -472,6 +475,8 @@ class Agent:
     def _release_state(self, rel: Release, state: str, reason: str = "", detail: str = "",
                        until: float | None = None) -> None:
         self.releases.set(rel, state, reason, detail, until=until, now=self.clock())
+        self.audit.append(f"release_{state}", f"model v{rel.version}", counter=rel.counter,
+                          sha256=rel.sha256, reason=reason)
         level = logging.WARNING if state in ("rejected", "rolled_back") else logging.INFO
         log.log(level, "model release %d (v%d): %s%s", rel.counter, rel.version, state,
                 f" ({reason}: {detail})" if reason else f" ({detail})" if detail else "")
@@ -560,6 +565,8 @@ class Agent:
                      model_version=h.model_version,
                      meta={"decline": reason, "fleet": self.cfg.fleet})
         self.state.queue(h.round, f"declined:{reason}", detail, peek(msg).nonce, "decline", msg)
+        self.audit.append("round_declined", f"round {h.round}", fleet=self.cfg.fleet,
+                          reason=reason, model_version=h.model_version)
         log.info("round %d: declined (%s)%s", h.round, reason, f": {detail}" if detail else "")
         self._flush_outbox()
 
@@ -602,6 +609,8 @@ class Agent:
         timings = {**outcome.timings, "sign": time.perf_counter() - t0}
         detail = f"trained {outcome.steps} steps in {time.perf_counter() - started:.2f} s"
         self.state.queue(r, "contributed", detail, peek(msg).nonce, "update", msg)
+        self.audit.append("round_contributed", f"round {r}", fleet=self.cfg.fleet,
+                          nonce=peek(msg).nonce)
         log.info("round %d: %s, update norm %.3f (clip %g)", r, detail, outcome.norm,
                  s.clip_norm)
         t0 = time.perf_counter()
@@ -682,6 +691,9 @@ class Agent:
         fsync_dir(self.cfg.key.parent)
         new.public.save(self.cfg.key.with_suffix(".pub"))
         old, self.key = self.key.public.fingerprint, new
+        self.audit.key = new
+        self.audit.append("key_rotated", f"device {self.cfg.device_id}", old=old,
+                          new=new.public.fingerprint)
         log.warning("this device's key was rotated: %s in place of %s (the aggregator confirmed "
                     "it)", new.public.fingerprint, old)
 

@@ -172,6 +172,8 @@ def _rotate_key(ns: argparse.Namespace) -> int:
         return 0
     new = SigningKey.generate()
     new.save(nxt)
+    _audit(cfg, "key_rotation_requested", f"device {cfg.device_id}",
+           new=new.public.fingerprint)
     print(f"new key {new.public.fingerprint} written to {nxt}; the running agent (bedside edge "
           f"run) sends it signed by the current key {current.public.fingerprint} and switches "
           "to it once the aggregator confirms (its log says so)")
@@ -202,6 +204,11 @@ def _ingest(ns: argparse.Namespace) -> int:
         result = store.ingest(table, schema, source=ns.file.name)
     finally:
         store.close()
+    from bedside.manifest import sha256_file
+
+    # the file's digest, never its name (a clinic may have named it after a patient)
+    _audit(cfg, "records_ingested", "records", added=result.added, duplicates=result.duplicates,
+           total=result.total, file_sha256=sha256_file(ns.file))
     if ns.json:
         print_json({"added": result.added, "duplicates": result.duplicates,
                     "total": result.total})
@@ -285,5 +292,13 @@ def _rollback(ns: argparse.Namespace) -> int:
 
     cfg = load(ns.config)
     v = ModelManager(cfg.models_path).rollback()
+    _audit(cfg, "model_rolled_back", f"model v{v}")
     print(f"model v{v} is back in service (a running agent picks it up at its next inference)")
     return 0
+
+
+def _audit(cfg: Any, action: str, subject: str, **detail: Any) -> None:
+    """An entry in the device's audit trail (<data_dir>/audit.db) for a command run by hand."""
+    from bedside.audit import record
+
+    record(cfg.data / "audit.db", cfg.key, f"device:{cfg.device_id}", action, subject, **detail)

@@ -157,6 +157,12 @@ def enroll(source: Token | Package, directory: Path, *, data_dir: Path | None = 
     if models.manifest(rel.version) is None:
         models.install(pkg.model, manifest, rel.version, None, None, golden=rel.golden)
     Ledger(cfg.ledger_path, cfg.budgets()).close()  # created now, with the budgets it enforces
+    from bedside.audit import AuditLog
+
+    with AuditLog(cfg.data / "audit.db", signing, f"device:{tok.device_id}") as audit:
+        audit.append("enrolled", f"device {tok.device_id}", actor="operator", fleet=tok.fleet,
+                     aggregator=aggregator.fingerprint, key=signing.public.fingerprint,
+                     model_version=rel.version, offline=isinstance(source, Package))
     draft.replace(toml)
     return {"device_id": tok.device_id, "fleet": tok.fleet, "config": str(toml),
             "already": False, "fingerprint": signing.public.fingerprint,
