@@ -27,6 +27,8 @@ class Table:
     x: np.ndarray
     y: np.ndarray | None
     row_ids: list[str]
+    #: the file's data rows (0-based) behind each table row: one per row, or a window's rows
+    sources: list[list[int]] | None = None
 
 
 def read_rows(path: Path) -> tuple[list[str], list[list[str]]]:
@@ -141,6 +143,12 @@ def read_csv(path: str | Path, schema: Schema, label_column: str | None = None) 
     """Read ``path`` into a :class:`Table` shaped for ``schema``; labels only if asked for."""
     path = Path(path)
     header, rows = read_rows(path)
+    return table_from_rows(path, header, rows, schema, label_column)
+
+
+def table_from_rows(path: Path, header: list[str], rows: list[list[str]], schema: Schema,
+                    label_column: str | None = None) -> Table:
+    """:func:`read_csv` on rows already read (``path`` names them in errors)."""
     cols = [_column_index(path, header, f.name, "feature") for f in schema.features]
     label_idx = _column_index(path, header, label_column, "label") if label_column else None
     width = len(header)
@@ -160,7 +168,8 @@ def read_csv(path: str | Path, schema: Schema, label_column: str | None = None) 
         y = None
         if label_idx is not None:
             y = _labels(path, schema, [r[label_idx] for r in rows], where, header[label_idx])
-        return Table(x=x, y=y, row_ids=[str(i) for i in range(1, len(rows) + 1)])
+        return Table(x=x, y=y, row_ids=[str(i) for i in range(1, len(rows) + 1)],
+                     sources=[[i] for i in range(len(rows))])
     return _read_windows(path, schema, header, rows, cols, label_idx)
 
 
@@ -174,6 +183,7 @@ def _read_windows(
     groups: dict[str, list[int]] = {}
     for i, r in enumerate(rows):
         groups.setdefault(r[g].strip(), []).append(i)
+    sources = [list(m) for m in groups.values()]
     x = np.empty((len(groups), schema.n_features, schema.window), dtype=np.float32)
     labels_raw: list[str] = []
     where: list[str] = []
@@ -203,7 +213,7 @@ def _read_windows(
     _check_range(path, schema, x, where)
     y = (_labels(path, schema, labels_raw, where, header[label_idx])
          if label_idx is not None else None)
-    return Table(x=x, y=y, row_ids=list(groups))
+    return Table(x=x, y=y, row_ids=list(groups), sources=sources)
 
 
 def write_csv(path: str | Path, header: list[str], rows: list[list[object]]) -> None:

@@ -60,6 +60,16 @@ def register(sub: Any) -> None:
     p.add_argument("--config", required=True, type=Path, metavar="agent.toml")
     p.set_defaults(func=_rotate_key)
 
+    p = sub.add_parser("consent", help="withdraw a patient's training consent")
+    csub = p.add_subparsers(title="actions", metavar="ACTION")
+    c = csub.add_parser("withdraw", help="remove a patient from all future training (models "
+                        "already released cannot forget)")
+    c.add_argument("patient", metavar="PATIENT_ID", help="the id in the column the policy "
+                   "pseudonymizes (e.g. the MRN)")
+    c.add_argument("--config", required=True, type=Path, metavar="agent.toml")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(func=_consent_withdraw)
+
     p = sub.add_parser("encrypt-store", help="encrypt this device's records.db and agent.db "
                        "in place with [storage] key_file (stop the agent first)")
     p.add_argument("--config", required=True, type=Path, metavar="agent.toml")
@@ -141,6 +151,32 @@ def _enroll_token(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _consent_withdraw(ns: argparse.Namespace) -> int:
+    from bedside.edge.config import load
+    from bedside.edge.deidentify import pseudonym
+    from bedside.edge.store import RecordStore
+
+    cfg = load(ns.config)
+    if not ns.patient.strip():
+        raise InputError("PATIENT_ID is empty")
+    who = pseudonym(cfg.pseudonym_key(), ns.patient)
+    store = RecordStore(cfg.records_path, cfg.store_key())
+    try:
+        rows = store.withdraw(who)
+    finally:
+        store.close()
+    _audit(cfg, "consent_withdrawn", f"patient {who[:12]}", rows=rows)
+    note = ("Models already trained and released cannot forget what they learned from these "
+            "records; no future round will use them.")
+    if ns.json:
+        print_json({"patient": who, "rows_excluded": rows, "note": note})
+    else:
+        print(f"patient {who[:12]}... (pseudonym): {rows} stored record(s) excluded from all "
+              f"future training{'' if rows else ' (none stored yet; later ones are excluded too)'}"
+              f".\n{note}")
+    return 0
+
+
 def _encrypt_store(ns: argparse.Namespace) -> int:
     from bedside.edge.config import load
     from bedside.sqlite import encrypt_file
@@ -185,7 +221,6 @@ def _ingest(ns: argparse.Namespace) -> int:
     from bedside.edge.store import RecordStore
     from bedside.edge.updater import ModelManager
     from bedside.manifest import load_manifest
-    from bedside.tabular import read_csv
 
     cfg = load(ns.config)
     if ns.model is not None:
@@ -198,24 +233,43 @@ def _ingest(ns: argparse.Namespace) -> int:
                              "otherwise start the agent once (it receives the model) or pass "
                              "--model DIR")
         schema = m.schema
-    table = read_csv(ns.file, schema, ns.label)  # all rows valid, or nothing is stored
+    import hashlib
+    import json
+
+    from bedside.tabular import read_rows, table_from_rows
+
+    header, rows = read_rows(ns.file)
+    digest = hashlib.sha256(json.dumps([header, *rows]).encode()).hexdigest()  # what was read
+    extra: dict[str, Any] = {}
+    report: dict[str, Any] = {}
+    if cfg.deidentify.policy is not None:
+        from bedside.edge.deidentify import Policy, apply
+
+        d = apply(Policy.load(cfg.deidentify.policy), ns.file, header, rows,
+                  cfg.pseudonym_key(), schema, ns.label)
+        header, rows, report = d.header, d.rows, d.report
+        extra = {"patients": d.patients, "consent": d.consent, "consent_year": d.consent_year}
+    table = table_from_rows(ns.file, header, rows, schema, ns.label)  # all valid, or nothing
     store = RecordStore(cfg.records_path, cfg.store_key())
     try:
-        result = store.ingest(table, schema, source=ns.file.name)
+        # the file's digest, never its name (a clinic may have named it after a patient)
+        result = store.ingest(table, schema, source=f"sha256:{digest[:16]}", **extra)
+        consent = store.consent_counts(schema)
     finally:
         store.close()
-    from bedside.manifest import sha256_file
-
-    # the file's digest, never its name (a clinic may have named it after a patient)
     _audit(cfg, "records_ingested", "records", added=result.added, duplicates=result.duplicates,
-           total=result.total, file_sha256=sha256_file(ns.file))
+           total=result.total, file_sha256=digest, **consent)
     if ns.json:
         print_json({"added": result.added, "duplicates": result.duplicates,
-                    "total": result.total})
-    else:
-        print(f"{ns.file}: {result.added} record(s) stored, {result.duplicates} already present; "
-              f"{result.total} in the store (columns other than the model's features and "
-              f"{ns.label!r} were not stored)")
+                    "total": result.total, "consent": consent, "columns": report})
+        return 0
+    for name, what in report.items():
+        more = ", ".join(f"{k} {v}" for k, v in what.items() if k != "action")
+        print(f"  {name}: {what['action']}" + (f" ({more})" if more else ""))
+    print(f"{ns.file}: {result.added} record(s) stored, {result.duplicates} already present; "
+          f"{result.total} in the store, {consent['train']} of them may train"
+          + ("" if report else f" (columns other than the model's features and {ns.label!r} "
+             "were not stored; no de-identification policy: every row counts as consented)"))
     return 0
 
 

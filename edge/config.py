@@ -89,6 +89,20 @@ class StorageConfig:
 
 
 @dataclass(frozen=True)
+class DeidentifyConfig:
+    """``[deidentify]``: what happens to each column of an ingested file (edge/deidentify.py)."""
+
+    policy: Path | None = setting(None, "the de-identification policy (TOML: a [columns] table "
+                                  "naming every column as keep, drop, pseudonymize, "
+                                  "top_code_90, consent or consent_date; docs/governance.md). "
+                                  "Unset: only the model's features and label are stored, and "
+                                  "every row counts as consented to training")
+    key_file: Path | None = setting(None, "the pseudonymization key (64 hex digits, mode 0600; "
+                                    "created on first use; never leaves the device). Default: "
+                                    "pseudonym.key beside the device's signing key")
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     device_id: str = setting(doc="this device's id (its certificate CN on Mosquitto; not a "
                              "service's: aggregator, broker, ca)", check=_device_id)
@@ -105,6 +119,7 @@ class AgentConfig:
     privacy: DevicePrivacy = setting(doc="[privacy]", factory=DevicePrivacy)
     agent: AgentSettings = setting(doc="[agent]", factory=AgentSettings)
     storage: StorageConfig = setting(doc="[storage]", factory=StorageConfig)
+    deidentify: DeidentifyConfig = setting(doc="[deidentify]", factory=DeidentifyConfig)
     testing: bool = setting(False, "allows [agent] seed (reproducible noise: NOT private); every "
                             "update this device sends then says so. Tests and demos only")
     source: str = setting("agent.toml", internal=True)
@@ -137,6 +152,11 @@ class AgentConfig:
         """This federation's model versions (versions are numbered per federation, so a device
         that joins another one keeps them apart)."""
         return self.data / "models" / self.fleet
+
+    def pseudonym_key(self) -> bytes:
+        from bedside.edge.deidentify import load_key
+
+        return load_key(self.deidentify.key_file or self.key.with_name("pseudonym.key"))
 
     def store_key(self) -> bytes | None:
         """The databases' encryption key ([storage] key_file), or None."""

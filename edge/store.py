@@ -9,6 +9,11 @@ never trains on them by mistake.
 Ingestion is all-or-nothing per file (one transaction) and idempotent: a row already stored (same
 schema and values) is counted as a duplicate, not stored twice. Rows that were accepted before are
 never lost by a later failed ingestion.
+
+Consent (``edge/deidentify.py``): each row carries its patient's pseudonym (when the policy names a
+patient key), whether training is allowed and the consent year. :meth:`RecordStore.load` returns
+the rows that may train: consented, and not of a patient who withdrew
+(:meth:`RecordStore.withdraw`); the others serve inference only (they are never loaded).
 """
 
 from __future__ import annotations
@@ -24,6 +29,13 @@ from bedside.errors import DataError
 from bedside.schema import Schema
 from bedside.sqlite import open_db, transaction
 from bedside.tabular import Table
+
+#: Rows that may train: consented, of no patient who withdrew.
+_TRAINABLE = ("consent = 1 AND (patient IS NULL OR patient NOT IN "
+              "(SELECT patient FROM withdrawals))")
+_LOAD_TRAINABLE = f"SELECT x, y FROM records WHERE schema = ? AND {_TRAINABLE} ORDER BY id"  # noqa: S608
+_COUNT_TRAINABLE = f"SELECT COUNT(*) FROM records WHERE schema = ? AND {_TRAINABLE}"  # noqa: S608
+_COUNT_PATIENT = f"SELECT COUNT(*) FROM records WHERE patient = ? AND {_TRAINABLE}"  # noqa: S608
 
 
 def schema_fingerprint(schema: Schema) -> str:
@@ -44,33 +56,63 @@ class RecordStore:
             self.path, "record store",
             "CREATE TABLE IF NOT EXISTS records (id INTEGER PRIMARY KEY, schema TEXT NOT NULL, "
             "digest TEXT NOT NULL, x BLOB NOT NULL, y INTEGER NOT NULL, source TEXT NOT NULL, "
-            "ingested_at REAL NOT NULL, UNIQUE (schema, digest))", private=True, key=key)
+            "ingested_at REAL NOT NULL, UNIQUE (schema, digest));"
+            "CREATE TABLE IF NOT EXISTS withdrawals (patient TEXT PRIMARY KEY, at REAL NOT NULL);",
+            private=True, key=key)
+        have = {r[1] for r in self.db.execute("PRAGMA table_info(records)")}
+        with transaction(self.db):  # stores written before consent existed: consent implied
+            for col, ddl in (("patient", "TEXT"), ("consent", "INTEGER NOT NULL DEFAULT 1"),
+                             ("consent_year", "INTEGER")):
+                if col not in have:
+                    self.db.execute(f"ALTER TABLE records ADD COLUMN {col} {ddl}")
 
     def close(self) -> None:
         self.db.close()
 
-    def ingest(self, table: Table, schema: Schema, source: str) -> IngestResult:
+    def ingest(self, table: Table, schema: Schema, source: str, *,
+               patients: list[str | None] | None = None, consent: list[bool] | None = None,
+               consent_year: list[int | None] | None = None) -> IngestResult:
+        """Store ``table``'s rows; ``patients``, ``consent`` and ``consent_year`` are per data
+        row of the file (``table.sources`` maps a table row, or a window, to them)."""
         if table.y is None:
             raise DataError("records for training need labels; pass the label column (--label)")
         fp = schema_fingerprint(schema)
         added = 0
+        sources = table.sources or [[i] for i in range(len(table.x))]
         with transaction(self.db):
-            for x, y in zip(table.x, table.y, strict=True):
+            for x, y, src in zip(table.x, table.y, sources, strict=True):
                 blob = np.ascontiguousarray(x, np.float32).tobytes()
                 digest = hashlib.sha256(blob + int(y).to_bytes(8, "little")).hexdigest()
+                who = patients[src[0]] if patients else None
+                ok = all(consent[i] for i in src) if consent else True
+                year = consent_year[src[0]] if consent_year else None
                 cur = self.db.execute(
-                    "INSERT OR IGNORE INTO records (schema, digest, x, y, source, ingested_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?)", (fp, digest, blob, int(y), source, time.time()))
+                    "INSERT OR IGNORE INTO records (schema, digest, x, y, source, ingested_at, "
+                    "patient, consent, consent_year) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (fp, digest, blob, int(y), source, time.time(), who, int(ok), year))
                 added += cur.rowcount
         return IngestResult(added=added, duplicates=len(table.x) - added, total=self.count(schema))
+
+    def withdraw(self, patient: str) -> int:
+        """No row of ``patient`` (a pseudonym) trains from now on; returns how many rows were
+        trainable before."""
+        with transaction(self.db):
+            n = self.db.execute(_COUNT_PATIENT, (patient,)).fetchone()[0]
+            self.db.execute("INSERT OR IGNORE INTO withdrawals VALUES (?, ?)",
+                            (patient, time.time()))
+        return int(n)
+
+    def consent_counts(self, schema: Schema) -> dict[str, int]:
+        fp = schema_fingerprint(schema)
+        train = self.db.execute(_COUNT_TRAINABLE, (fp,)).fetchone()[0]
+        return {"train": int(train), "inference_only": self.count(schema) - int(train)}
 
     def count(self, schema: Schema) -> int:
         return int(self.db.execute("SELECT COUNT(*) FROM records WHERE schema = ?",
                                    (schema_fingerprint(schema),)).fetchone()[0])
 
     def load(self, schema: Schema) -> tuple[np.ndarray, np.ndarray]:
-        rows = self.db.execute("SELECT x, y FROM records WHERE schema = ? ORDER BY id",
-                               (schema_fingerprint(schema),)).fetchall()
+        rows = self.db.execute(_LOAD_TRAINABLE, (schema_fingerprint(schema),)).fetchall()
         shape = tuple(int(d) for d in schema.input_shape[1:] if d is not None)
         x = np.empty((len(rows), *shape), dtype=np.float32)
         y = np.empty(len(rows), dtype=np.int64)
