@@ -81,12 +81,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--broker-data-dir", default="/mosquitto/data")
     p.add_argument("--broker-host", default="mosquitto", help="how clients reach the broker")
     p.add_argument("--broker-port", type=int, default=8883)
-    p.add_argument("--broker-bind", default="0.0.0.0",  # noqa: S104 (inside the compose network)
-                   help="the address Mosquitto's TLS listener binds")
+    p.add_argument("--broker-bind", default="127.0.0.1",
+                   help="the address Mosquitto's TLS listener binds (compose.yaml: 0.0.0.0, "
+                   "the container's addresses on the compose network)")
     p.add_argument("--aggregator-host", default="aggregator",
                    help="how devices reach the enrollment endpoint")
-    p.add_argument("--enrollment-bind", default="0.0.0.0",  # noqa: S104 (compose network)
-                   help="the address the enrollment endpoint binds")
+    p.add_argument("--enrollment-bind", default="127.0.0.1",
+                   help="the address the enrollment endpoint binds (compose.yaml: 0.0.0.0)")
     p.add_argument("--enrollment-port", type=int, default=8471)
     p.add_argument("--clients", type=int, default=2)
     p.add_argument("--rounds", type=int, default=15)

@@ -420,6 +420,9 @@ def test_compose_and_the_set_up_script_agree():
     assert _mounts(init) == {"aggregator": str(d.aggregator_dir), "broker": str(d.broker_dir),
                              **{n: str(d.clinics_dir / n) for n in clinics}}
     assert init["group_add"] == [str(d.broker_gid)] and init["network_mode"] == "none"
+    # the script's defaults bind loopback; the compose network is asked for explicitly
+    assert d.broker_bind == d.enrollment_bind == "127.0.0.1"
+    assert init["command"][-4:] == ["--broker-bind", "0.0.0.0", "--enrollment-bind", "0.0.0.0"]
     mosq = svcs["mosquitto"]
     assert _mounts(mosq) == {"broker": str(d.broker_dir), "mosquitto-data": d.broker_data_dir}
     assert mosq["command"][-1] == str(d.broker_dir / "mosquitto.conf")
