@@ -37,7 +37,12 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser("ingest", help="validate a CSV against the model's schema and store its "
                        "rows locally (only features and label are kept)")
-    p.add_argument("file", type=Path, metavar="FILE.csv")
+    p.add_argument("file", type=Path, metavar="FILE.csv", nargs="?")
+    p.add_argument("--fhir", type=Path, metavar="BUNDLE.json", help="a FHIR R4 Bundle of "
+                   "Patient, Observation (vital signs by LOINC) and Consent resources instead of "
+                   "a CSV (docs/governance.md)")
+    p.add_argument("--label-code", metavar="SYSTEM|CODE", help="with --fhir: the code of the "
+                   "Observation that carries each window's label")
     p.add_argument("--config", required=True, type=Path, metavar="agent.toml")
     p.add_argument("--label", default="label", help="label column (default: label)")
     p.add_argument("--model", type=Path, metavar="DIR",
@@ -238,11 +243,27 @@ def _ingest(ns: argparse.Namespace) -> int:
 
     from bedside.tabular import read_rows, table_from_rows
 
-    header, rows = read_rows(ns.file)
-    digest = hashlib.sha256(json.dumps([header, *rows]).encode()).hexdigest()  # what was read
+    if (ns.file is None) == (ns.fhir is None):
+        raise InputError("give a CSV file or --fhir BUNDLE.json (one of them)")
     extra: dict[str, Any] = {}
     report: dict[str, Any] = {}
-    if cfg.deidentify.policy is not None:
+    if ns.fhir is not None:
+        from bedside.edge.deidentify import Policy
+        from bedside.edge.fhir import read_bundle
+
+        if not ns.label_code:
+            raise InputError("records for training need labels: --label-code SYSTEM|CODE names "
+                             "the Observation that carries each window's label")
+        policy = Policy.load(cfg.deidentify.policy) if cfg.deidentify.policy else None
+        f = read_bundle(ns.fhir, schema, ns.label_code, cfg.pseudonym_key(),
+                        policy.consent_default if policy else None)
+        header, rows, ns.file, ns.label = f.header, f.rows, ns.fhir, "label"
+        extra = {"patients": f.patients, "consent": f.consent}
+        report = {"fhir": {"action": "vital signs read by LOINC code", **f.report}}
+    else:
+        header, rows = read_rows(ns.file)
+    digest = hashlib.sha256(json.dumps([header, *rows]).encode()).hexdigest()  # what was read
+    if cfg.deidentify.policy is not None and ns.fhir is None:
         from bedside.edge.deidentify import Policy, apply
 
         d = apply(Policy.load(cfg.deidentify.policy), ns.file, header, rows,
