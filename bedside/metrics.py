@@ -76,3 +76,82 @@ def evaluate(y: np.ndarray, p: np.ndarray) -> dict[str, float | int]:
         "auc": round(roc_auc(y, p), 6),
         "log_loss": round(log_loss(y, p), 6),
     }
+
+
+def calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
+    """Expected calibration error: binary, of the positive class's probability; multi-class, of
+    the top class's. The row-weighted mean |observed rate - mean predicted| over ``bins``
+    equal-width probability bins."""
+    y, p = _check(y, p)
+    if p.shape[1] == 2:
+        conf, hit = p[:, 1], (y == 1).astype(np.float64)
+    else:
+        conf, hit = p.max(axis=1), (np.argmax(p, axis=1) == y).astype(np.float64)
+    which = np.minimum((conf * bins).astype(np.int64), bins - 1)
+    err = 0.0
+    for b in range(bins):
+        m = which == b
+        if m.any():
+            err += m.sum() * abs(hit[m].mean() - conf[m].mean())
+    return float(err / len(y))
+
+
+def binary_rates(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
+    """Sensitivity (recall of class 1) and specificity (recall of class 0) at the 0.5 argmax
+    decision; NaN where the class has no rows."""
+    y, p = _check(y, p)
+    pred = np.argmax(p, axis=1)
+    pos, neg = y == 1, y == 0
+    sens = float(np.mean(pred[pos] == 1)) if pos.any() else float("nan")
+    spec = float(np.mean(pred[neg] == 0)) if neg.any() else float("nan")
+    return sens, spec
+
+
+#: A group with fewer rows, or (binary) fewer than MIN_CLASS rows of either class, is reported
+#: but not judged: its figures are too noisy to compare.
+MIN_GROUP_ROWS = 30
+MIN_CLASS_ROWS = 5
+
+
+def by_group(y: np.ndarray, p: np.ndarray, groups: list[str],
+             min_rows: int = MIN_GROUP_ROWS) -> dict[str, object]:
+    """Accuracy, sensitivity, specificity (binary), AUC and calibration error per group, and
+    the largest gap of each metric between the groups large enough to judge."""
+    y, p = _check(y, p)
+    if len(groups) != len(y):
+        raise InputError(f"metrics: {len(groups)} group values for {len(y)} rows")
+    binary = p.shape[1] == 2
+    out: dict[str, dict[str, object]] = {}
+    for g in sorted(set(groups)):
+        m = np.array([x == g for x in groups])
+        yg, pg = y[m], p[m]
+        row: dict[str, object] = {"rows": int(m.sum()), "accuracy": round(accuracy(yg, pg), 4),
+                                  "auc": _r(roc_auc(yg, pg)),
+                                  "calibration_error": round(calibration_error(yg, pg), 4)}
+        small = len(yg) < min_rows
+        if binary:
+            sens, spec = binary_rates(yg, pg)
+            row.update(positives=int((yg == 1).sum()), sensitivity=_r(sens),
+                       specificity=_r(spec))
+            small = small or min(int((yg == 1).sum()), int((yg == 0).sum())) < MIN_CLASS_ROWS
+        row["judged"] = not small
+        out[g] = row
+    metrics = ["accuracy", "auc", "calibration_error"] + (["sensitivity", "specificity"]
+                                                          if binary else [])
+    gaps: dict[str, object] = {}
+    judged = {g: r for g, r in out.items() if r["judged"]}
+    for k in metrics:
+        vals = {g: r[k] for g, r in judged.items() if r[k] is not None}
+        if len(vals) >= 2:
+            lo = min(vals, key=lambda g: vals[g])  # type: ignore[arg-type,return-value]
+            hi = max(vals, key=lambda g: vals[g])  # type: ignore[arg-type,return-value]
+            gaps[k] = {"gap": round(float(vals[hi]) - float(vals[lo]), 4),  # type: ignore[arg-type]
+                       "lowest": lo, "highest": hi}
+    largest = max(gaps, key=lambda k: gaps[k]["gap"], default=None)  # type: ignore[index]
+    return {"groups": out, "gaps": gaps, "largest_gap": largest,
+            "min_rows": min_rows, "small_groups": sorted(g for g, r in out.items()
+                                                         if not r["judged"])}
+
+
+def _r(v: float) -> float | None:
+    return None if np.isnan(v) else round(float(v), 4)

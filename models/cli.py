@@ -84,7 +84,76 @@ def build(parser: argparse.ArgumentParser) -> Any:
     p.add_argument("model", type=Path, metavar="DIR")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("evaluate", help="fairness across patient groups: accuracy, sensitivity, "
+                       "specificity, AUC and calibration per group, the largest gap, and the "
+                       "groups too small to judge")
+    p.add_argument("model", type=Path, metavar="DIR")
+    p.add_argument("--data", required=True, type=Path, metavar="FILE.csv")
+    p.add_argument("--label", required=True, metavar="COL")
+    p.add_argument("--groups", required=True, metavar="COL[,COL]",
+                   help="patient attributes that define the groups (e.g. age_band,sex)")
+    p.add_argument("--min-rows", type=int, default=30, metavar="N",
+                   help="smaller groups are reported but not judged (default 30)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_evaluate)
     return sub
+
+
+def _evaluate(ns: argparse.Namespace) -> int:
+    """Per-group metrics of a model on a labelled CSV (torch-free: onnxruntime)."""
+    from bedside.manifest import load_manifest, verify_model_file
+    from bedside.metrics import by_group, evaluate
+    from bedside.models.onnx_model import OnnxClassifier
+    from bedside.tabular import read_rows, table_from_rows
+
+    m = load_manifest(ns.model)
+    clf = OnnxClassifier(verify_model_file(ns.model, m), m.output, m.schema.labels,
+                         where=str(ns.model))
+    header, rows = read_rows(ns.data)
+    cols = [c.strip() for c in ns.groups.split(",") if c.strip()]
+    missing = [c for c in cols if c not in header]
+    if not cols or missing:
+        raise InputError(f"--groups {ns.groups!r}: column(s) {missing or cols} not in {ns.data} "
+                         f"(its header: {', '.join(header[:12])})")
+    idx = [header.index(c) for c in cols]
+    table = table_from_rows(ns.data, header, rows, m.schema, ns.label)
+    assert table.y is not None and table.sources is not None
+    groups = []
+    for tid, src in zip(table.row_ids, table.sources, strict=True):
+        values = {"/".join(rows[i][j].strip() for j in idx) for i in src}
+        if len(values) != 1:
+            raise InputError(f"{ns.data}: window {tid!r} holds several groups {sorted(values)}: "
+                             "a window's rows must share their patient attributes")
+        groups.append(values.pop())
+    p = clf.probabilities(table.x)
+    report = {"model": f"{m.name} v{m.version}", "data": str(ns.data), "group_by": cols,
+              "overall": evaluate(table.y, p), **by_group(table.y, p, groups, ns.min_rows)}
+    if ns.json:
+        print_json(report)
+        return 0
+    _print_groups(report)
+    return 0
+
+
+def _print_groups(r: dict[str, Any]) -> None:
+    print(f"{r['model']} on {r['data']}, by {'/'.join(r['group_by'])}: overall accuracy "
+          f"{r['overall']['accuracy']:.4f}, AUC {r['overall']['auc']:.4f}")
+    metrics = ["accuracy", "sensitivity", "specificity", "auc", "calibration_error"]
+    shown = [k for k in metrics if any(k in g for g in r["groups"].values())]
+    print(f"{'group':<16}{'rows':>6}  " + "  ".join(f"{k[:11]:>11}" for k in shown))
+    for name, g in r["groups"].items():
+        cells = "  ".join(f"{'-' if g[k] is None else format(g[k], '.4f'):>11}" for k in shown)
+        print(f"{name:<16}{g['rows']:>6}  {cells}" + ("" if g["judged"] else "  (too small "
+                                                      "to judge)"))
+    if r["largest_gap"]:
+        k = r["largest_gap"]
+        gap = r["gaps"][k]
+        print(f"largest gap: {k} {gap['gap']:.4f} ({gap['lowest']} lowest, {gap['highest']} "
+              "highest)")
+    else:
+        print("no gap to report: fewer than two groups large enough to judge "
+              f"(--min-rows {r['min_rows']})")
 
 
 def _summary(m: Any, out: Path) -> str:

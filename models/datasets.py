@@ -30,7 +30,7 @@ import logging
 import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -83,6 +83,9 @@ class Dataset:
     schema: Schema
     description: str = ""
     source: str = ""
+    #: patient attributes per example (not model inputs): the groups a fairness check compares,
+    #: e.g. {"age_band": [...], "sex": [...]}
+    attributes: dict[str, np.ndarray] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.x = np.ascontiguousarray(self.x, dtype=np.float32)
@@ -114,7 +117,8 @@ class Dataset:
             raise InputError(
                 f"data set {self.name!r}: subset index out of range 0..{len(self) - 1}"
             )
-        return replace(self, x=self.x[idx], y=self.y[idx])
+        return replace(self, x=self.x[idx], y=self.y[idx],
+                       attributes={k: v[idx] for k, v in self.attributes.items()})
 
 
 def _half_range(lo: float, hi: float) -> tuple[float, float]:
@@ -361,6 +365,23 @@ _P_DROPOUT = 0.10          # windows with an SpO2 probe dropout (2-6 minutes rea
 _P_MOTION = 0.05           # windows with a heart-rate motion artefact (1-3 minutes, +20-50 bpm)
 
 
+AGE_BANDS = ("18-44", "45-64", "65-79", "80+")
+
+
+def _vitals_attributes(x: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+    """Each window's patient's age band and sex, for fairness checks (not model inputs).
+
+    Drawn from their own random stream, after the windows, so the windows and labels are the
+    same as without them. Age leans on the window's mean systolic pressure (which rises with age
+    in adults), so that groups differ in their inputs as real patient groups do."""
+    rng = np.random.default_rng([seed, 0xA6E])
+    sbp = x[:, 3, :].mean(axis=1)
+    score = (sbp - 125.0) / 17.0 + rng.normal(0.0, 1.0, len(x))
+    band = np.digitize(score, [-0.8, 0.3, 1.2])
+    sex = np.where(rng.random(len(x)) < 0.5, "F", "M")
+    return {"age_band": np.array([AGE_BANDS[b] for b in band]), "sex": sex}
+
+
 def _as_int(name: str, value: object, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
         raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -464,6 +485,7 @@ def make_vitals(
         name="vitals",
         x=x,
         y=y,
+        attributes=_vitals_attributes(x, seed),
         schema=vitals_schema(window),
         description=(
             f"Synthetic bedside vital signs: {n} windows of {w} one-minute readings of heart rate, "
@@ -751,16 +773,20 @@ def to_csv(ds: Dataset, path: str | Path, label_column: str = "label") -> Path:
     labels = [schema.labels[k] for k in ds.y]
     rows: list[list[object]] = []
     if schema.kind == "tabular":
-        header = [*names, label_column]
-        for xi, lab in zip(ds.x, labels, strict=True):
-            rows.append([*(_fmt(v) for v in xi), lab])
+        extra = list(ds.attributes)
+        header = [*names, label_column, *extra]
+        for i, (xi, lab) in enumerate(zip(ds.x, labels, strict=True)):
+            rows.append([*(_fmt(v) for v in xi), lab, *(str(ds.attributes[a][i]) for a in extra)])
     else:
         assert schema.group_column is not None
         order = [schema.order_column] if schema.order_column else []
-        header = [schema.group_column, *order, *names, label_column]
+        extra = list(ds.attributes)
+        header = [schema.group_column, *order, *names, label_column, *extra]
         for w, (xi, lab) in enumerate(zip(ds.x, labels, strict=True)):
+            attrs = [str(ds.attributes[a][w]) for a in extra]
             for step in range(xi.shape[1]):
-                rows.append([w, *([step] if order else []), *(_fmt(v) for v in xi[:, step]), lab])
+                rows.append([w, *([step] if order else []), *(_fmt(v) for v in xi[:, step]), lab,
+                             *attrs])
     write_csv(path, header, rows)
     return path
 

@@ -234,11 +234,13 @@ def test_csv_round_trip(name, tmp_path, wdbc, digits):
 def test_vitals_long_format(tmp_path):
     ds = datasets.make_vitals(3, window=4)
     lines = datasets.to_csv(ds, tmp_path / "v.csv", label_column="outcome").read_text().splitlines()
-    assert lines[0] == "window_id,t,heart_rate,resp_rate,spo2,sbp,temp,outcome"
+    # the patient attributes (fairness groups, not model inputs) follow the label
+    assert lines[0] == "window_id,t,heart_rate,resp_rate,spo2,sbp,temp,outcome,age_band,sex"
     assert len(lines) == 1 + 3 * 4
     assert [ln.split(",")[:2] for ln in lines[1:5]] == [["0", "0"], ["0", "1"], ["0", "2"],
                                                         ["0", "3"]]
-    assert all(ln.split(",")[-1] in ds.schema.labels for ln in lines[1:])
+    assert all(ln.split(",")[-3] in ds.schema.labels for ln in lines[1:])
+    assert all(ln.split(",")[-1] in ("F", "M") for ln in lines[1:])
     with pytest.raises(InputError, match="clashes"):
         datasets.to_csv(ds, tmp_path / "x.csv", label_column="t")
 
