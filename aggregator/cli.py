@@ -206,7 +206,11 @@ def _rotate_key(ns: argparse.Namespace) -> int:
 
     cfg = load(ns.config)
     old, new, sequence = rotate_key(cfg)
-    audit_entry(cfg, "key_rotated", "aggregator", old=old, new=new, rotation=sequence)
+    from bedside.audit import record
+
+    # signed by the old (retired) key: it hands the audit trail over to the new one
+    record(cfg.data_dir / "audit.db", cfg.key.with_name(f"{cfg.key.name}.retired-{sequence}"),
+           "aggregator", "key_rotated", "aggregator", old=old, new=new, rotation=sequence)
     info = {"old_fingerprint": old, "new_fingerprint": new, "rotation": sequence,
             "key": str(cfg.key), "public_key": str(cfg.key.with_suffix(".pub"))}
     if ns.json:

@@ -129,26 +129,40 @@ def parse_anchor(text: str) -> tuple[int, str]:
 
 def verify(path: str | Path, keys: list[VerifyKey],
            anchor: tuple[int, str] | None = None) -> Verdict:
-    """Check the chain, every hash and every signature (by one of ``keys``: a component whose
-    key was rotated passes both), in sequence order; and, with ``anchor``, that the entry it
-    names is still there unchanged (nothing was cut from the end)."""
+    """Check the chain, every hash and every signature, in sequence order, read-only.
+
+    The first entry is signed by one of ``keys``; every later one by the same key, until a
+    ``key_rotated`` entry (signed by that key) names the next one: from then on entries may be
+    signed by the old key (a service not restarted yet) until the first entry signed by the new
+    one, and by the new one only after that. All entries name one component. With ``anchor``,
+    the entry it names must still be there unchanged (nothing was cut from the end)."""
+    import sqlite3
+
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{p}: no audit log here")
-    db = open_db(p, "audit log", DDL)
     try:
-        rows = db.execute("SELECT seq, at, component, actor, action, subject, detail, prev, "
-                          "hash, signature, key FROM entries ORDER BY seq, rowid").fetchall()
-    finally:
-        db.close()
+        db = sqlite3.connect(f"file:{p}?mode=ro", uri=True)
+        try:
+            rows = db.execute("SELECT seq, at, component, actor, action, subject, detail, prev, "
+                              "hash, signature, key FROM entries ORDER BY seq, rowid").fetchall()
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as exc:
+        raise InputError(f"{p}: not an audit log ({exc})") from None
     by_fp = {k.fingerprint: k for k in keys}
     prev_seq, prev_hash = 0, GENESIS
     head: tuple[int, str] | None = None
     seen_keys: list[str] = []
+    allowed: set[str] = set(by_fp)  # the first entry: any key given
+    pending: str | None = None  # a rotation's new key, until its first entry
+    component0 = str(rows[0][2]) if rows else ""
 
     def bad(n: int, why: str) -> Verdict:
         return Verdict(False, len(rows), head, why, n, seen_keys)
 
+    if not rows:
+        return bad(1, "the log holds no entry (emptied, or not this component's log)")
     for pos, r in enumerate(rows, start=1):
         seq, at, component, actor, action, subject, detail, prev, digest, sig, fp = r
         if not isinstance(seq, int) or seq != prev_seq + 1:
@@ -162,10 +176,16 @@ def verify(path: str | Path, keys: list[VerifyKey],
         if entry_hash(seq, float(at), component, actor, action, subject, detail, prev) != digest:
             return bad(seq, f"entry {seq} ({action}) does not match its hash: it was edited, "
                        "inserted or moved")
+        if component != component0:
+            return bad(seq, f"entry {seq} names component {component!r}, the log is "
+                       f"{component0!r}'s: it was inserted from another log")
         key = by_fp.get(str(fp))
         if key is None:
             return bad(seq, f"entry {seq} is signed by key {fp}, which is not among the keys "
                        "given (--key)")
+        if str(fp) not in allowed:
+            return bad(seq, f"entry {seq} is signed by key {fp}, which was rotated away before "
+                       "it: it was written afterwards with an old key")
         try:
             key.verify(bytes.fromhex(str(sig)), _signed(str(component), seq, str(digest)))
         except Exception:  # a bad hex string or signature: the same verdict
@@ -173,6 +193,11 @@ def verify(path: str | Path, keys: list[VerifyKey],
                        "it was forged or rewritten")
         if fp not in seen_keys:
             seen_keys.append(str(fp))
+        nxt = _rotated_to(action, detail)
+        if nxt is not None:  # the old key (a service not restarted yet) or the new one
+            allowed, pending = {str(fp), nxt}, nxt
+        elif pending is None or str(fp) == pending:  # from the new key's first entry on: it only
+            allowed, pending = {str(fp)}, None
         prev_seq, prev_hash, head = seq, str(digest), (seq, str(digest))
     if anchor is not None:
         a_seq, a_hash = anchor
@@ -183,6 +208,20 @@ def verify(path: str | Path, keys: list[VerifyKey],
         if stored != a_hash:
             return bad(a_seq, f"entry {a_seq} is not the one recorded before (--anchor)")
     return Verdict(True, len(rows), head, "", None, seen_keys)
+
+
+#: Actions that hand the log over to a new key (their detail's ``new`` fingerprint).
+ROTATIONS = ("key_rotated",)
+
+
+def _rotated_to(action: str, detail: str) -> str | None:
+    if action not in ROTATIONS:
+        return None
+    try:
+        new = json.loads(detail).get("new")
+    except (ValueError, AttributeError):
+        return None
+    return str(new) if new else None
 
 
 def tail(path: str | Path, n: int = 20) -> list[dict[str, Any]]:

@@ -78,13 +78,13 @@ def evaluate(y: np.ndarray, p: np.ndarray) -> dict[str, float | int]:
     }
 
 
-def calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
-    """Expected calibration error: binary, of the positive class's probability; multi-class, of
-    the top class's. The row-weighted mean |observed rate - mean predicted| over ``bins``
+def calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10, positive: int = 1) -> float:
+    """Expected calibration error: binary, of the ``positive`` class's probability; multi-class,
+    of the top class's. The row-weighted mean |observed rate - mean predicted| over ``bins``
     equal-width probability bins."""
     y, p = _check(y, p)
     if p.shape[1] == 2:
-        conf, hit = p[:, 1], (y == 1).astype(np.float64)
+        conf, hit = p[:, positive], (y == positive).astype(np.float64)
     else:
         conf, hit = p.max(axis=1), (np.argmax(p, axis=1) == y).astype(np.float64)
     which = np.minimum((conf * bins).astype(np.int64), bins - 1)
@@ -96,14 +96,14 @@ def calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
     return float(err / len(y))
 
 
-def binary_rates(y: np.ndarray, p: np.ndarray) -> tuple[float, float]:
-    """Sensitivity (recall of class 1) and specificity (recall of class 0) at the 0.5 argmax
-    decision; NaN where the class has no rows."""
+def binary_rates(y: np.ndarray, p: np.ndarray, positive: int = 1) -> tuple[float, float]:
+    """Sensitivity (recall of the ``positive`` class) and specificity (recall of the other) at
+    the argmax decision; NaN where the class has no rows."""
     y, p = _check(y, p)
     pred = np.argmax(p, axis=1)
-    pos, neg = y == 1, y == 0
-    sens = float(np.mean(pred[pos] == 1)) if pos.any() else float("nan")
-    spec = float(np.mean(pred[neg] == 0)) if neg.any() else float("nan")
+    pos, neg = y == positive, y != positive
+    sens = float(np.mean(pred[pos] == positive)) if pos.any() else float("nan")
+    spec = float(np.mean(pred[neg] != positive)) if neg.any() else float("nan")
     return sens, spec
 
 
@@ -113,10 +113,11 @@ MIN_GROUP_ROWS = 30
 MIN_CLASS_ROWS = 5
 
 
-def by_group(y: np.ndarray, p: np.ndarray, groups: list[str],
-             min_rows: int = MIN_GROUP_ROWS) -> dict[str, object]:
-    """Accuracy, sensitivity, specificity (binary), AUC and calibration error per group, and
-    the largest gap of each metric between the groups large enough to judge."""
+def by_group(y: np.ndarray, p: np.ndarray, groups: list[str], min_rows: int = MIN_GROUP_ROWS,
+             positive: int = 1) -> dict[str, object]:
+    """Accuracy, sensitivity and specificity of the ``positive`` class (binary), AUC and
+    calibration error per group, and the largest gap of each metric between the groups large
+    enough to judge."""
     y, p = _check(y, p)
     if len(groups) != len(y):
         raise InputError(f"metrics: {len(groups)} group values for {len(y)} rows")
@@ -125,15 +126,16 @@ def by_group(y: np.ndarray, p: np.ndarray, groups: list[str],
     for g in sorted(set(groups)):
         m = np.array([x == g for x in groups])
         yg, pg = y[m], p[m]
+        auc = _binary_auc(yg == positive, pg[:, positive]) if binary else roc_auc(yg, pg)
         row: dict[str, object] = {"rows": int(m.sum()), "accuracy": round(accuracy(yg, pg), 4),
-                                  "auc": _r(roc_auc(yg, pg)),
-                                  "calibration_error": round(calibration_error(yg, pg), 4)}
+                                  "auc": _r(auc), "calibration_error":
+                                  round(calibration_error(yg, pg, positive=positive), 4)}
         small = len(yg) < min_rows
         if binary:
-            sens, spec = binary_rates(yg, pg)
-            row.update(positives=int((yg == 1).sum()), sensitivity=_r(sens),
-                       specificity=_r(spec))
-            small = small or min(int((yg == 1).sum()), int((yg == 0).sum())) < MIN_CLASS_ROWS
+            sens, spec = binary_rates(yg, pg, positive)
+            n_pos = int((yg == positive).sum())
+            row.update(positives=n_pos, sensitivity=_r(sens), specificity=_r(spec))
+            small = small or min(n_pos, len(yg) - n_pos) < MIN_CLASS_ROWS
         row["judged"] = not small
         out[g] = row
     metrics = ["accuracy", "auc", "calibration_error"] + (["sensitivity", "specificity"]

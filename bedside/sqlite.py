@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bedside.errors import ConfigError, StateError
-from bedside.files import atomic_write_bytes, fsync_dir, private_file, refuse_shared
+from bedside.files import fsync_dir, private_file, refuse_shared
 
 PLAINTEXT_HEADER = b"SQLite format 3\x00"
 KEY_BYTES = 32
@@ -38,33 +38,42 @@ def sqlcipher() -> Any:
     return sqlcipher
 
 
-def read_key(path: str | Path) -> bytes:
-    """A database key file: 64 hex digits, readable by its owner only."""
+def read_key(path: str | Path, what: str = "database key") -> bytes:
+    """A key file: 64 hex digits, readable by its owner only."""
     p = Path(path)
-    refuse_shared(p, "database key")
+    refuse_shared(p, what)
     try:
         text = p.read_text().strip()
         key = bytes.fromhex(text)
     except FileNotFoundError:
-        raise ConfigError(f"{p}: the database key file does not exist") from None
+        raise ConfigError(f"{p}: the {what} file does not exist") from None
     except (OSError, ValueError, UnicodeDecodeError):
         key = b""
     if len(key) != KEY_BYTES:
-        raise ConfigError(f"{p}: a database key file holds {2 * KEY_BYTES} hex digits (make one "
-                          "with 'bedside edge enroll --encrypt-store' or: openssl rand -hex 32)")
+        raise ConfigError(f"{p}: a {what} file holds {2 * KEY_BYTES} hex digits (make one with "
+                          "openssl rand -hex 32, mode 0600)")
     return key
 
 
-def write_key(path: str | Path) -> bytes:
-    """Create a new random key file (0600); refuses to replace one (data would be lost)."""
+def write_key(path: str | Path, what: str = "database key") -> bytes:
+    """Create a new random key file (0600, created exclusively: two processes never replace
+    each other's key); refuses to replace one (data would be lost)."""
+    import os
     import secrets
 
     p = Path(path)
-    if p.exists():
-        raise ConfigError(f"{p} exists; a database key is never replaced (its data would be "
-                          "unreadable)")
+    p.parent.mkdir(parents=True, exist_ok=True)
     key = secrets.token_bytes(KEY_BYTES)
-    atomic_write_bytes(p, (key.hex() + "\n").encode(), mode=0o600)
+    try:
+        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+    except FileExistsError:
+        raise ConfigError(f"{p} exists; a {what} is never replaced (what it protects would be "
+                          "lost)") from None
+    with os.fdopen(fd, "wb") as f:
+        f.write((key.hex() + "\n").encode())
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(p.parent)
     return key
 
 

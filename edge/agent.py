@@ -690,10 +690,11 @@ class Agent:
         os.replace(nxt, self.cfg.key)
         fsync_dir(self.cfg.key.parent)
         new.public.save(self.cfg.key.with_suffix(".pub"))
+        # signed by the old key: it hands the audit trail over to the new one
+        self.audit.append("key_rotated", f"device {self.cfg.device_id}",
+                          old=self.key.public.fingerprint, new=new.public.fingerprint)
         old, self.key = self.key.public.fingerprint, new
         self.audit.key = new
-        self.audit.append("key_rotated", f"device {self.cfg.device_id}", old=old,
-                          new=new.public.fingerprint)
         log.warning("this device's key was rotated: %s in place of %s (the aggregator confirmed "
                     "it)", new.public.fingerprint, old)
 

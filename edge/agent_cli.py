@@ -168,17 +168,23 @@ def _consent_withdraw(ns: argparse.Namespace) -> int:
     store = RecordStore(cfg.records_path, cfg.store_key())
     try:
         rows = store.withdraw(who)
+        unkeyed = store.unkeyed()
     finally:
         store.close()
     _audit(cfg, "consent_withdrawn", f"patient {who[:12]}", rows=rows)
     note = ("Models already trained and released cannot forget what they learned from these "
             "records; no future round will use them.")
+    warn = (f"{unkeyed} stored record(s) carry no patient key (ingested without a policy that "
+            "pseudonymizes one): a withdrawal cannot reach them; re-ingest them under a policy "
+            "or remove them" if unkeyed else "")
     if ns.json:
-        print_json({"patient": who, "rows_excluded": rows, "note": note})
+        print_json({"patient": who[:12], "rows_excluded": rows, "rows_without_patient_key":
+                    unkeyed, "note": note})
     else:
-        print(f"patient {who[:12]}... (pseudonym): {rows} stored record(s) excluded from all "
-              f"future training{'' if rows else ' (none stored yet; later ones are excluded too)'}"
-              f".\n{note}")
+        found = (f"{rows} stored record(s) excluded" if rows else "no stored record matches "
+                 "this id (check it); its records ingested later will be excluded")
+        print(f"patient {who[:12]}... (pseudonym): {found} from all future training.\n{note}"
+              + (f"\nwarning: {warn}" if warn else ""))
     return 0
 
 
@@ -255,7 +261,7 @@ def _ingest(ns: argparse.Namespace) -> int:
             raise InputError("records for training need labels: --label-code SYSTEM|CODE names "
                              "the Observation that carries each window's label")
         policy = Policy.load(cfg.deidentify.policy) if cfg.deidentify.policy else None
-        f = read_bundle(ns.fhir, schema, ns.label_code, cfg.pseudonym_key(),
+        f = read_bundle(ns.fhir, schema, ns.label_code, cfg.pseudonym_key(create=True),
                         policy.consent_default if policy else None)
         header, rows, ns.file, ns.label = f.header, f.rows, ns.fhir, "label"
         extra = {"patients": f.patients, "consent": f.consent}
@@ -267,10 +273,13 @@ def _ingest(ns: argparse.Namespace) -> int:
         from bedside.edge.deidentify import Policy, apply
 
         d = apply(Policy.load(cfg.deidentify.policy), ns.file, header, rows,
-                  cfg.pseudonym_key(), schema, ns.label)
+                  cfg.pseudonym_key(create=True), schema, ns.label)
         header, rows, report = d.header, d.rows, d.report
         extra = {"patients": d.patients, "consent": d.consent, "consent_year": d.consent_year}
     table = table_from_rows(ns.file, header, rows, schema, ns.label)  # all valid, or nothing
+    from bedside.wire.signing import SigningKey
+
+    SigningKey.load(cfg.key)  # the audit entry is signed with it: fail before storing, not after
     store = RecordStore(cfg.records_path, cfg.store_key())
     try:
         # the file's digest, never its name (a clinic may have named it after a patient)
@@ -289,6 +298,8 @@ def _ingest(ns: argparse.Namespace) -> int:
         print(f"  {name}: {what['action']}" + (f" ({more})" if more else ""))
     print(f"{ns.file}: {result.added} record(s) stored, {result.duplicates} already present; "
           f"{result.total} in the store, {consent['train']} of them may train"
+          + (f"; {result.consent_revoked} already stored now without training consent"
+             if result.consent_revoked else "")
           + ("" if report else f" (columns other than the model's features and {ns.label!r} "
              "were not stored; no de-identification policy: every row counts as consented)"))
     return 0

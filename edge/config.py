@@ -153,10 +153,11 @@ class AgentConfig:
         that joins another one keeps them apart)."""
         return self.data / "models" / self.fleet
 
-    def pseudonym_key(self) -> bytes:
+    def pseudonym_key(self, *, create: bool = False) -> bytes:
         from bedside.edge.deidentify import load_key
 
-        return load_key(self.deidentify.key_file or self.key.with_name("pseudonym.key"))
+        return load_key(self.deidentify.key_file or self.key.with_name("pseudonym.key"),
+                        create=create)
 
     def store_key(self) -> bytes | None:
         """The databases' encryption key ([storage] key_file), or None."""

@@ -96,6 +96,16 @@ def apply(policy: Policy, path: Path, header: list[str], rows: list[list[str]], 
           schema: Schema, label: str | None) -> Result:
     """De-identify ``rows`` (read from ``path``) under ``policy``; errors name the column or
     row and say what to do (exit 2), and nothing is stored unless every row passes."""
+    for n, r in enumerate(rows, start=1):  # before any cell is picked by its position
+        if len(r) != len(header):
+            raise DataError(f"{path}: row {n} (line {n + 1}) has {len(r)} fields but the header "
+                            f"has {len(header)}; check for a stray or missing comma (a comma "
+                            "inside a name must be quoted). Nothing was stored")
+    for name, action in policy.columns.items():
+        if action == "pseudonymize" and name not in header:
+            raise DataError(f"{path}: the policy's patient key column {name!r} is missing; "
+                            "without it consent cannot be withdrawn per patient. Nothing was "
+                            "stored")
     missing = [h for h in header if h not in policy.columns]
     if missing:
         shown = ", ".join(repr(m) for m in missing[:8]) + (" ..." if len(missing) > 8 else "")
@@ -131,8 +141,9 @@ def apply(policy: Policy, path: Path, header: list[str], rows: list[list[str]], 
                     if float(r[j]) > 89:
                         r[j], changed = "90", changed + 1
                 except ValueError:
-                    raise DataError(f"{path}: row {n} (line {n + 1}), column {name!r}: "
-                                    f"{r[j]!r} is not an age in years") from None
+                    raise DataError(f"{path}: row {n} (line {n + 1}), column {name!r}: not an "
+                                    "age in years (the value is not shown: it may identify)"
+                                    ) from None
             report[name] = {"action": "ages over 89 set to 90", "changed": changed}
         elif action == "pseudonymize":
             for n, r in enumerate(rows):
@@ -146,9 +157,8 @@ def apply(policy: Policy, path: Path, header: list[str], rows: list[list[str]], 
             for n, r in enumerate(rows):
                 v = r[i].strip().lower()
                 if v not in YES | NO:
-                    raise DataError(f"{path}: row {n + 1} (line {n + 2}), column {name!r}: "
-                                    f"{r[i]!r} is not a consent answer (yes/no, true/false, "
-                                    "1/0)")
+                    raise DataError(f"{path}: row {n + 1} (line {n + 2}), column {name!r}: not "
+                                    "a consent answer (yes/no, true/false, 1/0)")
                 consent[n] = v in YES
             report[name] = {"action": "training consent read, column removed",
                             "train": sum(consent), "inference_only": len(rows) - sum(consent)}
@@ -156,16 +166,30 @@ def apply(policy: Policy, path: Path, header: list[str], rows: list[list[str]], 
             for n, r in enumerate(rows):
                 m = re.match(r"\s*(\d{4})(?:-\d{2}(?:-\d{2})?)?", r[i])
                 if r[i].strip() and m is None:
-                    raise DataError(f"{path}: row {n + 1} (line {n + 2}), column {name!r}: "
-                                    f"{r[i]!r} is not a date (YYYY-MM-DD)")
+                    raise DataError(f"{path}: row {n + 1} (line {n + 2}), column {name!r}: not "
+                                    "a date in YYYY-MM-DD form (the value is not shown: a "
+                                    "person's date identifies)")
                 years[n] = int(m.group(1)) if m else None
             report[name] = {"action": "generalized to the year"}
+    if schema.group_column and schema.group_column in out_header:
+        # window ids may be built from patient ids: replace them by ordinals (w1, w2, ...), so
+        # that no message names them (they are never stored either)
+        j = out_header.index(schema.group_column)
+        ordinal: dict[str, str] = {}
+        for r in out_rows:
+            r[j] = ordinal.setdefault(r[j].strip(), f"w{len(ordinal) + 1}")
+        report[schema.group_column] = {"action": "replaced by window numbers (w1, w2, ...)"}
     return Result(out_header, out_rows, patients, consent, years, report)
 
 
-def load_key(path: Path) -> bytes:
-    """The device's pseudonymization key; created (0600) on first use. It never leaves the
-    device: with it, anyone could test guesses of patient ids against the pseudonyms."""
+def load_key(path: Path, *, create: bool) -> bytes:
+    """The device's pseudonymization key; created (0600) on the first ingest. It never leaves
+    the device: with it, anyone could test guesses of patient ids against the pseudonyms."""
     from bedside.sqlite import read_key, write_key
 
-    return read_key(path) if path.exists() else write_key(path)
+    if path.exists() or not create:
+        if not path.exists():
+            raise ConfigError(f"{path}: no pseudonymization key: nothing was ingested with "
+                              "patient keys on this device (or [deidentify] key_file is wrong)")
+        return read_key(path, "pseudonymization key")
+    return write_key(path, "pseudonymization key")

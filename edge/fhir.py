@@ -14,10 +14,15 @@ it into the rows a CSV of the same records would give, for a time-series model s
   incomplete window is reported and not stored);
 * each window's label from the Observation coded ``--label-code`` (its value: a string, a code,
   or a boolean for a two-label model) whose time falls inside the window;
-* the patient key is the Patient's id, pseudonymized with the device's key; nothing else of the
-  Patient (name, birth date, address, telecom) is read. A ``Consent`` resource whose provision
-  is ``deny`` makes the patient's windows inference-only; ``permit``, training allowed; without
-  one, the de-identification policy's ``[consent] default`` (or, without a policy, training).
+* the patient key is the Patient's medical record number (its ``identifier`` typed ``MR``;
+  else its first identifier; else its id), pseudonymized with the device's key, so that
+  ``bedside edge consent withdraw MRN`` reaches the patient whichever way the records came;
+  nothing else of the Patient (name, birth date, address, telecom) is read;
+* consent: active ``Consent`` resources of research scope; any ``deny`` wins over a ``permit``;
+  without one, the de-identification policy's ``[consent] default`` applies, and without that,
+  the patient's windows serve inference only (consent is never assumed from silence).
+
+Messages name resources by their position in the bundle, never by a patient's id or values.
 
 Any other Observation code, an unknown unit, a value without a number, or a reference to an
 unknown Patient is an error that names the resource (exit 2): nothing of the bundle is stored.
@@ -38,6 +43,10 @@ from bedside.schema import Schema
 LOINC = "http://loinc.org"
 UCUM = "http://unitsofmeasure.org"
 BP_PANEL = "85354-9"
+#: A bigger bundle is refused unread (split the export).
+MAX_BUNDLE_BYTES = 256 * 1024 * 1024
+#: One patient's readings span at most this long (a reading years away is a data error).
+MAX_SPAN_MINUTES = 31 * 24 * 60
 
 
 @dataclass(frozen=True)
@@ -96,16 +105,21 @@ def read_bundle(path: Path, schema: Schema, label_code: str | None, key: bytes,
         raise DataError(f"the model's inputs {sorted(unknown_features)} have no LOINC mapping; "
                         f"FHIR input knows {[v.feature for v in VITALS]}")
     try:
+        if path.stat().st_size > MAX_BUNDLE_BYTES:
+            raise DataError(f"{path}: over {MAX_BUNDLE_BYTES >> 20} MiB; split the export")
         raw = json.loads(path.read_text(encoding="utf-8"))
         bundle = Bundle.model_validate(raw)
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
-    except (ValueError, UnicodeDecodeError) as exc:  # JSON errors and pydantic's
-        first = str(exc).splitlines()[:3] if isinstance(exc, ValidationError) else [str(exc)]
-        raise DataError(f"{path}: not a FHIR R4 Bundle ({' '.join(first)})") from None
+    except ValidationError as exc:  # its locations and reasons, never the values (identifiers)
+        where = "; ".join(f"{'.'.join(str(x) for x in e['loc'])}: {e['msg']}"
+                          for e in exc.errors(include_input=False)[:3])
+        raise DataError(f"{path}: not a valid FHIR R4 Bundle ({where})") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not JSON ({type(exc).__name__})") from None
     label_system, _, label_value = (label_code or "").rpartition("|")
     patients: dict[str, str] = {}  # FHIR id -> pseudonym, in bundle order
-    consent: dict[str, bool] = {}
+    consent: dict[str, bool] = {}  # research consents: False once any denies
     readings: dict[str, dict[int, dict[str, float]]] = {}
     labels: dict[str, list[tuple[int, str]]] = {}
     for n, entry in enumerate(bundle.entry or [], start=1):
@@ -113,16 +127,17 @@ def read_bundle(path: Path, schema: Schema, label_code: str | None, key: bytes,
         if res is None:
             continue
         kind = res.get_resource_type()
-        where = f"{path}: entry {n} ({kind}{'/' + res.id if res.id else ''})"
+        where = f"{path}: entry {n} ({kind})"
         if kind == "Patient":
             if not res.id:
                 raise DataError(f"{where}: a Patient without an id")
-            patients[res.id] = pseudonym(key, res.id)
+            patients[res.id] = pseudonym(key, _patient_key(res))
         elif kind == "Consent":
             who = _ref(res.patient, where)
             ptype = res.provision.type if res.provision is not None else None
-            if res.status == "active" and ptype in ("permit", "deny"):
-                consent[who] = ptype == "permit"
+            scopes = {c.code for c in (res.scope.coding or [])} if res.scope else set()
+            if res.status == "active" and "research" in scopes and ptype in ("permit", "deny"):
+                consent[who] = consent.get(who, True) and ptype == "permit"
         elif kind == "Observation":
             if res.status in ("entered-in-error", "cancelled"):
                 continue
@@ -151,6 +166,16 @@ def read_bundle(path: Path, schema: Schema, label_code: str | None, key: bytes,
                 _put(readings, who, minute, vital, res.valueQuantity, where)
     return _windows(path, schema, patients, consent, readings, labels, label_code,
                     consent_default)
+
+
+def _patient_key(res: Any) -> str:
+    """The id a clinic knows its patient by: the medical record number, else the first
+    identifier, else the resource id."""
+    ids = [i for i in (res.identifier or []) if i.value]
+    for i in ids:
+        if i.type is not None and any(c.code == "MR" for c in (i.type.coding or [])):
+            return str(i.value)
+    return str(ids[0].value) if ids else str(res.id)
 
 
 def _ref(ref: Any, where: str) -> str:
@@ -210,15 +235,19 @@ def _windows(path: Path, schema: Schema, patients: dict[str, str], consent: dict
     who_rows: list[str | None] = []
     ok_rows: list[bool] = []
     incomplete = 0
-    for fid in readings:
-        if fid not in patients:
-            raise DataError(f"{path}: observations reference Patient/{fid}, which the bundle "
-                            "does not hold")
-    for fid, alias in patients.items():
+    strangers = [fid for fid in readings if fid not in patients]
+    if strangers:
+        raise DataError(f"{path}: observations reference {len(strangers)} Patient(s) the bundle "
+                        "does not hold; include their Patient resources")
+    for number, (fid, alias) in enumerate(patients.items(), start=1):
         minutes = readings.get(fid, {})
         if not minutes:
             continue
         start, end = min(minutes), max(minutes)
+        if end - start > MAX_SPAN_MINUTES:
+            raise DataError(f"{path}: patient {number} (in bundle order) has readings "
+                            f"{(end - start) // 1440} days apart; one export holds at most "
+                            f"{MAX_SPAN_MINUTES // 1440} days per patient (check the dates)")
         for k, w0 in enumerate(range(start, end + 1, schema.window)):
             span = range(w0, w0 + schema.window)
             if not all(m in minutes and all(n in minutes[m] for n in names) for m in span):
@@ -226,20 +255,23 @@ def _windows(path: Path, schema: Schema, patients: dict[str, str], consent: dict
                 continue
             found = {lab for m, lab in labels.get(fid, []) if m in span}
             if label_code and len(found) != 1:
-                raise DataError(f"{path}: Patient/{fid}, window {k + 1}: {len(found)} label "
-                                f"observations ({label_code}) inside it; expected one")
+                raise DataError(f"{path}: patient {number} (in bundle order), window {k + 1}: "
+                                f"{len(found)} label observations ({label_code}) inside it; "
+                                "expected one")
             label = found.pop() if found else ""
             for t, m in enumerate(span):
                 out_rows.append([f"{alias[:16]}-{k}", str(t),
                                  *(repr(minutes[m][n]) for n in names), label])
                 who_rows.append(alias)
-                ok_rows.append(consent.get(fid, True if consent_default is None
-                                           else consent_default))
+                ok_rows.append(consent.get(fid, bool(consent_default)))
     if not out_rows:
         raise DataError(f"{path}: no complete window of {schema.window} minutes with "
                         f"{', '.join(names)} every minute")
     report = {"patients": len(patients), "windows": len(out_rows) // schema.window,
               "incomplete_windows_not_stored": incomplete,
-              "patient_key": "Patient.id, replaced by a keyed pseudonym (HMAC-SHA256)",
+              "patient_key": "the Patient's MRN identifier (else its first identifier, else its "
+                             "id), replaced by a keyed pseudonym (HMAC-SHA256)",
+              "inference_only_windows": sum(1 for i in range(0, len(ok_rows), schema.window)
+                                            if not ok_rows[i]),
               "not_read": "every other element of Patient (name, birthDate, address, telecom)"}
     return FhirRows(header, out_rows, who_rows, ok_rows, report)

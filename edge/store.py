@@ -47,6 +47,7 @@ class IngestResult:
     added: int
     duplicates: int
     total: int
+    consent_revoked: int = 0  # rows stored before whose file now says: no training consent
 
 
 class RecordStore:
@@ -79,11 +80,16 @@ class RecordStore:
         fp = schema_fingerprint(schema)
         added = 0
         sources = table.sources or [[i] for i in range(len(table.x))]
+        revoked = 0
         with transaction(self.db):
             for x, y, src in zip(table.x, table.y, sources, strict=True):
                 blob = np.ascontiguousarray(x, np.float32).tobytes()
                 digest = hashlib.sha256(blob + int(y).to_bytes(8, "little")).hexdigest()
                 who = patients[src[0]] if patients else None
+                if patients and any(patients[i] != who for i in src):
+                    raise DataError(f"the window starting at data row {src[0] + 1}: its rows "
+                                    "belong to different patients; a window holds one patient's "
+                                    "readings")
                 ok = all(consent[i] for i in src) if consent else True
                 year = consent_year[src[0]] if consent_year else None
                 cur = self.db.execute(
@@ -91,7 +97,20 @@ class RecordStore:
                     "patient, consent, consent_year) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (fp, digest, blob, int(y), source, time.time(), who, int(ok), year))
                 added += cur.rowcount
-        return IngestResult(added=added, duplicates=len(table.x) - added, total=self.count(schema))
+                if not cur.rowcount:  # stored before: a refusal now wins; a patient key fills in
+                    upd = self.db.execute(
+                        "UPDATE records SET consent = 0 WHERE schema = ? AND digest = ? AND "
+                        "consent = 1 AND ?", (fp, digest, int(not ok)))
+                    revoked += upd.rowcount
+                    self.db.execute("UPDATE records SET patient = ? WHERE schema = ? AND "
+                                    "digest = ? AND patient IS NULL", (who, fp, digest))
+        return IngestResult(added=added, duplicates=len(table.x) - added, total=self.count(schema),
+                            consent_revoked=revoked)
+
+    def unkeyed(self) -> int:
+        """Rows without a patient key (a withdrawal cannot reach them)."""
+        return int(self.db.execute("SELECT COUNT(*) FROM records WHERE patient IS NULL")
+                   .fetchone()[0])
 
     def withdraw(self, patient: str) -> int:
         """No row of ``patient`` (a pseudonym) trains from now on; returns how many rows were

@@ -95,6 +95,8 @@ def build(parser: argparse.ArgumentParser) -> Any:
                    help="patient attributes that define the groups (e.g. age_band,sex)")
     p.add_argument("--min-rows", type=int, default=30, metavar="N",
                    help="smaller groups are reported but not judged (default 30)")
+    p.add_argument("--positive", metavar="LABEL", help="the class sensitivity is about "
+                   "(two-label models; default: the second label, e.g. 'deteriorating')")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_evaluate)
     return sub
@@ -126,9 +128,15 @@ def _evaluate(ns: argparse.Namespace) -> int:
             raise InputError(f"{ns.data}: window {tid!r} holds several groups {sorted(values)}: "
                              "a window's rows must share their patient attributes")
         groups.append(values.pop())
+    labels = list(m.schema.labels)
+    if ns.positive is not None and ns.positive not in labels:
+        raise InputError(f"--positive {ns.positive!r}: not one of the model's labels {labels}")
+    positive = labels.index(ns.positive) if ns.positive else min(1, len(labels) - 1)
     p = clf.probabilities(table.x)
     report = {"model": f"{m.name} v{m.version}", "data": str(ns.data), "group_by": cols,
-              "overall": evaluate(table.y, p), **by_group(table.y, p, groups, ns.min_rows)}
+              "positive": labels[positive] if len(labels) == 2 else None,
+              "overall": evaluate(table.y, p),
+              **by_group(table.y, p, groups, ns.min_rows, positive)}
     if ns.json:
         print_json(report)
         return 0
@@ -138,7 +146,8 @@ def _evaluate(ns: argparse.Namespace) -> int:
 
 def _print_groups(r: dict[str, Any]) -> None:
     print(f"{r['model']} on {r['data']}, by {'/'.join(r['group_by'])}: overall accuracy "
-          f"{r['overall']['accuracy']:.4f}, AUC {r['overall']['auc']:.4f}")
+          f"{r['overall']['accuracy']:.4f}, AUC {r['overall']['auc']:.4f}"
+          + (f"; sensitivity is of {r['positive']!r}" if r["positive"] else ""))
     metrics = ["accuracy", "sensitivity", "specificity", "auc", "calibration_error"]
     shown = [k for k in metrics if any(k in g for g in r["groups"].values())]
     print(f"{'group':<16}{'rows':>6}  " + "  ".join(f"{k[:11]:>11}" for k in shown))

@@ -121,10 +121,17 @@ def test_another_key_and_a_rotated_key(log, tmp_path):
     path, key = log
     assert not verify(path, [SigningKey.generate().public]).ok
     new = SigningKey.generate()
-    with AuditLog(path, new, "device:clinic-1") as a:
-        a.append("key_rotated", "device clinic-1")
+    with AuditLog(path, key, "device:clinic-1") as a:  # the rotation is signed by the old key
+        a.append("key_rotated", "device clinic-1", old=key.public.fingerprint,
+                 new=new.public.fingerprint)
+        a.key = new
+        a.append("round_contributed", "round 7")
     assert not _verdict(path, key).ok
     assert verify(path, [key.public, new.public]).ok
+    stranger = SigningKey.generate()  # a key given, but never handed over to
+    with AuditLog(path, stranger, "device:clinic-1") as a:
+        a.append("round_contributed", "round 8")
+    assert not verify(path, [key.public, new.public, stranger.public]).ok
 
 
 def test_the_cli_verifies_and_exits_nonzero_when_tampered(log, tmp_path, capsys):
@@ -162,3 +169,50 @@ def test_a_federation_leaves_verifiable_trails_on_every_side(tmp_path):
         v = verify(dev_log, [VerifyKey.load(agg_dir / "keys" / "devices" / f"{cid}.pub")])
         assert v.ok, v.problem
         assert "round_contributed" in [e["action"] for e in tail(dev_log, 50)]
+
+
+def test_a_rotated_away_key_cannot_write_later_and_components_do_not_mix(tmp_path):
+    """After a rotation (signed by the old key) the old key may sign only until the new one's
+    first entry; an entry from another component's log is refused."""
+    old, new = SigningKey.generate(), SigningKey.generate()
+    path = tmp_path / "audit.db"
+    with AuditLog(path, old, "device:clinic-1") as a:
+        a.append("round_contributed", "round 1")
+        a.append("key_rotated", "device clinic-1", old=old.public.fingerprint,
+                 new=new.public.fingerprint)
+        a.append("round_contributed", "round 2")  # a service not restarted yet: allowed
+        a.key = new
+        a.append("round_contributed", "round 3")
+    assert verify(path, [old.public, new.public]).ok
+    with AuditLog(path, old, "device:clinic-1") as a:  # the old key, after the new one wrote
+        a.append("round_contributed", "round 4")
+    v = verify(path, [old.public, new.public])
+    assert not v.ok and v.first_bad == 5 and "rotated away" in v.problem
+    other = tmp_path / "other.db"
+    with AuditLog(other, old, "device:clinic-1") as a:
+        a.append("enrolled", "device clinic-1")
+    with AuditLog(other, old, "aggregator") as a:
+        a.append("round_opened", "round 1")
+    v = verify(other, [old.public])
+    assert not v.ok and v.first_bad == 2 and "another log" in v.problem
+
+
+def test_verify_reads_only_and_refuses_an_empty_or_foreign_database(tmp_path):
+    import os
+
+    key = SigningKey.generate()
+    foreign = tmp_path / "foreign.db"
+    db = sqlite3.connect(foreign)
+    db.execute("CREATE TABLE patients (a)")
+    db.commit()
+    db.close()
+    before = os.stat(foreign).st_mtime_ns, foreign.read_bytes()
+    with pytest.raises(Exception, match="not an audit log"):
+        verify(foreign, [key.public])
+    assert (os.stat(foreign).st_mtime_ns, foreign.read_bytes()) == before
+    path = tmp_path / "audit.db"
+    with AuditLog(path, key, "aggregator") as a:
+        a.append("round_opened", "round 1")
+    _db(path).execute("DELETE FROM entries")
+    v = verify(path, [key.public])
+    assert not v.ok and "no entry" in v.problem

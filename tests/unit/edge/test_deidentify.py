@@ -231,3 +231,43 @@ def test_withdrawing_consent_removes_a_patient_from_future_training(tmp_path, ca
 
     assert tail(cfg.data / "audit.db", 1)[0]["action"] == "consent_withdrawn"
     assert b"MRN-A" not in (cfg.data / "audit.db").read_bytes()
+
+
+def test_a_misaligned_row_is_refused_before_any_cell_is_picked(tmp_path):
+    """An unquoted comma in a dropped name shifts every cell: refused, never stored shifted."""
+    from bedside.edge.deidentify import Policy, apply
+    from bedside.errors import DataError
+    from bedside.schema import Feature, Schema
+
+    p = tmp_path / "p.toml"
+    p.write_text(to_toml({"columns": {"name": "drop", "mrn": "pseudonymize", "hr": "keep",
+                                      "y": "keep"}, "consent": {"default": "train"}}))
+    schema = Schema(features=(Feature("hr"),), labels=("a", "b"))
+    header = ["name", "mrn", "hr", "y"]
+    with pytest.raises(DataError, match=r"row 1 .* 5 fields but the header has 4") as e:
+        apply(Policy.load(p), p, header, [["Quackenbush", " Zelda", "MRN-1", "80", "a"]],
+              b"k" * 32, schema, "y")
+    assert "Zelda" not in str(e.value) and "MRN-1" not in str(e.value)
+    with pytest.raises(DataError, match="patient key column 'mrn' is missing"):
+        apply(Policy.load(p), p, ["name", "hr", "y"], [["Z", "80", "a"]], b"k" * 32, schema,
+              "y")
+    p.write_text(to_toml({"columns": {"hr": "keep", "y": "keep", "when": "consent_date"},
+                          "consent": {"default": "train"}}))
+    with pytest.raises(DataError, match="not a date") as e:
+        apply(Policy.load(p), p, ["hr", "y", "when"], [["80", "a", "17/04/1931"]], b"k" * 32,
+              schema, "y")
+    assert "1931" not in str(e.value)
+
+
+def test_a_later_export_that_refuses_consent_wins_over_an_earlier_yes(tmp_path, capsys):
+    fleet = _fleet(tmp_path)
+    clinic = fleet.plan["clinics"][0]
+    yes = _with_identifiers(clinic["dir"] / "records.csv", tmp_path / "yes.csv")
+    no = _with_identifiers(clinic["dir"] / "records.csv", tmp_path / "no.csv",
+                           consent=lambda i: "no" if i < 4 else "yes")
+    assert _ingest(fleet, yes, "--json") == 0
+    assert json.loads(capsys.readouterr().out)["consent"]["train"] == clinic["rows"]
+    assert _ingest(fleet, no, "--json") == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["added"] == 0 and r["consent"] == {"train": clinic["rows"] - 4,
+                                                "inference_only": 4}

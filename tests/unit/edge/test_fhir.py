@@ -40,7 +40,8 @@ def device(tmp_path, exported):
     return make
 
 
-def _csv_and_bundle(tmp_path, *, fahrenheit=False, panel=False, deny=(), extra_code=None):
+def _csv_and_bundle(tmp_path, *, fahrenheit=False, panel=False, deny=(), extra_code=None,
+                    consents=True):
     from bedside.models import datasets
 
     ds = datasets.load("vitals", n_windows=3, window=60)
@@ -54,15 +55,19 @@ def _csv_and_bundle(tmp_path, *, fahrenheit=False, panel=False, deny=(), extra_c
         pid = f"pt-{r['window_id']}"
         if pid not in seen:
             seen.append(pid)
+            mr = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v2-0203",
+                              "code": "MR"}]}
             entries.append({"resource": {"resourceType": "Patient", "id": pid,
+                                         "identifier": [{"type": mr, "value": f"MRN-{pid}"}],
                                          "name": [{"family": "Quackenbush", "given": ["Zelda"]}],
                                          "birthDate": "1931-04-17"}})
-            if pid in deny:
+            if consents:
                 entries.append({"resource": {
                     "resourceType": "Consent", "id": f"c-{pid}", "status": "active",
                     "scope": {"coding": [{"code": "research"}]},
                     "category": [{"coding": [{"code": "research"}]}],
-                    "patient": {"reference": f"Patient/{pid}"}, "provision": {"type": "deny"}}})
+                    "patient": {"reference": f"Patient/{pid}"},
+                    "provision": {"type": "deny" if pid in deny else "permit"}}})
         when = (t0 + timedelta(minutes=int(r["t"]))).isoformat()
         if int(r["t"]) == 0:
             system, code = LABEL.split("|")
@@ -175,3 +180,27 @@ def test_a_consent_that_denies_keeps_the_patients_windows_out_of_training(tmp_pa
                  toml, "--model", device.model]) == 0
     x, _, counts = _stored(toml)
     assert counts == {"train": 2, "inference_only": 1} and len(x) == 2
+
+
+def test_without_a_consent_resource_windows_serve_inference_only(tmp_path, device, capsys):
+    """Consent is never assumed from silence; and a withdrawal by MRN reaches FHIR rows."""
+    _, bundle = _csv_and_bundle(tmp_path, consents=False)
+    toml = device("g")
+    assert main(["edge", "ingest", "--fhir", str(bundle), "--label-code", LABEL, "--config",
+                 toml, "--model", device.model]) == 0
+    assert _stored(toml)[2] == {"train": 0, "inference_only": 3}
+    _, bundle = _csv_and_bundle(tmp_path / "h", deny=())
+    toml = device("h")
+    assert main(["edge", "ingest", "--fhir", str(bundle), "--label-code", LABEL, "--config",
+                 toml, "--model", device.model]) == 0
+    capsys.readouterr()
+    assert main(["edge", "consent", "withdraw", "MRN-pt-1", "--config", toml]) == 0
+    assert "1 stored record(s) excluded" in capsys.readouterr().out
+    assert _stored(toml)[2] == {"train": 2, "inference_only": 1}
+    err_bundle = json.loads(bundle.read_text())
+    err_bundle["entry"][0]["resource"]["birthDate"] = "17/04/1931"  # invalid: not echoed
+    bundle.write_text(json.dumps(err_bundle))
+    assert main(["edge", "ingest", "--fhir", str(bundle), "--label-code", LABEL, "--config",
+                 toml, "--model", device.model]) == 2
+    err = capsys.readouterr().err
+    assert "not a valid FHIR R4 Bundle" in err and "1931" not in err

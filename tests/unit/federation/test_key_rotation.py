@@ -73,6 +73,13 @@ def test_devices_pin_the_rotated_key_and_refuse_the_old_one(tmp_path, capsys):
     drive(mf, steps=3)
     assert all(a.pinned.get(AGGREGATOR_ID).fingerprint == new_key.public.fingerprint
                for a in mf.agents)
+    # the aggregator's audit trail passes from the old key to the new one (the rotation entry
+    # is signed by the old key) and verifies with both
+    from bedside.audit import verify
+
+    v = verify(mf.aggregator.cfg.data_dir / "audit.db", [old_key.public, new_key.public])
+    assert v.ok, v.problem
+    assert v.keys == [old_key.public.fingerprint, new_key.public.fingerprint]
 
 
 def test_a_device_rotates_its_own_key(tmp_path, capsys):
@@ -102,6 +109,10 @@ def test_a_device_rotates_its_own_key(tmp_path, capsys):
     rows = mf.aggregator.state.db.execute(
         "SELECT reason FROM rejections WHERE sender = 'clinic-1'").fetchall()
     assert ("bad_signature",) in rows
+    from bedside.audit import verify
+
+    v = verify(a.cfg.data / "audit.db", [old.public, new.public])  # handed over, verifiable
+    assert v.ok, v.problem
 
 
 def test_rotations_grow_by_one_link_and_an_interrupted_one_is_finished(tmp_path, monkeypatch):

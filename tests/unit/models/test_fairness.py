@@ -72,3 +72,14 @@ def test_models_evaluate_reports_groups_gaps_and_small_groups(tmp_path, exported
     assert main(["models", "evaluate", str(model), "--data", str(data), "--label", "label",
                  "--groups", "ethnicity"]) == 2
     assert "'ethnicity'" in capsys.readouterr().err
+
+
+def test_sensitivity_is_about_the_class_named_positive():
+    """For labels ("malignant", "benign"), sensitivity is about malignant: --positive 0."""
+    y = np.array([0] * 10 + [1] * 10)
+    p = _p([0.1] * 8 + [0.9] * 2 + [0.9] * 10)  # 8 of 10 malignant found, every benign right
+    r0 = by_group(y, p, ["g"] * 20, min_rows=1, positive=0)["groups"]["g"]  # type: ignore[index]
+    r1 = by_group(y, p, ["g"] * 20, min_rows=1, positive=1)["groups"]["g"]  # type: ignore[index]
+    assert (r0["sensitivity"], r0["specificity"]) == (0.8, 1.0)
+    assert (r1["sensitivity"], r1["specificity"]) == (1.0, 0.8)
+    assert r0["auc"] == r1["auc"]
