@@ -107,6 +107,10 @@ class EvaluationConfig:
     data: Path | None = setting(None, "the data team's labelled reference CSV, evaluated for "
                                 "every new version")
     label: str | None = setting(None, "its label column")
+    groups: list[str] = setting(doc="patient-attribute columns of the reference set (e.g. "
+                                "[\"age_band\", \"sex\"]): every version's manifest then holds "
+                                "per-group figures and the largest gap (docs/governance.md)",
+                                factory=list)
 
     def __post_init__(self) -> None:
         if (self.data is None) != (self.label is None):

@@ -191,7 +191,7 @@ class Aggregator:
             from bedside.aggregator.evaluate import Evaluator
 
             assert ev.label is not None and self._manifest is not None
-            self._evaluator = Evaluator(ev.data, ev.label, self._manifest)
+            self._evaluator = Evaluator(ev.data, ev.label, self._manifest, ev.groups)
 
     def _warn_ignored_initial_model(self) -> None:
         """``initial_model`` starts a federation; once the registry holds versions it is not
@@ -684,9 +684,11 @@ class Aggregator:
         """Evaluate, account and store version N+1 (one commit point: the manifest, written
         after the model and the optimizer's state), sign its release and serve it."""
         t0 = time.perf_counter()
-        m.metrics = {"holdout": self._evaluator(model_bytes, m)} if self._evaluator else {}
+        m.metrics = self._evaluator.metrics(model_bytes, m) if self._evaluator else {}
         timing["evaluate"] = time.perf_counter() - t0
         result["metrics"] = m.metrics.get("holdout", {})
+        if "holdout_groups" in m.metrics:
+            result["metrics_groups"] = m.metrics["holdout_groups"]
         t0 = time.perf_counter()
         m.privacy = self.privacy_report(closing=cur)
         timing["account"] = time.perf_counter() - t0

@@ -173,6 +173,25 @@ def table_from_rows(path: Path, header: list[str], rows: list[list[str]], schema
     return _read_windows(path, schema, header, rows, cols, label_idx)
 
 
+def group_values(path: Path, header: list[str], rows: list[list[str]], table: Table,
+                 columns: list[str]) -> list[str]:
+    """Per table row (a row, or a window), its patient group: the values of ``columns`` joined by
+    "/". A window's rows must agree."""
+    missing = [c for c in columns if c not in header]
+    if not columns or missing:
+        raise SchemaError(f"{path}: group column(s) {missing or columns} not in the file (its "
+                          f"header: {', '.join(header[:12])})")
+    idx = [header.index(c) for c in columns]
+    out = []
+    for tid, src in zip(table.row_ids, table.sources or [], strict=True):
+        values = {"/".join(rows[i][j].strip() for j in idx) for i in src}
+        if len(values) != 1:
+            raise SchemaError(f"{path}: window {tid!r} holds several groups {sorted(values)}: a "
+                              "window's rows must share their patient attributes")
+        out.append(values.pop())
+    return out
+
+
 def _read_windows(
     path: Path, schema: Schema, header: list[str], rows: list[list[str]], cols: list[int],
     label_idx: int | None,

@@ -175,7 +175,8 @@ def agent_table(cfg: DemoConfig, i: int, fleet: str = FLEET) -> dict[str, Any]:
 
 
 def aggregator_table(cfg: DemoConfig, fleet: str = FLEET, initial_model: Path | None = None,
-                     reference_csv: Path | None = None) -> dict[str, Any]:
+                     reference_csv: Path | None = None,
+                     groups: list[str] | None = None) -> dict[str, Any]:
     """``aggregator.toml`` of the demo, overrides merged (its ``[rounds]``, ``[training]``,
     ``[privacy]``, ``[strategy]`` and ``[statistics]`` are the federation the in-process
     simulation runs too)."""
@@ -203,7 +204,8 @@ def aggregator_table(cfg: DemoConfig, fleet: str = FLEET, initial_model: Path | 
     if initial_model is not None:
         aggregator["initial_model"] = str(initial_model)
     if reference_csv is not None:
-        aggregator["evaluation"] = {"data": str(reference_csv), "label": "label"}
+        aggregator["evaluation"] = {"data": str(reference_csv), "label": "label",
+                                    **({"groups": groups} if groups else {})}
     merge_overrides(aggregator, cfg.extra.get("aggregator", {}))
     return aggregator
 
@@ -243,7 +245,8 @@ def prepare(cfg: DemoConfig, work: Path) -> dict[str, Any]:
         store.close()
         clinics.append({"id": cid, "dir": cdir, "config": agent, "rows": len(idx),
                         "labels": shard_info[i - 1]})
-    aggregator = aggregator_table(cfg, fleet, work / "initial-model", holdout_csv)
+    aggregator = aggregator_table(cfg, fleet, work / "initial-model", holdout_csv,
+                                  groups=list(holdout.attributes))
     return {"fleet": fleet, "aggregator_dir": agg_dir, "aggregator": aggregator,
             "clinics": clinics, "model_v1": model_v1, "holdout_rows": len(holdout),
             "train_rows": len(train), "dataset": train.name}
@@ -305,6 +308,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     devices: dict[str, dict[str, Any]] = {}
     final: dict[str, Any] | None = None
+    groups: dict[str, Any] | None = None  # per-group figures of the newest version
     timeout = cfg.timeout if cfg.timeout is not None else DEFAULT_TIMEOUT[cfg.transport]
     try:
         fleet.start(plan, logs)
@@ -325,6 +329,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
                     row = _row(body, devices)
                     rows.append(row)
                     ui.row(row)
+                    groups = body.get("metrics_groups") or groups
                 elif body.get("state") == "done":
                     final = body
                     timeline["federation_done"] = time.monotonic() - started
@@ -332,6 +337,8 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     finally:
         fleet.stop()
     report = _report(cfg, plan, rows, devices, final, work, time.monotonic() - started)
+    if groups is not None:
+        report["fairness"] = {**groups, "epsilon": 0.0}
     report["timeline_s"] = {k: round(v, 2) for k, v in timeline.items()}
     (work / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
     _plot(rows, work / "report.png")
@@ -744,6 +751,15 @@ class _Table:
                     f"clinic, budget {p['record']['budget']:g}" if rec is not None else
                     "record-level: not reported")
         self._print(f"device-level: {p['device']['statement']}")
+        fair = report.get("fairness")
+        if fair and fair.get("largest_gap"):
+            k = fair["largest_gap"]
+            g = fair["gaps"][k]
+            small = (f"; too small to judge: {', '.join(fair['small_groups'])}"
+                     if fair["small_groups"] else "")
+            self._print(f"per group ({'/'.join(fair['group_by'])}, on the data team's reference "
+                        f"rows, epsilon 0): largest gap {k} {g['gap']:.3f} ({g['lowest']} "
+                        f"lowest, {g['highest']} highest){small}")
         if p.get("warning"):
             self._print(f"[bold]warning[/bold]: {p['warning']}")
         self._print(f"report: {report['files']['report']}  plot: {report['files']['plot']}  "

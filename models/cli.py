@@ -107,27 +107,16 @@ def _evaluate(ns: argparse.Namespace) -> int:
     from bedside.manifest import load_manifest, verify_model_file
     from bedside.metrics import by_group, evaluate
     from bedside.models.onnx_model import OnnxClassifier
-    from bedside.tabular import read_rows, table_from_rows
+    from bedside.tabular import group_values, read_rows, table_from_rows
 
     m = load_manifest(ns.model)
     clf = OnnxClassifier(verify_model_file(ns.model, m), m.output, m.schema.labels,
                          where=str(ns.model))
     header, rows = read_rows(ns.data)
     cols = [c.strip() for c in ns.groups.split(",") if c.strip()]
-    missing = [c for c in cols if c not in header]
-    if not cols or missing:
-        raise InputError(f"--groups {ns.groups!r}: column(s) {missing or cols} not in {ns.data} "
-                         f"(its header: {', '.join(header[:12])})")
-    idx = [header.index(c) for c in cols]
     table = table_from_rows(ns.data, header, rows, m.schema, ns.label)
-    assert table.y is not None and table.sources is not None
-    groups = []
-    for tid, src in zip(table.row_ids, table.sources, strict=True):
-        values = {"/".join(rows[i][j].strip() for j in idx) for i in src}
-        if len(values) != 1:
-            raise InputError(f"{ns.data}: window {tid!r} holds several groups {sorted(values)}: "
-                             "a window's rows must share their patient attributes")
-        groups.append(values.pop())
+    assert table.y is not None
+    groups = group_values(ns.data, header, rows, table, cols)
     labels = list(m.schema.labels)
     if ns.positive is not None and ns.positive not in labels:
         raise InputError(f"--positive {ns.positive!r}: not one of the model's labels {labels}")

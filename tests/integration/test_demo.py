@@ -122,6 +122,23 @@ def test_demo_on_a_users_multiclass_csv(tmp_path, clean_env):
     assert 35 < age.loc < 65 and 3 < age.scale < 30  # about the cohort's mean and spread
 
 
+def test_vitals_demo_reports_figures_per_patient_group(tmp_path, clean_env):
+    """Per-group figures of the newest version on the data team's reference rows (age band and
+    sex), the largest gap, the groups too small to judge, and what they cost: nothing."""
+    done = subprocess.run([bedside_exe(), "demo", "--dataset", "vitals", "--clients", "3",
+                           "--rounds", "2", "--out", str(tmp_path / "demo"), "--json"],
+                          capture_output=True, env=clean_env, timeout=280)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    fair = json.loads(done.stdout)["fairness"]
+    assert fair["group_by"] == ["age_band", "sex"] and fair["epsilon"] == 0.0
+    assert sum(g["rows"] for g in fair["groups"].values()) == \
+        json.loads(done.stdout)["data"]["holdout_rows"]
+    assert fair["largest_gap"] in fair["gaps"]
+    assert all(not fair["groups"][g]["judged"] for g in fair["small_groups"])
+    final = _final_manifest(tmp_path / "demo")
+    assert final.metrics["holdout_groups"]["largest_gap"] == fair["largest_gap"]
+
+
 def test_demo_bad_input_exit_2(tmp_path, clean_env):
     (tmp_path / "x.csv").write_text("a,b\n1,2\n")
     done = subprocess.run([bedside_exe(), "demo", "--data", str(tmp_path / "x.csv"), "--label",
