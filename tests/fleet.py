@@ -105,6 +105,14 @@ class MemFleet:
         return Agent(load_agent(self.fleet.agent_toml(i)),
                      MemoryTransport(self.broker, cid, clean_session=False), clock=self.clock)
 
+    def restart(self) -> None:
+        """New aggregator and agents from the configuration files, started."""
+        self.aggregator = self.new_aggregator()
+        self.agents = [self.new_agent(i) for i in range(len(self.fleet.clinic_ids))]
+        self.aggregator.start()
+        for a in self.agents:
+            a.start()
+
     def new_aggregator(self) -> Any:
         from bedside.aggregator.config import load as load_agg
         from bedside.aggregator.service import Aggregator
@@ -132,15 +140,16 @@ def seeded_fleet(work: Path, **kw: Any) -> Fleet:
 
 
 def mem_fleet(work: Path, **kw: Any) -> MemFleet:
+    return start_mem(seeded_fleet(work, **kw))
+
+
+def start_mem(fleet: Fleet) -> MemFleet:
+    """The aggregator and every agent of ``fleet`` on a new in-memory broker, started (each
+    reads its configuration now: change the files first)."""
     from bedside.transport.memory import MemoryBroker
 
-    fleet = seeded_fleet(work, **kw)
     mf = MemFleet(fleet=fleet, broker=MemoryBroker(), aggregator=None, agents=[], clock=Clock())
-    mf.aggregator = mf.new_aggregator()
-    mf.agents = [mf.new_agent(i) for i in range(len(fleet.clinic_ids))]
-    mf.aggregator.start()
-    for a in mf.agents:
-        a.start()
+    mf.restart()
     return mf
 
 

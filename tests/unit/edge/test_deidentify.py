@@ -13,7 +13,7 @@ import pytest
 
 from bedside.cli import main
 from bedside.config import to_toml
-from tests.fleet import MemFleet, seeded_fleet
+from tests.fleet import seeded_fleet, start_mem
 
 # One value of every Safe Harbor kind (45 CFR 164.514(b)(2)), each one unique and searchable.
 IDENTIFIERS = {
@@ -88,15 +88,7 @@ def _schema_names(fleet):
 
 
 def _run(fleet):
-    from bedside.transport.memory import MemoryBroker
-    from tests.fleet import Clock
-
-    mf = MemFleet(fleet=fleet, broker=MemoryBroker(), aggregator=None, agents=[], clock=Clock())
-    mf.aggregator = mf.new_aggregator()
-    mf.agents = [mf.new_agent(i) for i in range(len(fleet.clinic_ids))]
-    mf.aggregator.start()
-    for a in mf.agents:
-        a.start()
+    mf = start_mem(fleet)
     mf.run()
     return mf
 

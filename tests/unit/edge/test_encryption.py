@@ -8,7 +8,7 @@ from bedside.cli import main
 from bedside.config import to_toml
 from bedside.errors import ConfigError, StateError
 from bedside.sqlite import open_db, read_key, write_key
-from tests.fleet import MemFleet, seeded_fleet
+from tests.fleet import seeded_fleet, start_mem
 
 
 def test_an_encrypted_database_needs_its_key_and_says_what_is_wrong(tmp_path):
@@ -48,9 +48,6 @@ def test_a_key_file_others_can_read_or_a_short_one_is_refused(tmp_path):
 
 
 def test_encrypt_store_keeps_the_records_and_the_agents_take_part(tmp_path, capsys):
-    from bedside.transport.memory import MemoryBroker
-    from tests.fleet import Clock
-
     fleet = seeded_fleet(tmp_path / "fed", clients=2, rounds=1)
     for i, c in enumerate(fleet.plan["clinics"]):
         write_key(c["dir"] / "keys" / "store.key")
@@ -68,12 +65,7 @@ def test_encrypt_store_keeps_the_records_and_the_agents_take_part(tmp_path, caps
     assert not records.read_bytes().startswith(b"SQLite format 3")
     assert main(["edge", "encrypt-store", "--config", str(toml)]) == 0  # twice: harmless
     assert "already" in capsys.readouterr().out
-    mf = MemFleet(fleet=fleet, broker=MemoryBroker(), aggregator=None, agents=[], clock=Clock())
-    mf.aggregator = mf.new_aggregator()
-    mf.agents = [mf.new_agent(i) for i in range(2)]
-    mf.aggregator.start()
-    for a in mf.agents:
-        a.start()
+    mf = start_mem(fleet)
     mf.run()
     assert len(mf.aggregator.state.accepted(1)) == 2
     schema = mf.agents[0].models.manifest().schema

@@ -171,11 +171,7 @@ def test_another_federation_keeps_spending_from_the_same_ledger(tmp_path):
     for a in mf.agents:
         a.transport.close()
     mf.aggregator.transport.close()
-    mf.aggregator = mf.new_aggregator()
-    mf.agents = [mf.new_agent(i) for i in range(2)]
-    mf.aggregator.start()
-    for a in mf.agents:
-        a.start()
+    mf.restart()
     mf.run()
     a = mf.agents[0]
     assert [a.state.handled(r) for r in (1, 2)] == ["contributed"] * 2

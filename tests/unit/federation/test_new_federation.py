@@ -26,11 +26,7 @@ def _restart(mf, **aggregator):
             c["config"]["fleet"] = aggregator["fleet"]
         mf.fleet.agent_toml(i).write_text(to_toml(c["config"]))
     mf.broker = MemoryBroker()
-    mf.aggregator = mf.new_aggregator()
-    mf.agents = [mf.new_agent(i) for i in range(len(mf.fleet.clinic_ids))]
-    mf.aggregator.start()
-    for a in mf.agents:
-        a.start()
+    mf.restart()
 
 
 def test_a_new_fleet_name_starts_a_new_federation_on_the_same_devices(tmp_path):
