@@ -326,11 +326,16 @@ def _status(ns: argparse.Namespace) -> int:
                             "latest_version": models.latest_version(),
                             "blocked_versions": sorted(models.blocked()),
                             "last_round": state.last_round(), "outbox": state.counts()}
+    contributed = state.contributed()
     try:
         from bedside.privacy.ledger import Ledger
 
-        # read only: the status never creates a ledger
-        info["privacy"] = Ledger(cfg.ledger_path, cfg.budgets(), create=False).report()
+        if not cfg.ledger_path.exists() and not contributed:  # a device that never took part
+            info["privacy"] = {"note": "no ledger yet: 'bedside edge enroll' or the agent's "
+                                       "first start creates it with its budgets; nothing was "
+                                       "released"}
+        else:  # read only: the status never creates a ledger
+            info["privacy"] = Ledger(cfg.ledger_path, cfg.budgets(), create=False).report()
     except BedsideError as exc:  # show a broken ledger instead of failing the status
         info["privacy"] = {"error": str(exc)}
     if ns.json:
@@ -355,6 +360,9 @@ def _status_text(cfg: Any, info: dict[str, Any]) -> str:
     lines.append("  outbox: " + (", ".join(f"{k} {v}" for k, v in sorted(outbox.items()))
                                  or "empty"))
     privacy = info["privacy"]
+    if "note" in privacy:
+        lines.append(f"  privacy: {privacy['note']}")
+        return "\n".join(lines)
     if "error" in privacy:
         lines.append(f"  privacy ledger: UNAVAILABLE ({privacy['error']}); this device refuses "
                      "to take part until it is fixed")

@@ -42,3 +42,29 @@ def test_aggregator_status_is_a_table_with_the_strength_of_the_guarantee(finishe
                                                         ["2", "closed", "v2", "2"]]
     assert lines[4].startswith("privacy of v3: device-level epsilon")
     assert lines[4].endswith("guarantee")
+
+
+def test_edge_status_before_the_first_start_says_so_and_a_lost_ledger_is_an_error(tmp_path,
+                                                                                 capsys):
+    """A device that never took part has no ledger yet: the status says so plainly (it used to
+    claim the device had taken part), and creates nothing; once it took part, a missing ledger
+    is reported as the error it is."""
+    from tests.fleet import seeded_fleet
+
+    fleet = seeded_fleet(tmp_path, clients=2, rounds=1)
+    toml = str(fleet.agent_toml(0))
+    assert main(["edge", "status", "--config", toml]) == 0
+    out = capsys.readouterr().out
+    assert "no ledger yet" in out and "taken part" not in out
+    from bedside.edge.config import load
+
+    cfg = load(toml)
+    assert not cfg.ledger_path.exists()
+    mf = mem_fleet(tmp_path / "ran", clients=2, rounds=1)
+    mf.run()
+    cfg = mf.agents[0].cfg
+    for a in mf.agents:
+        a.close()
+    cfg.ledger_path.rename(cfg.ledger_path.with_suffix(".lost"))
+    assert main(["edge", "status", "--config", str(mf.fleet.agent_toml(0))]) == 0
+    assert "UNAVAILABLE" in capsys.readouterr().out
