@@ -188,11 +188,13 @@ class MqttTransport:
     def _on_connect_fail(self, client: paho.Client, _userdata: Any) -> None:
         """The broker could not be reached (down, wrong host or port, TLS refused): say so at
         every attempt, so an operator sees it at once rather than a silent agent."""
-        self.failed_attempts += 1
+        attempt = self.failed_attempts + 1
         self.last_error = "cannot reach the broker"
         log.warning("%s: cannot reach the MQTT broker (attempt %d: it is down, the host or port "
                     "is wrong, or TLS was refused); retrying within 5 s", self.cfg.describe(),
-                    self.failed_attempts)
+                    attempt)
+        # counted after the warning is out, so whoever sees the count also finds the message
+        self.failed_attempts = attempt
 
     def _on_disconnect(self, client: paho.Client, _userdata: Any, flags: Any, reason: Any,
                        _properties: Any) -> None:
