@@ -111,10 +111,27 @@ class EvaluationConfig:
                                 "[\"age_band\", \"sex\"]): every version's manifest then holds "
                                 "per-group figures and the largest gap (docs/governance.md)",
                                 factory=list)
+    fleet_counts: bool = setting(False, "training rounds also ask every device for noised, "
+                                 "accounted per-group confusion counts of the round's model on "
+                                 "its own records (groups: those of the reference set); the "
+                                 "fleet-wide figures go into the next version's manifest")
+    fleet_noise_multiplier: float = setting(10.0, "noise standard deviation on every count a "
+                                            "device releases (record-level sensitivity 1)",
+                                            positive=True, max=1e6)
+    fleet_device_records: int = setting(1024, "a device's vector of counts is clipped to this "
+                                        "L2 norm (its device-level sensitivity)", min=1,
+                                        max=10**9)
+    fleet_every: int = setting(0, "ask in every N-th training round and the last; 0: in the "
+                               "last planned round only", min=0, max=100_000)
+    fleet_min_rows: int = setting(30, "a group with fewer (noised) rows is reported but not "
+                                  "judged", min=1)
 
     def __post_init__(self) -> None:
         if (self.data is None) != (self.label is None):
             raise ConfigError("'data' and 'label' go together")
+        if self.fleet_counts and (self.data is None or not self.groups):
+            raise ConfigError("fleet_counts needs the reference set ('data', 'label') and its "
+                              "'groups': the groups the devices count are the reference set's")
 
 
 def _groups(value: dict[str, list[str]], where: str) -> None:

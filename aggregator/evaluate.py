@@ -31,6 +31,11 @@ class Evaluator:
         self.group_by = list(groups or [])
         self.path = csv_path
 
+    def levels(self) -> tuple[str, ...]:
+        """The reference set's patient groups (values of the group columns joined by "/"),
+        sorted: the groups devices count when the federation asks them for per-group counts."""
+        return tuple(sorted(set(self.groups or ())))
+
     def metrics(self, onnx_bytes: bytes, manifest: Manifest) -> dict[str, Any]:
         model = OnnxClassifier(onnx_bytes, manifest.output, manifest.schema.labels,
                                where=f"model v{manifest.version}")

@@ -32,6 +32,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -60,7 +61,9 @@ from bedside.constants import (
     topic_updates_all,
 )
 from bedside.errors import BedsideError, ConfigError, InputError, TransportError, WireError
+from bedside.federation import fairness
 from bedside.federation.aggregate import aggregate_round
+from bedside.federation.fairness import GroupCountSettings
 from bedside.federation.report import device_privacy
 from bedside.federation.seeds import round_rng
 from bedside.federation.settings import RoundSettings
@@ -128,6 +131,7 @@ class Aggregator:
         self.finished = False
         self._pending: dict[str, tuple[bytes, bool]] = {}
         self._evaluator: Any = None
+        self._group_levels: tuple[str, ...] = ()  # [evaluation] fleet_counts: the groups counted
         self._manifest: Manifest | None = None
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._max_update = cfg.max_update_bytes
@@ -192,6 +196,17 @@ class Aggregator:
 
             assert ev.label is not None and self._manifest is not None
             self._evaluator = Evaluator(ev.data, ev.label, self._manifest, ev.groups)
+            if ev.fleet_counts:
+                if not self.cfg.rounds.rounds and not ev.fleet_every:
+                    raise ConfigError(f"{self.cfg.source}: [evaluation] fleet_counts in an "
+                                      "open-ended federation (rounds = 0) needs fleet_every "
+                                      "(ask every N-th round): there is no last round")
+                self._group_levels = self._evaluator.levels()
+                if len(self._group_levels) > fairness.MAX_LEVELS:
+                    raise ConfigError(f"{self.cfg.source}: [evaluation] groups "
+                                      f"{', '.join(ev.groups)} make {len(self._group_levels)} "
+                                      f"groups in the reference set; at most "
+                                      f"{fairness.MAX_LEVELS} can be counted on the devices")
 
     def _warn_ignored_initial_model(self) -> None:
         """``initial_model`` starts a federation; once the registry holds versions it is not
@@ -360,8 +375,10 @@ class Aggregator:
     def _open_round(self, cur: RoundRow | None) -> OpenRound | None:
         if cur is None or cur.status != "open":
             return None
+        assert self._manifest is not None
         return OpenRound(round=cur.round, model_version=cur.model_version,
-                         settings=cur.settings, shapes=self._round_shapes(cur.settings))
+                         settings=cur.settings, shapes=self._round_shapes(cur.settings),
+                         classes=len(self._manifest.schema.labels))
 
     def _round_shapes(self, settings: RoundSettings) -> dict[str, tuple[int, ...]]:
         """What an update of this round carries: the model's parameters, or in a statistics
@@ -603,6 +620,8 @@ class Aggregator:
             settings = self.federation.announce(
                 self.cfg.fleet, round_id, deadline=deadline, model_sha256=self._manifest.sha256,
                 clip_norm=self._clip_norm(), training_round=trained + 1)
+            if self._group_levels:
+                settings = replace(settings, group_counts=self._group_counts(trained + 1))
         announce = encode(KIND_ANNOUNCE, AGGREGATOR_ID, self.key, {}, round=round_id,
                           model_version=latest, meta=settings.to_meta())
         self.state.open_round(round_id, latest, announce, settings)
@@ -611,6 +630,20 @@ class Aggregator:
                           task=settings.task, enrolled=len(self.devices))
         log.info("round %d open: model v%d, %d enrolled device(s), deadline %.0f s", round_id,
                  latest, len(self.devices), self.cfg.rounds.deadline_seconds)
+
+    def _group_counts(self, training_round: int) -> GroupCountSettings:
+        """What training round ``training_round`` asks of the devices' per-group counts
+        (``[evaluation] fleet_counts``): every ``fleet_every``-th round and the last planned one
+        (0: the last only); every round states how many the federation plans, so that devices
+        keep their budget for them."""
+        ev, planned = self.cfg.evaluation, self.cfg.rounds.rounds
+        release, total = fairness.schedule(training_round, planned, ev.fleet_every)
+        return GroupCountSettings(
+            attributes=tuple(ev.groups), levels=self._group_levels,
+            noise_multiplier=ev.fleet_noise_multiplier, device_records=ev.fleet_device_records,
+            releases=total, release=release,
+            positive=1 if self._manifest is not None and len(self._manifest.schema.labels) == 2
+            else 0)
 
     def _finish_federation(self, last_round: int) -> None:
         latest = self.rollouts.base_version() or 0
@@ -654,9 +687,36 @@ class Aggregator:
             self._fail(cur, result, f"{len(accepted)} accepted update(s) < min_participants "
                        f"{self.cfg.rounds.min_participants}")
             return
+        if cur.settings.group_counts is not None and cur.settings.group_counts.release:
+            self._fleet_groups(cur, accepted, result)
         version = self._aggregate(cur, accepted, result)
         result["round_seconds"] = round(self.clock() - cur.opened_at, 3)
         self._finish_round(cur.round, "closed", result, version)
+
+    def _fleet_groups(self, cur: RoundRow, accepted: list[dict[str, Any]],
+                      result: dict[str, Any]) -> None:
+        """The devices' noised per-group counts -> fleet-wide figures of the round's model, with
+        what they cost (record level, each device, for every release the federation plans)."""
+        g = cur.settings.group_counts
+        assert g is not None and self._manifest is not None
+        vectors = [np.asarray(u["info"]["group_counts"]) for u in accepted
+                   if "group_counts" in u["info"]]
+        if not vectors:
+            result["fleet_groups"] = {"model_version": cur.model_version, "devices": 0,
+                                      "note": "no device released group counts (withheld by "
+                                              "policy or budget)"}
+            return
+        figures = fairness.combine(vectors, g, len(self._manifest.schema.labels),
+                                   self.cfg.evaluation.fleet_min_rows)
+        delta = self.cfg.privacy.delta
+        result["fleet_groups"] = {
+            "model_version": cur.model_version,
+            "source": "the devices' own records: per-group confusion counts, noised on each "
+                      "device and accounted in its ledger",
+            **figures,
+            "record_epsilon": {"one_release": round(fairness.record_epsilon(g, delta, 1), 4),
+                               "all_planned": round(fairness.record_epsilon(g, delta), 4),
+                               "releases_planned": g.releases, "delta": delta}}
 
     def _fail(self, cur: RoundRow, result: dict[str, Any], reason: str,
               drop: Iterable[int] | None = None) -> None:
@@ -689,6 +749,8 @@ class Aggregator:
         result["metrics"] = m.metrics.get("holdout", {})
         if "holdout_groups" in m.metrics:
             result["metrics_groups"] = m.metrics["holdout_groups"]
+        if "fleet_groups" in result:  # of the round's model: named in it
+            m.metrics["fleet_groups"] = result["fleet_groups"]
         t0 = time.perf_counter()
         m.privacy = self.privacy_report(closing=cur)
         timing["account"] = time.perf_counter() - t0

@@ -6,6 +6,9 @@ All functions take integer labels ``y`` of shape [n] and class probabilities ``p
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 
 from bedside.errors import InputError
@@ -140,19 +143,24 @@ def by_group(y: np.ndarray, p: np.ndarray, groups: list[str], min_rows: int = MI
         out[g] = row
     metrics = ["accuracy", "auc", "calibration_error"] + (["sensitivity", "specificity"]
                                                           if binary else [])
-    gaps: dict[str, object] = {}
-    judged = {g: r for g, r in out.items() if r["judged"]}
-    for k in metrics:
-        vals = {g: r[k] for g, r in judged.items() if r[k] is not None}
-        if len(vals) >= 2:
-            lo = min(vals, key=lambda g: vals[g])  # type: ignore[arg-type,return-value]
-            hi = max(vals, key=lambda g: vals[g])  # type: ignore[arg-type,return-value]
-            gaps[k] = {"gap": round(float(vals[hi]) - float(vals[lo]), 4),  # type: ignore[arg-type]
-                       "lowest": lo, "highest": hi}
-    largest = max(gaps, key=lambda k: gaps[k]["gap"], default=None)  # type: ignore[index]
+    gaps, largest = largest_gaps(out, metrics)
     return {"groups": out, "gaps": gaps, "largest_gap": largest,
             "min_rows": min_rows, "small_groups": sorted(g for g, r in out.items()
                                                          if not r["judged"])}
+
+
+def largest_gaps(groups: Mapping[str, Mapping[str, Any]], metrics: list[str]
+                 ) -> tuple[dict[str, dict[str, Any]], str | None]:
+    """For each metric, the gap between the lowest and the highest of the groups marked
+    ``judged`` (None values left out), and which metric's gap is the largest."""
+    gaps: dict[str, dict[str, Any]] = {}
+    judged = {g: r for g, r in groups.items() if r["judged"]}
+    for k in metrics:
+        vals = {g: float(r[k]) for g, r in judged.items() if r.get(k) is not None}
+        if len(vals) >= 2:
+            lo, hi = min(vals, key=vals.__getitem__), max(vals, key=vals.__getitem__)
+            gaps[k] = {"gap": round(vals[hi] - vals[lo], 4), "lowest": lo, "highest": hi}
+    return gaps, max(gaps, key=lambda k: gaps[k]["gap"], default=None)
 
 
 def _r(v: float) -> float | None:

@@ -152,6 +152,9 @@ def export_initial_model(train: Any, holdout: Any, cfg: DemoConfig, out: Path) -
 
 
 FLEET = "demo"
+#: The share of the clinics' record budget the demo's per-group counts cost (datasets with
+#: patient attributes).
+FLEET_COUNTS_SHARE = 0.1
 
 
 def agent_table(cfg: DemoConfig, i: int, fleet: str = FLEET) -> dict[str, Any]:
@@ -180,6 +183,8 @@ def aggregator_table(cfg: DemoConfig, fleet: str = FLEET, initial_model: Path | 
     """``aggregator.toml`` of the demo, overrides merged (its ``[rounds]``, ``[training]``,
     ``[privacy]``, ``[strategy]`` and ``[statistics]`` are the federation the in-process
     simulation runs too)."""
+    from bedside.federation.fairness import MIN_GROUP_NOISE
+    from bedside.federation.fairness import noise_for_budget as group_noise_for_budget
     from bedside.federation.statistics import MIN_STATISTICS_NOISE, noise_for_budget
 
     aggregator: dict[str, Any] = {
@@ -206,16 +211,24 @@ def aggregator_table(cfg: DemoConfig, fleet: str = FLEET, initial_model: Path | 
     if reference_csv is not None:
         aggregator["evaluation"] = {"data": str(reference_csv), "label": "label",
                                     **({"groups": groups} if groups else {})}
+        if groups:
+            # the clinics' own per-group counts of the last round's model, noised so that they
+            # cost a tenth of the clinics' record budget (docs/governance.md)
+            aggregator["evaluation"].update(
+                fleet_counts=True, fleet_noise_multiplier=max(
+                    group_noise_for_budget(FLEET_COUNTS_SHARE * cfg.target_epsilon, cfg.delta),
+                    MIN_GROUP_NOISE))
     merge_overrides(aggregator, cfg.extra.get("aggregator", {}))
     return aggregator
 
 
 def prepare(cfg: DemoConfig, work: Path) -> dict[str, Any]:
     """Write everything the processes need into ``work``; return a description of it."""
+    from bedside.edge.deidentify import group_attributes
     from bedside.edge.store import RecordStore
     from bedside.models import datasets
     from bedside.models.partition import describe
-    from bedside.tabular import read_csv
+    from bedside.tabular import read_rows, table_from_rows
     from bedside.wire.signing import SigningKey
 
     train, holdout, shards = _load_data(cfg)
@@ -240,8 +253,12 @@ def prepare(cfg: DemoConfig, work: Path) -> dict[str, Any]:
         key.public.save(agg_dir / "keys" / "devices" / f"{cid}.pub")  # enrollment
         agg_key.public.save(cdir / "keys" / "aggregator.pub")  # pinning
         agent = agent_table(cfg, i, fleet)
+        header, rows = read_rows(csv_path)
+        table = table_from_rows(csv_path, header, rows, train.schema, "label")
+        attributes = (group_attributes(csv_path, header, rows, list(shard.attributes))
+                      if shard.attributes else None)
         store = RecordStore(cdir / "data" / "records.db")
-        store.ingest(read_csv(csv_path, train.schema, "label"), train.schema, csv_path.name)
+        store.ingest(table, train.schema, csv_path.name, attributes=attributes)
         store.close()
         clinics.append({"id": cid, "dir": cdir, "config": agent, "rows": len(idx),
                         "labels": shard_info[i - 1]})
@@ -309,6 +326,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     devices: dict[str, dict[str, Any]] = {}
     final: dict[str, Any] | None = None
     groups: dict[str, Any] | None = None  # per-group figures of the newest version
+    fleet_groups: dict[str, Any] | None = None  # and from the clinics' noised counts
     timeout = cfg.timeout if cfg.timeout is not None else DEFAULT_TIMEOUT[cfg.transport]
     try:
         fleet.start(plan, logs)
@@ -330,6 +348,7 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
                     rows.append(row)
                     ui.row(row)
                     groups = body.get("metrics_groups") or groups
+                    fleet_groups = body.get("fleet_groups") or fleet_groups
                 elif body.get("state") == "done":
                     final = body
                     timeline["federation_done"] = time.monotonic() - started
@@ -337,8 +356,8 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     finally:
         fleet.stop()
     report = _report(cfg, plan, rows, devices, final, work, time.monotonic() - started)
-    if groups is not None:
-        report["fairness"] = {**groups, "epsilon": 0.0}
+    if groups is not None or fleet_groups is not None:
+        report["fairness"] = fairness_report(groups, fleet_groups)
     report["timeline_s"] = {k: round(v, 2) for k, v in timeline.items()}
     (work / "report.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
     _plot(rows, work / "report.png")
@@ -346,6 +365,20 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
                        "logs": str(logs)}
     ui.outro(report)
     return report
+
+
+def fairness_report(reference: dict[str, Any] | None, fleet: dict[str, Any] | None
+                    ) -> dict[str, Any]:
+    """The report's per-group figures: on the data team's reference rows (no device record:
+    epsilon 0) and from the clinics' noised counts (their record-level epsilon, part of every
+    clinic's total)."""
+    out: dict[str, Any] = {}
+    if reference is not None:
+        out["reference"] = {**reference, "epsilon": 0.0}
+    if fleet is not None:
+        eps = fleet.get("record_epsilon", {})
+        out["fleet"] = {**fleet, "epsilon": eps.get("all_planned"), "delta": eps.get("delta")}
+    return out
 
 
 #: How long a whole demo may take by default (a Flower round costs a ClientApp process per
@@ -751,15 +784,20 @@ class _Table:
                     f"clinic, budget {p['record']['budget']:g}" if rec is not None else
                     "record-level: not reported")
         self._print(f"device-level: {p['device']['statement']}")
-        fair = report.get("fairness")
-        if fair and fair.get("largest_gap"):
-            k = fair["largest_gap"]
-            g = fair["gaps"][k]
-            small = (f"; too small to judge: {', '.join(fair['small_groups'])}"
-                     if fair["small_groups"] else "")
-            self._print(f"per group ({'/'.join(fair['group_by'])}, on the data team's reference "
-                        f"rows, epsilon 0): largest gap {k} {g['gap']:.3f} ({g['lowest']} "
-                        f"lowest, {g['highest']} highest){small}")
+        fair = report.get("fairness") or {}
+        for part, where in (("reference", "on the data team's reference rows, epsilon 0"),
+                            ("fleet", "the clinics' noised counts of model v{v}, record-level "
+                                      "epsilon {eps} each")):
+            f = fair.get(part)
+            if not f or not f.get("largest_gap"):
+                continue
+            k = f["largest_gap"]
+            g = f["gaps"][k]
+            small = (f"; too small to judge: {', '.join(f['small_groups'])}"
+                     if f["small_groups"] else "")
+            where = where.format(v=f.get("model_version"), eps=f"{f.get('epsilon') or 0:.3g}")
+            self._print(f"per group ({'/'.join(f['group_by'])}, {where}): largest gap {k} "
+                        f"{g['gap']:.3f} ({g['lowest']} lowest, {g['highest']} highest){small}")
         if p.get("warning"):
             self._print(f"[bold]warning[/bold]: {p['warning']}")
         self._print(f"report: {report['files']['report']}  plot: {report['files']['plot']}  "

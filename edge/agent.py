@@ -580,7 +580,8 @@ class Agent:
             self._decline(env, "ledger_unavailable", str(self.ledger_error))
             self.publish_status(force=True)
             return
-        x, y = self.store.load(manifest.schema)  # one read: n and the data always agree
+        # one read: n, the data and their groups always agree
+        x, y, attributes = self.store.load_with_attributes(manifest.schema)
         model_bytes = self.models.model_bytes(env.header.model_version)
         assert model_bytes is not None
         self.publish_status(force=True, state="training")
@@ -593,7 +594,7 @@ class Agent:
         else:
             outcome = participate(r, s, manifest, model_bytes, x, y, privacy=self.cfg.privacy,
                                   ledger=self._ledger, fleet=self.cfg.fleet,
-                                  seed=self.cfg.agent.seed, rng=rng)
+                                  seed=self.cfg.agent.seed, rng=rng, attributes=attributes)
         if not isinstance(outcome, Contribution):
             if outcome.reason in ("budget", "ledger_unavailable", "policy"):
                 self.refusing, self.refusing_reason = outcome.detail, outcome.reason

@@ -45,6 +45,10 @@ def register(sub: Any) -> None:
                    "Observation that carries each window's label")
     p.add_argument("--config", required=True, type=Path, metavar="agent.toml")
     p.add_argument("--label", default="label", help="label column (default: label)")
+    p.add_argument("--groups", metavar="COL[,COL]", help="without a de-identification policy: "
+                   "patient-attribute columns (e.g. age_band,sex) kept beside each record for "
+                   "per-group figures, never as model inputs (with a policy: mark them "
+                   "\"group\")")
     p.add_argument("--model", type=Path, metavar="DIR",
                    help="model directory whose schema to use (default: the model in service)")
     p.add_argument("--json", action="store_true")
@@ -251,6 +255,8 @@ def _ingest(ns: argparse.Namespace) -> int:
 
     if (ns.file is None) == (ns.fhir is None):
         raise InputError("give a CSV file or --fhir BUNDLE.json (one of them)")
+    if ns.groups and ns.fhir is not None:
+        raise InputError("--groups names CSV columns; a FHIR bundle carries no group columns")
     extra: dict[str, Any] = {}
     report: dict[str, Any] = {}
     if ns.fhir is not None:
@@ -275,7 +281,18 @@ def _ingest(ns: argparse.Namespace) -> int:
         d = apply(Policy.load(cfg.deidentify.policy), ns.file, header, rows,
                   cfg.pseudonym_key(create=True), schema, ns.label)
         header, rows, report = d.header, d.rows, d.report
-        extra = {"patients": d.patients, "consent": d.consent, "consent_year": d.consent_year}
+        extra = {"patients": d.patients, "consent": d.consent, "consent_year": d.consent_year,
+                 "attributes": d.attributes}
+        if ns.groups:
+            raise InputError("--groups is for files without a de-identification policy; with "
+                             f"one, mark the group columns \"group\" in {cfg.deidentify.policy}")
+    elif ns.groups:
+        from bedside.edge.deidentify import group_attributes
+
+        cols = [c.strip() for c in ns.groups.split(",") if c.strip()]
+        extra["attributes"] = group_attributes(ns.file, header, rows, cols)
+        report = {c: {"action": "kept as a patient group attribute (not a model input)"}
+                  for c in cols}
     table = table_from_rows(ns.file, header, rows, schema, ns.label)  # all valid, or nothing
     from bedside.wire.signing import SigningKey
 
@@ -300,8 +317,9 @@ def _ingest(ns: argparse.Namespace) -> int:
           f"{result.total} in the store, {consent['train']} of them may train"
           + (f"; {result.consent_revoked} already stored now without training consent"
              if result.consent_revoked else "")
-          + ("" if report else f" (columns other than the model's features and {ns.label!r} "
-             "were not stored; no de-identification policy: every row counts as consented)"))
+          + ("" if cfg.deidentify.policy is not None or ns.fhir is not None else
+             f" (columns other than the model's features, {ns.label!r} and any --groups were not"
+             " stored; no de-identification policy: every row counts as consented)"))
     return 0
 
 

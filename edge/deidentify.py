@@ -10,6 +10,7 @@ every column of a clinic's CSV::
     heart_rate = "keep"        # model features and the label: kept as they are
     consent = "consent"        # training allowed? yes/no, true/false, 1/0
     consent_date = "consent_date"   # when it was given: generalized to the year
+    age_band = "group"         # a coarse patient attribute for per-group figures (never an input)
 
     [consent]
     default = "inference"      # without a consent column: "train" or "inference" for every row
@@ -18,7 +19,10 @@ A column the policy does not name is refused (a new column in an export is never
 accident), and so is a kept column that is not a model feature, the label or a window's id or
 order column: only those are stored, as numbers, so free text, names, dates, codes and
 addresses never reach the store. The record store keeps the features, the label, the patient's
-pseudonym, the consent flag and the consent year.
+pseudonym, the consent flag and the consent year, and the values of ``group`` columns: coarse
+patient attributes (an age band, sex; at most :data:`MAX_GROUP_VALUES` distinct values per file,
+so that no identifier is kept as a "group") that place a record in its patient group for
+per-group figures (:mod:`bedside.federation.fairness`), never a model input.
 
 Safe Harbor's 18 kinds of identifiers are dropped by naming them ``drop``; the report of
 :func:`apply` says, per column, what was removed or changed.
@@ -37,7 +41,10 @@ from typing import Any
 from bedside.errors import ConfigError, DataError
 from bedside.schema import Schema
 
-ACTIONS = ("keep", "drop", "pseudonymize", "top_code_90", "consent", "consent_date")
+ACTIONS = ("keep", "drop", "pseudonymize", "top_code_90", "consent", "consent_date", "group")
+#: A group attribute is a coarse category: more distinct values in one file is refused.
+MAX_GROUP_VALUES = 16
+MAX_GROUP_CHARS = 32
 YES = {"yes", "y", "true", "1", "granted", "train"}
 NO = {"no", "n", "false", "0", "refused", "withdrawn", "inference"}
 
@@ -85,6 +92,32 @@ class Result:
     consent: list[bool]  # per data row: training allowed
     consent_year: list[int | None]
     report: dict[str, dict[str, Any]] = field(default_factory=dict)
+    attributes: list[dict[str, str]] | None = None  # per data row: its group columns' values
+
+
+def group_attributes(path: Path, header: list[str], rows: list[list[str]],
+                     columns: list[str]) -> list[dict[str, str]]:
+    """Per data row, the values of the patient-attribute ``columns`` (``group`` in the policy,
+    or ``bedside edge ingest --groups``). A column with more than MAX_GROUP_VALUES distinct
+    values, or long values, is refused: it is not a coarse category and may identify."""
+    missing = [c for c in columns if c not in header]
+    if missing:
+        raise DataError(f"{path}: group column(s) {', '.join(map(repr, missing))} are not in the "
+                        "file's header")
+    idx = {c: header.index(c) for c in columns}
+    for c, j in idx.items():
+        values = {r[j].strip() for r in rows}
+        if len(values) > MAX_GROUP_VALUES or any(len(v) > MAX_GROUP_CHARS or not v.isprintable()
+                                                 for v in values):
+            raise DataError(f"{path}: column {c!r} has {len(values)} distinct values (or long "
+                            f"ones): a group attribute is a coarse category such as an age band "
+                            f"or sex (at most {MAX_GROUP_VALUES} values of at most "
+                            f"{MAX_GROUP_CHARS} characters); mark it \"drop\" or band it first. "
+                            "Nothing was stored")
+        if "" in values:
+            raise DataError(f"{path}: column {c!r} has empty values; give every row its group "
+                            "(e.g. \"unknown\"). Nothing was stored")
+    return [{c: r[j].strip() for c, j in idx.items()} for r in rows]
 
 
 def pseudonym(key: bytes, patient_id: str) -> str:
@@ -121,6 +154,8 @@ def apply(policy: Policy, path: Path, header: list[str], rows: list[list[str]], 
                             "feature or the label; only those are stored: mark it \"drop\" (free "
                             "text, names and codes never enter the store)")
     report: dict[str, dict[str, Any]] = {}
+    group_cols = [h for h in header if policy.columns[h] == "group"]
+    attributes = group_attributes(path, header, rows, group_cols) if group_cols else None
     keep = [i for i, h in enumerate(header) if policy.columns[h] in ("keep", "top_code_90")]
     out_rows = [[r[i] for i in keep] for r in rows]
     out_header = [header[i] for i in keep]
@@ -171,6 +206,9 @@ def apply(policy: Policy, path: Path, header: list[str], rows: list[list[str]], 
                                     "person's date identifies)")
                 years[n] = int(m.group(1)) if m else None
             report[name] = {"action": "generalized to the year"}
+        elif action == "group":
+            report[name] = {"action": "kept as a patient group attribute (not a model input)",
+                            "groups": len({r[i].strip() for r in rows})}
     if schema.group_column and schema.group_column in out_header:
         # window ids may be built from patient ids: replace them by ordinals (w1, w2, ...), so
         # that no message names them (they are never stored either)
@@ -179,7 +217,7 @@ def apply(policy: Policy, path: Path, header: list[str], rows: list[list[str]], 
         for r in out_rows:
             r[j] = ordinal.setdefault(r[j].strip(), f"w{len(ordinal) + 1}")
         report[schema.group_column] = {"action": "replaced by window numbers (w1, w2, ...)"}
-    return Result(out_header, out_rows, patients, consent, years, report)
+    return Result(out_header, out_rows, patients, consent, years, report, attributes)
 
 
 def load_key(path: Path, *, create: bool) -> bytes:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +27,13 @@ from bedside.errors import (
     PolicyDeclined,
     PrivacyError,
 )
-from bedside.federation.device import DevicePrivacy, plan_round, privatize, update_meta
+from bedside.federation.device import (
+    DevicePrivacy,
+    plan_group_counts,
+    plan_round,
+    privatize,
+    update_meta,
+)
 from bedside.federation.seeds import training_seed
 from bedside.federation.settings import RoundSettings
 from bedside.manifest import Manifest
@@ -63,9 +70,15 @@ def declined(exc: PrivacyError) -> Decline:
 
 def participate(round_id: int, settings: RoundSettings, manifest: Manifest, model_bytes: bytes,
                 x: np.ndarray, y: np.ndarray, *, privacy: DevicePrivacy, ledger: Any, fleet: str,
-                seed: int | None, rng: np.random.Generator) -> Contribution | Decline:
+                seed: int | None, rng: np.random.Generator,
+                attributes: Sequence[Mapping[str, str] | None] | None = None
+                ) -> Contribution | Decline:
     """Take part in a round, or say why not. Never raises for a reason a round can be declined
-    for (budget, ledger, no records, not sampled, cannot train); other errors propagate."""
+    for (budget, ledger, no records, not sampled, cannot train); other errors propagate.
+
+    ``attributes`` (per record of ``x``, its stored patient attributes) place each record in its
+    patient group when the round asks for per-group counts
+    (:mod:`bedside.federation.fairness`)."""
     if ledger is None:
         return Decline("ledger_unavailable", "the privacy ledger could not be opened")
     if len(x) == 0:
@@ -78,6 +91,9 @@ def participate(round_id: int, settings: RoundSettings, manifest: Manifest, mode
         plan = plan_round(round_id, settings, privacy, len(x), ledger)
     except DECLINING as exc:
         return declined(exc)
+    group_releases, withheld = plan_group_counts(round_id, settings, privacy, ledger, plan)
+    if withheld:
+        log.info("round %d: per-group counts withheld: %s", round_id, withheld)
     timings["plan"] = time.perf_counter() - t0
     try:
         from bedside.edge.trainer import local_update
@@ -94,15 +110,35 @@ def participate(round_id: int, settings: RoundSettings, manifest: Manifest, mode
                            "nothing is sent")
     t0 = time.perf_counter()
     priv = privatize(delta, list(manifest.parameters), settings, rng)
+    counts = (group_counts(settings, manifest, model_bytes, x, y, attributes, rng)
+              if group_releases else None)
     try:
-        ledger.record(list(plan.releases))  # before anything leaves the device
+        ledger.record([*plan.releases, *group_releases])  # before anything leaves the device
     except DECLINING as exc:
         return declined(exc)
     record_eps = ledger.spent(UNIT_RECORD) if privacy.record_epsilon is not None else None
     meta = update_meta(fleet, settings, len(x), record_eps, privacy.record_delta, priv.clip_bit,
-                       seeded=seed is not None)
+                       seeded=seed is not None, group_counts=counts)
     timings["privatize_and_record"] = time.perf_counter() - t0
     return Contribution(priv.tensors, meta, fit.steps, priv.norm, timings)
+
+
+def group_counts(settings: RoundSettings, manifest: Manifest, model_bytes: bytes, x: np.ndarray,
+                 y: np.ndarray, attributes: Sequence[Mapping[str, str] | None] | None,
+                 rng: np.random.Generator) -> np.ndarray:
+    """The round's model (the version it starts from) on this device's trainable records, as
+    noised per-group confusion counts (:mod:`bedside.federation.fairness`)."""
+    from bedside.federation import fairness
+    from bedside.models.onnx_model import OnnxClassifier
+
+    g = settings.group_counts
+    assert g is not None
+    model = OnnxClassifier(model_bytes, manifest.output, manifest.schema.labels,
+                           where=f"model {settings.model_sha256[:12]}")
+    predicted = np.argmax(model.probabilities(x), axis=1)
+    groups = [fairness.record_group(a, g) for a in (attributes or [None] * len(x))]
+    n_classes = len(manifest.schema.labels)
+    return fairness.privatize_counts(fairness.counts(y, predicted, groups, g, n_classes), g, rng)
 
 
 def participate_statistics(round_id: int, settings: RoundSettings, manifest: Manifest,

@@ -14,11 +14,17 @@ Consent (``edge/deidentify.py``): each row carries its patient's pseudonym (when
 patient key), whether training is allowed and the consent year. :meth:`RecordStore.load` returns
 the rows that may train: consented, and not of a patient who withdrew
 (:meth:`RecordStore.withdraw`); the others serve inference only (they are never loaded).
+
+Patient attributes (``attributes``: coarse group labels such as an age band or sex, marked
+``group`` in the de-identification policy or named by ``bedside edge ingest --groups``) are kept
+beside a row, never as a model input: they place the row in its patient group when a round asks
+for per-group counts (:mod:`bedside.federation.fairness`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +39,7 @@ from bedside.tabular import Table
 #: Rows that may train: consented, of no patient who withdrew.
 _TRAINABLE = ("consent = 1 AND (patient IS NULL OR patient NOT IN "
               "(SELECT patient FROM withdrawals))")
-_LOAD_TRAINABLE = f"SELECT x, y FROM records WHERE schema = ? AND {_TRAINABLE} ORDER BY id"  # noqa: S608
+_LOAD_TRAINABLE = f"SELECT x, y, attributes FROM records WHERE schema = ? AND {_TRAINABLE} ORDER BY id"  # noqa: S608,E501
 _COUNT_TRAINABLE = f"SELECT COUNT(*) FROM records WHERE schema = ? AND {_TRAINABLE}"  # noqa: S608
 _COUNT_PATIENT = f"SELECT COUNT(*) FROM records WHERE patient = ? AND {_TRAINABLE}"  # noqa: S608
 
@@ -63,7 +69,7 @@ class RecordStore:
         have = {r[1] for r in self.db.execute("PRAGMA table_info(records)")}
         with transaction(self.db):  # stores written before consent existed: consent implied
             for col, ddl in (("patient", "TEXT"), ("consent", "INTEGER NOT NULL DEFAULT 1"),
-                             ("consent_year", "INTEGER")):
+                             ("consent_year", "INTEGER"), ("attributes", "TEXT")):
                 if col not in have:
                     self.db.execute(f"ALTER TABLE records ADD COLUMN {col} {ddl}")
 
@@ -72,9 +78,11 @@ class RecordStore:
 
     def ingest(self, table: Table, schema: Schema, source: str, *,
                patients: list[str | None] | None = None, consent: list[bool] | None = None,
-               consent_year: list[int | None] | None = None) -> IngestResult:
-        """Store ``table``'s rows; ``patients``, ``consent`` and ``consent_year`` are per data
-        row of the file (``table.sources`` maps a table row, or a window, to them)."""
+               consent_year: list[int | None] | None = None,
+               attributes: list[dict[str, str]] | None = None) -> IngestResult:
+        """Store ``table``'s rows; ``patients``, ``consent``, ``consent_year`` and
+        ``attributes`` are per data row of the file (``table.sources`` maps a table row, or a
+        window, to them)."""
         if table.y is None:
             raise DataError("records for training need labels; pass the label column (--label)")
         fp = schema_fingerprint(schema)
@@ -92,10 +100,18 @@ class RecordStore:
                                     "readings")
                 ok = all(consent[i] for i in src) if consent else True
                 year = consent_year[src[0]] if consent_year else None
+                attrs = None
+                if attributes:
+                    if any(attributes[i] != attributes[src[0]] for i in src):
+                        raise DataError(f"the window starting at data row {src[0] + 1}: its "
+                                        "rows disagree on the patient attributes (group "
+                                        "columns); a window holds one patient's readings")
+                    attrs = json.dumps(attributes[src[0]], sort_keys=True)
                 cur = self.db.execute(
                     "INSERT OR IGNORE INTO records (schema, digest, x, y, source, ingested_at, "
-                    "patient, consent, consent_year) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (fp, digest, blob, int(y), source, time.time(), who, int(ok), year))
+                    "patient, consent, consent_year, attributes) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (fp, digest, blob, int(y), source, time.time(), who, int(ok), year, attrs))
                 added += cur.rowcount
                 if not cur.rowcount:  # stored before: a refusal now wins; a patient key fills in
                     upd = self.db.execute(
@@ -104,6 +120,8 @@ class RecordStore:
                     revoked += upd.rowcount
                     self.db.execute("UPDATE records SET patient = ? WHERE schema = ? AND "
                                     "digest = ? AND patient IS NULL", (who, fp, digest))
+                    self.db.execute("UPDATE records SET attributes = ? WHERE schema = ? AND "
+                                    "digest = ? AND attributes IS NULL", (attrs, fp, digest))
         return IngestResult(added=added, duplicates=len(table.x) - added, total=self.count(schema),
                             consent_revoked=revoked)
 
@@ -131,11 +149,20 @@ class RecordStore:
                                    (schema_fingerprint(schema),)).fetchone()[0])
 
     def load(self, schema: Schema) -> tuple[np.ndarray, np.ndarray]:
+        """The rows that may train: features and labels."""
+        x, y, _ = self.load_with_attributes(schema)
+        return x, y
+
+    def load_with_attributes(self, schema: Schema
+                             ) -> tuple[np.ndarray, np.ndarray, list[dict[str, str] | None]]:
+        """:meth:`load`, and each row's patient attributes (None where none were stored)."""
         rows = self.db.execute(_LOAD_TRAINABLE, (schema_fingerprint(schema),)).fetchall()
         shape = tuple(int(d) for d in schema.input_shape[1:] if d is not None)
         x = np.empty((len(rows), *shape), dtype=np.float32)
         y = np.empty(len(rows), dtype=np.int64)
-        for i, (blob, label) in enumerate(rows):
+        attrs: list[dict[str, str] | None] = []
+        for i, (blob, label, a) in enumerate(rows):
             x[i] = np.frombuffer(blob, dtype=np.float32).reshape(shape)
             y[i] = label
-        return x, y
+            attrs.append(json.loads(a) if a else None)
+        return x, y, attrs

@@ -5,6 +5,8 @@
   plan; the ledger checks them before anything is trained;
 * :func:`privatize`: ``delta = w_local - w_global`` clipped to L2 norm ``C``, the adaptive-clipping
   bit, local noise;
+* :func:`plan_group_counts`: the releases of per-group counts a round asks for, or why they are
+  withheld (:mod:`bedside.federation.fairness`);
 * :func:`update_meta`: what travels beside the update (nothing else derived from records).
 
 Training itself (torch) is :func:`bedside.edge.trainer.local_update`; signing, the outbox and the
@@ -31,6 +33,7 @@ from bedside.constants import (
     NoiseMode,
 )
 from bedside.errors import BudgetExceededError, ConfigError, PolicyDeclined, PrivacyError
+from bedside.federation.fairness import MIN_GROUP_NOISE
 from bedside.federation.settings import RoundSettings
 from bedside.federation.statistics import MIN_STATISTICS_NOISE
 from bedside.privacy import dpsgd
@@ -75,6 +78,10 @@ class DevicePrivacy:
     min_statistics_noise: float = setting(MIN_STATISTICS_NOISE, "decline feature-statistics "
                                           "rounds whose record-level noise multiplier is below "
                                           "this", min=0.0)
+    group_counts: bool = setting(True, "release per-group confusion counts when a round asks "
+                                 "for them (noised by the device and accounted); false: never")
+    min_group_noise: float = setting(MIN_GROUP_NOISE, "withhold per-group counts when a round "
+                                     "asks for less noise on a count than this", min=0.0)
 
     def __post_init__(self) -> None:
         if self.record_epsilon is None and not self.allow_no_record_dp:
@@ -190,6 +197,7 @@ def plan_round(round_id: int, settings: RoundSettings, privacy: DevicePrivacy, r
     ``policy``), BudgetExceededError (decline ``budget``: a budget would be exceeded) or
     LedgerError (the ledger cannot be read: fail closed).
     """
+    from bedside.federation import fairness
     from bedside.privacy.federated import device_round_releases
 
     check_policy(settings, privacy, records)
@@ -198,7 +206,11 @@ def plan_round(round_id: int, settings: RoundSettings, privacy: DevicePrivacy, r
     dp = None
     if privacy.record_epsilon is not None:
         past = [r for r in ledger.releases(UNIT_RECORD)
-                if not (r.fleet == fleet and r.mechanism == "sampled_gaussian")]
+                if not (r.fleet == fleet and (r.mechanism == "sampled_gaussian"
+                                              or fairness.is_count_release(r)))]
+        if settings.group_counts is not None and privacy.group_counts:
+            # the budget is kept for every release of group counts the federation plans
+            past += fairness.planned(settings.group_counts, fleet)
         dp = record_noise(privacy, settings, records, past)
         releases.append(Release(round=round_id, unit=UNIT_RECORD, mechanism="sampled_gaussian",
                                 noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate,
@@ -213,6 +225,34 @@ def plan_round(round_id: int, settings: RoundSettings, privacy: DevicePrivacy, r
             settings.adaptive.count_noise if settings.adaptive else None, fleet=fleet)
     ledger.check(releases)
     return RoundPlan(releases=tuple(releases), dp=dp)
+
+
+def plan_group_counts(round_id: int, settings: RoundSettings, privacy: DevicePrivacy,
+                      ledger: LedgerView, plan: RoundPlan) -> tuple[list[Release], str]:
+    """The releases of the group counts this round asks for, checked together with the round's
+    own, or ``([], why not)``: the counts are withheld (the device still trains) when the round
+    does not ask, the device's policy refuses them (``group_counts = false``, less noise than
+    ``min_group_noise``), the federation already had as many as it planned, or the budget would
+    not cover them."""
+    from bedside.federation import fairness
+
+    g = settings.group_counts
+    if g is None or not g.release:
+        return [], ""
+    if not privacy.group_counts:
+        return [], "this device's policy does not release group counts (group_counts = false)"
+    if g.noise_multiplier < privacy.min_group_noise:
+        return [], (f"group counts noise multiplier {g.noise_multiplier:g} < this device's "
+                    f"minimum {privacy.min_group_noise:g}")
+    if fairness.made(ledger.releases(UNIT_RECORD), settings.fleet) >= g.releases:
+        return [], (f"the federation planned {g.releases} release(s) of group counts and this "
+                    "device made them all")
+    releases = fairness.count_releases(round_id, g, settings.fleet, settings.model_sha256)
+    try:
+        ledger.check([*plan.releases, *releases])
+    except BudgetExceededError as exc:
+        return [], f"the group counts would exceed a budget: {exc}"
+    return releases, ""
 
 
 @dataclass(frozen=True)
@@ -282,7 +322,7 @@ def published_privacy(report: Mapping[str, Any]) -> dict[str, Any]:
 
 def update_meta(fleet: str, settings: RoundSettings, records: int, record_epsilon: float | None,
                 record_delta: float, clip_bit: float | None,
-                seeded: bool = False) -> dict[str, Any]:
+                seeded: bool = False, group_counts: np.ndarray | None = None) -> dict[str, Any]:
     """Everything that travels beside the update's tensors (``seeded``: this device's noise was
     seeded, so the update is not private: it says so)."""
     meta: dict[str, Any] = {"fleet": fleet}
@@ -292,6 +332,8 @@ def update_meta(fleet: str, settings: RoundSettings, records: int, record_epsilo
         meta["task"] = settings.task
     elif settings.weighting == "examples":  # only when the aggregator weights by it (bucketed)
         meta["weight"] = bucket(records)
+    if group_counts is not None:  # noised on the device; 3 decimals are plenty
+        meta["group_counts"] = [round(float(v), 3) for v in group_counts]
     if record_epsilon is not None:
         meta["record_epsilon"] = rounded_epsilon(record_epsilon)
         meta["record_delta"] = record_delta

@@ -27,13 +27,17 @@ def strength(epsilon: float | None) -> str:
 
 def round_device_releases(round_id: int, s: RoundSettings) -> list[Any]:
     """The device-level releases a device made in a round it contributed to."""
+    from bedside.federation.fairness import count_releases
     from bedside.federation.statistics import statistics_releases
     from bedside.privacy.federated import device_round_releases
 
     if s.statistics is not None:
         return [r for r in statistics_releases(round_id, s.statistics) if r.unit == "device"]
-    return device_round_releases(round_id, s.noise, s.update_noise_multiplier,
-                                 s.adaptive.count_noise if s.adaptive else None)
+    out = device_round_releases(round_id, s.noise, s.update_noise_multiplier,
+                                s.adaptive.count_noise if s.adaptive else None)
+    if s.group_counts is not None and s.group_counts.release:  # the counts beside the update
+        out += [r for r in count_releases(round_id, s.group_counts) if r.unit == "device"]
+    return out
 
 
 def device_privacy(rounds: Sequence[RoundSettings], delta: float,

@@ -28,6 +28,7 @@ from bedside.constants import (
     Weighting,
 )
 from bedside.errors import ConfigError, ValidationError
+from bedside.federation.fairness import GroupCountSettings
 from bedside.federation.statistics import StatisticsSettings
 
 MAX_LOCAL_EPOCHS = 100
@@ -102,11 +103,17 @@ class RoundSettings:
                                                    "feature statistics for its input scaling")
     statistics: StatisticsSettings | None = setting(None, "the statistics release, in a "
                                                      "statistics round")
+    group_counts: GroupCountSettings | None = setting(None, "per-group confusion counts of the "
+                                                      "round's model (training rounds of a "
+                                                      "federation that asks for them)")
 
     def __post_init__(self) -> None:
         if (self.task == "statistics") != (self.statistics is not None):
             raise ValidationError("bad_announcement", "a statistics round, and only it, carries "
                                   "'statistics' settings")
+        if self.group_counts is not None and self.task != "train":
+            raise ValidationError("bad_announcement", "only a training round asks for group "
+                                  "counts")
         if self.noise != NOISE_NONE and not self.noise_multiplier > 0:
             raise ValidationError("bad_announcement", f"noise {self.noise!r} needs a positive "
                                   "noise_multiplier")

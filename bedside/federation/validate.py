@@ -59,6 +59,7 @@ class OpenRound:
     model_version: int
     settings: RoundSettings
     shapes: Mapping[str, tuple[int, ...]]
+    classes: int = 2  # the model's output classes (the shape of per-group counts)
 
     @property
     def parameters(self) -> int:
@@ -216,6 +217,11 @@ def validate_update(env: Envelope, *, topic_sender: str, fleet: str, digest: str
             raise ValidationError("bad_clip_bit", "adaptive clipping is on: the update must "
                                   "carry 'clip_bit' (0 or 1; in local mode, noised)")
         info["clip_bit"] = bit
+    if s.group_counts is not None and s.group_counts.release and "group_counts" in meta:
+        from bedside.federation.fairness import parse
+
+        info["group_counts"] = parse(meta["group_counts"], s.group_counts,
+                                     current.classes).tolist()
     bound = current.norm_bound()
     if norm > bound:
         raise ValidationError("norm_bound", f"update L2 norm {norm:.4g} exceeds the bound "

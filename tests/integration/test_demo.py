@@ -124,19 +124,29 @@ def test_demo_on_a_users_multiclass_csv(tmp_path, clean_env):
 
 def test_vitals_demo_reports_figures_per_patient_group(tmp_path, clean_env):
     """Per-group figures of the newest version on the data team's reference rows (age band and
-    sex), the largest gap, the groups too small to judge, and what they cost: nothing."""
+    sex), the largest gap, the groups too small to judge, and what they cost: nothing; and of the
+    last round's model from the clinics' own noised counts, with the epsilon they cost."""
     done = subprocess.run([bedside_exe(), "demo", "--dataset", "vitals", "--clients", "3",
                            "--rounds", "2", "--out", str(tmp_path / "demo"), "--json"],
                           capture_output=True, env=clean_env, timeout=280)
     assert done.returncode == 0, done.stderr.decode()[-3000:]
-    fair = json.loads(done.stdout)["fairness"]
+    report = json.loads(done.stdout)
+    fair = report["fairness"]["reference"]
     assert fair["group_by"] == ["age_band", "sex"] and fair["epsilon"] == 0.0
-    assert sum(g["rows"] for g in fair["groups"].values()) == \
-        json.loads(done.stdout)["data"]["holdout_rows"]
+    assert sum(g["rows"] for g in fair["groups"].values()) == report["data"]["holdout_rows"]
     assert fair["largest_gap"] in fair["gaps"]
     assert all(not fair["groups"][g]["judged"] for g in fair["small_groups"])
     final = _final_manifest(tmp_path / "demo")
     assert final.metrics["holdout_groups"]["largest_gap"] == fair["largest_gap"]
+    # the clinics' own noised counts, with what they cost (part of each clinic's epsilon)
+    fleet = report["fairness"]["fleet"]
+    assert fleet["devices"] == 3 and fleet["group_by"] == ["age_band", "sex"]
+    assert fleet["model_version"] == final.version - 1  # the last round's model
+    assert 0 < fleet["epsilon"] <= 0.1 * 8.0 + 1e-6 and fleet["delta"] == 1e-5
+    assert fleet["epsilon"] < report["privacy"]["record"]["epsilon_max"] <= 8.0
+    assert abs(sum(g["rows"] for g in fleet["groups"].values())
+               - report["data"]["train_rows"]) < 10 * fleet["count_noise_std"] * 3
+    assert final.metrics["fleet_groups"]["largest_gap"] == fleet["largest_gap"]
 
 
 def test_demo_bad_input_exit_2(tmp_path, clean_env):

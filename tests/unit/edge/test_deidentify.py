@@ -263,3 +263,58 @@ def test_a_later_export_that_refuses_consent_wins_over_an_earlier_yes(tmp_path, 
     r = json.loads(capsys.readouterr().out)
     assert r["added"] == 0 and r["consent"] == {"train": clinic["rows"] - 4,
                                                 "inference_only": 4}
+
+
+def test_group_columns_are_kept_beside_trainable_records_only_and_must_be_coarse(tmp_path,
+                                                                                 capsys):
+    from bedside.edge.deidentify import MAX_GROUP_VALUES, Policy, apply
+    from bedside.edge.store import RecordStore
+    from bedside.errors import DataError
+    from bedside.schema import Feature, Schema
+    from bedside.tabular import table_from_rows
+
+    p = tmp_path / "p.toml"
+    p.write_text(to_toml({"columns": {"hr": "keep", "y": "keep", "band": "group", "sex": "group",
+                                      "ok": "consent"}}))
+    schema = Schema(features=(Feature("hr"),), labels=("a", "b"))
+    header = ["hr", "y", "band", "sex", "ok"]
+    rows = [["70", "a", "18-44", "F", "yes"], ["80", "b", "80+", "M", "no"],
+            ["90", "b", "80+", "F", "yes"]]
+    r = apply(Policy.load(p), p, header, rows, b"k" * 32, schema, "y")
+    assert r.header == ["hr", "y"]  # never a model input
+    assert r.attributes == [{"band": "18-44", "sex": "F"}, {"band": "80+", "sex": "M"},
+                            {"band": "80+", "sex": "F"}]
+    assert r.report["band"]["groups"] == 2
+    store = RecordStore(tmp_path / "r.db")
+    store.ingest(table_from_rows(p, r.header, r.rows, schema, "y"), schema, "t",
+                 consent=r.consent, attributes=r.attributes)
+    x, y, attrs = store.load_with_attributes(schema)  # the refused consent is not loaded
+    assert x[:, 0].tolist() == [70.0, 90.0] and y.tolist() == [0, 1]
+    assert attrs == [{"band": "18-44", "sex": "F"}, {"band": "80+", "sex": "F"}]
+    store.close()
+    many = [[str(i), "a", f"id-{i}", "F", "yes"] for i in range(MAX_GROUP_VALUES + 1)]
+    with pytest.raises(DataError, match="'band' has 17 distinct values"):
+        apply(Policy.load(p), p, header, many, b"k" * 32, schema, "y")
+
+
+def test_ingest_groups_flag_without_a_policy(tmp_path, capsys):
+    fleet = seeded_fleet(tmp_path / "fed", clients=2, rounds=1)
+    clinic = fleet.plan["clinics"][0]
+    src = clinic["dir"] / "records.csv"
+    lines = src.read_text().splitlines()
+    banded = [lines[0] + ",band"] + [f"{r},{'old' if i % 2 else 'young'}"
+                                     for i, r in enumerate(lines[1:])]
+    (tmp_path / "g.csv").write_text("\n".join(banded) + "\n")
+    assert _ingest(fleet, tmp_path / "g.csv", "--groups", "band", "--json") == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["columns"]["band"]["action"].startswith("kept as a patient group attribute")
+    from bedside.edge.config import load
+    from bedside.edge.store import RecordStore
+    from bedside.manifest import load_manifest
+
+    store = RecordStore(load(fleet.agent_toml(0)).records_path)
+    _, _, attrs = store.load_with_attributes(load_manifest(fleet.work / "initial-model").schema)
+    store.close()
+    assert {a["band"] for a in attrs if a} == {"old", "young"}  # filled in on stored rows too
+    assert _ingest(fleet, tmp_path / "g.csv", "--groups", "nope") == 2
+    assert "'nope'" in capsys.readouterr().err
