@@ -202,11 +202,12 @@ class Aggregator:
                                       "open-ended federation (rounds = 0) needs fleet_every "
                                       "(ask every N-th round): there is no last round")
                 self._group_levels = self._evaluator.levels()
-                if len(self._group_levels) > fairness.MAX_LEVELS:
-                    raise ConfigError(f"{self.cfg.source}: [evaluation] groups "
-                                      f"{', '.join(ev.groups)} make {len(self._group_levels)} "
-                                      f"groups in the reference set; at most "
-                                      f"{fairness.MAX_LEVELS} can be counted on the devices")
+                try:  # what every training round will announce: refused here, not mid-run
+                    self._group_counts(1)
+                except BedsideError as exc:
+                    raise ConfigError(f"{self.cfg.source}: [evaluation] fleet_counts: the "
+                                      f"reference set's groups ({', '.join(ev.groups)}) cannot "
+                                      f"be counted on the devices: {exc}") from None
 
     def _warn_ignored_initial_model(self) -> None:
         """``initial_model`` starts a federation; once the registry holds versions it is not
@@ -683,12 +684,13 @@ class Aggregator:
             result["round_seconds"] = round(self.clock() - cur.opened_at, 3)
             self._finish_round(cur.round, "closed", result, version, drop=attempts)
             return
+        if cur.settings.group_counts is not None and cur.settings.group_counts.release:
+            # the devices paid for them: reported even if the round fails
+            self._fleet_groups(cur, accepted, result)
         if len(accepted) < self.cfg.rounds.min_participants:
             self._fail(cur, result, f"{len(accepted)} accepted update(s) < min_participants "
                        f"{self.cfg.rounds.min_participants}")
             return
-        if cur.settings.group_counts is not None and cur.settings.group_counts.release:
-            self._fleet_groups(cur, accepted, result)
         version = self._aggregate(cur, accepted, result)
         result["round_seconds"] = round(self.clock() - cur.opened_at, 3)
         self._finish_round(cur.round, "closed", result, version)

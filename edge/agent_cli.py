@@ -255,8 +255,15 @@ def _ingest(ns: argparse.Namespace) -> int:
 
     if (ns.file is None) == (ns.fhir is None):
         raise InputError("give a CSV file or --fhir BUNDLE.json (one of them)")
-    if ns.groups and ns.fhir is not None:
-        raise InputError("--groups names CSV columns; a FHIR bundle carries no group columns")
+    if ns.groups is not None:
+        if ns.fhir is not None:
+            raise InputError("--groups names CSV columns; a FHIR bundle carries no group "
+                             "columns")
+        if cfg.deidentify.policy is not None:
+            raise InputError("--groups is for files without a de-identification policy; with "
+                             f"one, mark the group columns \"group\" in {cfg.deidentify.policy}")
+        if not [c for c in ns.groups.split(",") if c.strip()]:
+            raise InputError("--groups names no column; give e.g. --groups age_band,sex")
     extra: dict[str, Any] = {}
     report: dict[str, Any] = {}
     if ns.fhir is not None:
@@ -283,9 +290,6 @@ def _ingest(ns: argparse.Namespace) -> int:
         header, rows, report = d.header, d.rows, d.report
         extra = {"patients": d.patients, "consent": d.consent, "consent_year": d.consent_year,
                  "attributes": d.attributes}
-        if ns.groups:
-            raise InputError("--groups is for files without a de-identification policy; with "
-                             f"one, mark the group columns \"group\" in {cfg.deidentify.policy}")
     elif ns.groups:
         from bedside.edge.deidentify import group_attributes
 

@@ -117,6 +117,10 @@ def group_attributes(path: Path, header: list[str], rows: list[list[str]],
         if "" in values:
             raise DataError(f"{path}: column {c!r} has empty values; give every row its group "
                             "(e.g. \"unknown\"). Nothing was stored")
+        if any("/" in v for v in values):
+            raise DataError(f"{path}: column {c!r} has values with \"/\", which joins the "
+                            "values of several group columns into one group name; use another "
+                            "character (e.g. 18-44). Nothing was stored")
     return [{c: r[j].strip() for c, j in idx.items()} for r in rows]
 
 

@@ -115,6 +115,7 @@ class LedgerView(Protocol):
 class RoundPlan:
     releases: tuple[Release, ...]
     dp: DPSGDPlan | None
+    counts_withheld: str = ""  # why per-group counts are withheld this federation, if they are
 
 
 def check_policy(settings: RoundSettings, privacy: DevicePrivacy, records: int) -> None:
@@ -204,14 +205,26 @@ def plan_round(round_id: int, settings: RoundSettings, privacy: DevicePrivacy, r
     fleet = settings.fleet
     releases: list[Release] = []
     dp = None
+    withheld = ""
+    g = settings.group_counts
     if privacy.record_epsilon is not None:
         past = [r for r in ledger.releases(UNIT_RECORD)
-                if not (r.fleet == fleet and (r.mechanism == "sampled_gaussian"
-                                              or fairness.is_count_release(r)))]
-        if settings.group_counts is not None and privacy.group_counts:
-            # the budget is kept for every release of group counts the federation plans
-            past += fairness.planned(settings.group_counts, fleet)
-        dp = record_noise(privacy, settings, records, past)
+                if not (r.fleet == fleet and r.mechanism == "sampled_gaussian")]
+        reserve: list[Release] = []
+        if g is not None:
+            withheld = counts_refused(settings, privacy, ledger)
+            if not withheld:  # keep the budget for the group counts still to come
+                reserve = fairness.planned(g, fleet)[:max(0, g.releases
+                                                          - fairness.made(past, fleet))]
+        try:
+            dp = record_noise(privacy, settings, records, [*past, *reserve])
+        except BudgetExceededError:
+            if not reserve:
+                raise
+            # the counts would leave too little for training: train, and withhold them
+            dp = record_noise(privacy, settings, records, past)
+            withheld = ("the record budget cannot cover the group counts the federation plans "
+                        "as well as training")
         releases.append(Release(round=round_id, unit=UNIT_RECORD, mechanism="sampled_gaussian",
                                 noise_multiplier=dp.noise_multiplier, sample_rate=dp.sample_rate,
                                 steps=dp.steps, note="DP-SGD (Poisson sampling)", fleet=fleet))
@@ -224,7 +237,32 @@ def plan_round(round_id: int, settings: RoundSettings, privacy: DevicePrivacy, r
             round_id, settings.noise, settings.update_noise_multiplier,
             settings.adaptive.count_noise if settings.adaptive else None, fleet=fleet)
     ledger.check(releases)
-    return RoundPlan(releases=tuple(releases), dp=dp)
+    return RoundPlan(releases=tuple(releases), dp=dp, counts_withheld=withheld)
+
+
+def counts_refused(settings: RoundSettings, privacy: DevicePrivacy, ledger: LedgerView) -> str:
+    """Why this device will not release the group counts its federation asks for, from its own
+    policy and ledger alone ("" if it may): its policy, too little noise, or a device-level
+    budget that cannot cover one release (a clinic's whole counts are barely hidden by the
+    noise: at device level one release costs a large epsilon)."""
+    from bedside.federation import fairness
+
+    g = settings.group_counts
+    if g is None:
+        return "the federation asks for no group counts"
+    if not privacy.group_counts:
+        return "this device's policy does not release group counts (group_counts = false)"
+    if g.noise_multiplier < privacy.min_group_noise:
+        return (f"group counts noise multiplier {g.noise_multiplier:g} < this device's minimum "
+                f"{privacy.min_group_noise:g}")
+    if privacy.device_epsilon is not None:
+        device = [r for r in fairness.count_releases(0, g, settings.fleet) if r.unit == UNIT_DEVICE]
+        try:
+            ledger.check(device)
+        except BudgetExceededError:
+            return ("the device-level budget cannot cover a release of group counts (at device "
+                    "level one costs a large epsilon; see docs/governance.md)")
+    return ""
 
 
 def plan_group_counts(round_id: int, settings: RoundSettings, privacy: DevicePrivacy,
@@ -239,11 +277,9 @@ def plan_group_counts(round_id: int, settings: RoundSettings, privacy: DevicePri
     g = settings.group_counts
     if g is None or not g.release:
         return [], ""
-    if not privacy.group_counts:
-        return [], "this device's policy does not release group counts (group_counts = false)"
-    if g.noise_multiplier < privacy.min_group_noise:
-        return [], (f"group counts noise multiplier {g.noise_multiplier:g} < this device's "
-                    f"minimum {privacy.min_group_noise:g}")
+    why = plan.counts_withheld or counts_refused(settings, privacy, ledger)
+    if why:
+        return [], why
     if fairness.made(ledger.releases(UNIT_RECORD), settings.fleet) >= g.releases:
         return [], (f"the federation planned {g.releases} release(s) of group counts and this "
                     "device made them all")

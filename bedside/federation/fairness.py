@@ -8,7 +8,7 @@ from) on its own records:
 
 1. the device predicts each of its trainable records (training consent, not withdrawn) with the
    round's model, finds the record's group (its stored patient attributes, joined by ``/``, e.g.
-   ``65+/F``; a group the announcement does not list counts under ``other``), and counts, per
+   ``65+/F``; a group the announcement does not list counts under ``(other)``), and counts, per
    group, true positives, false positives, true negatives and false negatives (binary tasks), or
    correct and wrong predictions (more classes);
 2. it clips the vector of counts to L2 norm ``D = device_records`` (a device with more records is
@@ -50,11 +50,11 @@ from bedside.errors import InputError, ValidationError
 from bedside.privacy.ledger import Release
 
 #: The group a record falls into when its attributes match none the announcement lists.
-OTHER = "other"
+OTHER = "(other)"
 #: Bounds on what an announcement may ask for (a hostile aggregator must not make a device build
 #: a huge vector, nor split its records so finely that the counts single patients out).
 MAX_LEVELS = 64
-MAX_LEVEL_CHARS = 64
+MAX_LEVEL_CHARS = 160  # up to MAX_ATTRIBUTES values of 32 characters, joined by "/"
 MAX_ATTRIBUTES = 4
 #: A device's default least noise on a count (``[privacy] min_group_noise``).
 MIN_GROUP_NOISE = 2.0
@@ -82,7 +82,7 @@ class GroupCountSettings:
     attributes: tuple[str, ...] = setting(doc="the record attributes whose values, joined by "
                                           "'/', name a record's group (e.g. age_band, sex)")
     levels: tuple[str, ...] = setting(doc="the groups counted (e.g. '65+/F'); a record in none "
-                                      "of them counts under 'other'")
+                                      "of them counts under '(other)'")
     noise_multiplier: float = setting(doc="z: noise standard deviation on every count "
                                       "(record-level sensitivity 1)", positive=True, max=1e6)
     device_records: int = setting(doc="D: a device's vector of counts is clipped to L2 norm D",
@@ -125,7 +125,7 @@ def cells(n_classes: int) -> tuple[str, ...]:
 
 
 def groups_of(settings: GroupCountSettings) -> tuple[str, ...]:
-    """The groups of the vector, in its order: the announced levels, then ``other``."""
+    """The groups of the vector, in its order: the announced levels, then ``(other)``."""
     return (*settings.levels, OTHER)
 
 

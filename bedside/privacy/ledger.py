@@ -182,7 +182,8 @@ class Release:
         sample_rate: probability in (0, 1] that the unit took part in a step (Poisson sampling
             the adversary does not observe); 1.0 when unsure.
         steps: how many times the mechanism ran (>= 0; DP-SGD steps, or 1 per round).
-        note: free text for people reading the ledger (never parsed).
+        note: text for people reading the ledger; Bedside recognises only its own releases of
+            feature statistics and of per-group counts by how their note starts.
         enforced_by: ``"device"`` if the device itself added the noise (DP-SGD, local noise),
             ``"aggregator"`` if the guarantee depends on the aggregator adding it (central).
         fleet: the federation the release was made in.

@@ -96,12 +96,12 @@ def test_combine_by_hand_floors_noise_and_judges_only_counts_clear_of_it():
     assert first["specificity"] == pytest.approx(100 / 110, abs=1e-4)
     assert first["accuracy"] == pytest.approx(150 / 200, abs=1e-4) and first["judged"]
     assert out["groups"][OTHER]["rows"] == 0  # a negative noised count is floored at 0
-    assert out["small_groups"] == ["65+/M", OTHER] and out["largest_gap"] is None
+    assert out["small_groups"] == sorted(["65+/M", OTHER]) and out["largest_gap"] is None
     assert out["devices"] == 2 and out["count_noise_std"] == pytest.approx(math.sqrt(2), 1e-3)
     assert 0 < first["noise_sd"]["sensitivity"] < 0.05
     # noise far above the counts: nothing is judged
     loud = fairness.combine([a, b], replace(G, noise_multiplier=40.0), 2, min_rows=30)
-    assert loud["small_groups"] == ["18-44/F", "65+/M", OTHER]
+    assert loud["small_groups"] == sorted(["18-44/F", "65+/M", OTHER])
 
 
 @pytest.mark.parametrize("value, why", [
@@ -148,6 +148,56 @@ def test_a_device_keeps_budget_for_the_planned_counts_and_withholds_what_its_pol
     ledger.record([*with_counts.releases, *rels])
     ledger.record(fairness.count_releases(2, G, "f"))
     assert "made them all" in plan_group_counts(3, _settings(), privacy, ledger, with_counts)[1]
+
+
+def test_a_tight_budget_trains_and_withholds_the_counts(tmp_path):
+    """Counts the budget cannot cover beside training are withheld; the device still trains,
+    at the noise it would use without them."""
+    tight = DevicePrivacy(record_epsilon=0.3)
+    ledger = Ledger(tmp_path / "l.db", tight.budgets())
+    loud = _settings(group_counts=replace(G, noise_multiplier=10.0, releases=1))
+    plan = plan_round(1, loud, tight, 500, ledger)
+    alone = plan_round(1, _settings(group_counts=None), tight, 500, ledger)
+    assert plan.dp.noise_multiplier == alone.dp.noise_multiplier
+    assert plan_group_counts(1, loud, tight, ledger, plan) == ([], plan.counts_withheld)
+    assert "cannot cover" in plan.counts_withheld
+
+
+def test_counts_a_device_will_withhold_anyway_reserve_no_budget(tmp_path):
+    """A device-level budget (one release of counts costs a large device-level epsilon) or a
+    policy that refuses them: no record budget is kept back for them."""
+    for privacy in (DevicePrivacy(record_epsilon=4.0, device_epsilon=200.0),
+                    DevicePrivacy(record_epsilon=4.0, group_counts=False),
+                    DevicePrivacy(record_epsilon=4.0, min_group_noise=5.0)):
+        ledger = Ledger(tmp_path / f"{id(privacy)}.db", privacy.budgets())
+        plan = plan_round(1, _settings(), privacy, 500, ledger)
+        alone = plan_round(1, _settings(group_counts=None), privacy, 500, ledger)
+        assert plan.dp.noise_multiplier == alone.dp.noise_multiplier
+        assert plan_group_counts(1, _settings(), privacy, ledger, plan)[0] == []
+
+
+def test_reference_groups_that_cannot_be_counted_stop_the_aggregator_at_start(tmp_path):
+    from bedside.aggregator.config import load
+    from bedside.aggregator.service import Aggregator
+    from bedside.config import to_toml
+    from bedside.errors import ConfigError
+    from bedside.transport.memory import MemoryBroker, MemoryTransport
+    from tests.fleet import seeded_fleet
+
+    fleet = seeded_fleet(tmp_path / "fed", clients=2, rounds=1, dataset="vitals", arch="cnn1d")
+    ref = fleet.plan["aggregator_dir"] / "reference.csv"
+    lines = ref.read_text().splitlines()
+    col = lines[0].split(",").index("sex")
+
+    def long_name(line):  # every "M" becomes a group name no announcement may carry
+        cells = line.split(",")
+        cells[col] = "a" * 200 if cells[col] == "M" else cells[col]
+        return ",".join(cells)
+    ref.write_text("\n".join([lines[0], *map(long_name, lines[1:])]) + "\n")
+    fleet.aggregator_toml.write_text(to_toml(fleet.plan["aggregator"]))
+    agg = Aggregator(load(fleet.aggregator_toml), MemoryTransport(MemoryBroker(), "aggregator"))
+    with pytest.raises(ConfigError, match="fleet_counts: the reference set's groups"):
+        agg.start()
 
 
 def test_a_federation_reports_fleet_figures_per_group_in_the_manifest(tmp_path):
