@@ -42,8 +42,11 @@ system-deps:
 demo: setup
 	$(VENV)/bin/bedside demo --out demo-output
 
+# Two workers (pytest-xdist): most of the suite waits on servers and subprocesses.
+TEST_WORKERS ?= 2
+
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 # Unit tests only (no servers).
 test-fast: $(VENV)/.stamp
