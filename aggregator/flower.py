@@ -280,7 +280,7 @@ class FlowerDriver:
         def recorded() -> bool:
             assert cur is not None
             if env.tensors:
-                return state.nonce_seen(h.sender, h.nonce) == (cur.round, digest(payload))
+                return state.nonce_seen(h.sender, h.nonce) == (cur.round, env.digest)
             return h.sender in state.declines(cur.round)
 
         fresh = cur is not None and h.round == cur.round and not recorded()

@@ -42,7 +42,7 @@ from bedside.aggregator.keys import check_current
 from bedside.aggregator.keys import published as published_rotation
 from bedside.aggregator.releases import DownloadServer, ReleaseStore
 from bedside.aggregator.rollout import Rollouts
-from bedside.aggregator.state import RoundRow, State
+from bedside.aggregator.state import Batch, RoundRow, State, UpdateRow
 from bedside.audit import AuditLog
 from bedside.constants import (
     AGGREGATOR_ID,
@@ -68,14 +68,13 @@ from bedside.federation.report import device_privacy
 from bedside.federation.seeds import round_rng
 from bedside.federation.settings import RoundSettings
 from bedside.federation.statistics import dimension, public_center_halfwidth
-from bedside.federation.strategies import make_optimizer, make_rule
+from bedside.federation.strategies import RunningSum, make_optimizer, make_rule
 from bedside.federation.validate import (
     Accepted,
     Declined,
     Duplicate,
     OpenRound,
     Prior,
-    digest,
     max_update_bytes,
     open_update,
     validate_update,
@@ -90,6 +89,9 @@ from bedside.wire.signing import KeyRing, SigningKey, VerifyKey, validate_device
 
 log = logging.getLogger("bedside.aggregator")
 MAX_STATISTICS_ATTEMPTS = 3
+#: Messages judged and recorded in one transaction at most (a group also ends when nothing more
+#: is waiting, so a lone message is never held back).
+GROUP_MAX = 256
 
 
 class Aggregator:
@@ -132,6 +134,8 @@ class Aggregator:
         self._pending: dict[str, tuple[bytes, bool]] = {}
         self._evaluator: Any = None
         self._group_levels: tuple[str, ...] = ()  # [evaluation] fleet_counts: the groups counted
+        self._running: tuple[int, RunningSum] | None = None  # the open round's, if incremental
+        self._validate_seconds: dict[int, float] = {}  # per round, until it closes
         self._manifest: Manifest | None = None
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._max_update = cfg.max_update_bytes
@@ -339,7 +343,13 @@ class Aggregator:
             wait = max(0.0, min(timeout, cur.deadline - self.clock()))
         msg = self.transport.get(wait)
         while msg is not None:
-            self._handle(msg)
+            group = [msg]
+            while len(group) < GROUP_MAX:
+                nxt = self.transport.get(0)
+                if nxt is None:
+                    break
+                group.append(nxt)
+            self._handle(group)
             msg = self.transport.get(0)
         self._retry_pending()
         cur = self.state.current_round()
@@ -390,9 +400,10 @@ class Aggregator:
         return self._shapes
 
     # -- publishing --------------------------------------------------------------------------------
-    def _publish(self, topic: str, payload: bytes, retain: bool = False) -> None:
+    def _publish(self, topic: str, payload: bytes, retain: bool = False,
+                 wait: bool = True) -> None:
         try:
-            self.transport.publish(topic, payload, qos=1, retain=retain)
+            self.transport.publish(topic, payload, qos=1, retain=retain, wait=wait)
             self._pending.pop(topic, None)
         except TransportError as exc:
             if retain:  # retained state is re-sent when the broker is back
@@ -414,14 +425,52 @@ class Aggregator:
                      model_version=self._manifest.version if self._manifest else 0,
                      meta={"device": device, "fleet": self.cfg.fleet, "for_nonce": nonce,
                            "status": status, "reason": reason})
-        self._publish(topic_receipt(self.cfg.fleet, device), env)
+        # not waited for one by one: a device without its receipt sends again, and the re-send
+        # is recognised (a duplicate, receipted again)
+        self._publish(topic_receipt(self.cfg.fleet, device), env, wait=False)
 
     # -- updates -----------------------------------------------------------------------------------
-    def _handle(self, msg: Message) -> None:
+    def _handle(self, msgs: list[Message]) -> None:
+        """Judge a group of messages, record every verdict in one transaction, then receipt and
+        acknowledge them: a message is acknowledged only once it is durable (a crash before lets
+        the broker redeliver it; the redelivery is recognised and not counted twice)."""
         started = time.perf_counter()
         self._refresh_devices()
-        device = msg.topic.rsplit("/", 1)[-1]
-        if msg.topic == topic_report(self.cfg.fleet, device) and _kind(msg.payload) == KIND_KEY:
+        cur = self.state.current_round()
+        judge = _Judge(self, cur)
+        done: list[Message] = []
+        for msg in msgs:
+            device = msg.topic.rsplit("/", 1)[-1]
+            if msg.topic == topic_report(self.cfg.fleet, device):
+                self._flush(judge, done)  # reports write on their own: keep the order
+                self._on_report(msg, device)
+                continue
+            judge.judge(msg, device)
+            done.append(msg)
+        self._flush(judge, done)
+        if cur is not None:  # written with the round's other timings when it closes
+            self._validate_seconds[cur.round] = (self._validate_seconds.get(cur.round, 0.0)
+                                                 + time.perf_counter() - started)
+
+    def _flush(self, judge: _Judge, done: list[Message]) -> None:
+        if len(judge.batch):
+            try:
+                judge.commit()
+            except (sqlite3.Error, OSError):
+                # Our own storage failed: acknowledge nothing, so the broker redelivers the
+                # messages once the service is restarted with working storage.
+                self._running = None
+                log.exception("could not record %d message(s)", len(done))
+                raise
+        for send in judge.receipts:
+            send()
+        for msg in done:
+            msg.ack()
+        judge.reset()
+        done.clear()
+
+    def _on_report(self, msg: Message, device: str) -> None:
+        if _kind(msg.payload) == KIND_KEY:
             try:
                 self._on_device_key(device, msg.payload)
             except (sqlite3.Error, OSError):  # our storage: not acknowledged, redelivered
@@ -430,57 +479,30 @@ class Aggregator:
                 log.exception("key rotation on %s's topic could not be handled; dropped", device)
             msg.ack()
             return
-        if msg.topic == topic_report(self.cfg.fleet, device):
-            try:
-                self.rollouts.on_report(device, msg.payload, self.devices)
-            except (sqlite3.Error, OSError):  # our storage: not acknowledged, redelivered
-                log.exception("could not record a release report from %s", device)
-                raise
-            msg.ack()
-            return
-        cur = self.state.current_round()
-        round_id = cur.round if cur else None
-        authentic = False
-        nonce = ""
         try:
-            shapes = self._round_shapes(cur.settings) if cur is not None else self._shapes
-            env = open_update(msg.payload, self.devices, shapes, self._max_update)
-            authentic, nonce = True, env.header.nonce
-            h = env.header
-            d = digest(msg.payload)
-            seen = self.state.nonce_seen(h.sender, h.nonce)
-            open_round = self._open_round(cur)
-            prior = Prior(nonce_round=seen[0] if seen else None,
-                          nonce_digest=seen[1] if seen else None,
-                          contributed=open_round is not None and self.state.find_update(
-                              open_round.round, h.sender) is not None)
-            verdict = validate_update(env, topic_sender=device, fleet=self.cfg.fleet, digest=d,
-                                      current=open_round, prior=prior)
-            self._record(verdict, h.round)
-        except WireError as exc:
-            log.warning("round %s: rejected message on %s: %s (%s)", round_id, msg.topic,
-                        exc.reason, exc)
-            self.state.add_rejection(round_id, device, exc.reason, str(exc))
-            if authentic and round_id is not None:
-                self._receipt(device, round_id, nonce, "rejected", f"{exc.reason}: {exc}")
-        except BedsideError as exc:  # anything else we raise on bad input: never crash the loop
-            log.warning("round %s: rejected message on %s: %s", round_id, msg.topic, exc)
-            self.state.add_rejection(round_id, device, "invalid", str(exc))
-        except (sqlite3.Error, OSError):
-            # Our own storage failed: do not acknowledge, so the broker redelivers the message
-            # once the service is restarted with working storage.
-            log.exception("round %s: could not record the message on %s", round_id, msg.topic)
+            self.rollouts.on_report(device, msg.payload, self.devices)
+        except (sqlite3.Error, OSError):  # our storage: not acknowledged, redelivered
+            log.exception("could not record a release report from %s", device)
             raise
-        except Exception as exc:  # a message must never stop the service (or be redelivered
-            # forever): reject it, keep the traceback in the log, acknowledge it.
-            log.exception("round %s: internal error on a message from %s; rejected", round_id,
-                          device)
-            self.state.add_rejection(round_id, device, "internal_error",
-                                     f"{type(exc).__name__}: {exc}")
         msg.ack()
-        if round_id is not None:
-            add_timings(self.state.db, round_id, {"validate_and_record":
-                                                  time.perf_counter() - started})
+
+    def _running_sum(self, cur: RoundRow) -> RunningSum | None:
+        """The open round's running sum of accepted updates, when the rule is incremental and
+        the round trains (loaded from ``state.db``, or rebuilt from updates stored by a version
+        that kept them); None when every update is kept."""
+        if not self.rule.incremental or cur.settings.task != "train":
+            return None
+        if self._running is not None and self._running[0] == cur.round:
+            return self._running[1]
+        stored = self.state.running_sum(cur.round)
+        if stored is not None:
+            acc = RunningSum.from_bytes(stored, self._shapes)
+        else:
+            acc = RunningSum(self._shapes)
+            for tensors, weight in self.state.iter_updates(cur.round):
+                acc.add(tensors, weight)
+        self._running = (cur.round, acc)
+        return acc
 
     def _on_device_key(self, device: str, payload: bytes) -> None:
         """A device rotating its own key ('bedside edge rotate-key'): signed by the key enrolled
@@ -527,28 +549,6 @@ class Aggregator:
                      meta={"device": device, "fleet": self.cfg.fleet,
                            "key_rotated": fingerprint})
         self._publish(topic_receipt(self.cfg.fleet, device), env)
-
-    def _record(self, verdict: Accepted | Declined | Duplicate, round_id: int) -> None:
-        """Persist a verdict, then receipt it (the MQTT ack follows in ``_handle``)."""
-        if isinstance(verdict, Duplicate):
-            # The same message again in the same round: a device's re-send (its receipt was
-            # lost) or a verbatim replay. Either way it is harmless and not counted again.
-            log.info("round %d: duplicate of %s's accepted update (re-send or replay); not "
-                     "counted again", round_id, verdict.sender)
-            self.state.add_rejection(round_id, verdict.sender, "duplicate",
-                                     f"nonce {verdict.nonce[:12]}... already accepted")
-            self._receipt(verdict.sender, round_id, verdict.nonce, "accepted",
-                          "duplicate delivery")
-        elif isinstance(verdict, Declined):
-            if self.state.add_decline(round_id, verdict.sender, verdict.reason):
-                log.info("round %d: %s declined (%s)", round_id, verdict.sender, verdict.reason)
-            self._receipt(verdict.sender, round_id, verdict.nonce, "declined", verdict.reason)
-        else:
-            self.state.add_update(round_id, verdict.sender, verdict.nonce, verdict.digest,
-                                  verdict.weight, verdict.norm, verdict.tensors, verdict.info)
-            log.info("round %d: accepted update from %s (norm %.3f)", round_id, verdict.sender,
-                     verdict.norm)
-            self._receipt(verdict.sender, round_id, verdict.nonce, "accepted")
 
     # -- rounds ------------------------------------------------------------------------------------
     def _clip_norm(self) -> float:
@@ -771,8 +771,10 @@ class Aggregator:
         t0 = time.perf_counter()
         prev = self.registry.manifest(cur.model_version)
         prev_bytes = self.registry.model_bytes(cur.model_version)
+        running = self._running_sum(cur)
         outcome = aggregate_round(
-            lambda: self.state.iter_updates(cur.round), count=len(accepted),
+            running if running is not None else (lambda: self.state.iter_updates(cur.round)),
+            count=len(accepted),
             settings=cur.settings, weights=read_weights(prev_bytes, list(self._shapes)),
             optimizer_state=self.registry.server_state(cur.model_version), rule=self.rule,
             optimizer=self.optimizer, rng=round_rng(self.cfg.privacy.noise_seed, cur.round),
@@ -828,6 +830,9 @@ class Aggregator:
     def _finish_round(self, round_id: int, status: str, result: dict[str, Any],
                       version: int | None, drop: Iterable[int] | None = None) -> None:
         self.state.finish_round(round_id, status, result, drop)
+        if round_id in self._validate_seconds:
+            add_timings(self.state.db, round_id,
+                        {"validate_and_record": self._validate_seconds.pop(round_id)})
         self.audit.append("round_closed", f"round {round_id}", status=status,
                           model_version=version, accepted=result.get("accepted"))
         t0 = time.perf_counter()
@@ -864,6 +869,102 @@ class Aggregator:
         if closing is not None:
             counted.append(closing.settings)
         return device_privacy(counted, self.cfg.privacy.delta, seeded_devices=seeded)
+
+
+class _Judge:
+    """Verdicts on a group of update messages, gathered for one transaction: what the store
+    knows about a message is the database plus the group's own verdicts so far (a re-send inside
+    the group is a duplicate, a second update of a device in the group is refused)."""
+
+    def __init__(self, agg: Aggregator, cur: RoundRow | None) -> None:
+        self.agg, self.cur = agg, cur
+        self.open = agg._open_round(cur)
+        self.running = agg._running_sum(cur) if self.open is not None and cur else None
+        self.reset()
+
+    def reset(self) -> None:
+        self.batch = Batch()
+        self.receipts: list[Callable[[], None]] = []
+        self.nonces: dict[tuple[str, str], tuple[int, str]] = {}
+        self.contributed: set[str] = set()
+
+    def commit(self) -> None:
+        if self.running is not None and self.batch.updates and self.cur is not None:
+            self.batch.sums = (self.cur.round, self.running.to_bytes())
+        self.agg.state.commit_batch(self.batch)
+
+    def _receipt(self, device: str, round_id: int, nonce: str, status: str,
+                 reason: str = "") -> None:
+        self.receipts.append(lambda: self.agg._receipt(device, round_id, nonce, status, reason))
+
+    def _reject(self, round_id: int | None, device: str | None, reason: str, detail: str) -> None:
+        self.batch.rejections.append((round_id, device, reason, detail))
+
+    def judge(self, msg: Message, device: str) -> None:
+        agg, cur = self.agg, self.cur
+        round_id = cur.round if cur else None
+        authentic = False
+        nonce = ""
+        try:
+            shapes = agg._round_shapes(cur.settings) if cur is not None else agg._shapes
+            env = open_update(msg.payload, agg.devices, shapes, agg._max_update)
+            authentic, nonce = True, env.header.nonce
+            h = env.header
+            seen = self.nonces.get((h.sender, h.nonce)) or agg.state.nonce_seen(h.sender,
+                                                                                 h.nonce)
+            contributed = self.open is not None and (
+                h.sender in self.contributed
+                or agg.state.find_update(self.open.round, h.sender) is not None)
+            prior = Prior(nonce_round=seen[0] if seen else None,
+                          nonce_digest=seen[1] if seen else None, contributed=contributed)
+            verdict = validate_update(env, topic_sender=device, fleet=agg.cfg.fleet,
+                                      digest=env.digest, current=self.open, prior=prior)
+            assert round_id is not None  # validate_update refuses a message without an open round
+            self._record(verdict, round_id)
+        except WireError as exc:
+            log.warning("round %s: rejected message on %s: %s (%s)", round_id, msg.topic,
+                        exc.reason, exc)
+            self._reject(round_id, device, exc.reason, str(exc))
+            if authentic and round_id is not None:
+                self._receipt(device, round_id, nonce, "rejected", f"{exc.reason}: {exc}")
+        except BedsideError as exc:  # anything else we raise on bad input: never crash the loop
+            log.warning("round %s: rejected message on %s: %s", round_id, msg.topic, exc)
+            self._reject(round_id, device, "invalid", str(exc))
+        except (sqlite3.Error, OSError):
+            raise  # our own storage: nothing of the group is acknowledged
+        except Exception as exc:  # a message must never stop the service (or be redelivered
+            # forever): reject it, keep the traceback in the log, acknowledge it.
+            log.exception("round %s: internal error on a message from %s; rejected", round_id,
+                          device)
+            self._reject(round_id, device, "internal_error", f"{type(exc).__name__}: {exc}")
+
+    def _record(self, verdict: Accepted | Declined | Duplicate, round_id: int) -> None:
+        if isinstance(verdict, Duplicate):
+            # The same message again in the same round: a device's re-send (its receipt was
+            # lost) or a verbatim replay. Either way it is harmless and not counted again.
+            log.info("round %d: duplicate of %s's accepted update (re-send or replay); not "
+                     "counted again", round_id, verdict.sender)
+            self._reject(round_id, verdict.sender, "duplicate",
+                         f"nonce {verdict.nonce[:12]}... already accepted")
+            self._receipt(verdict.sender, round_id, verdict.nonce, "accepted",
+                          "duplicate delivery")
+        elif isinstance(verdict, Declined):
+            log.info("round %d: %s declined (%s)", round_id, verdict.sender, verdict.reason)
+            self.batch.declines.append((round_id, verdict.sender, verdict.reason))
+            self._receipt(verdict.sender, round_id, verdict.nonce, "declined", verdict.reason)
+        else:
+            tensors: dict[str, np.ndarray] | None = verdict.tensors
+            if self.running is not None:
+                self.running.add(verdict.tensors, verdict.weight)
+                tensors = None  # folded into the round's running sum
+            self.batch.updates.append(UpdateRow(
+                round_id, verdict.sender, verdict.nonce, verdict.digest, verdict.weight,
+                verdict.norm, verdict.info, tensors))
+            self.nonces[(verdict.sender, verdict.nonce)] = (round_id, verdict.digest)
+            self.contributed.add(verdict.sender)
+            log.info("round %d: accepted update from %s (norm %.3f)", round_id, verdict.sender,
+                     verdict.norm)
+            self._receipt(verdict.sender, round_id, verdict.nonce, "accepted")
 
 
 def _record_epsilon(accepted: list[dict[str, Any]]) -> dict[str, Any]:

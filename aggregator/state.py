@@ -1,11 +1,17 @@
 """The aggregator's durable state (SQLite, WAL): rounds, accepted updates, rejections, privacy.
 
-An update is recorded in one transaction (its tensors, digest and nonce) before its MQTT message
-is acknowledged, so a crash (even SIGKILL) at any moment either keeps the update or lets the broker
-redeliver it; the (sender, round, nonce) key makes the redelivery a no-op instead of a double count.
-Accepted tensors are kept per round until the round is aggregated, then deleted; the digests stay
-for replay detection and audit. The server optimizer's state is not here: it is stored with the
-model version it produced, in the registry (one commit point for both).
+Messages are recorded in groups (:meth:`State.commit_batch`: one transaction, one fsync) before
+any of their MQTT messages is acknowledged, so a crash (even SIGKILL) at any moment either keeps a
+message or lets the broker redeliver it; the (sender, round, nonce) key makes the redelivery a
+no-op instead of a double count.
+
+What an accepted update leaves here depends on the aggregation rule. With an incremental rule
+(FedAvg) the round keeps one durable running sum (``round_sums``: the weighted sum of the
+accepted updates, their count and weight), updated in the same transaction as the updates' rows:
+disk and memory O(model) per round, however many devices. Rules that need every update (median,
+trimmed mean) and statistics rounds keep each update's tensors until the round is aggregated. The
+digests and nonces stay for replay detection and audit. The server optimizer's state is not here:
+it is stored with the model version it produced, in the registry (one commit point for both).
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import json
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,12 +63,40 @@ CREATE TABLE IF NOT EXISTS declines (
     round INTEGER NOT NULL, sender TEXT NOT NULL, reason TEXT NOT NULL, received_at REAL NOT NULL,
     PRIMARY KEY (round, sender)
 );
+CREATE TABLE IF NOT EXISTS round_sums (
+    round INTEGER PRIMARY KEY, sums BLOB NOT NULL
+);
 CREATE TABLE IF NOT EXISTS rejections (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     round INTEGER, sender TEXT, reason TEXT NOT NULL, detail TEXT NOT NULL,
     received_at REAL NOT NULL
 );
 """
+
+
+@dataclass(frozen=True)
+class UpdateRow:
+    round: int
+    sender: str
+    nonce: str
+    digest: str
+    weight: float
+    norm: float
+    info: dict[str, Any]
+    tensors: dict[str, np.ndarray] | None  # None: folded into the round's running sum
+
+
+@dataclass
+class Batch:
+    """Verdicts on a group of messages, recorded together (:meth:`State.commit_batch`)."""
+
+    updates: list[UpdateRow] = field(default_factory=list)
+    declines: list[tuple[int, str, str]] = field(default_factory=list)
+    rejections: list[tuple[int | None, str | None, str, str]] = field(default_factory=list)
+    sums: tuple[int, bytes] | None = None  # (round, the running sum after this group)
+
+    def __len__(self) -> int:
+        return len(self.updates) + len(self.declines) + len(self.rejections)
 
 
 @dataclass(frozen=True)
@@ -82,6 +116,7 @@ class State:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.db = open_db(self.path, "aggregator state", _DDL + TIMINGS_DDL, private=True)
+        self._settings: dict[str, RoundSettings] = {}
         try:
             row = self.db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
             if row is None:
@@ -106,9 +141,14 @@ class State:
              json.dumps(settings.to_meta())))
 
     def _row(self, r: tuple[Any, ...]) -> RoundRow:
+        settings = self._settings.get(r[6])
+        if settings is None:  # parsed once per round: this runs for every message
+            settings = RoundSettings.from_meta(json.loads(r[6]))
+            if len(self._settings) > 64:
+                self._settings.clear()
+            self._settings[r[6]] = settings
         return RoundRow(round=r[0], model_version=r[1], opened_at=r[2], deadline=r[3],
-                        status=r[4], announce=bytes(r[5]),
-                        settings=RoundSettings.from_meta(json.loads(r[6])),
+                        status=r[4], announce=bytes(r[5]), settings=settings,
                         closed_at=r[7], result=json.loads(r[8]) if r[8] else None)
 
     def current_round(self) -> RoundRow | None:
@@ -133,6 +173,7 @@ class State:
                             (status, time.time(), json.dumps(result), round_id))
             for r in (round_id,) if drop is None else drop:
                 self.db.execute("UPDATE updates SET tensors = NULL WHERE round = ?", (r,))
+                self.db.execute("DELETE FROM round_sums WHERE round = ?", (r,))
 
     # -- updates -----------------------------------------------------------------------------------
     def find_update(self, round_id: int, sender: str) -> tuple[str, str] | None:
@@ -153,6 +194,32 @@ class State:
                 "INSERT INTO updates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (round_id, sender, nonce, digest, weight, norm, time.time(),
                  json.dumps(info or {}), pack_tensors(tensors)))
+
+    def commit_batch(self, batch: Batch) -> None:
+        """Record a group of verdicts, and the round's running sum if given, in one transaction:
+        durable before any of the group's messages is acknowledged."""
+        now = time.time()
+        with transaction(self.db):
+            self.db.executemany(
+                "INSERT INTO updates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(u.round, u.sender, u.nonce, u.digest, u.weight, u.norm, now,
+                  json.dumps(u.info), None if u.tensors is None else pack_tensors(u.tensors))
+                 for u in batch.updates])
+            self.db.executemany("INSERT OR IGNORE INTO declines VALUES (?, ?, ?, ?)",
+                                [(r, s, reason, now) for r, s, reason in batch.declines])
+            self.db.executemany(
+                "INSERT INTO rejections (round, sender, reason, detail, received_at) "
+                "VALUES (?, ?, ?, ?, ?)",
+                [(r, s, reason, detail[:500], now) for r, s, reason, detail in batch.rejections])
+            if batch.sums is not None:
+                self.db.execute("INSERT INTO round_sums VALUES (?, ?) ON CONFLICT (round) DO "
+                                "UPDATE SET sums = excluded.sums", batch.sums)
+
+    def running_sum(self, round_id: int) -> bytes | None:
+        """The durable running sum of round ``round_id``'s accepted updates (incremental
+        rules), or None if none was kept."""
+        r = self.db.execute("SELECT sums FROM round_sums WHERE round = ?", (round_id,)).fetchone()
+        return bytes(r[0]) if r else None
 
     def add_decline(self, round_id: int, sender: str, reason: str) -> bool:
         cur = self.db.execute("INSERT OR IGNORE INTO declines VALUES (?, ?, ?, ?)",

@@ -36,7 +36,6 @@ from bedside.federation.validate import (
     Accepted,
     OpenRound,
     Prior,
-    digest,
     max_update_bytes,
     open_update,
     validate_update,
@@ -141,7 +140,7 @@ def run_federation(federation: FederationSettings, manifest: Manifest, model_byt
                     t0 = time.perf_counter()
                     env = open_update(payload, ring, shapes, limit)
                     verdict = validate_update(env, topic_sender=d.device_id, fleet=fleet,
-                                              digest=digest(payload), current=current,
+                                              digest=env.digest, current=current,
                                               prior=Prior())
                     _add(timings, "validate", time.perf_counter() - t0)
                     assert isinstance(verdict, Accepted)
@@ -210,7 +209,7 @@ def _statistics_round(federation: FederationSettings, manifest: Manifest, model_
                          model_version=manifest.version, meta=out.meta)
         env = open_update(payload, ring, shapes, 1 << 20)
         verdict = validate_update(env, topic_sender=d.device_id, fleet=fleet,
-                                  digest=digest(payload), current=current, prior=Prior())
+                                  digest=env.digest, current=current, prior=Prior())
         assert isinstance(verdict, Accepted)
         vectors.append(verdict.tensors["stats"])
     rec = RoundRecord(round=1, accepted=len(vectors), declined=declined, seconds=0.0)

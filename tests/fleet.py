@@ -160,7 +160,8 @@ class GatedTransport:
         self.inner = inner
         self.closed = closed
 
-    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
+                wait: bool = True) -> None:
         from bedside.errors import TransportError
 
         if self.closed:

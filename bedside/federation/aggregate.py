@@ -19,6 +19,7 @@ from bedside.errors import InputError
 from bedside.federation.settings import RoundSettings
 from bedside.federation.strategies import (
     AggregationRule,
+    RunningSum,
     ServerOptimizer,
     Tensors,
     UpdateSource,
@@ -37,13 +38,14 @@ class RoundOutcome:
     unclipped_fraction: float | None = None  # adaptive clipping: the private estimate used
 
 
-def aggregate_round(updates: UpdateSource, *, count: int, settings: RoundSettings,
+def aggregate_round(updates: UpdateSource | RunningSum, *, count: int, settings: RoundSettings,
                     weights: Mapping[str, np.ndarray], optimizer_state: Tensors,
                     rule: AggregationRule, optimizer: ServerOptimizer, rng: np.random.Generator,
                     clip_bits: Sequence[float] = ()) -> RoundOutcome:
     """Aggregate ``count`` accepted updates into new global weights.
 
-    * ``rule`` turns the updates into one delta (FedAvg streams them);
+    * ``rule`` turns the updates into one delta (FedAvg streams them); a driver that kept only
+      the updates' :class:`RunningSum` (an incremental rule) passes that instead;
     * central noise: ``N(0, (z_u C)^2)`` on the sum of clipped updates, i.e. ``N(0, (z_u C /
       n)^2)`` on their mean, where ``z_u`` is the round's update noise multiplier (docs/privacy.md);
     * the server optimizer applies the delta (``sgd`` with lr 1 is FedAvg);
@@ -53,7 +55,15 @@ def aggregate_round(updates: UpdateSource, *, count: int, settings: RoundSetting
     if count < 1:
         raise InputError("no updates to aggregate: the round is empty")
     shapes = {k: tuple(np.shape(v)) for k, v in weights.items()}
-    delta = rule.aggregate(updates, shapes)
+    if isinstance(updates, RunningSum):
+        if not rule.incremental:
+            raise InputError(f"rule {rule.name!r} needs every update, not their running sum")
+        if updates.count != count:
+            raise InputError(f"the running sum holds {updates.count} update(s), the round "
+                             f"accepted {count}")
+        delta = updates.mean()
+    else:
+        delta = rule.aggregate(updates, shapes)
     if settings.noise == NOISE_CENTRAL:
         names = list(delta)
         noised = add_gaussian_noise([delta[k] for k in names], settings.update_noise_multiplier,

@@ -36,6 +36,9 @@ UpdateSource = Callable[[], Iterator[tuple[Mapping[str, np.ndarray], float]]]
 
 class AggregationRule(Protocol):
     name: ClassVar[str]
+    #: True when the rule needs only a running weighted sum of the updates (``RunningSum``):
+    #: a driver may then keep the sum instead of every update (disk and memory O(model)).
+    incremental: ClassVar[bool]
 
     def aggregate(self, updates: UpdateSource, shapes: Mapping[str, tuple[int, ...]]) -> Tensors:
         """Aggregated delta with exactly ``shapes``; InputError if there is no update."""
@@ -90,25 +93,77 @@ def make_optimizer(name: str, **params: Any) -> ServerOptimizer:
 
 
 # -- aggregation rules -----------------------------------------------------------------------------
+class RunningSum:
+    """The weighted sum of a round's updates (float64), their count and total weight: all FedAvg
+    needs, O(model) whatever the number of updates. A driver keeps it durable instead of the
+    updates; sums kept apart (workers) are merged with :meth:`merge`."""
+
+    def __init__(self, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        self.sums = {k: np.zeros(s, dtype=np.float64) for k, s in shapes.items()}
+        self.count = 0
+        self.weight = 0.0
+
+    def add(self, tensors: Mapping[str, np.ndarray], weight: float = 1.0) -> None:
+        if not weight > 0:
+            raise InputError(f"update weight must be > 0, got {weight}")
+        for k, acc in self.sums.items():
+            if weight == 1.0:  # no temporary: float32 values are added into the float64 sum
+                np.add(acc, tensors[k], out=acc)
+            else:
+                acc += weight * np.asarray(tensors[k], dtype=np.float64)
+        self.count += 1
+        self.weight += weight
+
+    def merge(self, other: RunningSum) -> None:
+        if other.sums.keys() != self.sums.keys():
+            raise InputError("running sums of different models cannot be merged")
+        for k, acc in self.sums.items():
+            acc += other.sums[k]
+        self.count += other.count
+        self.weight += other.weight
+
+    def mean(self) -> Tensors:
+        if self.count == 0 or self.weight == 0:
+            raise InputError("no updates to aggregate: the round is empty")
+        return {k: (v / self.weight).astype(np.float32) for k, v in self.sums.items()}
+
+    def to_bytes(self) -> bytes:
+        from safetensors.numpy import save
+
+        return bytes(save(self.sums, metadata={"count": str(self.count),
+                                               "weight": repr(self.weight)}))
+
+    @classmethod
+    def from_bytes(cls, data: bytes, shapes: Mapping[str, tuple[int, ...]]) -> RunningSum:
+        import json
+
+        from safetensors.numpy import load
+
+        out = cls(shapes)
+        tensors = load(data)
+        if {k: tuple(v.shape) for k, v in tensors.items()} != {k: tuple(v) for k, v in
+                                                               shapes.items()}:
+            raise InputError("a stored running sum does not match the model's shapes")
+        out.sums = {k: np.array(v, dtype=np.float64) for k, v in tensors.items()}
+        header_len = int.from_bytes(data[:8], "little")
+        meta = json.loads(data[8:8 + header_len]).get("__metadata__", {})
+        out.count, out.weight = int(meta["count"]), float(meta["weight"])
+        return out
+
+
 @register_rule("fedavg")
 @dataclass
 class FedAvg:
     """Weighted mean of the updates, computed with running sums (float64)."""
 
     name: ClassVar[str]
+    incremental: ClassVar[bool] = True
 
     def aggregate(self, updates: UpdateSource, shapes: Mapping[str, tuple[int, ...]]) -> Tensors:
-        sums = {k: np.zeros(s, dtype=np.float64) for k, s in shapes.items()}
-        total = 0.0
+        acc = RunningSum(shapes)
         for tensors, weight in updates():
-            if not weight > 0:
-                raise InputError(f"update weight must be > 0, got {weight}")
-            for k in sums:
-                sums[k] += weight * np.asarray(tensors[k], dtype=np.float64)
-            total += weight
-        if total == 0:
-            raise InputError("no updates to aggregate: the round is empty")
-        return {k: (v / total).astype(np.float32) for k, v in sums.items()}
+            acc.add(tensors, weight)
+        return acc.mean()
 
 
 def _stack(updates: UpdateSource, key: str) -> np.ndarray:
@@ -124,6 +179,7 @@ class CoordinateMedian:
     """Coordinate-wise median (unweighted). Tolerates up to half of the updates being faulty."""
 
     name: ClassVar[str]
+    incremental: ClassVar[bool] = False
 
     def aggregate(self, updates: UpdateSource, shapes: Mapping[str, tuple[int, ...]]) -> Tensors:
         return {k: np.median(_stack(updates, k), axis=0).astype(np.float32) for k in shapes}
@@ -135,6 +191,7 @@ class TrimmedMean:
     """Coordinate-wise mean after trimming ``trim_fraction`` of the values at each end."""
 
     name: ClassVar[str]
+    incremental: ClassVar[bool] = False
     trim_fraction: float = 0.1
 
     def __post_init__(self) -> None:

@@ -29,7 +29,7 @@ from bedside.constants import KIND_UPDATE, NOISE_LOCAL, RESERVED_IDS
 from bedside.errors import ValidationError
 from bedside.federation.settings import RoundSettings
 from bedside.privacy.mechanisms import clip_update, l2_norm
-from bedside.wire.envelope import Envelope, decode, peek
+from bedside.wire.envelope import Envelope, decode
 from bedside.wire.signing import KeyRing
 
 MAX_WEIGHT = float(2**20)
@@ -138,9 +138,11 @@ def open_update(payload: bytes, devices: KeyRing, shapes: Mapping[str, tuple[int
     if len(payload) > max_bytes:
         raise ValidationError("too_large", f"{len(payload)} bytes > limit {max_bytes} for this "
                               "model")
-    declared = peek(payload, max_bytes=max_bytes)  # untrusted: only to choose what to expect
-    expected = {} if not declared.tensors else {k: ("float32", s) for k, s in shapes.items()}
-    return decode(payload, devices, kinds={KIND_UPDATE}, expected=expected, max_bytes=max_bytes)
+    expected = {k: ("float32", s) for k, s in shapes.items()}  # or none at all: a decline
+    # NaN and Inf are refused by validate_update, on the norm it computes anyway (one pass over
+    # the values instead of two)
+    return decode(payload, devices, kinds={KIND_UPDATE}, expected=expected, max_bytes=max_bytes,
+                  allow_empty=True, require_finite=False)
 
 
 def reported_info(meta: Mapping[str, Any]) -> dict[str, Any]:
@@ -200,6 +202,9 @@ def validate_update(env: Envelope, *, topic_sender: str, fleet: str, digest: str
     info = reported_info(meta)
     tensors = {k: np.asarray(v, dtype=np.float32) for k, v in env.tensors.items()}
     norm = l2_norm(list(tensors.values()))
+    if not math.isfinite(norm):  # NaN or Inf somewhere (open_update leaves this check here)
+        raise ValidationError("non_finite", "the update holds non-finite values (NaN or Inf); "
+                              "refused")
     if s.task == "statistics":  # noised on the device; bounded by its clip plus the noise
         if norm > current.norm_bound():
             raise ValidationError("norm_bound", f"statistics vector L2 norm {norm:.4g} exceeds "
@@ -226,7 +231,7 @@ def validate_update(env: Envelope, *, topic_sender: str, fleet: str, digest: str
     if norm > bound:
         raise ValidationError("norm_bound", f"update L2 norm {norm:.4g} exceeds the bound "
                               f"{bound:.4g} for clip norm {s.clip_norm:g}")
-    if s.noise != NOISE_LOCAL:
+    if s.noise != NOISE_LOCAL and norm > s.clip_norm:
         # accepted within float tolerance of C; clip exactly so the accounted bound holds
         names = list(tensors)
         clipped, _ = clip_update([tensors[k] for k in names], s.clip_norm)

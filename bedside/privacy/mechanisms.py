@@ -110,6 +110,11 @@ def _array_norm(a: np.ndarray) -> float:
     """L2 norm of one array in float64, scaled so that large values do not overflow."""
     if a.size == 0:
         return 0.0
+    if a.dtype.itemsize <= 4 and a.dtype.kind in "fiu":
+        # float32 and narrower: squares and their sum cannot overflow float64 (|x| < 3.5e38,
+        # so each square < 1.2e77), so no scaling is needed; inf stays inf, NaN stays NaN
+        x = np.asarray(a, dtype=np.float64).ravel()
+        return math.sqrt(float(np.dot(x, x)))
     x = np.asarray(a, dtype=np.float64).ravel()
     m = float(np.max(np.abs(x)))
     if not math.isfinite(m):

@@ -41,8 +41,12 @@ class Message:
 
 @runtime_checkable
 class Transport(Protocol):
-    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
-        """Send and wait for the broker's confirmation (QoS 1); raise TransportError otherwise."""
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
+                wait: bool = True) -> None:
+        """Send and wait for the broker's confirmation (QoS 1); raise TransportError otherwise.
+        ``wait=False`` hands a QoS 1 message to the session without waiting for it (delivered in
+        the background, retried on reconnect): for many small best-effort messages such as
+        receipts, which would otherwise cost a round trip each."""
 
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         """Subscribe now and after every reconnect."""

@@ -178,7 +178,8 @@ class Mailbox:
         self.sent: list[tuple[str, bytes]] = []
         self.retained: dict[str, bytes] = {}
 
-    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
+                wait: bool = True) -> None:
         self.sent.append((topic, bytes(payload)))
         if retain:
             self.retained[topic] = bytes(payload)

@@ -148,7 +148,8 @@ class MemoryTransport:
             self.reconnect()  # the real transport reconnects by itself, too
         return self._connected
 
-    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
+                wait: bool = True) -> None:
         if not self.connected:
             raise TransportError(f"not connected to the broker; cannot publish to {topic}")
         self.broker.publish(topic, bytes(payload), retain)

@@ -257,14 +257,15 @@ class MqttTransport:
     def wait_connected(self, timeout: float | None = None) -> bool:
         return self._connected.wait(self.cfg.connect_timeout if timeout is None else timeout)
 
-    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
+                wait: bool = True) -> None:
         if not self._connected.is_set():
             raise TransportError(f"not connected to {self.cfg.describe()}; cannot publish to "
                                  f"{topic}" + (f" ({self.last_error})" if self.last_error else ""))
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
         if info.rc != paho.MQTT_ERR_SUCCESS:
             raise TransportError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
-        if qos == 0:
+        if qos == 0 or not wait:
             return
         try:
             info.wait_for_publish(self.cfg.publish_timeout)

@@ -171,6 +171,9 @@ class Envelope:
 
     header: Header
     tensors: dict[str, np.ndarray]
+    #: sha256 of the signed header and its signature: names this exact message (the header signs
+    #: the body's sha256), without hashing the body a second time
+    digest: str = ""
 
     @property
     def kind(self) -> str:
@@ -224,11 +227,13 @@ class _Reject(Exception):
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise _Reject(f"duplicate key {_show(k)}")
-        out[k] = v
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise _Reject(f"duplicate key {_show(k)}")
+            seen.add(k)
     return out
 
 
@@ -270,15 +275,15 @@ def _header_pad(canonical_len: int) -> int:
 
 def _depth(value: Any) -> int:
     """Nesting depth of a parsed JSON value, without recursion."""
-    deepest, stack = 0, [(value, 1)]
+    if not isinstance(value, dict | list):
+        return 0
+    deepest, stack = 1, [(value, 1)]
     while stack:
         v, d = stack.pop()
-        if isinstance(v, dict):
-            deepest = max(deepest, d)
-            stack.extend((x, d + 1) for x in v.values())
-        elif isinstance(v, list):
-            deepest = max(deepest, d)
-            stack.extend((x, d + 1) for x in v)
+        deepest = max(deepest, d)
+        for x in v.values() if isinstance(v, dict) else v:
+            if isinstance(x, dict | list):  # only containers go on the stack
+                stack.append((x, d + 1))
     return deepest
 
 
@@ -407,6 +412,12 @@ def _check_size(data: object, max_bytes: int) -> int:
     return n
 
 
+def parse_frame(view: memoryview) -> tuple[Header, int]:
+    """The header of an envelope and where its signed part ends (the signature follows), parsed
+    but NOT verified: for tools that time or route, never for trusting a message."""
+    return _parse_frame(view)
+
+
 def _parse_frame(view: memoryview) -> tuple[Header, int]:
     """Framing and header. Returns the header and the offset where the signature starts."""
     n = view.nbytes
@@ -529,6 +540,10 @@ def _normalise_expected(
 ) -> dict[str, tuple[str, tuple[int, ...]]]:
     out: dict[str, tuple[str, tuple[int, ...]]] = {}
     for name, pair in expected.items():
+        if (type(pair) is tuple and len(pair) == 2 and pair[0] in SUPPORTED_DTYPES
+                and type(pair[1]) is tuple and all(type(d) is int for d in pair[1])):
+            out[name] = pair  # already a dtype name and a tuple of ints
+            continue
         try:
             dtype, shape = pair
             dt = np.dtype(dtype).name
@@ -580,6 +595,7 @@ def decode(
     expected: Mapping[str, tuple[str, tuple[int, ...]]] | None = None,
     max_bytes: int = MAX_ENVELOPE_BYTES,
     require_finite: bool = True,
+    allow_empty: bool = False,
 ) -> Envelope:
     """Verify and decode one envelope. Fails closed with exactly one typed exception.
 
@@ -596,7 +612,8 @@ def decode(
        contiguous and in range (:class:`EnvelopeError`);
     7. ``expected`` names, dtypes and shapes, if given (:class:`ValidationError`, reasons
        ``missing_tensor``, ``unexpected_tensor``, ``dtype_mismatch``, ``shape_mismatch``); an empty
-       mapping means "no tensors";
+       mapping means "no tensors"; with ``allow_empty``, an envelope without any tensor (a
+       decline) is accepted as well;
     8. finite values in float tensors, if ``require_finite`` (:class:`ValidationError`, reason
        ``non_finite``).
 
@@ -640,7 +657,7 @@ def decode(
                              "altered")
 
     data_start, offsets = _parse_body_index(body, header, who)
-    if expected is not None:
+    if expected is not None and not (allow_empty and not header.tensors):
         _check_expected(header, expected, who)
 
     base = signed_end + SIGNATURE_BYTES + data_start
@@ -658,7 +675,8 @@ def decode(
                 raise ValidationError("non_finite", f"{who}: tensor {spec.name!r} has {bad} "
                                       "non-finite value(s) (NaN or Inf); refused")
         tensors[spec.name] = arr
-    return Envelope(header=header, tensors=tensors)
+    return Envelope(header=header, tensors=tensors, digest=hashlib.sha256(
+        view[:signed_end + SIGNATURE_BYTES]).hexdigest())
 
 
 # ---------------------------------------------------------------------------------------------
