@@ -186,15 +186,6 @@ class State:
                             (sender, nonce)).fetchone()
         return (r[0], r[1]) if r else None
 
-    def add_update(self, round_id: int, sender: str, nonce: str, digest: str, weight: float,
-                   norm: float, tensors: dict[str, np.ndarray],
-                   info: dict[str, Any] | None = None) -> None:
-        with transaction(self.db):
-            self.db.execute(
-                "INSERT INTO updates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (round_id, sender, nonce, digest, weight, norm, time.time(),
-                 json.dumps(info or {}), pack_tensors(tensors)))
-
     def commit_batch(self, batch: Batch) -> None:
         """Record a group of verdicts, and the round's running sum if given, in one transaction:
         durable before any of the group's messages is acknowledged."""
@@ -220,11 +211,6 @@ class State:
         rules), or None if none was kept."""
         r = self.db.execute("SELECT sums FROM round_sums WHERE round = ?", (round_id,)).fetchone()
         return bytes(r[0]) if r else None
-
-    def add_decline(self, round_id: int, sender: str, reason: str) -> bool:
-        cur = self.db.execute("INSERT OR IGNORE INTO declines VALUES (?, ?, ?, ?)",
-                              (round_id, sender, reason, time.time()))
-        return cur.rowcount == 1
 
     def accepted(self, round_id: int) -> list[dict[str, Any]]:
         cols = ("sender", "nonce", "digest", "weight", "norm", "received_at", "info")
