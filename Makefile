@@ -10,7 +10,7 @@ TORCH := torch==2.13.0
 # amqtt 0.11.4 pins typer 0.15.4, which breaks the flwr CLI; typer 0.20.1 serves both.
 TYPER := typer==0.20.1
 
-.PHONY: all setup system-deps demo test test-fast bench lint docs clean
+.PHONY: all setup system-deps test-deps demo test test-fast bench lint docs clean
 
 all: setup
 
@@ -39,13 +39,22 @@ system-deps:
 	  else echo "error: mosquitto is missing; install it (apt-get install mosquitto)"; exit 1; fi; \
 	fi
 
+# Chromium: the status page's browser test (skipped without it, except in CI). Only the tests
+# need it, so `make demo` does not install it.
+test-deps:
+	@if ! command -v chromium >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get install -y -qq chromium || { apt-get update -qq && apt-get install -y -qq chromium; }; \
+	  else echo "note: chromium is not installed; the status page's browser test will be skipped"; fi; \
+	fi
+
 demo: setup
 	$(VENV)/bin/bedside demo --out demo-output
 
 # Two workers (pytest-xdist): most of the suite waits on servers and subprocesses.
 TEST_WORKERS ?= 2
 
-test: setup
+test: setup test-deps
 	$(PY) -m pytest -q -n $(TEST_WORKERS)
 
 # Unit tests only (no servers).

@@ -90,6 +90,7 @@ from bedside.federation.release import DEFAULT_CHUNK_BYTES
 from bedside.federation.settings import (
     FederationSettings,
 )
+from bedside.monitoring import MonitorConfig
 from bedside.transport import is_loopback
 from bedside.transport.flower import FlowerServerConfig
 from bedside.transport.mqtt import MqttConfig
@@ -256,6 +257,8 @@ class AggregatorConfig(FederationSettings):
                                            check=_groups)
     releases: ReleasesConfig = setting(doc="[releases]", factory=ReleasesConfig)
     enrollment: EnrollmentConfig = setting(doc="[enrollment]", factory=EnrollmentConfig)
+    monitor: MonitorConfig = setting(doc="[monitor]: Prometheus /metrics, the status page and "
+                                     "/api/status", factory=MonitorConfig)
     testing: bool = setting(False, "allows [privacy] noise_seed (reproducible noise: NOT private);"
                             " every announcement, model and report then says so. Tests and "
                             "demos only")

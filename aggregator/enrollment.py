@@ -412,7 +412,7 @@ class EnrollmentServer:
     """``POST /v1/enroll`` over HTTPS (HTTP on loopback only), in threads."""
 
     def __init__(self, cfg: AggregatorConfig) -> None:
-        from bedside.aggregator.releases import MAX_PER_CLIENT, bounded_server
+        from bedside.httpd import MAX_PER_CLIENT, bounded_server
 
         self.enroller = Enroller(cfg)
         enroller = self.enroller

@@ -140,6 +140,9 @@ class Aggregator:
         self._shapes: dict[str, tuple[int, ...]] = {}
         self._max_update = cfg.max_update_bytes
         self.on_round_closed: Callable[[dict[str, Any]], None] | None = None
+        from bedside.aggregator.monitor import ServiceMonitor
+
+        self.monitor = ServiceMonitor(self)
 
     # -- set-up ----------------------------------------------------------------------------------
     def _load_devices(self) -> KeyRing:
@@ -266,6 +269,7 @@ class Aggregator:
             self._recover(cur)
         else:
             self._open_next()
+        self.monitor.start()
 
     def _check_statistics(self) -> None:
         """``[statistics]`` needs a public frame (typical or allowed range) for every feature of
@@ -301,6 +305,7 @@ class Aggregator:
         if self.enrollment is not None:
             self.enrollment.close()
             self.enrollment = None
+        self.monitor.close()
         self.audit.close()
 
     def _recover(self, cur: RoundRow) -> None:
@@ -375,6 +380,8 @@ class Aggregator:
                 and (not self._waiting_for_devices
                      or len(self.devices) >= self.cfg.rounds.min_participants)):
             self._open_next()
+        if self.monitor.server is not None:  # only when someone can look at it
+            self.monitor.refresh()
         return not self.finished or self.rollouts.active(sorted(self.devices))
 
     def _due(self, cur: RoundRow) -> bool:
@@ -456,10 +463,11 @@ class Aggregator:
         if len(judge.batch):
             try:
                 judge.commit()
-            except (sqlite3.Error, OSError):
+            except (sqlite3.Error, OSError) as exc:
                 # Our own storage failed: acknowledge nothing, so the broker redelivers the
                 # messages once the service is restarted with working storage.
                 self._running = None
+                self.monitor.error(f"could not record {len(done)} message(s): {exc}")
                 log.exception("could not record %d message(s)", len(done))
                 raise
         for send in judge.receipts:
@@ -830,6 +838,7 @@ class Aggregator:
     def _finish_round(self, round_id: int, status: str, result: dict[str, Any],
                       version: int | None, drop: Iterable[int] | None = None) -> None:
         self.state.finish_round(round_id, status, result, drop)
+        self.monitor.round_closed(round_id, result)
         if round_id in self._validate_seconds:
             add_timings(self.state.db, round_id,
                         {"validate_and_record": self._validate_seconds.pop(round_id)})
@@ -899,8 +908,16 @@ class _Judge:
 
     def _reject(self, round_id: int | None, device: str | None, reason: str, detail: str) -> None:
         self.batch.rejections.append((round_id, device, reason, detail))
+        self.agg.monitor.rejected(reason, f"from {device}: {detail}")
 
     def judge(self, msg: Message, device: str) -> None:
+        started = time.perf_counter()
+        try:
+            self._judge(msg, device)
+        finally:
+            self.agg.monitor.judged(time.perf_counter() - started)
+
+    def _judge(self, msg: Message, device: str) -> None:
         agg, cur = self.agg, self.cur
         round_id = cur.round if cur else None
         authentic = False
@@ -951,6 +968,7 @@ class _Judge:
         elif isinstance(verdict, Declined):
             log.info("round %d: %s declined (%s)", round_id, verdict.sender, verdict.reason)
             self.batch.declines.append((round_id, verdict.sender, verdict.reason))
+            self.agg.monitor.declined(verdict.reason)
             self._receipt(verdict.sender, round_id, verdict.nonce, "declined", verdict.reason)
         else:
             tensors: dict[str, np.ndarray] | None = verdict.tensors
@@ -962,6 +980,7 @@ class _Judge:
                 verdict.norm, verdict.info, tensors))
             self.nonces[(verdict.sender, verdict.nonce)] = (round_id, verdict.digest)
             self.contributed.add(verdict.sender)
+            self.agg.monitor.accepted()
             log.info("round %d: accepted update from %s (norm %.3f)", round_id, verdict.sender,
                      verdict.norm)
             self._receipt(verdict.sender, round_id, verdict.nonce, "accepted")

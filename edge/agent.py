@@ -129,6 +129,12 @@ class Agent:
         self._refused_old: set[tuple[int, str, str]] = set()
         self._notices: dict[tuple[int, str], float] = {}
         self._key_sent_at = -1e18
+        self.metrics: Any = None  # AgentMetrics, with [monitor] port
+        self.monitor: Any = None
+        if cfg.monitor.port:
+            from bedside.monitoring import AgentMetrics
+
+            self.metrics = AgentMetrics()
 
 
     # -- ledger ----------------------------------------------------------------------------------
@@ -170,6 +176,9 @@ class Agent:
         if self._download is not None:
             self._download[0].stop()
             self._download = None
+        if self.monitor is not None:
+            self.monitor.close()
+            self.monitor = None
         for db in (self._ledger, self.store, self.state, self.audit):
             if db is not None:
                 db.close()
@@ -177,6 +186,11 @@ class Agent:
 
     # -- loop --------------------------------------------------------------------------------------
     def start(self) -> None:
+        if self.metrics is not None and self.monitor is None:
+            from bedside.monitoring import MonitorServer
+
+            self.monitor = MonitorServer(self.cfg.monitor, self.metrics.registry,
+                                         f"device {self.cfg.device_id}")
         f = self.cfg.fleet
         # the key topic first: a rotated key is pinned before what it signed is judged
         for topic in (topic_key(f), topic_model(f), topic_release(f, self.cfg.device_id),
@@ -567,6 +581,8 @@ class Agent:
         self.state.queue(h.round, f"declined:{reason}", detail, peek(msg).nonce, "decline", msg)
         self.audit.append("round_declined", f"round {h.round}", fleet=self.cfg.fleet,
                           reason=reason, model_version=h.model_version)
+        if self.metrics is not None:
+            self.metrics.rounds.labels(f"declined:{reason}").inc()
         log.info("round %d: declined (%s)%s", h.round, reason, f": {detail}" if detail else "")
         self._flush_outbox()
 
@@ -612,6 +628,8 @@ class Agent:
         self.state.queue(r, "contributed", detail, peek(msg).nonce, "update", msg)
         self.audit.append("round_contributed", f"round {r}", fleet=self.cfg.fleet,
                           nonce=peek(msg).nonce)
+        if self.metrics is not None:
+            self.metrics.rounds.labels("contributed").inc()
         log.info("round %d: %s, update norm %.3f (clip %g)", r, detail, outcome.norm,
                  s.clip_norm)
         t0 = time.perf_counter()
@@ -744,9 +762,12 @@ class Agent:
             return
         self._last_status = now
         # status is informational: if the broker is away, the next one goes out when connected
+        status = self.status(state)
+        if self.metrics is not None:  # what the status says, nothing more
+            self.metrics.update(status, getattr(self.transport, "queue_depth", None))
         with contextlib.suppress(TransportError):
             self.transport.publish(topic_status(self.cfg.fleet, self.cfg.device_id),
-                                   json.dumps(self.status(state), default=float).encode(),
+                                   json.dumps(status, default=float).encode(),
                                    qos=1, retain=True)
 
 

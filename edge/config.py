@@ -46,6 +46,7 @@ from typing import Any
 from bedside.config import load_file, setting
 from bedside.errors import ConfigError
 from bedside.federation.device import DevicePrivacy
+from bedside.monitoring import MonitorConfig
 from bedside.transport.flower import FlowerNodeConfig
 from bedside.transport.mqtt import MqttConfig
 from bedside.wire.signing import validate_device_id, validate_id
@@ -120,6 +121,7 @@ class AgentConfig:
     agent: AgentSettings = setting(doc="[agent]", factory=AgentSettings)
     storage: StorageConfig = setting(doc="[storage]", factory=StorageConfig)
     deidentify: DeidentifyConfig = setting(doc="[deidentify]", factory=DeidentifyConfig)
+    monitor: MonitorConfig = setting(doc="[monitor]: Prometheus /metrics", factory=MonitorConfig)
     testing: bool = setting(False, "allows [agent] seed (reproducible noise: NOT private); every "
                             "update this device sends then says so. Tests and demos only")
     source: str = setting("agent.toml", internal=True)

@@ -143,12 +143,14 @@ def mem_fleet(work: Path, **kw: Any) -> MemFleet:
     return start_mem(seeded_fleet(work, **kw))
 
 
-def start_mem(fleet: Fleet) -> MemFleet:
+def start_mem(fleet: Fleet, clock_start: float | None = None) -> MemFleet:
     """The aggregator and every agent of ``fleet`` on a new in-memory broker, started (each
-    reads its configuration now: change the files first)."""
+    reads its configuration now: change the files first). ``clock_start``: the services' clock
+    (default: a fixed time in 1970)."""
     from bedside.transport.memory import MemoryBroker
 
-    mf = MemFleet(fleet=fleet, broker=MemoryBroker(), aggregator=None, agents=[], clock=Clock())
+    clock = Clock() if clock_start is None else Clock(clock_start)
+    mf = MemFleet(fleet=fleet, broker=MemoryBroker(), aggregator=None, agents=[], clock=clock)
     mf.restart()
     return mf
 

@@ -160,6 +160,11 @@ class MemoryTransport:
         if self._connected:
             self.broker.subscribe(self.client_id, topic_filter)
 
+    @property
+    def queue_depth(self) -> int:
+        """Messages received and not yet taken with :meth:`get`."""
+        return self._inbox.qsize()
+
     def get(self, timeout: float | None = None) -> Message | None:
         _ = self.connected  # like paho's loop thread: reconnect once the broker is back
         try:

@@ -281,6 +281,11 @@ class MqttTransport:
         if self._connected.is_set():
             self._client.subscribe(topic_filter, qos)
 
+    @property
+    def queue_depth(self) -> int:
+        """Messages received and not yet taken with :meth:`get`."""
+        return self._inbox.qsize()
+
     def get(self, timeout: float | None = None) -> Message | None:
         try:
             m = self._inbox.get(timeout=timeout) if timeout else self._inbox.get_nowait()

@@ -341,7 +341,7 @@ def test_a_device_that_lost_the_answer_enrols_again_with_the_same_token(tls_flee
 def test_one_address_cannot_hold_every_connection_of_the_endpoint(tls_fleet):
     import socket
 
-    from bedside.aggregator.releases import MAX_PER_CLIENT
+    from bedside.httpd import MAX_PER_CLIENT
 
     port = tls_fleet.aggregator.enrollment.port
     idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(MAX_PER_CLIENT)]
