@@ -41,6 +41,8 @@ GROUPS: dict[str, tuple[str, str]] = {
     "audit": ("bedside.audit_cli", "verify a device's or the aggregator's tamper-evident audit "
               "trail; show its last entries"),
     "demo": ("bedside.demo.cli", "run a whole federation on one machine and report it"),
+    "simulate": ("bedside.demo.simulate_cli", "many devices in one process, over Mosquitto, "
+                 "against the real aggregator: rounds, memory, timings"),
 }
 
 Handler = Callable[[argparse.Namespace], int]
