@@ -119,7 +119,6 @@ class Fleet:
         self.selector = selectors.DefaultSelector()
         self.models: dict[str, tuple[Any, bytes]] = {}  # release payload digest -> verified model
         self.current: tuple[Any, bytes] | None = None  # the newest verified (manifest, onnx)
-        self.announcements: dict[str, Any] = {}  # announcement digest -> RoundSettings or None
         self.aggregator_peak_mb = 0.0
         self.done = False
         self.round_marks: dict[int, dict[str, float]] = {}
@@ -254,7 +253,7 @@ class Fleet:
         for d, c in zip(self.devices, clients, strict=True):
 
             def on_connect(client: Any, userdata: Device, flags: Any, reason: Any,
-                           props: Any) -> None:
+                           _properties: Any) -> None:
                 if reason.is_failure:
                     raise TransportError(f"{userdata.id}: broker refused the connection: "
                                          f"{reason}")
