@@ -98,15 +98,6 @@ def _rss_mb(pid: int | str = "self", field_name: str = "VmRSS") -> float | None:
     return None
 
 
-def _mosquitto_binary() -> str:
-    found = shutil.which("mosquitto") or ("/usr/sbin/mosquitto"
-                                          if Path("/usr/sbin/mosquitto").exists() else None)
-    if not found:
-        raise InputError("bedside simulate runs its devices over Mosquitto, which is not "
-                         "installed: apt-get install mosquitto (make setup does it)")
-    return found
-
-
 class Fleet:
     """The simulated fleet: files, broker, aggregator process and devices."""
 
@@ -194,8 +185,10 @@ class Fleet:
 
         log_dir = self.work / "logs"
         log_dir.mkdir(exist_ok=True)
+        from bedside.transport.mosquitto import binary
+
         self.broker = subprocess.Popen(
-            [_mosquitto_binary(), "-c", str(self.work / "broker" / "mosquitto.conf")],
+            [binary(), "-c", str(self.work / "broker" / "mosquitto.conf")],
             stdout=subprocess.DEVNULL, stderr=(log_dir / "mosquitto.log").open("wb"))
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:

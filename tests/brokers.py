@@ -8,7 +8,6 @@ so the tests exercise the TLS, certificate identity, CRL and ACL that production
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -24,12 +23,9 @@ from bedside.transport.pki import acl_text, create_fleet, issue
 
 
 def mosquitto_binary() -> str:
-    found = shutil.which("mosquitto") or ("/usr/sbin/mosquitto"
-                                          if Path("/usr/sbin/mosquitto").exists() else None)
-    if not found:
-        raise RuntimeError("mosquitto is not installed: run 'make setup' (apt-get install "
-                           "mosquitto)")
-    return found
+    from bedside.transport.mosquitto import binary
+
+    return binary()
 
 
 def _wait_port(port: int, timeout: float = 10.0) -> None:

@@ -23,6 +23,16 @@ DEFAULT_DATA_DIR = Path("/var/lib/mosquitto")
 CA_FILES = ("ca.crt", "broker.crt", "broker.key", "ca.crl")
 
 
+def binary() -> str:
+    """The ``mosquitto`` executable (Debian installs it in /usr/sbin, often not on PATH)."""
+    found = shutil.which("mosquitto") or ("/usr/sbin/mosquitto"
+                                          if Path("/usr/sbin/mosquitto").exists() else None)
+    if not found:
+        raise InputError("Mosquitto is not installed: apt-get install mosquitto (make setup "
+                         "does it)")
+    return found
+
+
 def config_text(conf_dir: str | Path, data_dir: str | Path,
                 listeners: list[tuple[str, int]] | None = None,
                 plaintext_loopback: int | None = None) -> str:
