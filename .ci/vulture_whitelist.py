@@ -56,3 +56,5 @@ _.redirect_request
 # RunningSum.merge: partial sums kept apart (aggregator workers) are merged; tested in
 # tests/unit/federation/test_aggregator_groups.py
 _.merge
+# paho calls it when a subscription is confirmed (benchmarks/federation.py)
+_.on_subscribe
