@@ -8,6 +8,7 @@ read the metrics and the latest snapshot. ``docs/monitoring.md`` lists what is e
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -29,12 +30,17 @@ DECLINE_REASONS = frozenset({
     "statistics_unavailable", "statistics_released"})
 #: Rounds the status page lists.
 RECENT_ROUNDS = 8
+#: Rejections that are part of normal operation (a re-send, a late or early message): counted,
+#: but not the page's "last error".
+ROUTINE = frozenset({"duplicate", "wrong_round", "no_open_round", "already_contributed"})
 
 
 class ServiceMonitor:
     def __init__(self, agg: Aggregator) -> None:
         self.agg = agg
-        self.metrics = AggregatorMetrics()
+        # prometheus-client is imported only when [monitor] asks for the endpoint
+        self.metrics: AggregatorMetrics | None = (AggregatorMetrics() if agg.cfg.monitor.port
+                                                  else None)
         self.server: MonitorServer | None = None
         self.last_error: str | None = None
         self._snapshot: dict[str, Any] = {}
@@ -44,7 +50,7 @@ class ServiceMonitor:
 
     def start(self) -> None:
         cfg = self.agg.cfg.monitor
-        if cfg.port and self.server is None:
+        if self.metrics is not None and self.server is None:
             self.refresh(force=True)
             self.server = MonitorServer(cfg, self.metrics.registry, "aggregator",
                                         status=lambda: self._snapshot)
@@ -56,18 +62,22 @@ class ServiceMonitor:
 
     # -- events ------------------------------------------------------------------------------------
     def judged(self, seconds: float) -> None:
-        self.metrics.received.inc()
-        self.metrics.validation.observe(seconds)
+        if self.metrics is not None:
+            self.metrics.received.inc()
+            self.metrics.validation.observe(seconds)
 
     def accepted(self) -> None:
-        self.metrics.accepted.inc()
+        if self.metrics is not None:
+            self.metrics.accepted.inc()
 
     def declined(self, reason: str) -> None:
-        self.metrics.declined.labels(reason if reason in DECLINE_REASONS else "other").inc()
+        if self.metrics is not None:
+            self.metrics.declined.labels(reason if reason in DECLINE_REASONS else "other").inc()
 
     def rejected(self, reason: str, detail: str) -> None:
-        self.metrics.rejected.labels(reason).inc()
-        if reason != "duplicate":  # a re-send is no error
+        if self.metrics is not None:
+            self.metrics.rejected.labels(reason).inc()
+        if reason not in ROUTINE:
             self.error(f"rejected a message: {reason}: {detail[:200]}")
 
     def error(self, text: str) -> None:
@@ -75,8 +85,9 @@ class ServiceMonitor:
         self.last_error = f"{stamp} UTC: {text}"
 
     def round_closed(self, round_id: int, result: dict[str, Any]) -> None:
+        self._planned = None  # recomputed with the rounds as they ran
         row = self.agg.state.get_round(round_id)
-        if row is not None and row.closed_at is not None:
+        if self.metrics is not None and row is not None and row.closed_at is not None:
             self.metrics.round_duration.observe(max(0.0, row.closed_at - row.opened_at))
         if result.get("privacy"):
             self._privacy = result["privacy"]
@@ -89,7 +100,7 @@ class ServiceMonitor:
     def refresh(self, force: bool = False) -> None:
         """Update the gauges and the status snapshot (rate-limited; the loop thread only)."""
         now = time.monotonic()
-        if not force and now - self._refreshed < REFRESH_S:
+        if self.metrics is None or (not force and now - self._refreshed < REFRESH_S):
             return
         self._refreshed = now
         agg, m = self.agg, self.metrics
@@ -118,6 +129,9 @@ class ServiceMonitor:
             m.epsilon.labels("device").set(device_eps)
         if record:
             m.epsilon.labels("record").set(max(record))
+        else:  # nothing reported in this round yet: no figure rather than the last round's
+            with contextlib.suppress(KeyError):
+                m.epsilon.remove("record")
         planned = self._planned_epsilon()
         if planned is not None:
             m.epsilon_planned.set(planned)
@@ -139,7 +153,8 @@ class ServiceMonitor:
                         "delta": agg.cfg.privacy.delta},
             "recent_rounds": [
                 {"round": r.round, "task": r.settings.task, "status": r.status,
-                 "accepted": (r.result or {}).get("accepted", len(agg.state.answered(r.round))),
+                 "accepted": ((r.result or {}).get("accepted") if r.result
+                              else len(agg.state.accepted(r.round))),
                  "seconds": (round(r.closed_at - r.opened_at, 3)
                              if r.closed_at is not None else None)}
                 for r in reversed(rounds)],
@@ -149,19 +164,24 @@ class ServiceMonitor:
         }
 
     def _planned_epsilon(self) -> float | None:
-        """Device-level epsilon once every planned training round has run (the settings of
-        the rounds so far; computed once)."""
+        """Device-level epsilon once every planned training round has run: the rounds that ran
+        (statistics rounds included, as the spent figure counts them) and the training rounds
+        still planned, with the latest round's settings (recomputed after every round)."""
         if self._planned is not None:
             return self._planned
         agg = self.agg
         planned = agg.cfg.rounds.rounds
-        rows = [r for r in agg.state.rounds() if r.settings.task == "train"]
-        if not planned or not rows:
+        start = agg.rollouts.store.federation_start()  # this federation's rounds only
+        rows = [r for r in agg.state.rounds() if r.round > start]
+        trained = [r for r in rows if r.settings.task == "train"]
+        if not planned or not trained:
             return None
         from bedside.federation.report import device_privacy
 
+        ran = [r.settings for r in rows if r.status == "closed" or r.status == "open"]
+        settings = ran + [trained[-1].settings] * max(0, planned - len(trained))
         try:
-            eps = device_privacy([rows[-1].settings] * planned, agg.cfg.privacy.delta)
+            eps = device_privacy(settings, agg.cfg.privacy.delta)
         except Exception:  # a figure for a page: never stop the service for it
             log.exception("could not compute the planned device-level epsilon")
             return None

@@ -8,10 +8,11 @@ the transport's network thread only enqueues messages. The round logic is the co
    (:meth:`FederationSettings.announce`);
 2. **collect** until every expected device has answered (an update or a decline) or the deadline:
    each message goes through :func:`~bedside.federation.validate.open_update` and
-   :func:`~bedside.federation.validate.validate_update`; an accepted update is recorded durably
-   (:mod:`bedside.aggregator.state`), then acknowledged (MQTT manual ack), then receipted. A
-   rejection is logged with its reason, counted, acknowledged, and receipted when the sender is
-   authentic. Nothing a device sends can stop a round;
+   :func:`~bedside.federation.validate.validate_update`; what is waiting is judged as one group
+   and recorded durably in one transaction (:mod:`bedside.aggregator.state`; FedAvg folds
+   accepted updates into the round's running sum), then receipted, then acknowledged (MQTT
+   manual ack). A rejection is logged with its reason, counted, acknowledged, and receipted when
+   the sender is authentic. Nothing a device sends can stop a round;
 3. **close**: :func:`~bedside.federation.aggregate.aggregate_round` (rule, central noise, server
    optimizer, adaptive clip norm), weights written into the previous ONNX file (no torch),
    evaluation on the reference set, version N+1 stored in the registry *with* the optimizer's
@@ -75,6 +76,7 @@ from bedside.federation.validate import (
     Duplicate,
     OpenRound,
     Prior,
+    digest,
     max_update_bytes,
     open_update,
     validate_update,
@@ -323,6 +325,14 @@ class Aggregator:
                                drop=drop)
             self._open_next()
             return
+        if (not self.rule.incremental and cur.settings.task == "train"
+                and (self.state.running_sum(cur.round) is not None
+                     or self.state.folded(cur.round))):
+            raise ConfigError(
+                f"{self.cfg.source}: round {cur.round} is open and its accepted updates were "
+                f"kept as a running sum (rule 'fedavg'); [strategy] rule {self.rule.name!r} "
+                "needs every update. Finish the round with the rule it started with, then "
+                "change the rule")
         accepted = len(self.state.accepted(cur.round))
         log.info("resuming open round %d (model v%d): %d update(s) already accepted, deadline in "
                  "%.0f s", cur.round, cur.model_version, accepted, cur.deadline - self.clock())
@@ -455,7 +465,7 @@ class Aggregator:
             judge.judge(msg, device)
             done.append(msg)
         self._flush(judge, done)
-        if cur is not None:  # written with the round's other timings when it closes
+        if cur is not None and cur.status == "open":  # written with the round's other timings
             self._validate_seconds[cur.round] = (self._validate_seconds.get(cur.round, 0.0)
                                                  + time.perf_counter() - started)
 
@@ -892,15 +902,24 @@ class _Judge:
         self.reset()
 
     def reset(self) -> None:
+        # this group's updates, added to the round's sum only once the group is durable
+        self.group = RunningSum(self.agg._shapes) if self.running is not None else None
         self.batch = Batch()
         self.receipts: list[Callable[[], None]] = []
         self.nonces: dict[tuple[str, str], tuple[int, str]] = {}
         self.contributed: set[str] = set()
 
     def commit(self) -> None:
-        if self.running is not None and self.batch.updates and self.cur is not None:
-            self.batch.sums = (self.cur.round, self.running.to_bytes())
+        merged = None
+        if (self.running is not None and self.group is not None and self.group.count
+                and self.cur is not None):
+            merged = self.running.copy()
+            merged.merge(self.group)
+            self.batch.sums = (self.cur.round, merged.to_bytes())
         self.agg.state.commit_batch(self.batch)
+        if merged is not None and self.cur is not None:  # durable: the cached sum follows
+            self.running = merged
+            self.agg._running = (self.cur.round, merged)
 
     def _receipt(self, device: str, round_id: int, nonce: str, status: str,
                  reason: str = "") -> None:
@@ -929,13 +948,16 @@ class _Judge:
             h = env.header
             seen = self.nonces.get((h.sender, h.nonce)) or agg.state.nonce_seen(h.sender,
                                                                                  h.nonce)
+            d = env.digest
+            if seen is not None and seen[1] != d and seen[1] == digest(msg.payload):
+                d = seen[1]  # recorded by an earlier version, as the whole message's sha256
             contributed = self.open is not None and (
                 h.sender in self.contributed
                 or agg.state.find_update(self.open.round, h.sender) is not None)
             prior = Prior(nonce_round=seen[0] if seen else None,
                           nonce_digest=seen[1] if seen else None, contributed=contributed)
             verdict = validate_update(env, topic_sender=device, fleet=agg.cfg.fleet,
-                                      digest=env.digest, current=self.open, prior=prior)
+                                      digest=d, current=self.open, prior=prior)
             assert round_id is not None  # validate_update refuses a message without an open round
             self._record(verdict, round_id)
         except WireError as exc:
@@ -972,8 +994,8 @@ class _Judge:
             self._receipt(verdict.sender, round_id, verdict.nonce, "declined", verdict.reason)
         else:
             tensors: dict[str, np.ndarray] | None = verdict.tensors
-            if self.running is not None:
-                self.running.add(verdict.tensors, verdict.weight)
+            if self.group is not None:
+                self.group.add(verdict.tensors, verdict.weight)
                 tensors = None  # folded into the round's running sum
             self.batch.updates.append(UpdateRow(
                 round_id, verdict.sender, verdict.nonce, verdict.digest, verdict.weight,

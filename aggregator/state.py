@@ -206,6 +206,12 @@ class State:
                 self.db.execute("INSERT INTO round_sums VALUES (?, ?) ON CONFLICT (round) DO "
                                 "UPDATE SET sums = excluded.sums", batch.sums)
 
+    def folded(self, round_id: int) -> int:
+        """Accepted updates of round ``round_id`` that kept no tensors (folded into a running
+        sum)."""
+        return int(self.db.execute("SELECT COUNT(*) FROM updates WHERE round = ? AND tensors IS "
+                                   "NULL", (round_id,)).fetchone()[0])
+
     def running_sum(self, round_id: int) -> bytes | None:
         """The durable running sum of round ``round_id``'s accepted updates (incremental
         rules), or None if none was kept."""

@@ -146,6 +146,14 @@ class AgentMetrics:
         self.connected.set(1 if status.get("connected") else 0)
 
 
+def _host_name(host: str) -> str:
+    """The name of a Host header, without its port (``[::1]:9464`` -> ``::1``)."""
+    host = host.strip()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
 def status_page() -> bytes:
     """The aggregator's status page (package data)."""
     return resources.files("bedside").joinpath("status.html").read_bytes()
@@ -162,6 +170,13 @@ class MonitorServer:
         from bedside.httpd import CONNECTION_TIMEOUT_S, bounded_server
 
         page = status_page() if status is not None else b""
+        from bedside.transport import is_loopback
+
+        # Bound to loopback, only requests addressed to loopback are answered: a web page in a
+        # browser on this machine cannot read the figures through a name it points here
+        # (DNS rebinding).
+        local_names = ({"127.0.0.1", "localhost", "::1", cfg.host}
+                       if is_loopback(cfg.host) else None)
 
         class Handler(BaseHTTPRequestHandler):
             server_version = "bedside"
@@ -170,7 +185,10 @@ class MonitorServer:
 
             def do_GET(self) -> None:
                 path = self.path.split("?", 1)[0]
-                if path == "/metrics":
+                if local_names is not None and _host_name(self.headers.get("Host", "")) \
+                        not in local_names:
+                    self._send(403, "text/plain; charset=utf-8", b"forbidden\n")
+                elif path == "/metrics":
                     self._send(200, CONTENT_TYPE_LATEST, generate_latest(registry))
                 elif path == "/api/status" and status is not None:
                     self._send(200, "application/json",

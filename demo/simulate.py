@@ -52,6 +52,7 @@ from bedside.errors import BedsideError, InputError, TransportError
 log = logging.getLogger("bedside.simulate")
 
 FLEET = "sim"
+MARKER = ".bedside-simulate"
 #: Records each simulated device holds by default.
 DEFAULT_RECORDS = 64
 #: Threads that open the devices' connections (TLS handshakes) at the start.
@@ -187,9 +188,11 @@ class Fleet:
         log_dir.mkdir(exist_ok=True)
         from bedside.transport.mosquitto import binary
 
+        self._logs = [(log_dir / "mosquitto.log").open("wb"),
+                      (log_dir / "aggregator.log").open("wb")]
         self.broker = subprocess.Popen(
             [binary(), "-c", str(self.work / "broker" / "mosquitto.conf")],
-            stdout=subprocess.DEVNULL, stderr=(log_dir / "mosquitto.log").open("wb"))
+            stdout=subprocess.DEVNULL, stderr=self._logs[0])
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             with socket.socket() as s:
@@ -201,7 +204,7 @@ class Fleet:
         self.aggregator = subprocess.Popen(
             [sys.executable, "-m", "bedside", "aggregator", "serve", "--config",
              str(self.work / "aggregator" / "aggregator.toml")],
-            stdout=subprocess.DEVNULL, stderr=(log_dir / "aggregator.log").open("wb"))
+            stdout=subprocess.DEVNULL, stderr=self._logs[1])
 
     def stop(self) -> None:
         for d in self.devices:
@@ -210,7 +213,9 @@ class Fleet:
                     self.selector.unregister(d.client.socket())
                 with contextlib.suppress(OSError, RuntimeError):  # closing anyway
                     d.client.disconnect()
+                    d.client.loop_write()  # the DISCONNECT goes out, the socket closes
             d.ledger.close()
+        self.selector.close()
         for proc in (self.aggregator, self.broker):
             if proc is not None and proc.poll() is None:
                 proc.terminate()
@@ -219,6 +224,8 @@ class Fleet:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait(5)
+        for f in getattr(self, "_logs", []):
+            f.close()
 
     # -- MQTT: one thread, one selector ---------------------------------------------------------
     def connect_all(self) -> float:
@@ -242,8 +249,16 @@ class Fleet:
             return c
 
         with ThreadPoolExecutor(max_workers=CONNECT_THREADS) as pool:
-            clients = list(pool.map(open_connection, self.devices))
-        for d, c in zip(self.devices, clients, strict=True):
+            futures = [pool.submit(open_connection, d) for d in self.devices]
+        for d, f in zip(self.devices, futures, strict=True):  # kept, to be closed by stop()
+            if f.exception() is None:
+                d.client = f.result()
+        failed = [f.exception() for f in futures if f.exception() is not None]
+        if failed:
+            raise TransportError(f"{len(failed)} device(s) could not connect to Mosquitto: "
+                                 f"{failed[0]}")
+        for d in self.devices:
+            c = d.client
 
             def on_connect(client: Any, userdata: Device, flags: Any, reason: Any,
                            _properties: Any) -> None:
@@ -397,9 +412,13 @@ def run(cfg: SimConfig) -> dict[str, Any]:
         raise InputError("--records must be at least 4")
     _enough_files(cfg.devices)
     work = Path(cfg.out) if cfg.out is not None else Path("simulate-output")
-    if work.exists():
+    if work.exists() and any(work.iterdir()):
+        if not (work / MARKER).exists():  # never delete what this command did not write
+            raise InputError(f"--out {work} exists and is not a previous simulation's output; "
+                             "choose an empty or new directory")
         shutil.rmtree(work)
-    work.mkdir(parents=True)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / MARKER).write_text("created by bedside simulate; replaced by the next run\n")
     fleet = Fleet(cfg, work)
     report: dict[str, Any] = {"config": {k: (str(v) if isinstance(v, Path) else v)
                                          for k, v in cfg.__dict__.items()}}
@@ -421,6 +440,8 @@ def run(cfg: SimConfig) -> dict[str, Any]:
             if fleet.aggregator is not None and fleet.aggregator.poll() not in (None, 0):
                 raise TransportError(f"the aggregator exited with an error; see "
                                      f"{work / 'logs' / 'aggregator.log'}")
+            if fleet.broker is not None and fleet.broker.poll() is not None:
+                raise TransportError(f"Mosquitto stopped; see {work / 'logs' / 'mosquitto.log'}")
             fleet.pump(0.05)
             if fleet.step():
                 _say(cfg, f"  devices answered rounds {sorted(fleet.round_marks)}")

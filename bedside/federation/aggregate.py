@@ -9,7 +9,7 @@ the driver's. Randomness comes from the ``rng`` argument
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -63,7 +63,17 @@ def aggregate_round(updates: UpdateSource | RunningSum, *, count: int, settings:
                              f"accepted {count}")
         delta = updates.mean()
     else:
-        delta = rule.aggregate(updates, shapes)
+        streamed = [0]
+
+        def counted() -> Iterator[tuple[Mapping[str, np.ndarray], float]]:
+            streamed[0] = 0
+            for item in updates():
+                streamed[0] += 1
+                yield item
+        delta = rule.aggregate(counted, shapes)
+        if streamed[0] != count:  # every accepted update, and only those, or no new version
+            raise InputError(f"the round accepted {count} update(s) but {streamed[0]} were "
+                             "aggregated")
     if settings.noise == NOISE_CENTRAL:
         names = list(delta)
         noised = add_gaussian_noise([delta[k] for k in names], settings.update_noise_multiplier,

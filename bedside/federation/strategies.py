@@ -114,6 +114,12 @@ class RunningSum:
         self.count += 1
         self.weight += weight
 
+    def copy(self) -> RunningSum:
+        out = RunningSum({})
+        out.sums = {k: v.copy() for k, v in self.sums.items()}
+        out.count, out.weight = self.count, self.weight
+        return out
+
     def merge(self, other: RunningSum) -> None:
         if other.sums.keys() != self.sums.keys():
             raise InputError("running sums of different models cannot be merged")

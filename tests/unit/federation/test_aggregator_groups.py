@@ -237,3 +237,74 @@ def test_running_sums_merge_and_survive_a_round_trip_through_bytes():
         whole.merge(RunningSum({"a": (3, 2)}))
     with pytest.raises(InputError, match="empty"):
         RunningSum(shapes).mean()
+
+
+def test_a_storage_error_while_judging_leaves_no_phantom_in_the_running_sum(tmp_path,
+                                                                           monkeypatch):
+    """The group is abandoned (nothing acknowledged); the cached sum holds only what is durable,
+    so the redelivered updates count once, in the same process."""
+    from bedside.aggregator.state import State
+
+    rig = Rig(tmp_path, 3)
+    deltas = []
+    for d in rig.ids:
+        payload, t = rig.update(d)
+        rig.send(d, payload)
+        deltas.append(t)
+    calls = [0]
+    real = State.nonce_seen
+
+    def flaky(self, sender, nonce):
+        calls[0] += 1
+        if calls[0] == 3:  # the third message of the group: the database fails
+            raise sqlite3.OperationalError("database is locked")
+        return real(self, sender, nonce)
+    monkeypatch.setattr(State, "nonce_seen", flaky)
+    with pytest.raises(sqlite3.OperationalError):
+        rig.agg.step(0.0)
+    monkeypatch.setattr(State, "nonce_seen", real)
+    assert rig.agg.state.accepted(1) == []
+    rig.agg.transport.close()  # the broker redelivers the unacknowledged group
+    rig.agg.transport.reconnect()
+    rig.agg.step(0.0)
+    assert sorted(u["sender"] for u in rig.agg.state.accepted(1)) == rig.ids
+    new = rig.close_round()
+    for k, v in rig.expected(deltas).items():
+        np.testing.assert_allclose(new[k], v, rtol=1e-6, atol=1e-7)
+
+
+def test_changing_to_a_rule_that_needs_every_update_mid_round_is_refused(tmp_path):
+    from bedside.demo.run import to_toml
+    from bedside.errors import ConfigError
+
+    rig = Rig(tmp_path, 3)
+    payload, _ = rig.update(rig.ids[0])
+    rig.send(rig.ids[0], payload)
+    rig.agg.step(0.0)
+    rig.agg.transport.close()
+    rig.agg.state.close()
+    import tomllib
+
+    conf = tomllib.loads((rig.work / "aggregator.toml").read_text())
+    conf["strategy"]["rule"] = "median"
+    (rig.work / "aggregator.toml").write_text(to_toml(conf))
+    with pytest.raises(ConfigError, match="running sum"):
+        rig.new_aggregator()
+
+
+def test_a_resend_recorded_by_an_earlier_version_is_a_duplicate(tmp_path):
+    """state.db rows written before Envelope.digest held the whole message's sha256."""
+    import hashlib
+
+    from bedside.wire.envelope import peek
+
+    rig = Rig(tmp_path, 2)
+    payload, _ = rig.update(rig.ids[0])
+    rig.send(rig.ids[0], payload)
+    rig.agg.step(0.0)
+    rig.agg.state.db.execute("UPDATE updates SET digest = ? WHERE nonce = ?",
+                             (hashlib.sha256(payload).hexdigest(), peek(payload).nonce))
+    rig.agg.state.db.commit()
+    rig.send(rig.ids[0], payload)
+    rig.agg.step(0.0)
+    assert rig.agg.state.rejections(1) == {"duplicate": 1}

@@ -119,6 +119,17 @@ def test_metrics_and_status_count_what_happened_and_bind_loopback(tmp_path):
         with pytest.raises(urllib.error.HTTPError) as exc:  # no status page on a device
             _get(f"http://127.0.0.1:{dev_port}/api/status")
         assert exc.value.code == 404
+        # a page elsewhere that points a name at 127.0.0.1 (DNS rebinding) is not answered
+        import http.client
+
+        conn = http.client.HTTPConnection("127.0.0.1", agg_port, timeout=10)
+        conn.request("GET", "/api/status", headers={"Host": "attacker.example:80"})
+        assert conn.getresponse().status == 403
+        conn.close()
+        conn = http.client.HTTPConnection("127.0.0.1", agg_port, timeout=10)
+        conn.request("GET", "/api/status", headers={"Host": f"localhost:{agg_port}"})
+        assert conn.getresponse().status == 200
+        conn.close()
     finally:
         mf.aggregator.close()
         for a in mf.agents:
