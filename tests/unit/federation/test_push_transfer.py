@@ -117,8 +117,11 @@ def test_a_large_model_reaches_the_fleet_in_chunks(tmp_path):
         with InferenceLoop(mf.agents[0].models) as loop:  # inference through the swap
             # the downloads run on their own threads: step until they are done (a busy
             # machine takes longer), then until the loop has served the new version
+            # (every device downloads on its own thread: wait for all of them)
             wait_for(lambda: (drive(mf, steps=1), store.get(rid).status == "complete"
-                              and 3 in loop.served)[1], 60, "the chunked release", poll=0.02)
+                              and 3 in loop.served
+                              and all(a.models.current_version() == 3 for a in mf.agents))[1],
+                     60, "the chunked release", poll=0.02)
         assert not loop.errors
         assert {2, 3} <= loop.served
         r = store.get(rid)
