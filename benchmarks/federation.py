@@ -62,11 +62,12 @@ from typing import Any
 from benchlib import README, REPO, RESULTS, load_average, log, machine, write_section
 
 RESULTS_JSON = RESULTS / "federation.json"
-PARTS = ("privacy", "aggregator", "mqtt", "rounds", "latency", "flower")
+PARTS = ("privacy", "aggregator", "mqtt", "fleet", "rounds", "latency", "flower")
 #: The keys of the results each part writes (a partial run keeps the others from the last run).
 PART_KEYS = {"privacy": ("federated", "centralized_demo_settings", "centralized_tuned",
                          "demo_unseeded"),
              "aggregator": ("big_model", "aggregator"), "mqtt": ("mqtt_rate",),
+             "fleet": ("fleet",),
              "rounds": ("rounds",), "latency": ("latency",), "flower": ("flower",)}
 PRIVACY_UTILITY_JSON = RESULTS / "privacy_utility.json"
 HEADING = "## Federation"
@@ -597,6 +598,46 @@ def mqtt_rate(work: Path, n: int) -> dict[str, Any]:
             "raw_per_s": round(raw, 1), "bedside_per_s": round(ours, 1),
             "ratio": round(ours / raw, 3),
             "runs": {k: [round(v, 1) for v in vals] for k, vals in runs.items()}}
+
+
+FLEET_SIZES = (100, 1000)
+
+
+def fleet_part(work: Path, sizes: Sequence[int]) -> list[dict[str, Any]]:
+    """``bedside simulate`` for each fleet size: connection, rounds, memory (a fresh process
+    each, so one size's memory does not carry into the next)."""
+    out = []
+    for n in sizes:
+        done = subprocess.run(
+            [sys.executable, "-m", "bedside", "simulate", "--devices", str(n), "--rounds", "2",
+             "--out", str(work / f"sim-{n}"), "--json"],
+            capture_output=True, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if done.returncode != 0:
+            raise RuntimeError(f"bedside simulate --devices {n} failed:\n{done.stderr[-3000:]}")
+        r = json.loads(done.stdout)
+        row = {"devices": n, "connect_s": r["connect_s"],
+               "rounds": [{"seconds": x["seconds"], "accepted": x["accepted"]}
+                          for x in r["rounds"]],
+               "aggregator_peak_rss_mb": r["aggregator_peak_rss_mb"],
+               "per_device_kb": r["devices_process"]["per_device_kb"],
+               "devices_process_peak_mb": r["devices_process"]["peak_rss_mb"],
+               "state_db_mb": r["state_db_mb"], "final_accuracy": r["final_accuracy"]}
+        log(f"simulate {n} devices: connected in {row['connect_s']} s, rounds "
+            f"{[x['seconds'] for x in row['rounds']]} s, aggregator peak "
+            f"{row['aggregator_peak_rss_mb']} MB")
+        out.append(row)
+    return out
+
+
+def fleet_table(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    out = ["| devices | all connected (TLS) | rounds closed in | aggregator peak RSS | state.db | "
+           "simulating process peak | per device |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    for f in rows:
+        rounds = " / ".join(f"{x['seconds']:.1f} s" for x in f["rounds"])
+        out.append(f"| {f['devices']:,} | {f['connect_s']:.2f} s | {rounds} | "
+                   f"{f['aggregator_peak_rss_mb']:.1f} MB | {f['state_db_mb']:.2f} MB | "
+                   f"{f['devices_process_peak_mb']:.0f} MB | {f['per_device_kb']:.0f} KB |")
+    return out
 
 
 def round_latency(kind: str, work: Path, rounds: int) -> dict[str, Any]:
@@ -1153,6 +1194,18 @@ def markdown(res: Mapping[str, Any]) -> str:
             f"{', '.join(f'{v:,.0f}' for v in q['runs']['bedside'])} |",
             "", f"Bedside's transport carries {100 * q['ratio']:.0f}% of plain paho's rate.",
         ]
+    if "fleet" in res:
+        lines += [
+            "", "### A fleet on one machine (`bedside simulate`)", "",
+            "Each simulated device has its own 64 WDBC records, privacy ledger, key, "
+            "certificate and TLS session with Mosquitto (the shipped configuration and ACL); "
+            "all of them live in one process (one thread drives every connection, one torch "
+            "trains them one after another), against the real aggregator service in its own "
+            "process. Two training rounds, DP-SGD at record-level epsilon 8, central noise. "
+            "A round's time is mostly the simulator training its devices in turn.",
+            "",
+            *fleet_table(res["fleet"]),
+        ]
     if "rounds" in res:
         lines += rounds_section(res["rounds"])
     if "flower" in res:
@@ -1232,6 +1285,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                   work)
         if "mqtt" in args.parts:
             res["mqtt_rate"] = mqtt_rate(work, 200 if quick else MQTT_RATE_MESSAGES)
+        if "fleet" in args.parts:
+            res["fleet"] = fleet_part(work, (20, 100) if quick else FLEET_SIZES)
         if "rounds" in args.parts:
             res["rounds"] = rounds_part(work, quick)
         if "latency" in args.parts:
