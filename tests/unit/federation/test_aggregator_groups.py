@@ -77,6 +77,15 @@ class Rig:
     def send(self, device: str, payload: bytes) -> None:
         self.devices.publish(topic_update(FLEET, device), payload)
 
+    def send_updates(self, devices: list[str]) -> list[dict[str, np.ndarray]]:
+        """A fresh update from each of ``devices``, published; their deltas."""
+        deltas = []
+        for d in devices:
+            payload, t = self.update(d)
+            self.send(d, payload)
+            deltas.append(t)
+        return deltas
+
     def close_round(self) -> dict[str, np.ndarray]:
         self.now[0] += 7200.0
         self.agg.step(0.0)
@@ -97,10 +106,7 @@ def test_a_round_keeps_one_running_sum_not_every_update(tmp_path):
     rig = Rig(tmp_path, 40)
     deltas = []
     for burst in (rig.ids[:25], rig.ids[25:]):  # two turns of the loop, groups of 25 and 15
-        for d in burst:
-            payload, t = rig.update(d)
-            rig.send(d, payload)
-            deltas.append(t)
+        deltas += rig.send_updates(burst)
         rig.agg.step(0.0)
     assert len(rig.agg.state.accepted(1)) == 40 and _tensors_kept(rig.agg) == 0
     stored = RunningSum.from_bytes(rig.agg.state.running_sum(1), rig.shapes)
@@ -119,11 +125,7 @@ def test_a_group_is_acknowledged_only_once_it_is_durable(tmp_path, monkeypatch):
     from bedside.aggregator.state import State
 
     rig = Rig(tmp_path, 6)
-    deltas = []
-    for d in rig.ids:
-        payload, t = rig.update(d)
-        rig.send(d, payload)
-        deltas.append(t)
+    deltas = rig.send_updates(rig.ids)
     real = State.commit_batch
 
     def broken(self, batch):
@@ -170,9 +172,7 @@ def test_a_restart_mid_round_resumes_from_the_durable_sum(tmp_path):
             rig.agg.transport.close()
             rig.agg.state.close()
             rig.agg = rig.new_aggregator()
-        payload, t = rig.update(d)
-        rig.send(d, payload)
-        deltas.append(t)
+        deltas += rig.send_updates([d])
         rig.agg.step(0.0)
     new = rig.close_round()
     for k, v in rig.expected(deltas).items():
@@ -194,11 +194,7 @@ def test_a_round_recorded_with_every_update_kept_is_resumed(tmp_path):
     rig.agg.transport.close()
     rig.agg.state.close()
     rig.agg = rig.new_aggregator()
-    new_ones = []
-    for d in rig.ids[2:]:
-        payload, t = rig.update(d)
-        rig.send(d, payload)
-        new_ones.append(t)
+    new_ones = rig.send_updates(rig.ids[2:])
     rig.agg.step(0.0)
     new = rig.close_round()
     for k, v in rig.expected(old + new_ones).items():
@@ -207,8 +203,7 @@ def test_a_round_recorded_with_every_update_kept_is_resumed(tmp_path):
 
 def test_rules_that_need_every_update_keep_them_until_the_round_closes(tmp_path):
     rig = Rig(tmp_path, 3, rule="median")
-    for d in rig.ids:
-        rig.send(d, rig.update(d)[0])
+    rig.send_updates(rig.ids)
     rig.agg.step(0.0)
     assert _tensors_kept(rig.agg) == 3 and rig.agg.state.running_sum(1) is None
     rig.close_round()
@@ -246,11 +241,7 @@ def test_a_storage_error_while_judging_leaves_no_phantom_in_the_running_sum(tmp_
     from bedside.aggregator.state import State
 
     rig = Rig(tmp_path, 3)
-    deltas = []
-    for d in rig.ids:
-        payload, t = rig.update(d)
-        rig.send(d, payload)
-        deltas.append(t)
+    deltas = rig.send_updates(rig.ids)
     calls = [0]
     real = State.nonce_seen
 
