@@ -92,6 +92,12 @@ class Rig:
         assert self.agg.state.get_round(1).status == "closed"
         return read_weights(self.agg.registry.model_bytes(2), list(self.shapes))
 
+    def close_and_check(self, deltas: list[dict[str, np.ndarray]]) -> None:
+        """Close the round; the new weights are the old plus the mean of exactly ``deltas``."""
+        new = self.close_round()
+        for k, v in self.expected(deltas).items():
+            np.testing.assert_allclose(new[k], v, rtol=1e-6, atol=1e-7)
+
     def expected(self, deltas: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         mean = FedAvg().aggregate(materialize((d, 1.0) for d in deltas), self.shapes)
         return {k: self.weights[k] + mean[k] for k in self.shapes}
@@ -111,9 +117,7 @@ def test_a_round_keeps_one_running_sum_not_every_update(tmp_path):
     assert len(rig.agg.state.accepted(1)) == 40 and _tensors_kept(rig.agg) == 0
     stored = RunningSum.from_bytes(rig.agg.state.running_sum(1), rig.shapes)
     assert stored.count == 40 and stored.weight == 40.0
-    new = rig.close_round()
-    for k, v in rig.expected(deltas).items():
-        np.testing.assert_allclose(new[k], v, rtol=1e-6, atol=1e-7)
+    rig.close_and_check(deltas)
     assert rig.agg.state.running_sum(1) is None  # dropped with the round
     receipts = [t for t, _ in rig.broker.published if "/receipt/" in t]
     assert len(receipts) == 40
@@ -142,9 +146,7 @@ def test_a_group_is_acknowledged_only_once_it_is_durable(tmp_path, monkeypatch):
     rig.agg.step(0.0)
     assert sorted(u["sender"] for u in rig.agg.state.accepted(1)) == rig.ids
     assert not rig.broker._sessions["aggregator"].unacked
-    new = rig.close_round()
-    for k, v in rig.expected(deltas).items():
-        np.testing.assert_allclose(new[k], v, rtol=1e-6, atol=1e-7)
+    rig.close_and_check(deltas)
 
 
 def test_a_resend_and_a_second_update_in_one_group_count_once(tmp_path):
@@ -159,9 +161,7 @@ def test_a_resend_and_a_second_update_in_one_group_count_once(tmp_path):
     assert rig.agg.state.rejections(1) == {"duplicate": 1, "already_contributed": 1}
     stored = RunningSum.from_bytes(rig.agg.state.running_sum(1), rig.shapes)
     assert stored.count == 1
-    new = rig.close_round()
-    for k, v in rig.expected([t]).items():
-        np.testing.assert_allclose(new[k], v, rtol=1e-6, atol=1e-7)
+    rig.close_and_check([t])
 
 
 def test_a_restart_mid_round_resumes_from_the_durable_sum(tmp_path):
@@ -174,9 +174,7 @@ def test_a_restart_mid_round_resumes_from_the_durable_sum(tmp_path):
             rig.agg = rig.new_aggregator()
         deltas += rig.send_updates([d])
         rig.agg.step(0.0)
-    new = rig.close_round()
-    for k, v in rig.expected(deltas).items():
-        np.testing.assert_allclose(new[k], v, rtol=1e-6, atol=1e-7)
+    rig.close_and_check(deltas)
 
 
 def test_a_round_recorded_with_every_update_kept_is_resumed(tmp_path):
@@ -196,9 +194,7 @@ def test_a_round_recorded_with_every_update_kept_is_resumed(tmp_path):
     rig.agg = rig.new_aggregator()
     new_ones = rig.send_updates(rig.ids[2:])
     rig.agg.step(0.0)
-    new = rig.close_round()
-    for k, v in rig.expected(old + new_ones).items():
-        np.testing.assert_allclose(new[k], v, rtol=1e-6, atol=1e-7)
+    rig.close_and_check(old + new_ones)
 
 
 def test_rules_that_need_every_update_keep_them_until_the_round_closes(tmp_path):
@@ -259,9 +255,7 @@ def test_a_storage_error_while_judging_leaves_no_phantom_in_the_running_sum(tmp_
     rig.agg.transport.reconnect()
     rig.agg.step(0.0)
     assert sorted(u["sender"] for u in rig.agg.state.accepted(1)) == rig.ids
-    new = rig.close_round()
-    for k, v in rig.expected(deltas).items():
-        np.testing.assert_allclose(new[k], v, rtol=1e-6, atol=1e-7)
+    rig.close_and_check(deltas)
 
 
 def test_changing_to_a_rule_that_needs_every_update_mid_round_is_refused(tmp_path):
