@@ -81,7 +81,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from bedside.config import load_file, setting
 from bedside.constants import DEFAULT_HOST
@@ -234,6 +234,59 @@ class EnrollmentConfig:
         return f"{scheme}://{self.host}:{self.port}"
 
 
+def _dsn(value: str, where: str) -> None:
+    """A libpq connection string without a password: secrets stay out of aggregator.toml."""
+    if not value:
+        return
+    try:
+        from psycopg.conninfo import conninfo_to_dict
+    except ImportError:
+        raise ConfigError(f"{where}: PostgreSQL needs psycopg: pip install 'bedside[postgres]'") \
+            from None
+    try:
+        parts = conninfo_to_dict(value)
+    except Exception as exc:  # psycopg.ProgrammingError: a malformed string
+        raise ConfigError(f"{where}: not a PostgreSQL connection string ({str(exc).strip()}); "
+                          "e.g. "
+                          "'host=127.0.0.1 port=5432 dbname=bedside user=bedside'") from None
+    if "password" in parts:
+        raise ConfigError(f"{where}: holds a password; keep it out of aggregator.toml: put it in "
+                          "a password file (PGPASSFILE, or ~/.pgpass of the service user, mode "
+                          "0600) and remove it from dsn")
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    """``[state]``: where the rounds, updates and running sums live."""
+
+    backend: Literal["sqlite", "postgresql"] = setting(
+        "sqlite", "'sqlite': state.db in data_dir, for one process (the default); "
+        "'postgresql': a database the coordinator and its validator workers share")
+    dsn: str = setting("", "libpq connection string of the PostgreSQL database (e.g. "
+                       "'host=127.0.0.1 port=5432 dbname=bedside user=bedside'); the password "
+                       "comes from PGPASSFILE or ~/.pgpass, never from this file", check=_dsn)
+
+    def __post_init__(self) -> None:
+        if self.backend == "postgresql" and not self.dsn:
+            raise ConfigError("[state] backend 'postgresql' needs dsn (a libpq connection "
+                              "string)")
+        if self.backend == "sqlite" and self.dsn:
+            raise ConfigError("[state] dsn is set but backend is 'sqlite': set backend = "
+                              "'postgresql' or remove dsn")
+
+
+@dataclass(frozen=True)
+class WorkersConfig:
+    """``[workers]``: validator workers (``bedside aggregator worker``) instead of the service
+    itself judge the updates."""
+
+    group: str = setting("", "name of the MQTT shared subscription ($share/<group>/...) the "
+                         "workers read updates from; set, the service only coordinates (opens "
+                         "and closes rounds from the workers' partial sums). Needs [state] "
+                         "backend 'postgresql' and Mosquitto (docs/scaling.md)",
+                         check=lambda v, where: _id(v, where) if v else None)
+
+
 @dataclass(frozen=True, kw_only=True)
 class AggregatorConfig(FederationSettings):
     """``aggregator.toml``: the federation (``[rounds]``, ``[training]``, ``[privacy]``,
@@ -259,6 +312,9 @@ class AggregatorConfig(FederationSettings):
     enrollment: EnrollmentConfig = setting(doc="[enrollment]", factory=EnrollmentConfig)
     monitor: MonitorConfig = setting(doc="[monitor]: Prometheus /metrics, the status page and "
                                      "/api/status", factory=MonitorConfig)
+    state: StateConfig = setting(doc="[state]: where the round state lives", factory=StateConfig)
+    workers: WorkersConfig = setting(doc="[workers]: validator workers on an MQTT shared "
+                                     "subscription", factory=WorkersConfig)
     testing: bool = setting(False, "allows [privacy] noise_seed (reproducible noise: NOT private);"
                             " every announcement, model and report then says so. Tests and "
                             "demos only")
@@ -271,6 +327,12 @@ class AggregatorConfig(FederationSettings):
                 "[privacy] noise_seed makes the aggregator's noise reproducible, which removes "
                 "its privacy: it is for tests and demos only. Remove it, or set testing = true "
                 "to say in writing that this federation protects nobody")
+        if self.workers.group and self.state.backend != "postgresql":
+            raise ConfigError("[workers] group needs [state] backend = 'postgresql': the workers "
+                              "and the coordinator share the round state there")
+        if self.workers.group and self.flower is not None:
+            raise ConfigError("[workers] validate updates that arrive over MQTT; a federation "
+                              "over Flower ([flower]) has none: remove one of the two")
 
     @property
     def federation(self) -> FederationSettings:

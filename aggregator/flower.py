@@ -125,7 +125,7 @@ class FlowerDriver:
         self.agg.start()
         self._collect()
         while not self.agg.finished:
-            cur = self.agg.state.current_round()
+            cur = self.agg.rounds.current_round()
             assert cur is not None
             now = self.clock()
             asked = self._ask(cur.round, cur.deadline, now)

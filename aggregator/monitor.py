@@ -86,7 +86,7 @@ class ServiceMonitor:
 
     def round_closed(self, round_id: int, result: dict[str, Any]) -> None:
         self._planned = None  # recomputed with the rounds as they ran
-        row = self.agg.state.get_round(round_id)
+        row = self.agg.rounds.get_round(round_id)
         if self.metrics is not None and row is not None and row.closed_at is not None:
             self.metrics.round_duration.observe(max(0.0, row.closed_at - row.opened_at))
         if result.get("privacy"):
@@ -104,11 +104,11 @@ class ServiceMonitor:
             return
         self._refreshed = now
         agg, m = self.agg, self.metrics
-        cur = agg.state.current_round()
+        cur = agg.rounds.current_round()
         open_ = cur is not None and cur.status == "open"
-        answered = len(agg.state.answered(cur.round)) if cur is not None else 0
-        accepted = agg.state.accepted(cur.round) if cur is not None else []
-        declined = len(agg.state.declines(cur.round)) if cur is not None else 0
+        answered = len(agg.rounds.answered(cur.round)) if cur is not None else 0
+        accepted = agg.rounds.accepted(cur.round) if cur is not None else []
+        declined = len(agg.rounds.declines(cur.round)) if cur is not None else 0
         version = agg.registry.latest()
         manifest = agg.registry.manifest(version) if version else None
         holdout = (manifest.metrics.get("holdout", {}) if manifest else {}) or {}
@@ -135,7 +135,7 @@ class ServiceMonitor:
         planned = self._planned_epsilon()
         if planned is not None:
             m.epsilon_planned.set(planned)
-        rounds = agg.state.rounds()[-RECENT_ROUNDS:]
+        rounds = agg.rounds.rounds()[-RECENT_ROUNDS:]
         self._snapshot = {
             "fleet": agg.cfg.fleet,
             "state": ("done" if agg.finished else "open" if open_
@@ -146,7 +146,7 @@ class ServiceMonitor:
             "model_version": version,
             "participants": answered, "enrolled": len(agg.devices),
             "accepted": len(accepted), "declined": declined,
-            "rejections": agg.state.rejections(cur.round) if cur else {},
+            "rejections": agg.rounds.rejections(cur.round) if cur else {},
             "accuracy": holdout.get("accuracy"), "auc": holdout.get("auc"),
             "epsilon": {"device": device_eps, "device_planned": planned,
                         "record_max": max(record) if record else None,
@@ -154,7 +154,7 @@ class ServiceMonitor:
             "recent_rounds": [
                 {"round": r.round, "task": r.settings.task, "status": r.status,
                  "accepted": ((r.result or {}).get("accepted") if r.result
-                              else len(agg.state.accepted(r.round))),
+                              else len(agg.rounds.accepted(r.round))),
                  "seconds": (round(r.closed_at - r.opened_at, 3)
                              if r.closed_at is not None else None)}
                 for r in reversed(rounds)],
@@ -172,7 +172,7 @@ class ServiceMonitor:
         agg = self.agg
         planned = agg.cfg.rounds.rounds
         start = agg.rollouts.store.federation_start()  # this federation's rounds only
-        rows = [r for r in agg.state.rounds() if r.round > start]
+        rows = [r for r in agg.rounds.rounds() if r.round > start]
         trained = [r for r in rows if r.settings.task == "train"]
         if not planned or not trained:
             return None

@@ -28,7 +28,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import sqlite3
 import threading
 import time
@@ -43,7 +42,8 @@ from bedside.aggregator.keys import check_current
 from bedside.aggregator.keys import published as published_rotation
 from bedside.aggregator.releases import DownloadServer, ReleaseStore
 from bedside.aggregator.rollout import Rollouts
-from bedside.aggregator.state import Batch, RoundRow, State, UpdateRow
+from bedside.aggregator.state import RoundRow, State, open_rounds
+from bedside.aggregator.validator import Validator, mtime
 from bedside.audit import AuditLog
 from bedside.constants import (
     AGGREGATOR_ID,
@@ -55,128 +55,81 @@ from bedside.constants import (
     topic_key,
     topic_model,
     topic_receipt,
-    topic_report,
     topic_reports_all,
     topic_round,
     topic_status,
     topic_updates_all,
 )
-from bedside.errors import BedsideError, ConfigError, InputError, TransportError, WireError
+from bedside.errors import BedsideError, ConfigError, InputError, WireError
 from bedside.federation import fairness
 from bedside.federation.aggregate import aggregate_round
 from bedside.federation.fairness import GroupCountSettings
 from bedside.federation.report import device_privacy
 from bedside.federation.seeds import round_rng
 from bedside.federation.settings import RoundSettings
-from bedside.federation.statistics import dimension, public_center_halfwidth
+from bedside.federation.statistics import public_center_halfwidth
 from bedside.federation.strategies import RunningSum, make_optimizer, make_rule
-from bedside.federation.validate import (
-    Accepted,
-    Declined,
-    Duplicate,
-    OpenRound,
-    Prior,
-    digest,
-    max_update_bytes,
-    open_update,
-    validate_update,
-)
 from bedside.manifest import Manifest, load_manifest, verify_model_file
 from bedside.models.onnx_weights import apply_statistics, read_weights, replace_weights
 from bedside.models.registry import Registry
 from bedside.sqlite import add_timings
 from bedside.transport import Message, Transport
 from bedside.wire.envelope import decode, encode
-from bedside.wire.signing import KeyRing, SigningKey, VerifyKey, validate_device_id
+from bedside.wire.signing import KeyRing, SigningKey, VerifyKey
 
 log = logging.getLogger("bedside.aggregator")
 MAX_STATISTICS_ATTEMPTS = 3
-#: Messages judged and recorded in one transaction at most (a group also ends when nothing more
-#: is waiting, so a lone message is never held back).
-GROUP_MAX = 256
 
 
-class Aggregator:
+class Aggregator(Validator):
+    """The service: opens and closes rounds, stores and releases versions, handles reports; and,
+    unless validator workers do it (``[workers] group``), judges the updates itself."""
+
+    devices: KeyRing
+
     def __init__(self, cfg: AggregatorConfig, transport: Transport | None = None, *,
                  clock: Callable[[], float] = time.time) -> None:
-        self.cfg = cfg
         self.federation = cfg.federation
-        self.key = SigningKey.load(cfg.key)
-        check_current(cfg, self.key)
+        key = SigningKey.load(cfg.key)
+        check_current(cfg, key)
         self.state = State(cfg.state_path)
-        self.audit = AuditLog(cfg.data_dir / "audit.db", self.key, "aggregator", clock=clock)
-        self.registry = Registry(cfg.registry_path)
-        self.rollouts = Rollouts(cfg, ReleaseStore(self.state.db), self.registry, self.key,
-                                 lambda t, p, r: self._publish(t, p, retain=r), clock)
-        self.rollouts.last_round = lambda: max((r.round for r in self.state.rounds()),
-                                               default=0)
-        self.rollouts.on_refusal = (
-            lambda device, reason, detail: self.state.add_rejection(None, device,
-                                                                    f"release_{reason}", detail))
-        self.downloads: DownloadServer | None = None
-        self.enrollment: Any = None  # EnrollmentServer, when [enrollment] port is set
-        self._round_deferred = False
-        self._waiting_for_devices = False
-        self._federation_seen = self.rollouts.store.federation_start()
-        self.rule = make_rule(cfg.strategy.rule, **cfg.strategy.params)
-        self.optimizer = make_optimizer(cfg.strategy.optimizer, **cfg.strategy.optimizer_params)
-        self.clock = clock
-        if cfg.privacy.noise_seed is not None:
-            log.warning("the aggregator's noise is seeded (privacy.noise_seed): reproducible, for "
-                        "tests and demos only; never set it in production")
-        self.devices = self._load_devices()
-        self._devices_seen = _mtime(cfg.devices)
+        #: the round tables: state.db itself, or PostgreSQL shared with validator workers
+        rounds = open_rounds(cfg, self.state)
         if transport is None:
             from bedside.transport.mqtt import MqttTransport
 
             transport = MqttTransport(cfg.mqtt, client_id=f"aggregator-{cfg.fleet}",
                                       clean_session=False, manual_ack=True)
-        self.transport = transport
-        self.finished = False
-        self._pending: dict[str, tuple[bytes, bool]] = {}
-        self._evaluator: Any = None
-        self._group_levels: tuple[str, ...] = ()  # [evaluation] fleet_counts: the groups counted
-        self._running: tuple[int, RunningSum] | None = None  # the open round's, if incremental
-        self._validate_seconds: dict[int, float] = {}  # per round, until it closes
-        self._manifest: Manifest | None = None
-        self._shapes: dict[str, tuple[int, ...]] = {}
-        self._max_update = cfg.max_update_bytes
-        self.on_round_closed: Callable[[dict[str, Any]], None] | None = None
         from bedside.aggregator.monitor import ServiceMonitor
 
-        self.monitor = ServiceMonitor(self)
+        self.cfg = cfg  # the monitor reads it
+        super().__init__(cfg, key, rounds, Registry(cfg.registry_path),
+                         make_rule(cfg.strategy.rule, **cfg.strategy.params), transport,
+                         ServiceMonitor(self), clock)
+        self.audit = AuditLog(cfg.data_dir / "audit.db", self.key, "aggregator", clock=clock)
+        self.rollouts = Rollouts(cfg, ReleaseStore(self.state.db), self.registry, self.key,
+                                 lambda t, p, r: self._publish(t, p, retain=r), clock)
+        self.rollouts.last_round = lambda: max((r.round for r in self.rounds.rounds()),
+                                               default=0)
+        self.rollouts.on_refusal = (
+            lambda device, reason, detail: self.rounds.add_rejection(None, device,
+                                                                     f"release_{reason}", detail))
+        self.downloads: DownloadServer | None = None
+        self.enrollment: Any = None  # EnrollmentServer, when [enrollment] port is set
+        self._round_deferred = False
+        self._waiting_for_devices = False
+        self._federation_seen = self.rollouts.store.federation_start()
+        self.optimizer = make_optimizer(cfg.strategy.optimizer, **cfg.strategy.optimizer_params)
+        if cfg.privacy.noise_seed is not None:
+            log.warning("the aggregator's noise is seeded (privacy.noise_seed): reproducible, for "
+                        "tests and demos only; never set it in production")
+        self.finished = False
+        self._evaluator: Any = None
+        self._group_levels: tuple[str, ...] = ()  # [evaluation] fleet_counts: the groups counted
+        self._validate_seconds: dict[int, float] = {}  # per round, until it closes
+        self.on_round_closed: Callable[[dict[str, Any]], None] | None = None
 
     # -- set-up ----------------------------------------------------------------------------------
-    def _load_devices(self) -> KeyRing:
-        if not self.cfg.devices.is_dir():
-            raise ConfigError(f"{self.cfg.source}: devices directory {self.cfg.devices} does not "
-                              "exist; enroll devices with 'bedside aggregator enroll'")
-        ring = KeyRing.from_dir(self.cfg.devices)
-        for device in ring:
-            try:
-                validate_device_id(device)
-            except BedsideError as exc:
-                raise ConfigError(f"{self.cfg.devices / (device + '.pub')}: {exc}; remove the "
-                                  "file") from None
-        return ring
-
-    def _refresh_devices(self) -> None:
-        """Reload the enrolled devices when their directory changed (a device enrolled or
-        revoked while the service runs): a revoked device's next message is rejected. A
-        directory that cannot be read enrolls nobody until it is fixed (fail closed)."""
-        seen = _mtime(self.cfg.devices)
-        if seen == self._devices_seen:
-            return
-        self._devices_seen = seen
-        try:
-            self.devices = self._load_devices()
-        except BedsideError as exc:
-            self.devices = KeyRing()
-            log.error("enrolled devices unreadable, every update is rejected until it is "
-                      "fixed: %s", exc)
-            return
-        log.info("enrolled devices reloaded: %d", len(self.devices))
-
     def _bootstrap_model(self) -> None:
         self._warn_ignored_initial_model()
         if self.registry.latest() is None:
@@ -238,11 +191,6 @@ class Aggregator:
                         "agent.toml) and a new data_dir (docs/models.md)", src,
                         self.registry.root, versions[0], versions[-1])
 
-    def _load_version(self, version: int) -> None:
-        self._manifest = self.registry.manifest(version)
-        self._shapes = {k: tuple(v) for k, v in self._manifest.parameters.items()}
-        self._max_update = max_update_bytes(self._shapes, self.cfg.max_update_bytes)
-
     def start(self) -> None:
         self._bootstrap_model()
         self._check_statistics()
@@ -259,15 +207,16 @@ class Aggregator:
         rotation = published_rotation(self.cfg)
         if rotation is not None:  # before anything signed with the new key: devices pin it first
             self._publish(topic_key(self.cfg.fleet), rotation, retain=True)
-        self.transport.subscribe(topic_updates_all(self.cfg.fleet), qos=1)
+        if not self.cfg.workers.group:  # else validator workers read the updates
+            self.transport.subscribe(topic_updates_all(self.cfg.fleet), qos=1)
         self.transport.subscribe(topic_reports_all(self.cfg.fleet), qos=1)
         base = self.rollouts.base_version()
         assert base is not None
         release = self.registry.release(base)
         assert release is not None
         self._publish(topic_model(self.cfg.fleet), release, retain=True)
-        cur = self.state.current_round()
-        if cur is not None and cur.status == "open":
+        cur = self.rounds.current_round()
+        if cur is not None and cur.status in ("open", "closing"):
             self._recover(cur)
         else:
             self._open_next()
@@ -276,7 +225,7 @@ class Aggregator:
     def _check_statistics(self) -> None:
         """``[statistics]`` needs a public frame (typical or allowed range) for every feature of
         the model: say so at start, not after three rounds of declines."""
-        if self.federation.statistics is None or self.state.rounds():
+        if self.federation.statistics is None or self.rounds.rounds():
             return
         assert self._manifest is not None
         try:
@@ -326,14 +275,13 @@ class Aggregator:
             self._open_next()
             return
         if (not self.rule.incremental and cur.settings.task == "train"
-                and (self.state.running_sum(cur.round) is not None
-                     or self.state.folded(cur.round))):
+                and (self.rounds.partial_sums(cur.round) or self.rounds.folded(cur.round))):
             raise ConfigError(
                 f"{self.cfg.source}: round {cur.round} is open and its accepted updates were "
                 f"kept as a running sum (rule 'fedavg'); [strategy] rule {self.rule.name!r} "
                 "needs every update. Finish the round with the rule it started with, then "
                 "change the rule")
-        accepted = len(self.state.accepted(cur.round))
+        accepted = len(self.rounds.accepted(cur.round))
         log.info("resuming open round %d (model v%d): %d update(s) already accepted, deadline in "
                  "%.0f s", cur.round, cur.model_version, accepted, cur.deadline - self.clock())
         announce = cur.announce
@@ -352,28 +300,20 @@ class Aggregator:
 
     def step(self, timeout: float = 0.2) -> bool:
         """Handle what arrived, close the round if due; False once all rounds are done."""
-        cur = self.state.current_round()
+        cur = self.rounds.current_round()
         wait = timeout
         if cur is not None and cur.status == "open":  # wake up for the deadline, not later
             wait = max(0.0, min(timeout, cur.deadline - self.clock()))
-        msg = self.transport.get(wait)
-        while msg is not None:
-            group = [msg]
-            while len(group) < GROUP_MAX:
-                nxt = self.transport.get(0)
-                if nxt is None:
-                    break
-                group.append(nxt)
-            self._handle(group)
-            msg = self.transport.get(0)
+        self.drain(wait)
         self._retry_pending()
-        cur = self.state.current_round()
-        if not self.finished and cur is not None and cur.status == "open" and self._due(cur):
+        cur = self.rounds.current_round()
+        if not self.finished and cur is not None and (
+                cur.status == "closing" or (cur.status == "open" and self._due(cur))):
             self._close(cur)
             t0 = time.perf_counter()
             self._open_next()
             add_timings(self.state.db, cur.round, {"publish_release": time.perf_counter() - t0})
-            cur = self.state.current_round()
+            cur = self.rounds.current_round()
         self._refresh_devices()
         round_open = cur is not None and cur.status == "open"
         if self.rollouts.tick(self.devices, round_open):
@@ -394,98 +334,24 @@ class Aggregator:
             self.monitor.refresh()
         return not self.finished or self.rollouts.active(sorted(self.devices))
 
-    def _due(self, cur: RoundRow) -> bool:
-        if self.clock() >= cur.deadline:
-            return True
-        expected = self.cfg.rounds.expected_participants or len(self.devices)
-        return len(self.state.answered(cur.round)) >= expected
-
-    def _open_round(self, cur: RoundRow | None) -> OpenRound | None:
-        if cur is None or cur.status != "open":
-            return None
-        assert self._manifest is not None
-        return OpenRound(round=cur.round, model_version=cur.model_version,
-                         settings=cur.settings, shapes=self._round_shapes(cur.settings),
-                         classes=len(self._manifest.schema.labels))
-
-    def _round_shapes(self, settings: RoundSettings) -> dict[str, tuple[int, ...]]:
-        """What an update of this round carries: the model's parameters, or in a statistics
-        round one vector of feature statistics."""
-        if settings.statistics is not None:
-            assert self._manifest is not None
-            return {"stats": (dimension(self._manifest.schema),)}
-        return self._shapes
-
-    # -- publishing --------------------------------------------------------------------------------
-    def _publish(self, topic: str, payload: bytes, retain: bool = False,
-                 wait: bool = True) -> None:
-        try:
-            self.transport.publish(topic, payload, qos=1, retain=retain, wait=wait)
-            self._pending.pop(topic, None)
-        except TransportError as exc:
-            if retain:  # retained state is re-sent when the broker is back
-                self._pending[topic] = (payload, retain)
-            log.warning("publish to %s deferred: %s", topic, exc)
-
-    def _retry_pending(self) -> None:
-        if self._pending and self.transport.connected:
-            for topic, (payload, retain) in list(self._pending.items()):
-                self._publish(topic, payload, retain)
-
-    def _status(self, body: dict[str, Any]) -> None:
-        self._publish(topic_status(self.cfg.fleet, AGGREGATOR_ID),
-                      json.dumps(body, default=float).encode(), retain=True)
-
-    def _receipt(self, device: str, round_id: int, nonce: str, status: str,
-                 reason: str = "") -> None:
-        env = encode(KIND_RECEIPT, AGGREGATOR_ID, self.key, {}, round=round_id,
-                     model_version=self._manifest.version if self._manifest else 0,
-                     meta={"device": device, "fleet": self.cfg.fleet, "for_nonce": nonce,
-                           "status": status, "reason": reason})
-        # not waited for one by one: a device without its receipt sends again, and the re-send
-        # is recognised (a duplicate, receipted again)
-        self._publish(topic_receipt(self.cfg.fleet, device), env, wait=False)
-
-    # -- updates -----------------------------------------------------------------------------------
-    def _handle(self, msgs: list[Message]) -> None:
-        """Judge a group of messages, record every verdict in one transaction, then receipt and
-        acknowledge them: a message is acknowledged only once it is durable (a crash before lets
-        the broker redeliver it; the redelivery is recognised and not counted twice)."""
+    def handle(self, msgs: list[Message]) -> None:
         started = time.perf_counter()
-        self._refresh_devices()
-        cur = self.state.current_round()
-        judge = _Judge(self, cur)
-        done: list[Message] = []
-        for msg in msgs:
-            device = msg.topic.rsplit("/", 1)[-1]
-            if msg.topic == topic_report(self.cfg.fleet, device):
-                self._flush(judge, done)  # reports write on their own: keep the order
-                self._on_report(msg, device)
-                continue
-            judge.judge(msg, device)
-            done.append(msg)
-        self._flush(judge, done)
+        cur = self.rounds.current_round()
+        super().handle(msgs)
         if cur is not None and cur.status == "open":  # written with the round's other timings
             self._validate_seconds[cur.round] = (self._validate_seconds.get(cur.round, 0.0)
                                                  + time.perf_counter() - started)
 
-    def _flush(self, judge: _Judge, done: list[Message]) -> None:
-        if len(judge.batch):
-            try:
-                judge.commit()
-            except (sqlite3.Error, OSError) as exc:
-                # Our own storage failed: acknowledge nothing, so the broker redelivers the
-                # messages once the service is restarted with working storage.
-                self._running = None
-                self.monitor.error(f"could not record {len(done)} message(s): {exc}")
-                log.exception("could not record %d message(s)", len(done))
-                raise
-        for send in judge.receipts:
-            send()
-        for msg in done:
-            msg.ack()
-        judge.reset()
-        done.clear()
+    def _due(self, cur: RoundRow) -> bool:
+        if self.clock() >= cur.deadline:
+            return True
+        expected = self.cfg.rounds.expected_participants or len(self.devices)
+        return len(self.rounds.answered(cur.round)) >= expected
+
+    # -- publishing --------------------------------------------------------------------------------
+    def _status(self, body: dict[str, Any]) -> None:
+        self._publish(topic_status(self.cfg.fleet, AGGREGATOR_ID),
+                      json.dumps(body, default=float).encode(), retain=True)
 
     def _on_report(self, msg: Message, device: str) -> None:
         if _kind(msg.payload) == KIND_KEY:
@@ -503,24 +369,6 @@ class Aggregator:
             log.exception("could not record a release report from %s", device)
             raise
         msg.ack()
-
-    def _running_sum(self, cur: RoundRow) -> RunningSum | None:
-        """The open round's running sum of accepted updates, when the rule is incremental and
-        the round trains (loaded from ``state.db``, or rebuilt from updates stored by a version
-        that kept them); None when every update is kept."""
-        if not self.rule.incremental or cur.settings.task != "train":
-            return None
-        if self._running is not None and self._running[0] == cur.round:
-            return self._running[1]
-        stored = self.state.running_sum(cur.round)
-        if stored is not None:
-            acc = RunningSum.from_bytes(stored, self._shapes)
-        else:
-            acc = RunningSum(self._shapes)
-            for tensors, weight in self.state.iter_updates(cur.round):
-                acc.add(tensors, weight)
-        self._running = (cur.round, acc)
-        return acc
 
     def _on_device_key(self, device: str, payload: bytes) -> None:
         """A device rotating its own key ('bedside edge rotate-key'): signed by the key enrolled
@@ -545,7 +393,7 @@ class Aggregator:
                         self._key_receipt(device, current)
                         return
             log.warning("key rotation on %s's topic rejected: %s", device, exc)
-            self.state.add_rejection(None, device, "key_rotation", str(exc))
+            self.rounds.add_rejection(None, device, "key_rotation", str(exc))
             return
         path = self.cfg.devices / f"{device}.pub"
         if not path.exists():  # revoked meanwhile: a rotation never enrolls a device again
@@ -555,7 +403,7 @@ class Aggregator:
         old.save(self.cfg.devices / f"{device}.pub.previous")
         new.save(path)
         self.devices = self._load_devices()
-        self._devices_seen = _mtime(self.cfg.devices)
+        self._devices_seen = mtime(self.cfg.devices)
         log.warning("device %s rotated its key: %s in place of %s", device, new.fingerprint,
                     old.fingerprint)
         self.audit.append("device_key_rotated", f"device {device}", old=old.fingerprint,
@@ -593,11 +441,11 @@ class Aggregator:
     def _rows(self) -> list[RoundRow]:
         """The rounds of the current federation (a push with --new-federation starts one)."""
         start = self.rollouts.store.federation_start()
-        return [r for r in self.state.rounds() if r.round > start]
+        return [r for r in self.rounds.rounds() if r.round > start]
 
     def _open_next(self) -> None:
         rows = self._rows()
-        last_round = self.state.rounds()[-1].round if self.state.rounds() else 0
+        last_round = self.rounds.rounds()[-1].round if self.rounds.rounds() else 0
         trained = sum(1 for r in rows if r.settings.task == "train")
         if self.cfg.rounds.rounds and trained >= self.cfg.rounds.rounds:
             self._finish_federation(last_round)
@@ -619,7 +467,7 @@ class Aggregator:
             self._finish_federation(last_round)
             return
         self.devices = self._load_devices()  # devices enrolled since the last round join now
-        self._devices_seen = _mtime(self.cfg.devices)
+        self._devices_seen = mtime(self.cfg.devices)
         need = self.cfg.rounds.min_participants
         if len(self.devices) < need:
             # a round now could only fail at its deadline: wait for devices to enrol instead
@@ -643,7 +491,7 @@ class Aggregator:
                 settings = replace(settings, group_counts=self._group_counts(trained + 1))
         announce = encode(KIND_ANNOUNCE, AGGREGATOR_ID, self.key, {}, round=round_id,
                           model_version=latest, meta=settings.to_meta())
-        self.state.open_round(round_id, latest, announce, settings)
+        self.rounds.open_round(round_id, latest, announce, settings)
         self._publish(topic_round(self.cfg.fleet), announce, retain=True)
         self.audit.append("round_opened", f"round {round_id}", model_version=latest,
                           task=settings.task, enrolled=len(self.devices))
@@ -674,21 +522,38 @@ class Aggregator:
         self.finished = True
         log.info("federation done after %d round(s): final model v%d", last_round, latest)
 
+    def _round_sum(self, cur: RoundRow) -> RunningSum | None:
+        """The round's running sum: every writer's partial sum merged (the validator workers',
+        or this service's own), None when the rule keeps every update."""
+        own = self._running_sum(cur)
+        if own is None:
+            return None
+        parts = self.rounds.partial_sums(cur.round)
+        if len(parts) <= 1 and not self.cfg.workers.group:
+            return own  # one writer, this service: its cached sum is the stored one
+        merged = RunningSum(self._shapes)
+        for part in parts:
+            merged.merge(RunningSum.from_bytes(part, self._shapes))
+        return merged
+
     def _close(self, cur: RoundRow) -> None:
-        accepted = self.state.accepted(cur.round)
-        rejected = self.state.rejections(cur.round)
+        # no update is recorded into the round from here on (validator workers judge what
+        # arrives later as late); with one process this is a no-op
+        self.rounds.begin_close(cur.round)
+        accepted = self.rounds.accepted(cur.round)
+        rejected = self.rounds.rejections(cur.round)
         duplicates = rejected.pop("duplicate", 0)  # re-sends: not rejections, not counted twice
-        declined = self.state.declines(cur.round)
+        declined = self.rounds.declines(cur.round)
         result: dict[str, Any] = {
             "round": cur.round, "task": cur.settings.task, "base_version": cur.model_version,
-            "participants": len(self.state.answered(cur.round)), "accepted": len(accepted),
+            "participants": len(self.rounds.answered(cur.round)), "accepted": len(accepted),
             "rejected": rejected, "duplicates": duplicates, "declined": declined,
             "record_epsilon": _record_epsilon(accepted), "clip_norm": cur.settings.clip_norm,
         }
         if cur.settings.statistics is not None:
             # this round and the failed attempts before it (their vectors were kept)
             attempts = [r.round for r in self._rows() if r.settings.task == "statistics"]
-            vectors = self.state.first_tensors(attempts)
+            vectors = self.rounds.first_tensors(attempts)
             if len(vectors) < self.cfg.rounds.min_participants:
                 self._fail(cur, result, f"{len(vectors)} device(s) released statistics < "
                            f"min_participants {self.cfg.rounds.min_participants}", drop=())
@@ -789,9 +654,9 @@ class Aggregator:
         t0 = time.perf_counter()
         prev = self.registry.manifest(cur.model_version)
         prev_bytes = self.registry.model_bytes(cur.model_version)
-        running = self._running_sum(cur)
+        running = self._round_sum(cur)
         outcome = aggregate_round(
-            running if running is not None else (lambda: self.state.iter_updates(cur.round)),
+            running if running is not None else (lambda: self.rounds.iter_updates(cur.round)),
             count=len(accepted),
             settings=cur.settings, weights=read_weights(prev_bytes, list(self._shapes)),
             optimizer_state=self.registry.server_state(cur.model_version), rule=self.rule,
@@ -847,7 +712,7 @@ class Aggregator:
 
     def _finish_round(self, round_id: int, status: str, result: dict[str, Any],
                       version: int | None, drop: Iterable[int] | None = None) -> None:
-        self.state.finish_round(round_id, status, result, drop)
+        self.rounds.finish_round(round_id, status, result, drop)
         self.monitor.round_closed(round_id, result)
         if round_id in self._validate_seconds:
             add_timings(self.state.db, round_id,
@@ -875,8 +740,8 @@ class Aggregator:
         updates. ``closing`` is the round being closed."""
         counted: list[RoundSettings] = []
         seeded = False
-        for r in self.state.rounds():
-            accepted = self.state.accepted(r.round)
+        for r in self.rounds.rounds():
+            accepted = self.rounds.accepted(r.round)
             seeded = seeded or any(u["info"].get("seeded") for u in accepted)
             if closing is not None and r.round == closing.round:
                 continue
@@ -888,124 +753,6 @@ class Aggregator:
         if closing is not None:
             counted.append(closing.settings)
         return device_privacy(counted, self.cfg.privacy.delta, seeded_devices=seeded)
-
-
-class _Judge:
-    """Verdicts on a group of update messages, gathered for one transaction: what the store
-    knows about a message is the database plus the group's own verdicts so far (a re-send inside
-    the group is a duplicate, a second update of a device in the group is refused)."""
-
-    def __init__(self, agg: Aggregator, cur: RoundRow | None) -> None:
-        self.agg, self.cur = agg, cur
-        self.open = agg._open_round(cur)
-        self.running = agg._running_sum(cur) if self.open is not None and cur else None
-        self.reset()
-
-    def reset(self) -> None:
-        # this group's updates, added to the round's sum only once the group is durable
-        self.group = RunningSum(self.agg._shapes) if self.running is not None else None
-        self.batch = Batch()
-        self.receipts: list[Callable[[], None]] = []
-        self.nonces: dict[tuple[str, str], tuple[int, str]] = {}
-        self.contributed: set[str] = set()
-
-    def commit(self) -> None:
-        merged = None
-        if (self.running is not None and self.group is not None and self.group.count
-                and self.cur is not None):
-            merged = self.running.copy()
-            merged.merge(self.group)
-            self.batch.sums = (self.cur.round, merged.to_bytes())
-        self.agg.state.commit_batch(self.batch)
-        if merged is not None and self.cur is not None:  # durable: the cached sum follows
-            self.running = merged
-            self.agg._running = (self.cur.round, merged)
-
-    def _receipt(self, device: str, round_id: int, nonce: str, status: str,
-                 reason: str = "") -> None:
-        self.receipts.append(lambda: self.agg._receipt(device, round_id, nonce, status, reason))
-
-    def _reject(self, round_id: int | None, device: str | None, reason: str, detail: str) -> None:
-        self.batch.rejections.append((round_id, device, reason, detail))
-        self.agg.monitor.rejected(reason, f"from {device}: {detail}")
-
-    def judge(self, msg: Message, device: str) -> None:
-        started = time.perf_counter()
-        try:
-            self._judge(msg, device)
-        finally:
-            self.agg.monitor.judged(time.perf_counter() - started)
-
-    def _judge(self, msg: Message, device: str) -> None:
-        agg, cur = self.agg, self.cur
-        round_id = cur.round if cur else None
-        authentic = False
-        nonce = ""
-        try:
-            shapes = agg._round_shapes(cur.settings) if cur is not None else agg._shapes
-            env = open_update(msg.payload, agg.devices, shapes, agg._max_update)
-            authentic, nonce = True, env.header.nonce
-            h = env.header
-            seen = self.nonces.get((h.sender, h.nonce)) or agg.state.nonce_seen(h.sender,
-                                                                                 h.nonce)
-            d = env.digest
-            if seen is not None and seen[1] != d and seen[1] == digest(msg.payload):
-                d = seen[1]  # recorded by an earlier version, as the whole message's sha256
-            contributed = self.open is not None and (
-                h.sender in self.contributed
-                or agg.state.find_update(self.open.round, h.sender) is not None)
-            prior = Prior(nonce_round=seen[0] if seen else None,
-                          nonce_digest=seen[1] if seen else None, contributed=contributed)
-            verdict = validate_update(env, topic_sender=device, fleet=agg.cfg.fleet,
-                                      digest=d, current=self.open, prior=prior)
-            assert round_id is not None  # validate_update refuses a message without an open round
-            self._record(verdict, round_id)
-        except WireError as exc:
-            log.warning("round %s: rejected message on %s: %s (%s)", round_id, msg.topic,
-                        exc.reason, exc)
-            self._reject(round_id, device, exc.reason, str(exc))
-            if authentic and round_id is not None:
-                self._receipt(device, round_id, nonce, "rejected", f"{exc.reason}: {exc}")
-        except BedsideError as exc:  # anything else we raise on bad input: never crash the loop
-            log.warning("round %s: rejected message on %s: %s", round_id, msg.topic, exc)
-            self._reject(round_id, device, "invalid", str(exc))
-        except (sqlite3.Error, OSError):
-            raise  # our own storage: nothing of the group is acknowledged
-        except Exception as exc:  # a message must never stop the service (or be redelivered
-            # forever): reject it, keep the traceback in the log, acknowledge it.
-            log.exception("round %s: internal error on a message from %s; rejected", round_id,
-                          device)
-            self._reject(round_id, device, "internal_error", f"{type(exc).__name__}: {exc}")
-
-    def _record(self, verdict: Accepted | Declined | Duplicate, round_id: int) -> None:
-        if isinstance(verdict, Duplicate):
-            # The same message again in the same round: a device's re-send (its receipt was
-            # lost) or a verbatim replay. Either way it is harmless and not counted again.
-            log.info("round %d: duplicate of %s's accepted update (re-send or replay); not "
-                     "counted again", round_id, verdict.sender)
-            self._reject(round_id, verdict.sender, "duplicate",
-                         f"nonce {verdict.nonce[:12]}... already accepted")
-            self._receipt(verdict.sender, round_id, verdict.nonce, "accepted",
-                          "duplicate delivery")
-        elif isinstance(verdict, Declined):
-            log.info("round %d: %s declined (%s)", round_id, verdict.sender, verdict.reason)
-            self.batch.declines.append((round_id, verdict.sender, verdict.reason))
-            self.agg.monitor.declined(verdict.reason)
-            self._receipt(verdict.sender, round_id, verdict.nonce, "declined", verdict.reason)
-        else:
-            tensors: dict[str, np.ndarray] | None = verdict.tensors
-            if self.group is not None:
-                self.group.add(verdict.tensors, verdict.weight)
-                tensors = None  # folded into the round's running sum
-            self.batch.updates.append(UpdateRow(
-                round_id, verdict.sender, verdict.nonce, verdict.digest, verdict.weight,
-                verdict.norm, verdict.info, tensors))
-            self.nonces[(verdict.sender, verdict.nonce)] = (round_id, verdict.digest)
-            self.contributed.add(verdict.sender)
-            self.agg.monitor.accepted()
-            log.info("round %d: accepted update from %s (norm %.3f)", round_id, verdict.sender,
-                     verdict.norm)
-            self._receipt(verdict.sender, round_id, verdict.nonce, "accepted")
 
 
 def _record_epsilon(accepted: list[dict[str, Any]]) -> dict[str, Any]:
@@ -1029,8 +776,3 @@ def _kind(payload: bytes) -> str | None:
         return None
 
 
-def _mtime(path: Any) -> int | None:
-    try:
-        return int(os.stat(path).st_mtime_ns)
-    except OSError:
-        return None

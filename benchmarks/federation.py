@@ -404,14 +404,14 @@ def probe(n: int, rule: str, model_dir: Path, work: Path) -> dict[str, Any]:
         agg.step(0.0)  # drains the burst: judge, record in groups, receipt, acknowledge
         handle_s += time.perf_counter() - t1
     handling_kib = vm_kib("VmHWM") if reset else 0
-    accepted = len(agg.state.accepted(1))
-    rejected = agg.state.rejections(1)
+    accepted = len(agg.rounds.accepted(1))
+    rejected = agg.rounds.rejections(1)
     now[0] += 7200.0
     t0 = time.perf_counter()
     agg.step(0.0)
     close_s = time.perf_counter() - t0
     peak_kib = vm_kib("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    r = agg.state.get_round(1)
+    r = agg.rounds.get_round(1)
     db = sum(p.stat().st_size for p in (work / "data").glob("state.db*"))
     return {
         "updates": n, "rule": rule, "noise": conf["privacy"]["noise"], "accepted": accepted,
@@ -657,7 +657,7 @@ def round_latency(kind: str, work: Path, rounds: int) -> dict[str, Any]:
             if not agg.finished:
                 raise RuntimeError(f"the federation over {kind} did not finish")
             wall = time.perf_counter() - started
-            results = [r.result for r in agg.state.rounds()]
+            results = [r.result for r in agg.rounds.rounds()]
         finally:
             agg_stop.set()
             for _, stop, _ in agents:
@@ -835,7 +835,7 @@ def in_memory_flower(work: Path, rounds: int) -> list[float]:
     agg = Aggregator(load_agg(fleet.aggregator_toml), link)
     FlowerDriver(agg, link, MemoryGrid([fleet.agent_toml(i) for i in range(FLOWER_CLIENTS)]),
                  poll=0.0).run()
-    return [r.result["round_seconds"] for r in agg.state.rounds()]
+    return [r.result["round_seconds"] for r in agg.rounds.rounds()]
 
 
 def flower_part(work: Path, quick: bool) -> dict[str, Any]:
