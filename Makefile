@@ -39,13 +39,19 @@ system-deps:
 	  else echo "error: mosquitto is missing; install it (apt-get install mosquitto)"; exit 1; fi; \
 	fi
 
-# Chromium: the status page's browser test (skipped without it, except in CI). Only the tests
-# need it, so `make demo` does not install it.
+# Chromium: the status page's browser test; PostgreSQL: the validator workers' tests (each
+# skipped without it, except in CI). Only the tests need them, so `make demo` does not install
+# them.
 test-deps:
 	@if ! command -v chromium >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    apt-get install -y -qq chromium || { apt-get update -qq && apt-get install -y -qq chromium; }; \
 	  else echo "note: chromium is not installed; the status page's browser test will be skipped"; fi; \
+	fi
+	@if ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get install -y -qq postgresql || { apt-get update -qq && apt-get install -y -qq postgresql; }; \
+	  else echo "note: postgresql is not installed; the validator workers' tests will be skipped"; fi; \
 	fi
 
 demo: setup

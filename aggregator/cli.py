@@ -1,4 +1,4 @@
-"""``bedside aggregator serve | invite | enroll | revoke | rotate-key | status``."""
+"""``bedside aggregator serve | worker | invite | enroll | revoke | rotate-key | status``."""
 
 from __future__ import annotations
 
@@ -16,6 +16,20 @@ def build(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("serve", help="run rounds until the planned rounds are done or stopped")
     p.add_argument("--config", required=True, type=Path, metavar="aggregator.toml")
     p.set_defaults(func=_serve)
+
+    p = sub.add_parser("worker", help="run a validator worker ([workers]): judge updates from "
+                       "the shared subscription into PostgreSQL, beside 'serve' (docs/scaling.md)")
+    p.add_argument("--config", required=True, type=Path, metavar="aggregator.toml")
+    p.add_argument("--id", required=True, dest="worker_id", metavar="ID",
+                   help="this worker's id, one of [workers] ids (fixed: its MQTT session "
+                   "and its partial sums are kept under it)")
+    p.add_argument("--cert", type=Path, metavar="FILE", help="its broker certificate (CN "
+                   "aggregator-worker-ID; default: [mqtt] cert_file)")
+    p.add_argument("--key", type=Path, metavar="FILE", help="that certificate's private key")
+    p.add_argument("--monitor-port", type=int, default=0, metavar="PORT",
+                   help="serve this worker's Prometheus /metrics on PORT ([monitor] host; "
+                   "default: none)")
+    p.set_defaults(func=_worker)
 
     p = sub.add_parser("invite", help="issue a single-use, expiring enrollment token for a "
                        "device: prints one line to hand to its clinic ('bedside edge enroll "
@@ -99,6 +113,23 @@ def _enroll(ns: argparse.Namespace) -> int:
     print(f"enrolled {ns.device_id} (fingerprint {key.fingerprint}); it takes part from the next "
           "round")
     return 0
+
+
+def _worker(ns: argparse.Namespace) -> int:
+    from bedside.aggregator.config import load
+    from bedside.aggregator.worker import Worker
+    from bedside.errors import InputError
+
+    if not 0 <= ns.monitor_port < 65536:
+        raise InputError(f"--monitor-port {ns.monitor_port}: expected 0..65535")
+    worker = Worker(load(ns.config), ns.worker_id, cert_file=ns.cert, key_file=ns.key,
+                    monitor_port=ns.monitor_port)
+
+    def close() -> None:
+        worker.transport.close()
+        worker.close()
+
+    return run_until_signalled(worker.run, close)
 
 
 def _invite(ns: argparse.Namespace) -> int:

@@ -275,6 +275,11 @@ class StateConfig:
                               "'postgresql' or remove dsn")
 
 
+def _ids(value: list[str], where: str) -> None:
+    for i in value:
+        _id(i, where)
+
+
 @dataclass(frozen=True)
 class WorkersConfig:
     """``[workers]``: validator workers (``bedside aggregator worker``) instead of the service
@@ -285,6 +290,23 @@ class WorkersConfig:
                          "and closes rounds from the workers' partial sums). Needs [state] "
                          "backend 'postgresql' and Mosquitto (docs/scaling.md)",
                          check=lambda v, where: _id(v, where) if v else None)
+    ids: list[str] = setting(doc="the workers' ids: each runs 'bedside aggregator worker --id "
+                             "ID' with its own broker certificate (CN aggregator-worker-ID), "
+                             "which the generated ACL allows to read updates and write receipts",
+                             factory=list,
+                             check=_ids)
+
+    def __post_init__(self) -> None:
+        if self.group and not self.ids:
+            raise ConfigError("[workers] group is set but ids is empty: name the workers (ids = "
+                              "[\"1\", \"2\", \"3\"])")
+        if len(set(self.ids)) != len(self.ids):
+            raise ConfigError("[workers] ids: each worker needs its own id")
+
+
+def worker_identity(worker_id: str) -> str:
+    """A validator worker's MQTT client id and broker certificate CN."""
+    return f"aggregator-worker-{worker_id}"
 
 
 @dataclass(frozen=True, kw_only=True)

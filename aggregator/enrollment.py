@@ -369,7 +369,8 @@ def refresh_broker(cfg: AggregatorConfig) -> list[str]:
     with open(d / ".bedside.lock", "a") as lock:  # the service and the CLI, one at a time
         fcntl.flock(lock, fcntl.LOCK_EX)
         devices = list(KeyRing.from_dir(cfg.devices)) if cfg.devices.is_dir() else []
-        atomic_write_bytes(d / "acl", acl_text(cfg.fleet, devices, aggregator_cn(cfg)).encode())
+        atomic_write_bytes(d / "acl", acl_text(cfg.fleet, devices, aggregator_cn(cfg),
+                                                cfg.workers.ids).encode())
         done.append(str(d / "acl"))
         ca = cfg.enrollment.ca_dir
         if ca is not None and (ca / CRL_FILE).exists():

@@ -216,15 +216,24 @@ class RoundStore:
                 self._drop_sums(r)
 
     # -- updates -----------------------------------------------------------------------------------
-    def find_update(self, round_id: int, sender: str) -> tuple[str, str] | None:
-        r = self._one("SELECT nonce, digest FROM updates WHERE round = ? AND sender = ?",
-                      (round_id, sender))
-        return (r[0], r[1]) if r else None
-
     def nonce_seen(self, sender: str, nonce: str) -> tuple[int, str] | None:
         r = self._one("SELECT round, digest FROM updates WHERE sender = ? AND nonce = ?",
                       (sender, nonce))
         return (r[0], r[1]) if r else None
+
+    def seen(self, sender: str, nonce: str, round_id: int | None
+             ) -> tuple[tuple[int, str] | None, bool]:
+        """In one statement (one snapshot, whatever other writers commit meanwhile): where this
+        sender's ``nonce`` was recorded (round, digest), and whether the sender has an update in
+        round ``round_id``."""
+        nonce_at, contributed = None, False
+        for r, n, d in self._all("SELECT round, nonce, digest FROM updates WHERE sender = ? AND "
+                                 "(nonce = ? OR round = ?)", (sender, nonce, round_id)):
+            if n == nonce:
+                nonce_at = (int(r), str(d))
+            if r == round_id:
+                contributed = True
+        return nonce_at, contributed
 
     def commit_batch(self, batch: Batch) -> None:
         """Record a group of verdicts, and the round's running sum if given, in one transaction:

@@ -323,13 +323,13 @@ class _Judge:
             env = open_update(msg.payload, v.devices, shapes, v._max_update)
             authentic, nonce = True, env.header.nonce
             h = env.header
-            seen = self.nonces.get((h.sender, h.nonce)) or v.rounds.nonce_seen(h.sender, h.nonce)
+            stored, in_round = v.rounds.seen(h.sender, h.nonce,
+                                             self.open.round if self.open else None)
+            seen = self.nonces.get((h.sender, h.nonce)) or stored
             d = env.digest
             if seen is not None and seen[1] != d and seen[1] == digest(msg.payload):
                 d = seen[1]  # recorded by an earlier version, as the whole message's sha256
-            contributed = self.open is not None and (
-                h.sender in self.contributed
-                or v.rounds.find_update(self.open.round, h.sender) is not None)
+            contributed = self.open is not None and (h.sender in self.contributed or in_round)
             prior = Prior(nonce_round=seen[0] if seen else None,
                           nonce_digest=seen[1] if seen else None, contributed=contributed)
             verdict = validate_update(env, topic_sender=device, fleet=v.cfg.fleet,

@@ -54,6 +54,9 @@ BROKER_ID: Final = "broker"
 #: Identities of the services (certificate CNs, signers): never a device's id, so a device can
 #: never borrow their broker identity or their place in an ACL (compared case-insensitively).
 RESERVED_IDS: Final = frozenset({AGGREGATOR_ID, BROKER_ID, "ca", "downloads"})
+#: ... and no device id starts with this: the aggregator's validator workers are
+#: ``aggregator-worker-<id>`` at the broker.
+RESERVED_PREFIX: Final = f"{AGGREGATOR_ID}-"
 
 
 def topic_round(fleet: str) -> str:

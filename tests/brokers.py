@@ -98,14 +98,14 @@ class Broker:
 
 
 def start_mosquitto(workdir: Path, identities: list[str] | None = None, fleet: str = "demo",
-                    acl_extra: str = "") -> Broker:
-    """Mosquitto with the shipped config and the fleet's generated ACL (``acl_extra`` appended);
-    certificates for the aggregator and ``identities``."""
+                    acl_extra: str = "", workers: list[str] | None = None) -> Broker:
+    """Mosquitto with the shipped config and the fleet's generated ACL (``acl_extra`` appended;
+    ``workers``: validator worker ids); certificates for the aggregator and ``identities``."""
     workdir.mkdir(parents=True, exist_ok=True)
     certs = workdir / "certs"
     devices = [i for i in identities or [] if i != "aggregator"]
     create_fleet(certs, ["aggregator", *devices], ["127.0.0.1"])
-    (certs / "acl").write_text(acl_text(fleet, devices) + "\n" + acl_extra)
+    (certs / "acl").write_text(acl_text(fleet, devices, workers=workers or []) + "\n" + acl_extra)
     port = free_port()
     conf = config_text(certs, workdir, [("127.0.0.1", port)])
     if os.geteuid() == 0:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -69,3 +70,15 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
                          "a test or the code under test replaced it. Restore it (as root): "
                          "rm /dev/null; mknod -m 666 /dev/null c 1 3\n")
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[Any]:
+    """A PostgreSQL server for the session (tests.postgres), each test making its own database."""
+    from tests.postgres import start_postgres
+
+    server = start_postgres()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -13,7 +13,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,12 +79,3 @@ def start_postgres() -> Postgres:
         shutil.rmtree(d, ignore_errors=True)
         raise RuntimeError(f"PostgreSQL did not start: {exc.stderr!r} {log[-2000:]}") from None
     return pg
-
-
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[Postgres]:
-    pg = start_postgres()
-    try:
-        yield pg
-    finally:
-        pg.stop()

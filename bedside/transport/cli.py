@@ -96,6 +96,9 @@ def _fleet_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", action="append", metavar="ID", help="a device id (repeatable)")
     p.add_argument("--aggregator", default="aggregator",
                    help="the aggregator's certificate CN (default aggregator)")
+    p.add_argument("--worker", action="append", default=[], metavar="ID",
+                   help="a validator worker's id ([workers] ids; repeatable): it may read "
+                   "updates and write receipts (certificate CN aggregator-worker-ID)")
 
 
 def _device_ids(ns: argparse.Namespace) -> list[str]:
@@ -113,7 +116,7 @@ def _config(ns: argparse.Namespace) -> int:
     listeners = [parse_listener(x) for x in ns.listen] or None
     files = write_config(ns.out, ns.ca, ns.fleet, _device_ids(ns), aggregator=ns.aggregator,
                          data_dir=ns.data_dir, listeners=listeners,
-                         plaintext_loopback=ns.plaintext_loopback)
+                         plaintext_loopback=ns.plaintext_loopback, workers=ns.worker)
     group = share_with_broker(ns.out, ns.broker_group) if ns.broker_group else None
     if ns.json:
         print_json({"dir": str(ns.out), "files": [f.name for f in files],
@@ -130,7 +133,8 @@ def _acl(ns: argparse.Namespace) -> int:
     from bedside.files import write_output
     from bedside.transport.pki import acl_text
 
-    write_output(ns.out or "-", acl_text(ns.fleet, _device_ids(ns), ns.aggregator) + "\n")
+    write_output(ns.out or "-",
+                 acl_text(ns.fleet, _device_ids(ns), ns.aggregator, ns.worker) + "\n")
     return 0
 
 

@@ -123,7 +123,8 @@ def parse_listener(text: str) -> tuple[str, int]:
 def write_config(out: str | Path, ca_dir: str | Path, fleet: str, devices: list[str], *,
                  aggregator: str = "aggregator", data_dir: str | Path | None = None,
                  listeners: list[tuple[str, int]] | None = None,
-                 plaintext_loopback: int | None = None) -> list[Path]:
+                 plaintext_loopback: int | None = None,
+                 workers: list[str] | None = None) -> list[Path]:
     """Write ``mosquitto.conf``, ``acl`` and copies of the CA's certificate, the broker's
     certificate and key and the CRL into ``out`` (private, the broker's key 0600), so that the
     directory is all Mosquitto reads. Returns the files written."""
@@ -141,7 +142,7 @@ def write_config(out: str | Path, ca_dir: str | Path, fleet: str, devices: list[
         shutil.copyfile(ca / name, o / name)
         (o / name).chmod(0o600 if name.endswith(".key") else 0o644)
         written.append(o / name)
-    atomic_write_bytes(o / "acl", acl_text(fleet, devices, aggregator).encode())
+    atomic_write_bytes(o / "acl", acl_text(fleet, devices, aggregator, workers or []).encode())
     text = config_text(o.resolve(), Path(data_dir or DEFAULT_DATA_DIR).resolve(), listeners,
                        plaintext_loopback)
     if plaintext_loopback is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from cryptography import x509
@@ -229,7 +230,8 @@ def certificate_cn(pem: str) -> str:
     return str(names[0].value) if names else ""
 
 
-def acl_text(fleet: str, devices: list[str], aggregator: str = "aggregator") -> str:
+def acl_text(fleet: str, devices: list[str], aggregator: str = "aggregator",
+             workers: Sequence[str] = ()) -> str:
     """A Mosquitto ACL for one federation: each device may publish only its own updates and
     status *in its own fleet*, and read that fleet's announcements, models and its own receipts;
     the aggregator (certificate CN ``aggregator``) owns the fleet's topics. Several fleets on one
@@ -237,8 +239,11 @@ def acl_text(fleet: str, devices: list[str], aggregator: str = "aggregator") -> 
 
     Mosquitto patterns (``%u``) cannot name a device's fleet, so the rules are written per device:
     regenerate the file (``bedside broker acl``) when a device is enrolled or revoked.
+
+    ``workers``: validator worker ids (``[workers] ids``); each (CN ``aggregator-worker-<id>``)
+    may read the fleet's updates (through the shared subscription) and write receipts.
     """
-    from bedside.constants import TOPIC_ROOT
+    from bedside.constants import AGGREGATOR_ID, TOPIC_ROOT
     from bedside.wire.signing import validate_device_id, validate_id
 
     validate_id(fleet, what="fleet")
@@ -248,6 +253,10 @@ def acl_text(fleet: str, devices: list[str], aggregator: str = "aggregator") -> 
              "when devices are enrolled or revoked.",
              "# The username is the client certificate's CN (use_identity_as_username).", "",
              f"user {aggregator}", f"topic readwrite {root}/#", ""]
+    for worker in sorted(set(workers)):
+        validate_id(worker, what="worker id")
+        lines += [f"user {AGGREGATOR_ID}-worker-{worker}", f"topic read {root}/update/+",
+                  f"topic write {root}/receipt/+", ""]
     for device in sorted(set(devices)):
         validate_device_id(device)
         lines += [f"user {device}",

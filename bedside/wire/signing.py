@@ -93,12 +93,13 @@ def validate_id(value: object, *, what: str = "id") -> str:
 
 def validate_device_id(value: object, *, what: str = "device id") -> str:
     """A valid id (:func:`validate_id`) that is not a service's identity (``RESERVED_IDS``)."""
-    from bedside.constants import RESERVED_IDS
+    from bedside.constants import RESERVED_IDS, RESERVED_PREFIX
 
     v = validate_id(value, what=what)
-    if v.lower() in RESERVED_IDS:
+    if v.lower() in RESERVED_IDS or v.lower().startswith(RESERVED_PREFIX):
         raise InputError(f"{what} {v!r} is reserved for a Bedside service (reserved: "
-                         f"{', '.join(sorted(RESERVED_IDS))}): a device with it could pass for "
+                         f"{', '.join(sorted(RESERVED_IDS))}, and ids that start with "
+                         f"{RESERVED_PREFIX!r}): a device with it could pass for "
                          "that service at the broker; choose another id")
     return v
 

@@ -239,17 +239,17 @@ def test_a_storage_error_while_judging_leaves_no_phantom_in_the_running_sum(tmp_
     rig = Rig(tmp_path, 3)
     deltas = rig.send_updates(rig.ids)
     calls = [0]
-    real = State.nonce_seen
+    real = State.seen
 
-    def flaky(self, sender, nonce):
+    def flaky(self, sender, nonce, round_id):
         calls[0] += 1
         if calls[0] == 3:  # the third message of the group: the database fails
             raise sqlite3.OperationalError("database is locked")
-        return real(self, sender, nonce)
-    monkeypatch.setattr(State, "nonce_seen", flaky)
+        return real(self, sender, nonce, round_id)
+    monkeypatch.setattr(State, "seen", flaky)
     with pytest.raises(sqlite3.OperationalError):
         rig.agg.step(0.0)
-    monkeypatch.setattr(State, "nonce_seen", real)
+    monkeypatch.setattr(State, "seen", real)
     assert rig.agg.state.accepted(1) == []
     rig.agg.transport.close()  # the broker redelivers the unacknowledged group
     rig.agg.transport.reconnect()
