@@ -14,13 +14,19 @@ RoundStore`), with what several writers need:
 * **closing is a state**: the coordinator marks a round ``closing`` (a row lock every worker's
   transaction shares, ``FOR SHARE``), so no update is recorded into a round after the
   coordinator read its sums;
-* **one process per writer id**: a worker holds a session advisory lock on its id for its
-  lifetime; a second process with the same id is refused at start (it would overwrite the first
-  one's partial sum).
+* **one process per writer id**: a worker (and the coordinator) holds a session advisory lock
+  on its id for its lifetime, taken again on every reconnection; a second process with the same
+  id is refused. Even so, a partial sum is replaced only if it is still the one this writer
+  read (compare-and-set on its update count): two writers of one id can never overwrite each
+  other's updates;
+* **no lock held for ever**: sessions have TCP keepalives and ``idle_in_transaction_session_
+  timeout``, so a worker cut off mid-transaction releases its row locks (and the coordinator's
+  close goes on) within a minute.
 
-The connection runs in autocommit; :meth:`PgRounds._tx` groups writes. A broken connection is
-reconnected once per call (PostgreSQL restarted); a failed transaction is retried by the caller
-(its messages were not acknowledged).
+The connection runs in autocommit; :meth:`PgRounds._tx` groups writes. A connection found broken
+is reconnected once per call; otherwise a database error is a :class:`~bedside.errors.
+StateError`: the process stops with its messages unacknowledged (the broker redelivers them)
+and its supervisor (systemd ``Restart=``) starts it again.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ from bedside.federation.settings import RoundSettings
 log = logging.getLogger("bedside.aggregator.pgstate")
 
 SCHEMA = 1
+#: A session idle inside a transaction this long is ended by the server (its locks released).
+IDLE_IN_TX_MS = 60_000
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS bedside_meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -73,6 +81,7 @@ CREATE TABLE IF NOT EXISTS declines (
 );
 CREATE TABLE IF NOT EXISTS round_sums (
     round INTEGER NOT NULL, writer TEXT NOT NULL, sums BYTEA NOT NULL,
+    count INTEGER NOT NULL,
     PRIMARY KEY (round, writer)
 );
 CREATE TABLE IF NOT EXISTS rejections (
@@ -113,6 +122,8 @@ class PgRounds(RoundStore):
         self.dsn, self.fleet, self.writer = dsn, fleet, writer
         self._settings: dict[str, RoundSettings] = {}
         self._in_tx = False
+        self._claimed = False
+        self._counts: dict[int, int] = {}  # round -> update count of the sum this writer read
         self.conn = self._connect()
         try:
             with self.conn.transaction():
@@ -148,12 +159,18 @@ class PgRounds(RoundStore):
 
     def _connect(self) -> Any:
         try:
-            return self.psycopg.connect(self.dsn, autocommit=True, connect_timeout=10,
-                                        application_name=f"bedside-{self.writer or 'service'}")
+            conn = self.psycopg.connect(
+                self.dsn, autocommit=True, connect_timeout=10,
+                application_name=f"bedside-{self.writer or 'service'}",
+                keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3,
+                options=f"-c idle_in_transaction_session_timeout={IDLE_IN_TX_MS}")
         except self.psycopg.Error as exc:
             raise StateError(f"cannot connect to PostgreSQL ({self._where()}): "
                              f"{_first_line(exc)}; check [state] dsn, that the server runs and "
                              "that the password file (PGPASSFILE) has this user") from None
+        if self._claimed:  # the lock belonged to the old session: take it again or stop
+            self._lock_id(conn)
+        return conn
 
     def close(self) -> None:
         self.conn.close()
@@ -161,6 +178,7 @@ class PgRounds(RoundStore):
     # -- backend -----------------------------------------------------------------------------------
     def _run(self, sql: str, params: Any, many: bool = False) -> list[tuple[Any, ...]]:
         sql = sql.replace("?", "%s")
+        params = [_clean(r) for r in params] if many else _clean(params)
         for attempt in (0, 1):
             try:
                 if many:
@@ -215,13 +233,27 @@ class PgRounds(RoundStore):
             if row is None or row[0] != "open":
                 raise Contended(f"round {r} is {row[0] if row else 'unknown'}, no longer open")
 
-    def _save_sums(self, round_id: int, sums: bytes) -> None:
-        self._all("INSERT INTO round_sums VALUES (?, ?, ?) ON CONFLICT (round, writer) DO UPDATE "
-                  "SET sums = excluded.sums", (round_id, self.writer, sums))
+    def _save_sums(self, round_id: int, sums: bytes, count: int) -> None:
+        """Replace this writer's partial sum only if it is still the one it read (its count):
+        else another process wrote under this id meanwhile, and the group is judged again on
+        what is stored."""
+        base = self._counts.get(round_id, 0)
+        if base == 0:
+            self._all("INSERT INTO round_sums VALUES (?, ?, ?, ?)",
+                      (round_id, self.writer, sums, count))  # a row already there: Contended
+        elif not self._all("UPDATE round_sums SET sums = ?, count = ? WHERE round = ? AND "
+                           "writer = ? AND count = ? RETURNING 1",
+                           (sums, count, round_id, self.writer, base)):
+            raise Contended(f"the partial sum of writer {self.writer!r} changed under it (a "
+                            "second process with this id?)")
+
+    def _saved(self, round_id: int, count: int) -> None:
+        self._counts[round_id] = count
 
     def running_sum(self, round_id: int) -> bytes | None:
-        r = self._one("SELECT sums FROM round_sums WHERE round = ? AND writer = ?",
+        r = self._one("SELECT sums, count FROM round_sums WHERE round = ? AND writer = ?",
                       (round_id, self.writer))
+        self._counts[round_id] = int(r[1]) if r else 0
         return bytes(r[0]) if r else None
 
     def partial_sums(self, round_id: int) -> list[bytes]:
@@ -235,13 +267,25 @@ class PgRounds(RoundStore):
                   (round_id,))
 
     # -- workers -----------------------------------------------------------------------------------
-    def claim(self, host: str, pid: int) -> None:
-        """Hold this writer id for the life of the connection (a session advisory lock, released
-        by PostgreSQL when the process dies) and register it in ``workers``."""
-        got = self._one("SELECT pg_try_advisory_lock(?)", (_lock_key(self.fleet, self.writer),))
+    def _lock_id(self, conn: Any) -> None:
+        got = conn.execute("SELECT pg_try_advisory_lock(%s)",
+                           (_lock_key(self.fleet, self.writer),)).fetchone()
         if not got or not got[0]:
-            raise StateError(f"worker id {self.writer!r} is in use by another running process "
-                             "(see the 'workers' table): give every worker its own --id")
+            who = (f"worker id {self.writer!r}" if self.writer
+                   else f"the coordinator of fleet {self.fleet!r}")
+            conn.close()
+            raise StateError(f"{who} is in use by another running process (see the 'workers' "
+                             "table): give every worker its own --id, and run one service per "
+                             "fleet")
+
+    def claim(self, host: str, pid: int) -> None:
+        """Hold this writer id (the coordinator: ``""``) for the life of the process: a session
+        advisory lock, released by PostgreSQL when the process dies, taken again on every
+        reconnection; a worker is registered in ``workers``."""
+        self._lock_id(self.conn)
+        self._claimed = True
+        if not self.writer:
+            return
         now = time.time()
         self._all("INSERT INTO workers VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
                   "host = excluded.host, pid = excluded.pid, started_at = excluded.started_at, "
@@ -254,6 +298,16 @@ class PgRounds(RoundStore):
         """Workers seen in the last ``within`` seconds."""
         return [r[0] for r in self._all("SELECT id FROM workers WHERE seen_at >= ? ORDER BY id",
                                         (time.time() - within,))]
+
+
+def _clean(value: Any) -> Any:
+    """PostgreSQL text cannot hold NUL: a device-chosen string (a decline reason, a detail)
+    with one must not fail the group it is in (nor, redelivered, every attempt after)."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd")
+    if isinstance(value, tuple | list):
+        return type(value)(_clean(v) for v in value)
+    return value
 
 
 def _first_line(exc: BaseException) -> str:

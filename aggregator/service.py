@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -60,7 +61,7 @@ from bedside.constants import (
     topic_status,
     topic_updates_all,
 )
-from bedside.errors import BedsideError, ConfigError, InputError, WireError
+from bedside.errors import BedsideError, ConfigError, InputError, StateError, WireError
 from bedside.federation import fairness
 from bedside.federation.aggregate import aggregate_round
 from bedside.federation.fairness import GroupCountSettings
@@ -95,6 +96,13 @@ class Aggregator(Validator):
         self.state = State(cfg.state_path)
         #: the round tables: state.db itself, or PostgreSQL shared with validator workers
         rounds = open_rounds(cfg, self.state)
+        if rounds is not self.state:  # one service per fleet on a shared database
+            import socket
+
+            from bedside.aggregator.pgstate import PgRounds
+
+            assert isinstance(rounds, PgRounds)
+            rounds.claim(socket.gethostname(), os.getpid())
         if transport is None:
             from bedside.transport.mqtt import MqttTransport
 
@@ -207,8 +215,13 @@ class Aggregator(Validator):
         rotation = published_rotation(self.cfg)
         if rotation is not None:  # before anything signed with the new key: devices pin it first
             self._publish(topic_key(self.cfg.fleet), rotation, retain=True)
-        if not self.cfg.workers.group:  # else validator workers read the updates
+        if not self.cfg.workers.group:
             self.transport.subscribe(topic_updates_all(self.cfg.fleet), qos=1)
+        else:  # validator workers read the updates; a session from a single-process run may
+            # still hold the subscription: drop it, or every update is judged twice
+            unsubscribe = getattr(self.transport, "unsubscribe", None)
+            if unsubscribe is not None:
+                unsubscribe(topic_updates_all(self.cfg.fleet))
         self.transport.subscribe(topic_reports_all(self.cfg.fleet), qos=1)
         base = self.rollouts.base_version()
         assert base is not None
@@ -281,6 +294,12 @@ class Aggregator(Validator):
                 f"kept as a running sum (rule 'fedavg'); [strategy] rule {self.rule.name!r} "
                 "needs every update. Finish the round with the rule it started with, then "
                 "change the rule")
+        if (self.cfg.workers.group and self.rule.incremental and cur.settings.task == "train"
+                and self.rounds.folded(cur.round) < len(self.rounds.accepted(cur.round))):
+            raise ConfigError(
+                f"{self.cfg.source}: round {cur.round} is open and kept every update (it began "
+                f"with another rule or without workers); validator workers keep running sums. "
+                "Finish the round as it began, then turn on [workers]")
         accepted = len(self.rounds.accepted(cur.round))
         log.info("resuming open round %d (model v%d): %d update(s) already accepted, deadline in "
                  "%.0f s", cur.round, cur.model_version, accepted, cur.deadline - self.clock())
@@ -357,7 +376,7 @@ class Aggregator(Validator):
         if _kind(msg.payload) == KIND_KEY:
             try:
                 self._on_device_key(device, msg.payload)
-            except (sqlite3.Error, OSError):  # our storage: not acknowledged, redelivered
+            except (sqlite3.Error, OSError, StateError):  # our storage: redelivered
                 raise
             except Exception:  # whatever a device sends must not stop the service
                 log.exception("key rotation on %s's topic could not be handled; dropped", device)
@@ -365,7 +384,7 @@ class Aggregator(Validator):
             return
         try:
             self.rollouts.on_report(device, msg.payload, self.devices)
-        except (sqlite3.Error, OSError):  # our storage: not acknowledged, redelivered
+        except (sqlite3.Error, OSError, StateError):  # our storage: redelivered
             log.exception("could not record a release report from %s", device)
             raise
         msg.ack()
@@ -495,8 +514,27 @@ class Aggregator(Validator):
         self._publish(topic_round(self.cfg.fleet), announce, retain=True)
         self.audit.append("round_opened", f"round {round_id}", model_version=latest,
                           task=settings.task, enrolled=len(self.devices))
+        self._check_workers()
         log.info("round %d open: model v%d, %d enrolled device(s), deadline %.0f s", round_id,
                  latest, len(self.devices), self.cfg.rounds.deadline_seconds)
+
+    def _check_workers(self) -> None:
+        """Say which configured validator workers have not been seen lately: Mosquitto keeps
+        giving a stopped worker its share of the updates, which wait in its session until it
+        is back (devices without a receipt send again, and the others take those)."""
+        if not self.cfg.workers.group:
+            return
+        from bedside.aggregator.pgstate import PgRounds
+        from bedside.aggregator.worker import HEARTBEAT_S
+
+        assert isinstance(self.rounds, PgRounds)
+        alive = set(self.rounds.workers(within=3 * HEARTBEAT_S))
+        missing = [w for w in self.cfg.workers.ids if w not in alive]
+        if missing:
+            log.warning("validator worker(s) %s not seen in the last %.0f s: the updates the "
+                        "broker gives them wait until they run again ('bedside aggregator "
+                        "worker --id ID')", ", ".join(missing), 3 * HEARTBEAT_S)
+            self.monitor.error(f"validator worker(s) not running: {', '.join(missing)}")
 
     def _group_counts(self, training_round: int) -> GroupCountSettings:
         """What training round ``training_round`` asks of the devices' per-group counts
@@ -574,7 +612,15 @@ class Aggregator(Validator):
             self._fail(cur, result, f"{len(accepted)} accepted update(s) < min_participants "
                        f"{self.cfg.rounds.min_participants}")
             return
-        version = self._aggregate(cur, accepted, result)
+        try:
+            version = self._aggregate(cur, accepted, result)
+        except InputError as exc:
+            # the stored sums do not add up to the accepted updates (they never should): fail
+            # the round, loudly, rather than publish a wrong model or retry the close for ever
+            log.error("round %d cannot be aggregated: %s", cur.round, exc)
+            self.monitor.error(f"round {cur.round} cannot be aggregated: {exc}")
+            self._fail(cur, result, f"cannot aggregate: {exc}")
+            return
         result["round_seconds"] = round(self.clock() - cur.opened_at, 3)
         self._finish_round(cur.round, "closed", result, version)
 

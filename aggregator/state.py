@@ -102,7 +102,8 @@ class Batch:
     updates: list[UpdateRow] = field(default_factory=list)
     declines: list[tuple[int, str, str]] = field(default_factory=list)
     rejections: list[tuple[int | None, str | None, str, str]] = field(default_factory=list)
-    sums: tuple[int, bytes] | None = None  # (round, the running sum after this group)
+    sums: tuple[int, bytes, int] | None = None  # (round, the running sum after this group,
+    #                                               the number of updates it holds)
 
     def __len__(self) -> int:
         return len(self.updates) + len(self.declines) + len(self.rejections)
@@ -141,8 +142,12 @@ class RoundStore:
     def _tx(self) -> AbstractContextManager[Any]:
         raise NotImplementedError
 
-    def _save_sums(self, round_id: int, sums: bytes) -> None:
+    def _save_sums(self, round_id: int, sums: bytes, count: int) -> None:
         raise NotImplementedError
+
+    def _saved(self, round_id: int, count: int) -> None:
+        """After a commit: this writer's stored sum of ``round_id`` now holds ``count``
+        updates."""
 
     def _drop_sums(self, round_id: int) -> None:
         self._all("DELETE FROM round_sums WHERE round = ?", (round_id,))
@@ -260,6 +265,8 @@ class RoundStore:
                 [(r, s, reason, detail[:500], now) for r, s, reason, detail in batch.rejections])
             if batch.sums is not None:
                 self._save_sums(*batch.sums)
+        if batch.sums is not None:
+            self._saved(batch.sums[0], batch.sums[2])
 
     def folded(self, round_id: int) -> int:
         """Accepted updates of round ``round_id`` that kept no tensors (folded into a running
@@ -350,7 +357,7 @@ class State(RoundStore):
     def _tx(self) -> AbstractContextManager[Any]:
         return transaction(self.db)
 
-    def _save_sums(self, round_id: int, sums: bytes) -> None:
+    def _save_sums(self, round_id: int, sums: bytes, count: int) -> None:
         self.db.execute("INSERT INTO round_sums VALUES (?, ?) ON CONFLICT (round) DO UPDATE SET "
                         "sums = excluded.sums", (round_id, sums))
 

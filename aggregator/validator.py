@@ -157,8 +157,9 @@ class Validator:
             acc = RunningSum.from_bytes(stored, self._shapes)
         else:
             acc = RunningSum(self._shapes)
-            for tensors, weight in self.rounds.iter_updates(cur.round):
-                acc.add(tensors, weight)
+            if not self.cfg.workers.group:  # with workers each would count them: refused at start
+                for tensors, weight in self.rounds.iter_updates(cur.round):
+                    acc.add(tensors, weight)
         self._running = (cur.round, acc)
         return acc
 
@@ -232,11 +233,17 @@ class Validator:
             segment.append((msg, device))
         self._record(segment)
 
+    def _follow(self, cur: RoundRow | None) -> None:
+        """Before judging against ``cur``: have its model loaded (a worker follows the
+        coordinator's rounds; the service loads its versions itself)."""
+
     def _record(self, segment: list[tuple[Message, str]]) -> None:
         if not segment:
             return
         for attempt in range(1, CONTENDED_ATTEMPTS + 1):
-            judge = _Judge(self, self.rounds.current_round())
+            cur = self.rounds.current_round()
+            self._follow(cur)
+            judge = _Judge(self, cur)
             for msg, device in segment:
                 judge.judge(msg, device)
             try:
@@ -291,7 +298,7 @@ class _Judge:
                 and self.cur is not None):
             merged = self.running.copy()
             merged.merge(self.group)
-            self.batch.sums = (self.cur.round, merged.to_bytes())
+            self.batch.sums = (self.cur.round, merged.to_bytes(), merged.count)
         self.v.rounds.commit_batch(self.batch)
         if merged is not None and self.cur is not None:  # durable: the cached sum follows
             self.running = merged

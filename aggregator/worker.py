@@ -34,9 +34,10 @@ from pathlib import Path
 
 from bedside.aggregator.config import AggregatorConfig, worker_identity
 from bedside.aggregator.keys import check_current
+from bedside.aggregator.state import RoundRow
 from bedside.aggregator.validator import Validator
 from bedside.constants import topic_updates_all
-from bedside.errors import ConfigError
+from bedside.errors import BedsideError, ConfigError, StateError
 from bedside.federation.strategies import make_rule
 from bedside.models.registry import Registry
 from bedside.monitoring import AggregatorMetrics, MonitorConfig, MonitorServer
@@ -141,13 +142,23 @@ class Worker(Validator):
         log.info("worker %s: validating updates of fleet %s from %s", self.worker_id,
                  self.cfg.fleet, shared_topic(self.cfg))
 
+    def _follow(self, cur: RoundRow | None) -> None:
+        if cur is None or (self._manifest is not None
+                           and cur.model_version == self._manifest.version):
+            return
+        try:
+            self._load_version(cur.model_version)
+        except (BedsideError, OSError) as exc:
+            # judging without the round's model is impossible: stop with every message
+            # unacknowledged (the broker redelivers them to the restarted worker)
+            raise StateError(f"round {cur.round} trains model v{cur.model_version}, which this "
+                             f"worker cannot read from {self.registry.root} ({exc}): workers "
+                             "need the coordinator's data directory (a shared volume)") from None
+
     def step(self, timeout: float = 0.5) -> int:
         """Follow the coordinator's round (its model's shapes), judge what arrived; the number of
         messages handled."""
-        cur = self.rounds.current_round()
-        if cur is not None and (self._manifest is None
-                                or cur.model_version != self._manifest.version):
-            self._load_version(cur.model_version)
+        self._follow(self.rounds.current_round())
         n = self.drain(timeout)
         self._retry_pending()
         m = self.counts.metrics

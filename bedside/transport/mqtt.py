@@ -136,6 +136,7 @@ class MqttTransport:
         self.dropped = 0  # messages dropped because the inbox was full
         self._last_drop_log = float("-inf")
         self._filters: dict[str, int] = {}
+        self._dropped: set[str] = set()
         self._lock = threading.Lock()
         self._connected = threading.Event()
         self.last_error: str | None = None
@@ -180,6 +181,9 @@ class MqttTransport:
         self.last_error, self.failed_attempts = None, 0
         with self._lock:
             filters = list(self._filters.items())
+            dropped = list(self._dropped)
+        for f in dropped:  # a persistent session may still hold them from an earlier run
+            client.unsubscribe(f)
         for f, qos in filters:
             client.subscribe(f, qos)
         self._connected.set()
@@ -280,6 +284,15 @@ class MqttTransport:
             self._filters[topic_filter] = qos
         if self._connected.is_set():
             self._client.subscribe(topic_filter, qos)
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        """Drop ``topic_filter``, also from the broker's persistent session of this client id
+        (sent at every connection)."""
+        with self._lock:
+            self._filters.pop(topic_filter, None)
+            self._dropped.add(topic_filter)
+        if self._connected.is_set():
+            self._client.unsubscribe(topic_filter)
 
     @property
     def queue_depth(self) -> int:

@@ -48,15 +48,15 @@ def _sum(*values: float) -> bytes:
 def test_the_second_writer_of_an_update_writes_nothing_of_its_group(dsn):
     a, b = _store(dsn, "1"), _store(dsn, "2")
     _open(a)
-    a.commit_batch(Batch(updates=[_row("dev-1", "n1")], sums=(1, _sum(1.0))))
+    a.commit_batch(Batch(updates=[_row("dev-1", "n1")], sums=(1, _sum(1.0), 1)))
     group = Batch(updates=[_row("dev-2", "n2"), _row("dev-1", "n1")],
-                  rejections=[(1, "dev-3", "bad_signature", "x")], sums=(1, _sum(2.0, 1.0)))
+                  rejections=[(1, "dev-3", "bad_signature", "x")], sums=(1, _sum(2.0, 1.0), 2))
     with pytest.raises(Contended):
         b.commit_batch(group)
     assert [u["sender"] for u in a.accepted(1)] == ["dev-1"]  # dev-2 was rolled back with it
     assert b.rejections(1) == {} and b.running_sum(1) is None
     # judged again without the copy, the group goes through
-    b.commit_batch(Batch(updates=[_row("dev-2", "n2")], sums=(1, _sum(2.0))))
+    b.commit_batch(Batch(updates=[_row("dev-2", "n2")], sums=(1, _sum(2.0), 1)))
     parts = [RunningSum.from_bytes(p, SHAPES) for p in a.partial_sums(1)]
     assert sorted(p.count for p in parts) == [1, 1]
     merged = RunningSum(SHAPES)
@@ -64,6 +64,44 @@ def test_the_second_writer_of_an_update_writes_nothing_of_its_group(dsn):
         merged.merge(p)
     np.testing.assert_array_equal(merged.sums["w"], [3.0, 3.0, 3.0])
     assert a.running_sum(1) != b.running_sum(1)  # each writer reads its own
+
+
+def test_two_processes_under_one_id_cannot_overwrite_each_others_sum(dsn):
+    """Compare-and-set on the partial sum: what one process of an id wrote, the other (which
+    read an older sum) cannot replace; it judges its group again on the stored sum."""
+    first, second = _store(dsn, "1"), _store(dsn, "1")
+    _open(first)
+    assert first.running_sum(1) is None and second.running_sum(1) is None  # both read: empty
+    first.commit_batch(Batch(updates=[_row("dev-1", "n1")], sums=(1, _sum(1.0), 1)))
+    with pytest.raises(Contended):
+        second.commit_batch(Batch(updates=[_row("dev-2", "n2")], sums=(1, _sum(2.0), 1)))
+    first.commit_batch(Batch(updates=[_row("dev-3", "n3")], sums=(1, _sum(1.0, 3.0), 2)))
+    stale = RunningSum.from_bytes(second.running_sum(1), SHAPES)  # judged again: reads 2
+    assert stale.count == 2
+    second.commit_batch(Batch(updates=[_row("dev-2", "n2")], sums=(1, _sum(1.0, 3.0, 2.0), 3)))
+    with pytest.raises(Contended):  # now the first one's view is the stale one
+        first.commit_batch(Batch(updates=[_row("dev-4", "n4")], sums=(1, _sum(1.0, 3.0, 4.0), 3)))
+    assert RunningSum.from_bytes(first.running_sum(1), SHAPES).count == 3
+
+
+def test_a_nul_in_a_device_chosen_string_does_not_fail_its_group(dsn):
+    store = _store(dsn, "1")
+    _open(store)
+    store.commit_batch(Batch(declines=[(1, "dev-1", "bad\x00reason")],
+                             rejections=[(1, "dev-2", "invalid", "detail \x00 here")]))
+    assert store.declines(1) == {"dev-1": "bad\ufffdreason"}
+    assert store.rejections(1) == {"invalid": 1}
+
+
+def test_a_reconnected_worker_holds_its_id_again(dsn):
+    first = _store(dsn, "1")
+    first.claim("host", 1)
+    killer = _store(dsn, "")
+    killer._all("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE "
+                "application_name = 'bedside-1'")
+    assert first.current_round() is None  # reconnects, and takes the lock again
+    with pytest.raises(StateError, match="in use"):
+        _store(dsn, "1").claim("host", 2)
 
 
 def test_one_lookup_sees_a_nonce_and_a_contribution_together(dsn):
@@ -82,7 +120,7 @@ def test_nothing_is_recorded_into_a_round_the_coordinator_is_closing(dsn):
     coordinator.begin_close(1)
     assert coordinator.get_round(1).status == "closing"
     with pytest.raises(Contended, match="no longer open"):
-        worker.commit_batch(Batch(updates=[_row("dev-1", "n1")], sums=(1, _sum(1.0))))
+        worker.commit_batch(Batch(updates=[_row("dev-1", "n1")], sums=(1, _sum(1.0), 1)))
     assert worker.accepted(1) == [] and worker.partial_sums(1) == []
     worker.add_rejection(1, "dev-1", "no_open_round", "late")  # verdicts on late ones are kept
     coordinator.finish_round(1, "closed", {"accepted": 0})
