@@ -257,11 +257,12 @@ def _rotate_key(ns: argparse.Namespace) -> int:
 
 def _status(ns: argparse.Namespace) -> int:
     from bedside.aggregator.config import load
-    from bedside.aggregator.state import State
+    from bedside.aggregator.state import State, open_rounds
     from bedside.models.registry import Registry
 
     cfg = load(ns.config)
-    state, registry = State(cfg.state_path), Registry(cfg.registry_path)
+    # the round tables: state.db, or the PostgreSQL database the service and its workers share
+    state, registry = open_rounds(cfg, State(cfg.state_path)), Registry(cfg.registry_path)
     rounds: list[dict[str, Any]] = [
         {"round": r.round, "status": r.status, "model_version": r.model_version,
          "accepted": len(state.accepted(r.round)),

@@ -9,9 +9,10 @@ the broker takes them; the rate is N / (time from the first publish to the N-th 
 in the database). Every update is checked as the service checks it (signature, round, replay,
 shapes, finite values, norm) and recorded durably before it is acknowledged.
 
-Run from the repository root: ``.venv/bin/python benchmarks/workers.py`` (about 3 minutes on
-2 cores). Writes ``benchmarks/results/workers.json`` and the ``## Validator workers`` section
-of ``benchmarks/README.md``. Needs Mosquitto and PostgreSQL (``make test`` installs them).
+Run from the repository root: ``.venv/bin/python benchmarks/workers.py`` (about 2 minutes on
+2 cores; each case 3 times, interleaved, the median reported). Writes
+``benchmarks/results/workers.json`` and the ``## Validator workers`` section of
+``benchmarks/README.md``. Needs Mosquitto and PostgreSQL (``make test`` installs them).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ sys.path.insert(0, str(REPO))
 RESULTS_JSON = RESULTS / "workers.json"
 FLEET = "bench"
 UPDATES = 1000
+REPEATS = 3  # each case, interleaved; the table gives the median
 CASES = (("service", 0), ("workers", 1), ("workers", 2))
 BIG_HIDDEN = [256, 128]
 
@@ -71,7 +73,7 @@ def signed_updates(n: int, shapes: dict[str, tuple[int, ...]], devices: Path
 
 
 def run_case(kind: str, workers: int, work: Path, model: Path, updates: list[tuple[str, bytes]],
-             devices: Path, pg: Any) -> dict[str, Any]:
+             devices: Path, pg: Any, tag: str) -> dict[str, Any]:
     from bedside.constants import TOPIC_ROOT, topic_update
     from bedside.demo.run import to_toml
     from bedside.transport.mqtt import MqttTransport
@@ -93,7 +95,7 @@ def run_case(kind: str, workers: int, work: Path, model: Path, updates: list[tup
         "strategy": {"rule": "fedavg", "optimizer": "sgd"}}
     dsn = ""
     if workers:
-        dsn = pg.create_db(f"bench_{workers}")
+        dsn = pg.create_db(f"bench_{workers}_{tag}")
         cfg["state"] = {"backend": "postgresql", "dsn": dsn}
         cfg["workers"] = {"group": "validators", "ids": ids}
     (work / "aggregator.toml").write_text(to_toml(cfg))
@@ -185,11 +187,12 @@ def _wait(cond: Any, timeout: float, what: str, work: Path) -> None:
 
 def markdown(res: dict[str, Any]) -> str:
     env = res["environment"]
-    rows = ["| case | updates | seconds | updates/s | vs single process |",
+    rows = ["| case | updates | updates/s (median) | runs | vs single process |",
             "| --- | --- | --- | --- | --- |"]
     base = res["cases"][0]["per_s"]
     for c in res["cases"]:
-        rows.append(f"| {c['case']} | {c['updates']:,} | {c['seconds']} | {c['per_s']:,.0f} | "
+        runs = ", ".join(f"{r:,.0f}" for r in c["runs_per_s"])
+        rows.append(f"| {c['case']} | {c['updates']:,} | {c['per_s']:,.0f} | {runs} | "
                     f"{c['per_s'] / base:.2f}x |")
     return "\n".join([
         f"Measured {env['date']} on {env['cpu_model']} ({env['usable_cores']} usable cores), "
@@ -198,8 +201,8 @@ def markdown(res: dict[str, Any]) -> str:
         f"{res['updates']:,} signed updates of the {res['parameters']:,}-parameter digits MLP "
         "(about 204 KB each, one enrolled device each) published as fast as Mosquitto (TLS) takes "
         "them; the rate is updates recorded durably per second, from the first publish to the "
-        "last record. Publisher, Mosquitto, PostgreSQL, the coordinator and the workers share the "
-        "machine's cores.",
+        f"last record; {res['repeats']} runs of each case, interleaved. Publisher, Mosquitto, "
+        "PostgreSQL, the coordinator and the workers share the machine's cores.",
         "", *rows, "",
         "Workers exist for more cores or machines than one process can use; on this machine "
         "they compete with the broker, the database and the publisher for two cores, so the "
@@ -211,6 +214,7 @@ def markdown(res: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--updates", type=int, default=UPDATES)
+    p.add_argument("--repeats", type=int, default=REPEATS)
     p.add_argument("--no-write", action="store_true")
     args = p.parse_args(argv)
     from tests.postgres import start_postgres
@@ -225,12 +229,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         devices.mkdir()
         updates = signed_updates(args.updates, shapes, devices)
         pg = start_postgres()
+        runs: dict[int, list[dict[str, Any]]] = {n: [] for _, n in CASES}
         try:
-            for kind, n in CASES:
-                res["cases"].append(run_case(kind, n, work / f"{kind}-{n}", model, updates,
-                                             devices, pg))
+            for rep in range(args.repeats):
+                for kind, n in CASES:
+                    runs[n].append(run_case(kind, n, work / f"{kind}-{n}-{rep}", model, updates,
+                                            devices, pg, f"r{rep}"))
         finally:
             pg.stop()
+        for _, n in CASES:
+            rs = sorted(runs[n], key=lambda r: r["per_s"])
+            median = rs[len(rs) // 2]
+            res["cases"].append({**median, "runs_per_s": [r["per_s"] for r in runs[n]]})
+        res["repeats"] = args.repeats
     res["environment"]["load_average_end"] = load_average()
     if args.no_write:
         print(json.dumps(res, indent=2))

@@ -258,6 +258,15 @@ def test_three_workers_accept_each_update_exactly_once(rig):
     rig.wait(lambda: _status(rig.monitor_port)["rejections"].get("bad_signature") == 1,
              "the coordinator's status page to show the forgery")
     _check_round(rig, deltas)
+    # the operator's view reads the shared database too
+    import json
+
+    out = subprocess.run([bedside_exe(), "aggregator", "status", "--json", "--config",
+                          str(rig.work / "aggregator.toml")], capture_output=True, text=True,
+                         check=True, timeout=120)
+    (r1,) = json.loads(out.stdout)["rounds"]
+    assert (r1["status"], r1["accepted"], r1["rejected"]) == ("closed", UPDATES,
+                                                              {"bad_signature": 1})
 
 
 def test_a_worker_killed_mid_round_loses_nothing_and_counts_nothing_twice(rig):
