@@ -4,7 +4,7 @@
 Each case starts a fresh Mosquitto (TLS, client certificates, the fleet's ACL), for the worker
 cases a fresh PostgreSQL database, the real ``bedside aggregator serve`` and, for the worker
 cases, ``bedside aggregator worker`` processes. One publisher (this process) sends N signed
-updates of the 50,890-parameter digits MLP (about 204 KB each, N enrolled devices) as fast as
+updates of the digits MLP (hidden 256 x 128, about 51k parameters, 204 KB each) as fast as
 the broker takes them; the rate is N / (time from the first publish to the N-th update recorded
 in the database). Every update is checked as the service checks it (signature, round, replay,
 shapes, finite values, norm) and recorded durably before it is acknowledged.
