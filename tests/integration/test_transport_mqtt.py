@@ -121,6 +121,37 @@ def test_queued_messages_reach_a_persistent_client_that_subscribes_late(tmp_path
         b.stop()
 
 
+def test_unsubscribe_removes_a_filter_from_a_persistent_session(tmp_path):
+    """A coordinator that ran alone (subscribed to every update) and now has validator workers:
+    its persistent session must stop getting updates, or each would be judged twice."""
+    b = start_mosquitto(tmp_path / "mosquitto", ["clinic-1"], fleet="t")
+    try:
+        agg = MqttTransport(b.config("aggregator"), client_id="agg-p", clean_session=False,
+                            manual_ack=True)
+        assert agg.wait_connected(10)
+        agg.subscribe("bedside/v1/t/update/+", qos=1)
+        agg.subscribe("bedside/v1/t/report/+", qos=1)
+        time.sleep(0.3)
+        agg.close()
+        agg = MqttTransport(b.config("aggregator"), client_id="agg-p", clean_session=False,
+                            manual_ack=True)
+        agg.unsubscribe("bedside/v1/t/update/+")  # before the connection: sent once connected
+        assert agg.wait_connected(10)
+        time.sleep(0.5)
+        dev = MqttTransport(b.config("clinic-1"), client_id="clinic-1")
+        assert dev.wait_connected(10)
+        dev.publish("bedside/v1/t/update/clinic-1", b"update", qos=1)
+        dev.publish("bedside/v1/t/report/clinic-1", b"report", qos=1)
+        msg = agg.get(10)
+        assert msg is not None and msg.payload == b"report"  # the session kept this filter
+        msg.ack()
+        assert agg.get(1.0) is None  # and dropped that one
+        dev.close()
+        agg.close()
+    finally:
+        b.stop()
+
+
 def test_embedded_broker_releases_its_port_when_stopped_with_clients_connected():
     b = start_embedded()
     clients = [MqttTransport(b.config(f"c{i}"), client_id=f"c{i}") for i in range(5)]
