@@ -91,18 +91,25 @@ def test_embedded_broker_survives_clients_connecting_and_subscribing_together(ca
         b.stop()
 
 
+def _leave_persistent_session(b, filters: list[str]) -> None:
+    """The aggregator's persistent session (client id agg-p) subscribed to ``filters``, then
+    disconnected: the broker keeps the subscriptions."""
+    agg = MqttTransport(b.config("aggregator"), client_id="agg-p", clean_session=False,
+                        manual_ack=True)
+    assert agg.wait_connected(10)
+    for f in filters:
+        agg.subscribe(f, qos=1)
+    time.sleep(0.3)
+    agg.close()
+
+
 def test_queued_messages_reach_a_persistent_client_that_subscribes_late(tmp_path):
     """Mosquitto queues QoS 1 messages for an offline persistent session and sends them right
     after CONNACK, before the services call subscribe() again: they must reach the inbox (only
     stray *retained* messages are dropped)."""
     b = start_mosquitto(tmp_path / "mosquitto", ["clinic-1"], fleet="t")
     try:
-        agg = MqttTransport(b.config("aggregator"), client_id="agg-p", clean_session=False,
-                            manual_ack=True)
-        assert agg.wait_connected(10)
-        agg.subscribe("bedside/v1/t/update/+", qos=1)
-        time.sleep(0.3)
-        agg.close()
+        _leave_persistent_session(b, ["bedside/v1/t/update/+"])
         dev = MqttTransport(b.config("clinic-1"), client_id="clinic-1")
         assert dev.wait_connected(10)
         dev.publish("bedside/v1/t/update/clinic-1", b"queued", qos=1)
@@ -126,13 +133,7 @@ def test_unsubscribe_removes_a_filter_from_a_persistent_session(tmp_path):
     its persistent session must stop getting updates, or each would be judged twice."""
     b = start_mosquitto(tmp_path / "mosquitto", ["clinic-1"], fleet="t")
     try:
-        agg = MqttTransport(b.config("aggregator"), client_id="agg-p", clean_session=False,
-                            manual_ack=True)
-        assert agg.wait_connected(10)
-        agg.subscribe("bedside/v1/t/update/+", qos=1)
-        agg.subscribe("bedside/v1/t/report/+", qos=1)
-        time.sleep(0.3)
-        agg.close()
+        _leave_persistent_session(b, ["bedside/v1/t/update/+", "bedside/v1/t/report/+"])
         agg = MqttTransport(b.config("aggregator"), client_id="agg-p", clean_session=False,
                             manual_ack=True)
         agg.unsubscribe("bedside/v1/t/update/+")  # before the connection: sent once connected
