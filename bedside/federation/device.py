@@ -42,9 +42,6 @@ from bedside.privacy.ledger import Budget, Release
 
 #: Rounds assumed for calibrating DP-SGD when the aggregator plans no end.
 ASSUMED_ROUNDS = 100
-#: DP-SGD is calibrated a hair below the record budget, so rounding never makes the last planned
-#: round exceed it.
-BUDGET_MARGIN = 0.995
 
 
 @dataclass(frozen=True)
@@ -164,23 +161,23 @@ def record_noise(privacy: DevicePrivacy, settings: RoundSettings, records: int,
     Poisson sampling at ``1 / ceil(n / batch)`` for ``epochs * ceil(n / batch)`` steps a round;
     the noise multiplier is calibrated (dp-accounting) so that ``base`` (what the device released
     before this federation's training: other federations, this one's feature statistics) and
-    every planned round together stay within ``record_epsilon * BUDGET_MARGIN``.
+    every planned round together stay within the budget: the planner's
+    (:func:`bedside.privacy.planner.plan`, also ``bedside privacy plan``).
     """
-    from bedside.privacy.accountant import calibrate
     from bedside.privacy.ledger import releases_event
+    from bedside.privacy.planner import plan
 
     assert privacy.record_epsilon is not None
     t = settings.train
-    probe = DPSGDPlan.for_records(records, t.batch_size, t.epochs, 1.0, privacy.max_grad_norm)
-    rounds = settings.planned_rounds or ASSUMED_ROUNDS
     try:
-        sigma = calibrate(privacy.record_epsilon * BUDGET_MARGIN, privacy.record_delta,
-                          probe.sample_rate, probe.steps * rounds,
-                          base=releases_event(base) if base else None)
+        p = plan(privacy.record_epsilon, privacy.record_delta, records,
+                 settings.planned_rounds or ASSUMED_ROUNDS, t.batch_size, t.epochs,
+                 privacy.max_grad_norm, base=releases_event(base) if base else None,
+                 account=False)
     except PrivacyError as exc:
         raise BudgetExceededError(f"record-level budget: {exc}") from None
-    return DPSGDPlan(noise_multiplier=sigma, max_grad_norm=privacy.max_grad_norm,
-                     sample_rate=probe.sample_rate, steps=probe.steps)
+    return DPSGDPlan(noise_multiplier=p.noise_multiplier, max_grad_norm=privacy.max_grad_norm,
+                     sample_rate=p.sample_rate, steps=p.steps_per_round)
 
 
 def _none(round_id: int, unit: str, fleet: str, note: str) -> Release:

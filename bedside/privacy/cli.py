@@ -6,6 +6,7 @@ Commands::
     bedside privacy calibrate --target-epsilon E --delta D --sample-rate Q --steps T
     bedside privacy gaussian-sigma --epsilon E --delta D [--sensitivity S]
     bedside privacy report --ledger PATH
+    bedside privacy plan --epsilon E --delta D --records N --rounds R [--batch B] [--epochs K]
 
 Every command takes ``--json``. This module imports only argparse at load time: dp-accounting is
 imported when a command runs. Bad values raise :class:`~bedside.errors.InputError` naming the
@@ -115,6 +116,33 @@ def build(parser: argparse.ArgumentParser) -> None:
                    help="L2 sensitivity of the released value (default 1)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_gaussian_sigma)
+
+    p = sub.add_parser(
+        "plan",
+        help="a device's record-level DP-SGD plan, and a better one within the same budget",
+        description="The noise multiplier, sample rate and steps a device with N records uses "
+        "for R rounds of K local epochs at batch B within a record-level budget (the same "
+        "planner the devices use), the noise on a step's averaged gradient, and, when the plan "
+        "has too little data per step, a less noisy one within the same budget.",
+    )
+    p.add_argument("--epsilon", required=True, type=_number, metavar="E",
+                   help="the record-level budget (> 0)")
+    p.add_argument("--delta", type=_number, default=DEFAULT_DELTA, metavar="D",
+                   help=f"delta in (0, 1) (default {DEFAULT_DELTA:g})")
+    p.add_argument("--records", required=True, type=_integer, metavar="N",
+                   help="the device's trainable records")
+    p.add_argument("--rounds", required=True, type=_integer, metavar="R",
+                   help="training rounds the federation plans")
+    p.add_argument("--batch", type=_integer, default=16, metavar="B",
+                   help="expected DP-SGD batch size (default 16, [training] batch_size)")
+    p.add_argument("--epochs", type=_integer, default=1, metavar="K",
+                   help="local epochs a round (default 1, [training] epochs)")
+    p.add_argument("--parameters", type=_integer, metavar="P",
+                   help="the model's parameter count: also judge a step's noise against the "
+                   "largest gradient it can carry")
+    _accountant_option(p)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_plan)
 
     p = sub.add_parser(
         "report",
@@ -232,6 +260,60 @@ def _gaussian_sigma(ns: argparse.Namespace) -> int:
         "(analytic Gaussian mechanism, Balle & Wang 2018)."
     )
     return 0
+
+
+def _plan(ns: argparse.Namespace) -> int:
+    from bedside.cli import print_json
+    from bedside.errors import PrivacyError
+    from bedside.privacy.planner import better, plan, poor
+
+    _check_positive(ns.epsilon, "--epsilon")
+    _check_delta(ns.delta)
+    for option, value in (("--records", ns.records), ("--rounds", ns.rounds),
+                          ("--batch", ns.batch), ("--epochs", ns.epochs)):
+        _check_steps(value, option, minimum=1)
+    if ns.parameters is not None:
+        _check_steps(ns.parameters, "--parameters", minimum=1)
+    try:
+        asked = plan(ns.epsilon, ns.delta, ns.records, ns.rounds, ns.batch, ns.epochs,
+                     accountant=ns.accountant)
+    except PrivacyError as exc:
+        raise InputError(f"no DP-SGD plan fits epsilon {_g(ns.epsilon)}: {exc}") from None
+    alternative = better(asked, ns.parameters, accountant=ns.accountant)
+    why = poor(asked, ns.parameters)
+    if ns.json:
+        print_json({"plan": asked.to_dict(ns.parameters), "poor": why or None,
+                    "better": alternative.to_dict(ns.parameters) if alternative else None})
+        return 0
+    print(f"record-level DP-SGD for {ns.records:,} records, {ns.rounds} round(s), epsilon "
+          f"{_g(ns.epsilon)} at delta {_g(ns.delta)}:")
+    print("  " + _plan_text(asked, ns.parameters))
+    if why:
+        print(f"  poor: {why}")
+    elif ns.parameters is not None:
+        print("  a sound plan: a step's noise is below the largest gradient it can carry")
+    else:
+        print("  (give --parameters, the model's parameter count, to judge a step's noise "
+              "against the largest gradient)")
+    if alternative is not None:
+        print("within the same budget, " + ("better:" if why else "less noisy per step:"))
+        print("  " + _plan_text(alternative, ns.parameters))
+    elif why:
+        print("  no batch size or number of epochs fixes it within this budget: more records, "
+              "fewer rounds or a larger budget would")
+    return 0
+
+
+def _plan_text(p: Any, parameters: int | None) -> str:
+    text = (f"batch {p.batch_size} (sample rate {p.sample_rate:.4g}, expected batch "
+            f"{p.expected_batch}), {p.epochs} epoch(s) a round: {p.steps_per_round} step(s) a "
+            f"round, {p.total_steps:,} in all; noise multiplier {p.noise_multiplier:.4f} "
+            f"(epsilon {_eps(p.achieved_epsilon)}); noise on each coordinate of a step's averaged "
+            f"gradient {p.noise_per_coordinate:.4g} x the clip norm")
+    if parameters is not None:
+        text += (f", {p.noise_to_signal(parameters):.3g} x over {parameters:,} parameters "
+                 "(1: as large as the largest gradient)")
+    return text
 
 
 def _report(ns: argparse.Namespace) -> int:
