@@ -32,7 +32,8 @@ GROUPS: dict[str, tuple[str, str]] = {
     "models": ("bedside.models.cli bedside.aggregator.fleet_cli",
                "train, export, import and inspect models; list a registry; push models to the "
                "fleet, watch and roll back rollouts"),
-    "privacy": ("bedside.privacy.cli", "plan privacy budgets: epsilon, calibrate, gaussian-sigma"),
+    "privacy": ("bedside.privacy.cli", "plan privacy budgets: epsilon, calibrate, "
+                "gaussian-sigma, a device's DP-SGD plan"),
     "keys": ("bedside.wire.cli", "generate and inspect Ed25519 signing keys"),
     "broker": ("bedside.transport.cli", "run the embedded MQTT broker on 127.0.0.1; certificates, "
                "ACL and revocation for Mosquitto"),
