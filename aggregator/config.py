@@ -26,6 +26,7 @@ driver shares); the loader is derived from them (:mod:`bedside.config`). Example
     lr = 0.05
     optimizer = "sgd"
     lr_decay = 1.0             # round r trains with lr * lr_decay^(r - 1): less noise at the end
+    weight_decay = 0.0         # L2 weight decay of local training (no privacy cost)
 
     [privacy]
     noise = "central"          # central | local | none

@@ -13,24 +13,34 @@ def build(parser: argparse.ArgumentParser) -> None:
 
     d = DemoConfig()
     parser.add_argument("--clients", type=int, default=d.clients, help="number of clinics")
-    parser.add_argument("--rounds", type=int, default=d.rounds)
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="training rounds (default: the task's, models/defaults.py)")
     parser.add_argument("--mode", choices=["central", "local"], default=d.mode,
                         help="where update noise is added (central: aggregator; local: devices)")
     parser.add_argument("--target-epsilon", type=float, default=d.target_epsilon,
                         help="record-level DP-SGD budget of every clinic (delta 1e-5)")
-    parser.add_argument("--noise-multiplier", type=float, default=d.noise_multiplier,
-                        help="device-level noise multiplier on clipped updates")
-    parser.add_argument("--clip-norm", type=float, default=d.clip_norm)
+    parser.add_argument("--noise-multiplier", type=float, default=None,
+                        help="device-level noise multiplier on clipped updates (default: at most "
+                        "0.2, and small enough that its noise on the averaged update is a "
+                        "quarter of the clip norm for the model's size)")
+    parser.add_argument("--clip-norm", type=float, default=None,
+                        help="L2 clip of a clinic's update (default: the task's)")
     src = parser.add_mutually_exclusive_group()
     src.add_argument("--dataset", choices=["wdbc", "digits", "vitals"], default=d.dataset)
     src.add_argument("--data", type=Path, metavar="FILE.csv",
                      help="your own tabular CSV (binary or multi-class); needs --label")
     parser.add_argument("--label", help="label column of --data")
     parser.add_argument("--arch", choices=["logreg", "mlp", "cnn1d"], default=None,
-                        help="model architecture (default: logreg, cnn1d for vitals)")
+                        help="model architecture (default: the task's, models/defaults.py)")
     parser.add_argument("--alpha", type=float, default=d.alpha,
                         help="Dirichlet concentration of the non-IID split (smaller: more skew)")
-    parser.add_argument("--epochs", type=int, default=d.epochs, help="local epochs per round")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="local epochs per round (default: the task's)")
+    parser.add_argument("--batch-size", type=int, default=None,
+                        help="expected DP-SGD batch, which sets the sampling rate (default: the "
+                        "task's)")
+    parser.add_argument("--lr", type=float, default=None,
+                        help="local learning rate (default: the task's)")
     parser.add_argument("--seed", type=int, default=d.seed,
                         help="seed of the data split, clinic partition and initial weights")
     parser.add_argument("--noise-seed", type=int, default=None,
@@ -50,7 +60,7 @@ def build(parser: argparse.ArgumentParser) -> None:
 def _demo(ns: argparse.Namespace) -> int:
     import logging
 
-    from bedside.demo.run import DemoConfig, run
+    from bedside.demo.run import for_task, run
     from bedside.errors import InputError
 
     if not ns.verbose:  # the printed table is the demo's interface; -v shows the logs as well
@@ -58,13 +68,14 @@ def _demo(ns: argparse.Namespace) -> int:
 
     if ns.label and ns.data is None:
         raise InputError("--label goes with --data FILE.csv")
-    arch = ns.arch or ("cnn1d" if ns.dataset == "vitals" and ns.data is None else "logreg")
-    cfg = DemoConfig(clients=ns.clients, rounds=ns.rounds, mode=ns.mode,
-                     target_epsilon=ns.target_epsilon, noise_multiplier=ns.noise_multiplier,
-                     clip_norm=ns.clip_norm, dataset=ns.dataset, data=ns.data, label=ns.label,
-                     arch=arch, alpha=ns.alpha, epochs=ns.epochs, seed=ns.seed, out=ns.out,
-                     timeout=ns.timeout, quiet=ns.json, noise_seed=ns.noise_seed,
-                     transport=ns.transport)
+    chosen = {k: v for k, v in (("arch", ns.arch), ("rounds", ns.rounds), ("epochs", ns.epochs),
+                                ("batch_size", ns.batch_size), ("lr", ns.lr),
+                                ("clip_norm", ns.clip_norm),
+                                ("noise_multiplier", ns.noise_multiplier)) if v is not None}
+    cfg = for_task(chosen, clients=ns.clients, mode=ns.mode, target_epsilon=ns.target_epsilon,
+                   dataset=ns.dataset, data=ns.data, label=ns.label, alpha=ns.alpha,
+                   seed=ns.seed, out=ns.out, timeout=ns.timeout, quiet=ns.json,
+                   noise_seed=ns.noise_seed, transport=ns.transport)
     report = run(cfg)
     if ns.json:
         print_json(report)

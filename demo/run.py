@@ -57,7 +57,12 @@ class DemoConfig:
     batch_size: int = 32
     lr: float = 0.5
     optimizer: str = "sgd"
+    lr_decay: float = 1.0  # round r trains with lr * lr_decay^(r-1)
+    weight_decay: float = 0.0  # L2 weight decay of local training
+    max_grad_norm: float = 1.0  # DP-SGD's per-example clip on every clinic
     server_optimizer: str = "sgd"  # plain FedAvg: momentum amplified DP noise (docs/datasets.md)
+    server_params: dict[str, Any] = field(default_factory=dict)  # e.g. {"momentum": 0.9}
+    statistics_share: float = 0.5  # of the record budget, what the statistics release alone costs
     holdout: float = 0.2
     seed: int = 0
     out: Path | None = None
@@ -66,6 +71,7 @@ class DemoConfig:
     timeout: float | None = None  # default: DEFAULT_TIMEOUT of the transport
     quiet: bool = False
     transport: str = "mqtt"  # mqtt (embedded broker) | flower (Deployment Engine processes)
+    defaults: str = ""  # where the training settings came from (for_task), for the report
     # Overrides merged into the generated configs: {"aggregator": {...}, "agent": {...}} (every
     # clinic). Tables merge key by key; a value of None removes the key. For tests and benchmarks
     # (e.g. a non-private baseline); not a command-line option.
@@ -83,6 +89,54 @@ def merge_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> None:
             merge_overrides(config[k], v)
         else:
             config[k] = copy.deepcopy(v)
+
+
+def for_task(chosen: dict[str, Any], **settings: Any) -> DemoConfig:
+    """The demo's configuration for a task: its training settings (``models/defaults.py``) are the
+    tuned defaults of the built-in ``dataset``, or, for a user's CSV (``data``), those of the
+    built-in task of the same shape with the DP-SGD batch and local epochs the privacy planner
+    prefers for the smallest clinic; then ``chosen`` (what the user set) overrides them. The
+    device-level noise multiplier, unless chosen, follows
+    :func:`bedside.models.defaults.device_noise` for the model's size and the number of clinics.
+    ``settings`` are the other DemoConfig fields."""
+    from bedside.models import datasets, defaults
+
+    cfg = DemoConfig(**settings)
+    arch = chosen.get("arch")
+    if cfg.data is None:
+        task = defaults.for_dataset(cfg.dataset, arch)
+        source = f"tuned for {cfg.dataset}"
+        schema = datasets.load(cfg.dataset).schema
+    else:
+        train, _holdout, shards = _load_data(cfg)
+        schema = train.schema
+        smallest = min(len(s) for s in shards)
+        like = defaults.like(schema.kind, schema.n_classes)
+        base = defaults.for_dataset(like, arch)
+        task = defaults.for_shape(base, smallest, cfg.target_epsilon, cfg.delta,
+                                  _parameters(base.arch, base.arch_params, schema))
+        source = (f"those tuned for {like} (a task of the same shape), DP-SGD batch "
+                  f"{task.batch_size} and {task.epochs} local epoch(s) from the privacy planner "
+                  f"for the smallest clinic ({smallest} records)")
+    cfg = replace(cfg, **{**task.fields(), **chosen}, defaults=source)
+    if "noise_multiplier" not in chosen:
+        cfg = replace(cfg, noise_multiplier=defaults.device_noise(
+            _parameters(cfg.arch, cfg.arch_params, schema), cfg.clients))
+    return cfg
+
+
+def _parameters(arch: str, arch_params: dict[str, Any], schema: Any) -> int:
+    """How many weights a federated update of this model carries."""
+    from bedside.models.spec import ArchSpec
+    from bedside.models.zoo import build
+
+    net = build(ArchSpec.for_schema(arch, schema, **arch_params), schema)
+    return sum(p.numel() for p in net.parameters())
+
+
+#: The fewest rows a demo clinic holds (the non-IID split's floor; the same for every setting, so
+#: that tuning never changes the split it is scored on).
+MIN_CLINIC_ROWS = 16
 
 
 # -- preparation ----------------------------------------------------------------------------------
@@ -109,12 +163,11 @@ def _load_data(cfg: DemoConfig) -> tuple[Any, Any, list[np.ndarray]]:
                         "refuse them", int((~inside).sum()))
         train = replace(train, schema=schema)
         holdout = replace(holdout.subset(np.flatnonzero(inside)), schema=schema)
-    min_size = max(4, cfg.batch_size // 2)
-    if len(train) < cfg.clients * min_size:
+    if len(train) < cfg.clients * MIN_CLINIC_ROWS:
         raise InputError(f"{len(train)} training rows cannot make {cfg.clients} clinics of at "
-                         f"least {min_size} rows; use fewer --clients or more data")
+                         f"least {MIN_CLINIC_ROWS} rows; use fewer --clients or more data")
     shards = partition(train.y, cfg.clients, scheme="dirichlet", alpha=cfg.alpha,
-                       min_size=min_size, seed=cfg.seed)
+                       min_size=MIN_CLINIC_ROWS, seed=cfg.seed)
     return train, holdout, shards
 
 
@@ -166,7 +219,8 @@ def agent_table(cfg: DemoConfig, i: int, fleet: str = FLEET) -> dict[str, Any]:
         "aggregator_key": "keys/aggregator.pub",
         "mqtt": {"host": "127.0.0.1", "port": 0},
         "privacy": {"record_epsilon": cfg.target_epsilon, "record_delta": cfg.delta,
-                    "max_grad_norm": 1.0, "device_epsilon": 1e6, "device_delta": cfg.delta},
+                    "max_grad_norm": cfg.max_grad_norm, "device_epsilon": 1e6,
+                    "device_delta": cfg.delta},
         "agent": {"resend_seconds": 2.0, "status_seconds": 5.0, "exit_when_done": True,
                   "quality_tolerance": 0.25},
     }
@@ -193,15 +247,18 @@ def aggregator_table(cfg: DemoConfig, fleet: str = FLEET, initial_model: Path | 
         "rounds": {"rounds": cfg.rounds, "min_participants": max(1, cfg.clients // 2),
                    "deadline_seconds": cfg.deadline, "participation_rate": 1.0},
         "training": {"epochs": cfg.epochs, "batch_size": cfg.batch_size, "lr": cfg.lr,
-                     "optimizer": cfg.optimizer},
+                     "optimizer": cfg.optimizer, "lr_decay": cfg.lr_decay,
+                     "weight_decay": cfg.weight_decay},
         "privacy": {"noise": cfg.mode, "clip_norm": cfg.clip_norm,
                     "noise_multiplier": cfg.noise_multiplier, "delta": cfg.delta,
                     **({"noise_seed": cfg.noise_seed} if cfg.noise_seed is not None else {})},
-        "strategy": {"rule": "fedavg", "optimizer": cfg.server_optimizer},
+        "strategy": {"rule": "fedavg", "optimizer": cfg.server_optimizer,
+                     "optimizer_params": dict(cfg.server_params)},
         # round 1: the input scaling from noised, accounted feature statistics, whose release
-        # alone would cost half the clinics' record budget (never less noise than a device
-        # accepts by default)
-        "statistics": {"noise_multiplier": max(noise_for_budget(cfg.target_epsilon, cfg.delta),
+        # alone would cost statistics_share of the clinics' record budget (never less noise than
+        # a device accepts by default)
+        "statistics": {"noise_multiplier": max(noise_for_budget(cfg.target_epsilon, cfg.delta,
+                                                                cfg.statistics_share),
                                                MIN_STATISTICS_NOISE)},
     }
     if cfg.noise_seed is not None:
@@ -309,6 +366,11 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
         raise InputError("--rounds must be at least 1")
     if not cfg.target_epsilon > 0:
         raise InputError("--target-epsilon must be > 0")
+    for name, value in (("--epochs", cfg.epochs), ("--batch-size", cfg.batch_size)):
+        if value < 1:
+            raise InputError(f"{name} must be at least 1, got {value}")
+    if not cfg.lr > 0:
+        raise InputError(f"--lr must be > 0, got {cfg.lr}")
     started = time.monotonic()
     from bedside.demo import processes
 
@@ -754,6 +816,10 @@ class _Table:
                   f"{p['noise_multiplier']:g}" if p["noise"] != "none" else
                   f"updates clipped to L2 {p['clip_norm']:g}, no device-level noise")
         self._print(f"privacy: {record}; {device}")
+        if c.defaults:
+            self._print(f"training: {c.epochs} local epoch(s) of {c.optimizer} lr {c.lr:g} at "
+                        f"DP-SGD batch {c.batch_size}, server {c.server_optimizer}; defaults "
+                        f"{c.defaults}")
         if "statistics" in self.plan["aggregator"]:
             self._print("round 1*: the clinics release noised feature statistics (accounted in "
                         "their ledgers); the model's input scaling comes from them")

@@ -37,7 +37,7 @@ def local_update(manifest: Manifest, onnx_bytes: bytes, x: np.ndarray, y: np.nda
                 raise ModelError(f"parameter {name} does not match the ONNX model's initializer")
             p.copy_(torch.from_numpy(np.array(global_w[name], dtype=np.float32)))
     cfg = TrainConfig(epochs=train.epochs, batch_size=train.batch_size, lr=train.lr,
-                      optimizer=train.optimizer, seed=seed)
+                      optimizer=train.optimizer, weight_decay=train.weight_decay, seed=seed)
     result = fit(net, x, y, cfg, dp)
     delta = {name: (p.detach().numpy().astype(np.float32) - global_w[name])
              for name, p in net.named_parameters()}

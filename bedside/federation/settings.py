@@ -54,6 +54,8 @@ class TrainSettings:
                               max=MAX_BATCH)
     lr: float = setting(0.05, "local learning rate", min=1e-9, max=100.0)
     optimizer: LocalOptimizer = setting("sgd", "local optimizer: sgd or adam")
+    weight_decay: float = setting(0.0, "L2 weight decay of local training (it does not look at "
+                                  "the records: no privacy cost)", min=0.0, max=10.0)
 
 
 @dataclass(frozen=True)
@@ -186,7 +188,7 @@ class TrainingPlan(TrainSettings):
         """The local training announced for round ``round_id`` (1-based)."""
         return TrainSettings(epochs=self.epochs, batch_size=self.batch_size,
                              lr=self.lr * self.lr_decay ** max(0, round_id - 1),
-                             optimizer=self.optimizer)
+                             optimizer=self.optimizer, weight_decay=self.weight_decay)
 
 
 @dataclass(frozen=True)
