@@ -255,10 +255,13 @@ def centralized_tuned() -> dict[str, Any] | None:
     if not PRIVACY_UTILITY_JSON.exists():
         return None
     data = json.loads(PRIVACY_UTILITY_JSON.read_text())
-    levels = data["models"]["logreg"]["levels"]
+    wdbc = data.get("datasets", {}).get("wdbc")
+    if wdbc is None or wdbc["arch"] != "logreg":
+        return None
     return {"date": data["environment"]["date"], "seeds": len(data["config"]["seeds"]),
-            "levels": {k: {"accuracy": v["accuracy"], "auc": v["auc"]}
-                       for k, v in levels.items()}}
+            "levels": {k: {"accuracy": v["centralized"]["accuracy"],
+                           "auc": v["centralized"]["auc"]}
+                       for k, v in wdbc["levels"].items()}}
 
 
 def demo_default(seeds: Sequence[int], unseeded: int, work: Path, quick: bool) -> dict[str, Any]:

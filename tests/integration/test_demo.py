@@ -113,6 +113,9 @@ def test_demo_on_a_users_multiclass_csv(tmp_path, clean_env):
     assert report["data"]["dataset"].startswith("cohort")
     assert set(report["data"]["clinics"][0]["labels"]["histogram"]) == {"high", "low", "mid"}
     assert report["final"]["accuracy"] > 0.6  # three classes: chance is 1/3
+    # its defaults: those of the built-in task of its shape, the batch from the planner
+    assert "tuned for digits" in report["config"]["defaults"]
+    assert "privacy planner" in report["config"]["defaults"]
     assert report["privacy"]["record"]["epsilon_max"] <= 8.0
     # allowed ranges inferred from the clinics' training rows, scaling from the noised statistics
     final = _final_manifest(tmp_path / "demo")
