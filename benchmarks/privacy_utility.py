@@ -374,7 +374,8 @@ def markdown(results: Mapping[str, Any]) -> str:
         "",
         "- **federated**: `bedside demo --dataset NAME` with the task's defaults "
         "(`models/defaults.py`: 5 clinics, Dirichlet alpha 1, statistics round included in "
-        "the budget, central noise z = 0.2 on clipped updates), in process on the round core; "
+        "the budget, central noise on clipped updates by the demo's rule for the model's size, "
+        "`device_noise`), in process on the round core; "
         "non-private: no DP-SGD, no update noise;",
         "- **centralized DP-SGD / non-private**: the same model trained on all clinics' rows "
         "pooled (`bedside.models.train.fit`, Poisson sampling, batch "
@@ -430,6 +431,7 @@ def plot(results: Mapping[str, Any], path: Path) -> None:
                        lw=0.8, ls=":", label=f"{kind}, non-private")
         ax.set_xscale("log")
         ax.set_xticks(eps, [f"{e:g}" for e in eps])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("record-level epsilon (delta 1e-5)")
         ax.set_ylabel("held-out accuracy")
         ax.set_title(f"{name} ({d['arch']})")
