@@ -67,3 +67,22 @@ def write_section(name: str, heading: str, section: str) -> None:
         README.write_text(head + block + tail)
     else:
         README.write_text(text.rstrip("\n") + f"\n\n{heading}\n\n{block}\n")
+
+
+def finish(name: str, heading: str, res: dict[str, Any], markdown: Any, started: float,
+           print_only: bool) -> int:
+    """Close a benchmark run: its duration and end load in ``res``; then print the JSON
+    (``print_only``) or write ``results/<name>.json`` and the README section ``markdown(res)``."""
+    import json
+
+    res["seconds"] = round(time.perf_counter() - started, 1)
+    res["machine"]["load_average_end"] = load_average()
+    text = json.dumps(res, indent=2)
+    if print_only:
+        print(text)
+        return 0
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(text + "\n")
+    write_section(name, heading, markdown(res))
+    log(f"wrote {RESULTS / (name + '.json')} and {README.name}")
+    return 0

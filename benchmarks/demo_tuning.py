@@ -28,7 +28,6 @@ Run from the repository root: ``.venv/bin/python benchmarks/demo_tuning.py`` (``
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -40,7 +39,7 @@ from dataclasses import replace
 from multiprocessing import get_context
 from typing import Any
 
-from benchlib import README, REPO, RESULTS, load_average, log, machine, write_section
+from benchlib import REPO, finish, log, machine
 
 sys.path.insert(0, str(REPO))
 
@@ -230,18 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         a.jobs)
     for k in (PREVIOUS, CHOSEN):
         res["evaluation"][k]["test_rows"] = len(federation_data(None)[1])
-    res["seconds"] = round(time.perf_counter() - started, 1)
-    res["machine"]["load_average_end"] = load_average()
-    text = json.dumps(res, indent=2)
-    if a.no_write:
-        print(text)
-        return 0
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "demo_tuning.json").write_text(text + "\n")
-    write_section("demo_tuning", "## Demo tuning", markdown(res))
-    log(f"wrote {RESULTS / 'demo_tuning.json'} and {README.name}")
-    return 0
-
+    return finish("demo_tuning", "## Demo tuning", res, markdown, started, a.no_write)
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -47,7 +47,7 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from typing import Any
 
-from benchlib import README, REPO, RESULTS, load_average, log, machine, write_section
+from benchlib import REPO, finish, log, machine
 
 sys.path.insert(0, str(REPO))
 
@@ -237,18 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for task in a.tasks:
             dataset, arch = task.split(":")
             res["tasks"].append(tune(pool, dataset, arch, splits))
-    res["seconds"] = round(time.perf_counter() - started, 1)
-    res["machine"]["load_average_end"] = load_average()
-    text = json.dumps(res, indent=2)
-    if a.no_write:
-        print(text)
-        return 0
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "tuning.json").write_text(text + "\n")
-    write_section("tuning", "## Tuning", markdown(res))
-    log(f"wrote {RESULTS / 'tuning.json'} and {README.name}")
-    return 0
-
+    return finish("tuning", "## Tuning", res, markdown, started, a.no_write)
 
 if __name__ == "__main__":
     raise SystemExit(main())
