@@ -34,6 +34,7 @@ import numpy as np
 from bedside.config import to_toml
 from bedside.constants import AGGREGATOR_ID, topic_status, topic_status_all
 from bedside.errors import InputError, TransportError
+from bedside.models.defaults import DEMO_DEVICE_EPSILON
 
 log = logging.getLogger("bedside.demo")
 
@@ -63,6 +64,7 @@ class DemoConfig:
     server_optimizer: str = "sgd"  # plain FedAvg: momentum amplified DP noise (docs/datasets.md)
     server_params: dict[str, Any] = field(default_factory=dict)  # e.g. {"momentum": 0.9}
     statistics_share: float = 0.5  # of the record budget, what the statistics release alone costs
+    device_noise_to_clip: float = 0.25  # the device-level noise rule (models/defaults.device_noise)
     holdout: float = 0.2
     seed: int = 0
     out: Path | None = None
@@ -97,7 +99,8 @@ def for_task(chosen: dict[str, Any], **settings: Any) -> DemoConfig:
     built-in task of the same shape with the DP-SGD batch and local epochs the privacy planner
     prefers for the smallest clinic; then ``chosen`` (what the user set) overrides them. The
     device-level noise multiplier, unless chosen, follows
-    :func:`bedside.models.defaults.device_noise` for the model's size and the number of clinics.
+    :func:`bedside.models.defaults.device_noise` for the model's size, the number of clinics and
+    rounds, and the task's fraction of the update clip.
     ``settings`` are the other DemoConfig fields."""
     from bedside.models import datasets, defaults
 
@@ -121,7 +124,8 @@ def for_task(chosen: dict[str, Any], **settings: Any) -> DemoConfig:
     cfg = replace(cfg, **{**task.fields(), **chosen}, defaults=source)
     if "noise_multiplier" not in chosen:
         cfg = replace(cfg, noise_multiplier=defaults.device_noise(
-            _parameters(cfg.arch, cfg.arch_params, schema), cfg.clients))
+            _parameters(cfg.arch, cfg.arch_params, schema), cfg.clients,
+            cfg.device_noise_to_clip, cfg.rounds, cfg.delta))
     return cfg
 
 
@@ -219,7 +223,7 @@ def agent_table(cfg: DemoConfig, i: int, fleet: str = FLEET) -> dict[str, Any]:
         "aggregator_key": "keys/aggregator.pub",
         "mqtt": {"host": "127.0.0.1", "port": 0},
         "privacy": {"record_epsilon": cfg.target_epsilon, "record_delta": cfg.delta,
-                    "max_grad_norm": cfg.max_grad_norm, "device_epsilon": 1e6,
+                    "max_grad_norm": cfg.max_grad_norm, "device_epsilon": DEMO_DEVICE_EPSILON,
                     "device_delta": cfg.delta},
         "agent": {"resend_seconds": 2.0, "status_seconds": 5.0, "exit_when_done": True,
                   "quality_tolerance": 0.25},

@@ -115,21 +115,54 @@ def test_defaults_module_imports_no_torch():
     assert out.stdout.strip() == "False"
 
 
-def test_device_noise_keeps_its_noise_on_the_averaged_update_to_a_quarter_of_the_clip():
-    from bedside.models.defaults import DEVICE_NOISE_CAP, device_noise
+def test_device_noise_keeps_its_noise_on_the_averaged_update_to_its_fraction_of_the_clip():
+    from bedside.models.defaults import DEVICE_NOISE_CAP, DEVICE_NOISE_TO_CLIP, device_noise
 
     assert device_noise(31, 5) == DEVICE_NOISE_CAP  # a small model keeps the cap
     for parameters in (301, 650, 3041, 100_000):
         z = device_noise(parameters, 5)
-        assert z * parameters ** 0.5 / 5 == pytest.approx(0.25, rel=0.03)
+        assert z * parameters ** 0.5 / 5 == pytest.approx(DEVICE_NOISE_TO_CLIP, rel=0.03)
+        z = device_noise(parameters, 5, fraction=0.1)
+        assert z * parameters ** 0.5 / 5 == pytest.approx(0.1, rel=0.03)
     assert device_noise(650, 20) > device_noise(650, 5)  # more clinics average it down
     with pytest.raises(InputError):
         device_noise(0, 5)
+    with pytest.raises(InputError):
+        device_noise(650, 5, fraction=0.0)
+
+
+@pytest.mark.parametrize("rounds", [15, 40])
+def test_the_least_device_noise_keeps_the_rounds_within_the_device_budget(rounds):
+    """The floor is the RDP bound solved for z: the accountant's epsilon at that z is within
+    the target, and at 15 % less noise it is not (the bound is nearly tight)."""
+    from bedside.models.defaults import least_device_noise
+    from bedside.privacy.accountant import compose, epsilon, gaussian
+
+    target = 5e5
+    z = least_device_noise(rounds, target, 1e-5)
+
+    def spent(multiplier: float) -> float:  # replace-one: a round is Gaussian at z / 2
+        return epsilon(compose([gaussian(multiplier / 2)] * rounds), 1e-5)
+
+    assert spent(z) <= target < spent(0.85 * z)
+    assert least_device_noise(2 * rounds, target, 1e-5) > z  # more rounds need more noise
+    with pytest.raises(InputError):
+        least_device_noise(0, target, 1e-5)
+
+
+def test_device_noise_never_goes_below_what_the_demo_device_budget_allows():
+    from bedside.models.defaults import DEMO_DEVICE_EPSILON, device_noise, least_device_noise
+
+    floor = least_device_noise(15, DEMO_DEVICE_EPSILON / 2, 1e-5)
+    assert device_noise(650, 5, fraction=0.001, rounds=15) == floor
+    assert device_noise(650, 5, fraction=0.25, rounds=15) > floor  # the rule, above the floor
+    assert device_noise(650, 5, fraction=0.001) < floor  # without rounds: the rule alone
 
 
 def test_the_demo_applies_the_device_noise_rule_unless_told():
     from bedside.models.defaults import device_noise
 
     cfg = for_task({"arch": "logreg"}, dataset="digits")
-    assert cfg.noise_multiplier == device_noise(64 * 10 + 10, cfg.clients)
+    assert cfg.noise_multiplier == device_noise(64 * 10 + 10, cfg.clients,
+                                                TUNED["digits"].device_noise_to_clip, cfg.rounds)
     assert for_task({"noise_multiplier": 0.3}, dataset="digits").noise_multiplier == 0.3
