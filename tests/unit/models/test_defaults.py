@@ -166,3 +166,9 @@ def test_the_demo_applies_the_device_noise_rule_unless_told():
     assert cfg.noise_multiplier == device_noise(64 * 10 + 10, cfg.clients,
                                                 TUNED["digits"].device_noise_to_clip, cfg.rounds)
     assert for_task({"noise_multiplier": 0.3}, dataset="digits").noise_multiplier == 0.3
+    # many rounds: the floor that keeps a demo clinic within its device-level budget
+    from bedside.models.defaults import DEMO_DEVICE_EPSILON, least_device_noise
+
+    long = for_task({"rounds": 200}, dataset="digits")
+    assert long.noise_multiplier == least_device_noise(200, DEMO_DEVICE_EPSILON / 2, long.delta)
+    assert long.noise_multiplier > cfg.noise_multiplier
