@@ -30,7 +30,8 @@ That is what a benchmark on public data may do and a deployment may not; ``bedsi
 therefore never searches (its defaults come from the task's shape, ``models/defaults.py``).
 
 Run from the repository root: ``.venv/bin/python benchmarks/tuning.py`` (``--tasks digits:logreg``
-to tune one, ``--splits N``, ``--quick`` for a smoke run).
+to tune one: the other tasks of the last run stay in the results, marked with their date;
+``--splits N``, ``--quick`` for a smoke run).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from typing import Any
 
-from benchlib import REPO, finish, log, machine
+from benchlib import REPO, RESULTS, finish, log, machine
 
 sys.path.insert(0, str(REPO))
 
@@ -212,7 +213,9 @@ def markdown(res: Mapping[str, Any]) -> str:
         "|---|---:|---:|---|",
     ]
     for t in res["tasks"]:
-        lines.append(f"| {t['dataset']} / {t['arch']} | {t['start']['mean']:.4f} | "
+        when = t.get("measured", m["date"])
+        note = "" if when == m["date"] else f" (tuned {when[:10]}, an earlier run)"
+        lines.append(f"| {t['dataset']} / {t['arch']}{note} | {t['start']['mean']:.4f} | "
                      f"{t['validation_accuracy']:.4f} | {_fmt(t['chosen'])} |")
     lines += ["", "What each step changed (mean validation accuracy of the best value, and of "
               "the current one):", ""]
@@ -227,25 +230,62 @@ def markdown(res: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def carried(previous: Mapping[str, Any] | None, tuned: Sequence[tuple[str, str]],
+            ) -> list[dict[str, Any]]:
+    """The tasks of an earlier run that this one does not tune (``--tasks`` names a subset),
+    kept as they were measured, with their date, so that the results and the README keep every
+    task."""
+    if not previous:
+        return []
+    out = []
+    for t in previous.get("tasks", []):
+        if (t["dataset"], t["arch"]) not in tuned:
+            out.append({**t, "measured": t.get("measured", previous["machine"]["date"])})
+    return out
+
+
+def parse_tasks(names: Sequence[str]) -> list[tuple[str, str]]:
+    """``dataset:arch`` pairs, each a built-in dataset and an architecture with sizes."""
+    from bedside.models.defaults import TUNED
+
+    out = []
+    for name in names:
+        dataset, sep, arch = name.partition(":")
+        if not sep or dataset not in TUNED or arch not in ARCH_SIZES:
+            raise SystemExit(f"tuning: --tasks {name!r} is not dataset:arch (datasets: "
+                             f"{', '.join(sorted(TUNED))}; architectures: "
+                             f"{', '.join(sorted(ARCH_SIZES))})")
+        out.append((dataset, arch))
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     p.add_argument("--tasks", nargs="*", default=[f"{d}:{a}" for d, a in TASKS],
-                   help="dataset:arch pairs (default: all)")
+                   help="dataset:arch pairs (default: all); the other tasks of the last run "
+                        "stay in the results as they were measured")
     p.add_argument("--splits", type=int, default=len(SPLITS))
     p.add_argument("--quick", action="store_true", help="one split, for a smoke run")
     p.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--no-write", action="store_true", help="print the JSON, write nothing")
     a = p.parse_args(argv)
+    tasks = parse_tasks(a.tasks)
     splits = list(SPLITS[:1] if a.quick else SPLITS[:a.splits])
     started = time.perf_counter()
     res: dict[str, Any] = {"machine": machine(), "splits": splits, "margin": MARGIN,
                            "dimensions": [[n, list(v)] for n, v in DIMENSIONS],
                            "arch_sizes": ARCH_SIZES, "tasks": []}
     with ProcessPoolExecutor(max_workers=a.jobs, mp_context=get_context("spawn")) as pool:
-        for task in a.tasks:
-            dataset, arch = task.split(":")
-            res["tasks"].append(tune(pool, dataset, arch, splits))
+        for dataset, arch in tasks:
+            res["tasks"].append({**tune(pool, dataset, arch, splits),
+                                 "measured": res["machine"]["date"]})
+    path = RESULTS / "tuning.json"
+    previous = json.loads(path.read_text()) if path.exists() else None
+    order = {t: i for i, t in enumerate(TASKS)}
+    res["tasks"] = sorted(res["tasks"] + carried(previous, tasks),
+                          key=lambda t: order.get((t["dataset"], t["arch"]), len(order)))
     return finish("tuning", "## Tuning", res, markdown, started, a.no_write)
+
 
 if __name__ == "__main__":
     raise SystemExit(main())
