@@ -20,7 +20,9 @@ IDENTIFIERS = {
     "name": "Zelda Quackenbush",
     "street": "742 Evergreen Terrace",
     "city": "Springfieldton",
-    "zip": "90210",
+    # ZIP+4: five bare digits turn up by chance in the hex digests records.db holds (a run
+    # found "90210" inside one), which would fail the raw-byte search below for nothing
+    "zip": "90210-4321",
     "birth_date": "1931-04-17",
     "admit_date": "2026-11-29",
     "phone": "+1-555-867-5309",
