@@ -138,9 +138,17 @@ class Worker(Validator):
         if self.counts.metrics is not None and self.server is None:
             self.server = MonitorServer(self._monitor, self.counts.metrics.registry,
                                         f"worker {self.worker_id}")
-        self.transport.subscribe(shared_topic(self.cfg), qos=1)
+        topic = shared_topic(self.cfg)
+        self.transport.subscribe(topic, qos=1)
+        # the MQTT transport tells when the broker has acknowledged it: only then does this
+        # worker get its share of the updates
+        confirmed = getattr(self.transport, "wait_subscribed", None)
+        if confirmed is not None and not confirmed(topic):
+            log.warning("worker %s: the broker has not confirmed the subscription to %s yet; "
+                        "this worker gets its share of the updates once it does",
+                        self.worker_id, topic)
         log.info("worker %s: validating updates of fleet %s from %s", self.worker_id,
-                 self.cfg.fleet, shared_topic(self.cfg))
+                 self.cfg.fleet, topic)
 
     def _follow(self, cur: RoundRow | None) -> None:
         if cur is None or (self._manifest is not None

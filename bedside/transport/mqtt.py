@@ -139,6 +139,12 @@ class MqttTransport:
         self._dropped: set[str] = set()
         self._lock = threading.Lock()
         self._connected = threading.Event()
+        # subscriptions the broker acknowledged on this connection (SUBACK), by filter; guarded
+        # by _lock, _subscribed is notified when one arrives
+        self._subacked: set[str] = set()
+        self._sub_mids: dict[int, str] = {}  # SUBSCRIBE packet id -> filter, until its SUBACK
+        self._early_acks: dict[int, bool] = {}  # SUBACKs that beat the packet id's record
+        self._subscribed = threading.Condition(self._lock)
         self.last_error: str | None = None
         self.failed_attempts = 0  # connection attempts that could not reach the broker
         c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id,
@@ -159,6 +165,7 @@ class MqttTransport:
         c.on_connect_fail = self._on_connect_fail
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
+        c.on_subscribe = self._on_subscribe
         c.on_socket_open = _no_delay
         self._client = c
         warn_if_insecure(cfg)
@@ -185,7 +192,7 @@ class MqttTransport:
         for f in dropped:  # a persistent session may still hold them from an earlier run
             client.unsubscribe(f)
         for f, qos in filters:
-            client.subscribe(f, qos)
+            self._send_subscribe(client, f, qos)
         self._connected.set()
         log.debug("%s connected as %s", self.cfg.describe(), self.client_id)
 
@@ -204,6 +211,10 @@ class MqttTransport:
                        _properties: Any) -> None:
         was = self._connected.is_set()
         self._connected.clear()
+        with self._lock:  # a new connection subscribes (and is acknowledged) again
+            self._subacked.clear()
+            self._sub_mids.clear()
+            self._early_acks.clear()
         if reason is not None and getattr(reason, "is_failure", False):
             self.last_error = f"disconnected: {reason}"
             if was:
@@ -283,7 +294,42 @@ class MqttTransport:
         with self._lock:
             self._filters[topic_filter] = qos
         if self._connected.is_set():
-            self._client.subscribe(topic_filter, qos)
+            self._send_subscribe(self._client, topic_filter, qos)
+
+    def wait_subscribed(self, topic_filter: str, timeout: float | None = None) -> bool:
+        """Whether the broker acknowledged the subscription to ``topic_filter`` on the current
+        connection within ``timeout`` seconds (default: the connect timeout). Until it has,
+        messages published to the filter (a shared subscription's share, too) go elsewhere."""
+        wait = self.cfg.connect_timeout if timeout is None else timeout
+        with self._subscribed:
+            return self._subscribed.wait_for(lambda: topic_filter in self._subacked, wait)
+
+    def _send_subscribe(self, client: paho.Client, topic_filter: str, qos: int) -> None:
+        rc, mid = client.subscribe(topic_filter, qos)
+        if rc != paho.MQTT_ERR_SUCCESS or mid is None:
+            return  # not connected after all: sent again at the next connection
+        with self._lock:
+            ok = self._early_acks.pop(mid, None)
+            if ok is None:
+                self._sub_mids[mid] = topic_filter
+            elif ok:
+                self._subacked.add(topic_filter)
+                self._subscribed.notify_all()
+
+    def _on_subscribe(self, client: paho.Client, _userdata: Any, mid: int, reason_codes: Any,
+                      _properties: Any) -> None:
+        ok = not any(getattr(rc, "is_failure", False) for rc in reason_codes)
+        with self._lock:
+            topic_filter = self._sub_mids.pop(mid, None)
+            if topic_filter is None:
+                self._early_acks[mid] = ok
+                return
+            if ok:
+                self._subacked.add(topic_filter)
+                self._subscribed.notify_all()
+        if not ok:
+            log.warning("%s: the broker refused the subscription to %s (its ACL, or a filter it "
+                        "does not support)", self.cfg.describe(), topic_filter)
 
     def unsubscribe(self, topic_filter: str) -> None:
         """Drop ``topic_filter``, also from the broker's persistent session of this client id

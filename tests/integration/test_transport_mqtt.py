@@ -31,8 +31,9 @@ def test_large_message_round_trip_without_nagle(broker):
         for t in (sub, pub):
             sock = t._client.socket()
             assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        assert not sub.wait_subscribed("bedside/v1/t/update/+", 0.2)  # not asked for yet
         sub.subscribe("bedside/v1/t/update/+", qos=1)
-        time.sleep(0.3)  # let the subscription reach the broker
+        assert sub.wait_subscribed("bedside/v1/t/update/+", 10)  # the broker's SUBACK
         body = os.urandom(200 * 1024)
         pub.publish("bedside/v1/t/update/clinic-1", body, qos=1)
         msg = sub.get(10)
