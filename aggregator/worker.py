@@ -140,10 +140,8 @@ class Worker(Validator):
                                         f"worker {self.worker_id}")
         topic = shared_topic(self.cfg)
         self.transport.subscribe(topic, qos=1)
-        # the MQTT transport tells when the broker has acknowledged it: only then does this
-        # worker get its share of the updates
-        confirmed = getattr(self.transport, "wait_subscribed", None)
-        if confirmed is not None and not confirmed(topic):
+        # only once the broker has acknowledged it does this worker get its share of the updates
+        if not self.transport.wait_subscribed(topic):
             log.warning("worker %s: the broker has not confirmed the subscription to %s yet; "
                         "this worker gets its share of the updates once it does",
                         self.worker_id, topic)

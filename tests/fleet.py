@@ -173,6 +173,9 @@ class GatedTransport:
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         self.inner.subscribe(topic_filter, qos)
 
+    def wait_subscribed(self, topic_filter: str, timeout: float | None = None) -> bool:
+        return self.inner.wait_subscribed(topic_filter, timeout)
+
     def get(self, timeout: float | None = None) -> Any:
         return self.inner.get(timeout)
 

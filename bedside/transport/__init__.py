@@ -51,6 +51,11 @@ class Transport(Protocol):
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         """Subscribe now and after every reconnect."""
 
+    def wait_subscribed(self, topic_filter: str, timeout: float | None = None) -> bool:
+        """Whether the subscription to ``topic_filter`` is in effect (the broker acknowledged it
+        on the current session) within ``timeout`` seconds; until then messages to it go
+        elsewhere."""
+
     def get(self, timeout: float | None = None) -> Message | None:
         """The next received message, or None after ``timeout`` seconds."""
 

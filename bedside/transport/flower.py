@@ -187,6 +187,9 @@ class Mailbox:
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         self._filters.add(topic_filter)
 
+    def wait_subscribed(self, topic_filter: str, timeout: float | None = None) -> bool:
+        return topic_filter in self._filters  # a mailbox: in effect at once
+
     def deliver(self, topic: str, payload: bytes) -> bool:
         """Queue a received message for ``get``; False (dropped) when nothing subscribed."""
         if not any(topic_matches(f, topic) for f in self._filters):

@@ -160,6 +160,9 @@ class MemoryTransport:
         if self._connected:
             self.broker.subscribe(self.client_id, topic_filter)
 
+    def wait_subscribed(self, topic_filter: str, timeout: float | None = None) -> bool:
+        return self._connected and topic_filter in self._filters  # in effect at once
+
     @property
     def queue_depth(self) -> int:
         """Messages received and not yet taken with :meth:`get`."""
