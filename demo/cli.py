@@ -9,13 +9,13 @@ from bedside.cli import print_json
 
 
 def build(parser: argparse.ArgumentParser) -> None:
-    from bedside.demo.run import DemoConfig
+    from bedside.demo.run import MODES, DemoConfig
 
     d = DemoConfig()
     parser.add_argument("--clients", type=int, default=d.clients, help="number of clinics")
     parser.add_argument("--rounds", type=int, default=None,
                         help="training rounds (default: the task's, models/defaults.py)")
-    parser.add_argument("--mode", choices=["central", "local"], default=d.mode,
+    parser.add_argument("--mode", choices=MODES, default=d.mode,
                         help="where update noise is added (central: aggregator; local: devices)")
     parser.add_argument("--target-epsilon", type=float, default=d.target_epsilon,
                         help="record-level DP-SGD budget of every clinic (delta 1e-5)")

@@ -32,7 +32,13 @@ from typing import Any, ClassVar
 import numpy as np
 
 from bedside.config import to_toml
-from bedside.constants import AGGREGATOR_ID, topic_status, topic_status_all
+from bedside.constants import (
+    AGGREGATOR_ID,
+    NOISE_CENTRAL,
+    NOISE_LOCAL,
+    topic_status,
+    topic_status_all,
+)
 from bedside.errors import InputError, TransportError
 from bedside.models.defaults import DEMO_DEVICE_EPSILON
 
@@ -356,11 +362,13 @@ def _write_configs(plan: dict[str, Any], port: int) -> None:
 
 # -- running ---------------------------------------------------------------------------------------
 TRANSPORTS = ("mqtt", "flower")
+#: Where the demo adds its device-level update noise (``--mode``).
+MODES = (NOISE_CENTRAL, NOISE_LOCAL)
 
 
 def run(cfg: DemoConfig) -> dict[str, Any]:
-    if cfg.mode not in ("central", "local"):
-        raise InputError(f"--mode must be 'central' or 'local', not {cfg.mode!r}")
+    if cfg.mode not in MODES:
+        raise InputError(f"--mode must be one of {', '.join(MODES)}, not {cfg.mode!r}")
     if cfg.transport not in TRANSPORTS:
         raise InputError(f"--transport must be one of {', '.join(TRANSPORTS)}, not "
                          f"{cfg.transport!r}")

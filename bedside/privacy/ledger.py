@@ -371,18 +371,19 @@ class Ledger:
                 conn.execute("PRAGMA synchronous=FULL")
                 # A private temporary file: nobody else sees it until it is linked into place.
                 conn.executescript(_SCHEMA_SQL)
-                conn.execute("BEGIN IMMEDIATE")
-                conn.execute("INSERT INTO schema_version (version) VALUES (?)", (LEDGER_SCHEMA,))
-                now = _now()
-                conn.executemany(
-                    "INSERT INTO meta (key, value) VALUES (?, ?)",
-                    [("kind", LEDGER_KIND), ("created_at", now), ("accountant", accountant)],
-                )
-                conn.executemany(
-                    "INSERT INTO budgets (unit, epsilon, delta, created_at) VALUES (?, ?, ?, ?)",
-                    [(u, b.epsilon, b.delta, now) for u, b in sorted(budgets.items())],
-                )
-                conn.execute("COMMIT")
+                with transaction(conn):
+                    conn.execute("INSERT INTO schema_version (version) VALUES (?)",
+                                  (LEDGER_SCHEMA,))
+                    now = _now()
+                    conn.executemany(
+                        "INSERT INTO meta (key, value) VALUES (?, ?)",
+                        [("kind", LEDGER_KIND), ("created_at", now), ("accountant", accountant)],
+                    )
+                    conn.executemany(
+                        "INSERT INTO budgets (unit, epsilon, delta, created_at) "
+                        "VALUES (?, ?, ?, ?)",
+                        [(u, b.epsilon, b.delta, now) for u, b in sorted(budgets.items())],
+                    )
             finally:
                 conn.close()  # checkpoints the WAL into the main file
             with open(tmp, "rb+") as fh:
