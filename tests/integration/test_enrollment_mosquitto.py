@@ -1,5 +1,6 @@
 """Devices enrolled by token only take part in a round over TLS through Mosquitto, started from
-the generated configuration; a revoked device is then refused by the broker and the aggregator."""
+the generated configuration; a revoked device's next update is then rejected by the running
+aggregator, and the broker refuses its reconnection."""
 
 from __future__ import annotations
 
@@ -13,7 +14,25 @@ from bedside.config import to_toml
 from bedside.transport import free_port
 from bedside.transport.mqtt import MqttConfig, MqttTransport
 from tests.brokers import _wait_port, mosquitto_binary
-from tests.fleet import close_agents, make_fleet, start_agent, start_aggregator, wait_for
+from tests.fleet import (
+    GatedTransport,
+    close_agents,
+    make_fleet,
+    start_agent,
+    start_aggregator,
+    wait_for,
+)
+
+
+class _DownAfterEachUpdate(GatedTransport):
+    """The device's uplink goes down right after each update it sends: its next one waits in its
+    outbox until the test opens the gate again, however soon the next round starts."""
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False,
+                wait: bool = True) -> None:
+        super().publish(topic, payload, qos=qos, retain=retain, wait=wait)
+        if "/update/" in topic:
+            self.closed = True
 
 
 def _start(conf_dir: Path, log: Path) -> subprocess.Popen:
@@ -78,10 +97,15 @@ def test_a_round_over_tls_with_devices_enrolled_by_token_only(tmp_path, capsys):
         acl = (etc / "acl").read_text()
         assert "user clinic-1" in acl and "user clinic-2" in acl
         broker.send_signal(signal.SIGHUP)  # Mosquitto reads the rewritten ACL
+        gates = []
         for i in range(2):
-            stops.append(start_agent(fleet, i)[1])
+            agent, s, _ = start_agent(fleet, i, offline=True)  # nothing sent yet: swap its gate
+            agent.transport = _DownAfterEachUpdate(agent.transport.inner)
+            gates.append(agent.transport)
+            stops.append(s)
         wait_for(lambda: len(agg.state.accepted(1)) == 2, 120, "both token-enrolled devices' "
                  "updates in round 1")
+        wait_for(lambda: agg.state.current_round().round == 2, 30, "round 2 to open")
         # revocation: the device's certificate goes into the CRL, its key out of the aggregator
         capsys.readouterr()
         assert main(["aggregator", "revoke", "clinic-2", "--config",
@@ -89,6 +113,16 @@ def test_a_round_over_tls_with_devices_enrolled_by_token_only(tmp_path, capsys):
         out = capsys.readouterr().out
         assert "revoked its broker certificate" in out and "restart Mosquitto" in out
         assert "user clinic-2" not in (etc / "acl").read_text()
+        # Mosquitto still runs the old ACL: clinic-2's next update reaches the running aggregator
+        gates[1].closed = False
+        wait_for(lambda: agg.state.rejections(2).get("unknown_sender"), 60,
+                 "the revoked device's round 2 update to be rejected")
+        assert agg.state.db.execute("SELECT DISTINCT sender FROM rejections WHERE round = 2"
+                                    ).fetchall() == [("clinic-2",)]
+        gates[0].closed = False  # the other device's update is accepted, and the round closes
+        wait_for(lambda: agg.state.get_round(2).status == "closed", 60, "round 2 to close")
+        assert [u["sender"] for u in agg.state.accepted(2)] == ["clinic-1"]
+        assert agg.state.get_round(2).result["accepted"] == 1
         broker.terminate()
         broker.wait(10)
         broker = _start(etc, log)  # Mosquitto reads its CRL at start

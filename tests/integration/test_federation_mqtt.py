@@ -257,3 +257,87 @@ def test_updates_are_clipped_on_the_wire(tmp_path, mosquitto):
         spy.close()
         _stop_all(fleet, [agg_stop] + [s for _, s, _ in agents])
         agg.transport.close()
+
+
+def test_devices_follow_a_key_rotation_and_refuse_the_old_key(tmp_path, mosquitto, caplog):
+    """``bedside aggregator rotate-key``, then the aggregator restarts (issue 14): over Mosquitto
+    the devices pin the new key (the rotation is signed by the old one) and take part in the next
+    round, announced with the new key; a round announced with the old key is ignored."""
+    import logging
+
+    from bedside.cli import main
+    from bedside.constants import AGGREGATOR_ID, topic_round
+    from bedside.demo.run import to_toml
+    from tests.wire_tools import split
+
+    caplog.set_level(logging.WARNING, logger="bedside.edge.agent")
+    # no record-level budget (the device-level one is large): round 2 is not declined for it
+    fleet = make_fleet(tmp_path / "fleet", clients=2, rounds=1, broker=mosquitto,
+                       agent={"agent": {"exit_when_done": False},
+                              "privacy": {"record_epsilon": None, "allow_no_record_dp": True}})
+    f = fleet.plan["fleet"]
+    spy = MqttTransport(mosquitto.config(SPY), SPY, clean_session=True)
+    assert spy.wait_connected(10)
+    spy.subscribe(topic_round(f))
+    spy.subscribe(topic_updates_all(f))
+    assert spy.wait_subscribed(topic_updates_all(f), 10)
+    agents = [start_agent(fleet, i) for i in range(2)]
+    stops = [s for _, s, _ in agents]
+    agg = forger = None
+
+    def serve():
+        nonlocal agg
+        agg, stop, thread = start_aggregator(fleet)
+        stops.append(stop)
+        thread.join(90)
+        assert agg.finished, "the federation did not finish"
+        agg.close()
+        agg.transport.close()  # its client id is free for the forger below
+
+    try:
+        serve()
+        old = SigningKey.load(agg.cfg.key)
+        assert main(["aggregator", "rotate-key", "--config", str(fleet.aggregator_toml)]) == 0
+        new = SigningKey.load(agg.cfg.key)
+        assert new.public.fingerprint != old.public.fingerprint
+        agg.state.close()
+        fleet.plan["aggregator"]["rounds"]["rounds"] = 2  # one more round, under the new key
+        fleet.aggregator_toml.write_text(to_toml(fleet.plan["aggregator"]))
+        serve()
+        assert [(r.round, r.status, r.result["accepted"]) for r in agg.state.rounds()] == [
+            (1, "closed", 2), (2, "closed", 2)]
+        for a, _, _ in agents:
+            assert a.pinned.get(AGGREGATOR_ID).fingerprint == new.public.fingerprint
+            assert a.cfg.aggregator_key.read_text().strip() == new.public.to_text()
+        announced = []
+        while (m := spy.get(0.5)) is not None:
+            if m.topic == topic_round(f):
+                announced.append(m.payload)
+        round2 = [p for p in announced
+                  if split(p)[0]["round"] == 2 and split(p)[0]["meta"].get("state") != "done"]
+        assert round2, "round 2 was not announced"
+        # round 3, announced as round 2 was (still before its deadline) but signed with the old key
+        forged = resign(round2[0], old, edit=lambda h: h.update(round=3, model_version=3,
+                                                                nonce="f0" * 16))
+        refused = len([r for r in caplog.records if "bad_signature" in r.getMessage()])
+        forger = MqttTransport(mosquitto.config("aggregator"), "aggregator", clean_session=True)
+        assert forger.wait_connected(10)
+        forger.publish(topic_round(f), forged, qos=1)
+        wait_for(lambda: len([r for r in caplog.records
+                              if "bad_signature" in r.getMessage()]) >= refused + 2, 15,
+                 "both devices to refuse the announcement signed with the old key")
+        time.sleep(1.0)  # a device that took it would train and send an update now
+        sent = []
+        while (m := spy.get(0.5)) is not None:
+            if m.topic != topic_round(f):
+                sent.append(m.topic)
+        assert sent == [], "a device answered a round announced with the old key"
+        for a, _, _ in agents:
+            assert a.announce.header.round == 2 and a.state.handled(3) is None
+    finally:
+        spy.close()
+        if forger is not None:
+            forger.close()
+        _stop_all(fleet, stops)
+        if agg is not None:
+            agg.state.close()

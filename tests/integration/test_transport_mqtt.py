@@ -258,6 +258,49 @@ def test_a_device_certificate_cannot_borrow_an_identity_or_another_fleet(tmp_pat
         acl_text("north", ["aggregator"])
 
 
+def test_a_device_cannot_take_over_another_devices_session(tmp_path, caplog):
+    """Device A (certificate clinic-1) connecting with B's client id 'clinic-2' is connected as
+    itself (use_username_as_clientid): B keeps its connection and its messages, and the
+    persistent session A opened is clinic-1's, which the real clinic-1 finds again."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="bedside.transport.mqtt")
+    b = start_mosquitto(tmp_path / "mosquitto", ["clinic-1", "clinic-2"], fleet="north")
+    mine, theirs = "bedside/v1/north/receipt/clinic-1", "bedside/v1/north/receipt/clinic-2"
+    clients = []
+
+    def client(who, cid):
+        t = MqttTransport(b.config(who), client_id=cid, clean_session=False)
+        clients.append(t)
+        assert t.wait_connected(10)
+        return t
+
+    try:
+        agg = client("aggregator", "aggregator-north")
+        dev_b = client("clinic-2", "clinic-2")
+        dev_b.subscribe(theirs, qos=1)
+        assert dev_b.wait_subscribed(theirs, 10)
+        dev_a = client("clinic-1", "clinic-2")  # B's client id, A's certificate
+        dev_a.subscribe(mine, qos=1)
+        assert dev_a.wait_subscribed(mine, 10)
+        time.sleep(1.5)  # a takeover drops B at once (and each then takes the session back)
+        agg.publish(theirs, b"for B", qos=1)
+        m = dev_b.get(5)
+        assert m is not None and m.payload == b"for B"
+        assert dev_b.connected and dev_a.connected
+        lost = [r.getMessage() for r in caplog.records if "connection lost" in r.getMessage()]
+        assert lost == [], "a connection was taken over"
+        dev_a.close()
+        agg.publish(mine, b"for A", qos=1)  # queued for A's session while it is away
+        real_a = client("clinic-1", "clinic-1")
+        m = real_a.get(10)
+        assert m is not None and m.payload == b"for A", "A's session was not clinic-1's"
+    finally:
+        for c in clients:
+            c.close()
+        b.stop()
+
+
 def test_a_revoked_device_certificate_is_refused_by_mosquitto(tmp_path, capsys):
     """``bedside broker revoke`` rewrites the CA's CRL, which the shipped Mosquitto config
     honours: after a restart the revoked device cannot connect; the others still can."""
