@@ -689,7 +689,10 @@ def _weak_device_statement(eps: float | None, clients: int, mode: str,
         return "no device-level guarantee was recorded"
     from bedside.federation.report import strength
 
-    text = (f"device-level epsilon {eps:.3g} (delta {delta:g}, {mode} noise) over the released "
+    who = {NOISE_CENTRAL: "central noise, added by the aggregator: it holds only if the "
+                          "aggregator is honest",
+           NOISE_LOCAL: "local noise, added by each clinic itself"}.get(mode, f"{mode} noise")
+    text = (f"device-level epsilon {eps:.3g} (delta {delta:g}, {who}) over the released "
             f"models: {'this is ' if eps > 10 else ''}{strength(eps)}")
     if eps > 10:
         text += (f". A fleet of {clients} clinics cannot hide one clinic's "

@@ -68,6 +68,8 @@ def test_default_demo(tmp_path, clean_env):
         ledger = _ledger_notes(tmp_path / "demo" / c["id"])
         assert any("feature statistics" in n for n in ledger), c["id"]
     assert dev["epsilon"] > 10 and "weak guarantee" in dev["statement"]
+    # central noise: the statement says whose honesty the guarantee rests on
+    assert "only if the aggregator is honest" in dev["statement"]
     assert (tmp_path / "demo" / "report.json").exists()
     assert (tmp_path / "demo" / "report.png").stat().st_size > 10_000
     # every clinic holds only its own shard
