@@ -29,9 +29,18 @@ The search itself is not private: it reads clinic rows (validation splits of the
 That is what a benchmark on public data may do and a deployment may not; ``bedside demo --data``
 therefore never searches (its defaults come from the task's shape, ``models/defaults.py``).
 
+4. **Comparison on more splits** (``--compare``): a coordinate search on 3 splits moves by about
+   a point between runs, so finalists (the search's choice, the shipped defaults, a setting the
+   search could not reach one dimension at a time) can be scored side by side on
+   ``COMPARE_SPLITS`` (10) validation splits. The comparison is kept in the results beside the
+   search, and ``TUNED`` takes its winner.
+
 Run from the repository root: ``.venv/bin/python benchmarks/tuning.py`` (``--tasks digits:logreg``
 to tune one: the other tasks of the last run stay in the results, marked with their date;
-``--splits N``, ``--quick`` for a smoke run).
+``--splits N``, ``--quick`` for a smoke run). A comparison: ``--tasks digits:logreg --compare
+'{}' '{"server_optimizer": "fedavgm", "server_params": {"lr": 1.0, "momentum": 0.5}}'`` (each
+JSON object overrides the shipped defaults, ``{}`` is them; ``target_epsilon`` may be one of the
+overrides).
 """
 
 from __future__ import annotations
@@ -48,7 +57,7 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from typing import Any
 
-from benchlib import REPO, RESULTS, finish, log, machine
+from benchlib import REPO, RESULTS, finish, log, machine, write_section
 
 sys.path.insert(0, str(REPO))
 
@@ -56,6 +65,7 @@ sys.path.insert(0, str(REPO))
 TASKS: tuple[tuple[str, str], ...] = (("wdbc", "logreg"), ("digits", "logreg"),
                                       ("vitals", "logreg"), ("vitals", "cnn1d"))
 SPLITS: tuple[int, ...] = (1, 2, 3)
+COMPARE_SPLITS: tuple[int, ...] = tuple(range(1, 11))
 MARGIN = 0.005  # a value must beat the current one by more than this (accuracy) to replace it
 
 #: The search, in order: the name of each dimension and its values (DemoConfig fields).
@@ -77,6 +87,7 @@ DIMENSIONS: tuple[tuple[str, tuple[dict[str, Any], ...]], ...] = (
     ("server optimizer", (
         {"server_optimizer": "sgd", "server_params": {}},
         {"server_optimizer": "fedavgm", "server_params": {"lr": 0.5, "momentum": 0.5}},
+        {"server_optimizer": "fedavgm", "server_params": {"lr": 1.0, "momentum": 0.5}},
         {"server_optimizer": "fedadam", "server_params": {"lr": 0.03}},
         {"server_optimizer": "fedadam", "server_params": {"lr": 0.1}})),
     ("rounds", tuple({"rounds": r} for r in (10, 15, 25))),
@@ -171,6 +182,32 @@ def tune(pool: ProcessPoolExecutor, dataset: str, arch: str,
             "validation_accuracy": best_mean, "steps": steps}
 
 
+def compare(pool: ProcessPoolExecutor, dataset: str, arch: str, overrides: Sequence[str],
+            splits: Sequence[int]) -> dict[str, Any]:
+    """Score the shipped defaults with each of ``overrides`` (JSON objects) on ``splits``."""
+    from bedside.models.defaults import for_dataset
+
+    base = {**for_dataset(dataset, arch).fields()}
+    parsed = []
+    for text in overrides:
+        try:
+            o = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SystemExit(f"tuning: --compare {text!r} is not JSON: {exc}") from None
+        unknown = sorted(set(o) - set(base) - {"target_epsilon"}) if isinstance(o, dict) else []
+        if not isinstance(o, dict) or unknown:
+            raise SystemExit(f"tuning: --compare {text!r} must be a JSON object of settings "
+                             f"(unknown: {', '.join(unknown) or 'not an object'}; known: "
+                             f"{', '.join(sorted(base))}, target_epsilon)")
+        parsed.append(o)
+    results = evaluate(pool, dataset, [{**base, **o} for o in parsed], splits)
+    for o, r in zip(parsed, results, strict=True):
+        r["overrides"] = o
+        log(f"{dataset}/{arch}: {r['mean']:.4f} {json.dumps(o)}")
+    return {"dataset": dataset, "arch": arch, "splits": list(splits), "base": base,
+            "candidates": results}
+
+
 # -- report ----------------------------------------------------------------------------------------
 def _fmt(settings: Mapping[str, Any]) -> str:
     s = dict(settings)
@@ -203,7 +240,9 @@ def markdown(res: Mapping[str, Any]) -> str:
         "the update clip, searched together with the clip. Coordinate search from the "
         "previous defaults, one dimension at a time, in this "
         "order: " + "; ".join(
-            f"{name} ({len(ARCH_SIZES['cnn1d']) if name == 'model size' else len(v)} values)"
+            (f"{name} (per architecture: " + ", ".join(f"{k} {len(x)}" for k, x in
+                                                         ARCH_SIZES.items()) + " values)")
+            if name == "model size" else f"{name} ({len(v)} values)"
             for name, v in DIMENSIONS) + f". A value wins when it beats the current one by "
         f"more than {MARGIN:g}. Scores move by about a point between runs (every noise draw "
         "comes from the operating system), so where candidates lie within that a rerun may "
@@ -224,9 +263,25 @@ def markdown(res: Mapping[str, Any]) -> str:
                    f"{max(x['mean'] for x in s['tried']):.4f}" for s in t["steps"] if s["changed"]]
         lines.append(f"- {t['dataset']} / {t['arch']}: "
                      + ("; ".join(changes) if changes else "no change beat the start"))
+    for c in res.get("comparisons", []):
+        lines += ["", f"Comparison on {len(c['splits'])} validation splits (seeds "
+                  f"{c['splits'][0]}-{c['splits'][-1]}), {c['dataset']} / {c['arch']}, "
+                  f"{c['measured'][:10]}, {c['seconds']:.0f} s: the shipped defaults then "
+                  f"({_fmt(c['base'])}) with each override; epsilon 8 unless the override "
+                  "says otherwise.", "",
+                  "| override | mean validation accuracy | per split |", "|---|---:|---|"]
+        for r in c["candidates"]:
+            lines.append(f"| `{json.dumps(r['overrides']) if r['overrides'] else 'none'}` | "
+                         f"{r['mean']:.4f} | {', '.join(f'{a:.4f}' for a in r['accuracy'])} |")
+        at8 = [r for r in c["candidates"] if "target_epsilon" not in r["overrides"]]
+        if at8:
+            top = max(at8, key=lambda r: r["mean"])
+            lines += ["", "Best at epsilon 8: " + (f"`{json.dumps(top['overrides'])}`"
+                                                   if top["overrides"] else
+                                                   "the shipped defaults, unchanged") + "."]
     lines += ["", "The per-dataset defaults in `models/defaults.py` (`TUNED`) are the best task "
-              "of each dataset, with its architecture; `bedside demo --dataset NAME` uses them.",
-              ""]
+              "of each dataset, with its architecture (a comparison's winner where one was run); "
+              "`bedside demo --dataset NAME` uses them.", ""]
     return "\n".join(lines)
 
 
@@ -264,13 +319,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tasks", nargs="*", default=[f"{d}:{a}" for d, a in TASKS],
                    help="dataset:arch pairs (default: all); the other tasks of the last run "
                         "stay in the results as they were measured")
-    p.add_argument("--splits", type=int, default=len(SPLITS))
+    p.add_argument("--splits", type=int, default=None,
+                   help=f"validation splits (default {len(SPLITS)}; {len(COMPARE_SPLITS)} with "
+                        "--compare)")
     p.add_argument("--quick", action="store_true", help="one split, for a smoke run")
     p.add_argument("--jobs", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--no-write", action="store_true", help="print the JSON, write nothing")
+    p.add_argument("--compare", nargs="+", metavar="JSON",
+                   help="instead of searching, score the shipped defaults with each of these "
+                        "overrides (JSON objects; '{}' is the defaults) on --splits splits "
+                        f"(default {len(COMPARE_SPLITS)}), for one --tasks entry")
     a = p.parse_args(argv)
     tasks = parse_tasks(a.tasks)
-    splits = list(SPLITS[:1] if a.quick else SPLITS[:a.splits])
+    if a.compare:
+        return compare_main(a, tasks)
+    splits = list(SPLITS[:1] if a.quick else SPLITS[:a.splits or len(SPLITS)])
     started = time.perf_counter()
     res: dict[str, Any] = {"machine": machine(), "splits": splits, "margin": MARGIN,
                            "dimensions": [[n, list(v)] for n, v in DIMENSIONS],
@@ -285,6 +348,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     res["tasks"] = sorted(res["tasks"] + carried(previous, tasks),
                           key=lambda t: order.get((t["dataset"], t["arch"]), len(order)))
     return finish("tuning", "## Tuning", res, markdown, started, a.no_write)
+
+
+def compare_main(a: argparse.Namespace, tasks: Sequence[tuple[str, str]]) -> int:
+    """``--compare``: add a comparison to the last run's results (replacing an earlier one of
+    the same task) and rewrite the README section."""
+    if len(tasks) != 1:
+        raise SystemExit("tuning: --compare needs exactly one --tasks entry (dataset:arch)")
+    path = RESULTS / "tuning.json"
+    if not path.exists():
+        raise SystemExit(f"tuning: --compare adds to the results of a search; run "
+                         f"benchmarks/tuning.py first ({path} is missing)")
+    res = json.loads(path.read_text())
+    count = a.splits or len(COMPARE_SPLITS)
+    splits = list(COMPARE_SPLITS[:1] if a.quick else range(1, count + 1))
+    started = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=a.jobs, mp_context=get_context("spawn")) as pool:
+        (dataset, arch), = tasks
+        entry = compare(pool, dataset, arch, a.compare, splits)
+    entry.update(measured=machine()["date"], seconds=round(time.perf_counter() - started, 1))
+    if a.no_write:
+        print(json.dumps(entry, indent=2))
+        return 0
+    res["comparisons"] = [c for c in res.get("comparisons", [])
+                          if (c["dataset"], c["arch"]) != (dataset, arch)] + [entry]
+    path.write_text(json.dumps(res, indent=2) + "\n")
+    write_section("tuning", "## Tuning", markdown(res))
+    log(f"wrote {path} and the README section")
+    return 0
 
 
 if __name__ == "__main__":

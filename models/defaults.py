@@ -62,6 +62,8 @@ TUNED: dict[str, TaskDefaults] = {
     # a larger update clip with less device-level noise on it: the devices' DP-SGD updates are
     # mostly noise, so a clip of 1 shrank their signal as much as their noise, and the central
     # noise at a quarter of a larger clip cost more than the clip gained
+    # (kept after a comparison on 10 validation splits against the latest search's choice and
+    # server momentum, neither of which beat it: benchmarks/README.md, Tuning)
     "digits": replace(UNTUNED, lr=0.25, clip_norm=2.0, device_noise_to_clip=0.1),
     # a linear model over the window beat the 1-D convolution at every size tried (0.959 against
     # 0.877 at best on validation): under DP-SGD, 301 weights carry less noise than 3,041
