@@ -115,7 +115,7 @@ def for_task(chosen: dict[str, Any], **settings: Any) -> DemoConfig:
     if cfg.data is None:
         task = defaults.for_dataset(cfg.dataset, arch)
         source = f"tuned for {cfg.dataset}"
-        schema = datasets.load(cfg.dataset).schema
+        schema = datasets.schema_of(cfg.dataset)
     else:
         train, _holdout, shards = _load_data(cfg)
         schema = train.schema
@@ -136,12 +136,11 @@ def for_task(chosen: dict[str, Any], **settings: Any) -> DemoConfig:
 
 
 def _parameters(arch: str, arch_params: dict[str, Any], schema: Any) -> int:
-    """How many weights a federated update of this model carries."""
+    """How many weights a federated update of this model carries (without importing torch: the
+    demo's own process never does, see :mod:`bedside.demo.processes`)."""
     from bedside.models.spec import ArchSpec
-    from bedside.models.zoo import build
 
-    net = build(ArchSpec.for_schema(arch, schema, **arch_params), schema)
-    return sum(p.numel() for p in net.parameters())
+    return ArchSpec.for_schema(arch, schema, **arch_params).parameter_count()
 
 
 #: The fewest rows a demo clinic holds (the non-IID split's floor; the same for every setting, so

@@ -507,6 +507,21 @@ _LOADERS: dict[str, Callable[..., Dataset]] = {
 }
 
 
+_SCHEMAS: dict[str, Callable[[], Schema]] = {
+    "wdbc": wdbc_schema,
+    "digits": digits_schema,
+    "vitals": vitals_schema,
+}
+
+
+def schema_of(name: str) -> Schema:
+    """The schema of built-in data set ``name`` with its default options, without loading (or
+    generating) its rows: no scikit-learn, nothing slow."""
+    if name not in _SCHEMAS:
+        raise InputError(f"unknown data set {name!r}; choose one of: {', '.join(DATASETS)}")
+    return _SCHEMAS[name]()
+
+
 def load(name: str, **kwargs: Any) -> Dataset:
     """Load a built-in data set by name (:data:`DATASETS`); ``kwargs`` go to its loader."""
     loader = _LOADERS.get(name)

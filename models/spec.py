@@ -75,6 +75,31 @@ class ArchSpec:
     def flat_inputs(self) -> int:
         return self.n_features * (self.window or 1)
 
+    @property
+    def head_width(self) -> int:
+        """Logits of the last layer: one for a binary task (logistic regression proper), else
+        one per class."""
+        return 1 if self.n_classes == 2 else self.n_classes
+
+    def parameter_count(self) -> int:
+        """How many weights the network (:func:`bedside.models.zoo.build`) trains, i.e. a
+        federated update carries, computed without torch (a test checks it against the built
+        network)."""
+        widths: list[int]
+        if self.name == "cnn1d":
+            k = int(self.params["kernel_size"])
+            count, width = 0, self.n_features
+            for c in (int(c) for c in self.params["channels"]):
+                count += width * c * k + c
+                width = c
+        else:
+            count, width = 0, self.flat_inputs
+            widths = [int(h) for h in self.params.get("hidden", [])] if self.name == "mlp" else []
+            for h in widths:
+                count += width * h + h
+                width = h
+        return count + width * self.head_width + self.head_width
+
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "n_features": self.n_features, "n_classes": self.n_classes,
                 "window": self.window, "params": dict(self.params)}

@@ -66,10 +66,6 @@ class _GlobalAvgPool1d(nn.Module):
         return x.mean(dim=-1)
 
 
-def _head_width(spec: ArchSpec) -> int:
-    return 1 if spec.n_classes == 2 else spec.n_classes
-
-
 def _mlp_body(spec: ArchSpec, hidden: list[int]) -> nn.Module:
     layers: list[nn.Module] = [_Flatten()] if spec.window else []
     width = spec.flat_inputs
@@ -78,7 +74,7 @@ def _mlp_body(spec: ArchSpec, hidden: list[int]) -> nn.Module:
         if spec.params.get("dropout", 0.0):
             layers.append(nn.Dropout(float(spec.params["dropout"])))
         width = int(h)
-    layers.append(nn.Linear(width, _head_width(spec)))
+    layers.append(nn.Linear(width, spec.head_width))
     return nn.Sequential(*layers)
 
 
@@ -93,7 +89,7 @@ def _cnn1d_body(spec: ArchSpec) -> nn.Module:
     layers.append(_GlobalAvgPool1d())
     if spec.params.get("dropout", 0.0):
         layers.append(nn.Dropout(float(spec.params["dropout"])))
-    layers.append(nn.Linear(width, _head_width(spec)))
+    layers.append(nn.Linear(width, spec.head_width))
     return nn.Sequential(*layers)
 
 

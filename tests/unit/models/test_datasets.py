@@ -389,3 +389,10 @@ def test_train_test_split_small_classes_and_errors():
             datasets.train_test_split(ds, test_fraction=bad)
     with pytest.raises(DataError, match="row"):
         datasets.train_test_split(ds.subset([0]))
+
+
+def test_schema_of_is_the_loaded_data_sets_schema():
+    for name in datasets.DATASETS:
+        assert datasets.schema_of(name) == datasets.load(name).schema
+    with pytest.raises(InputError, match="wdbc, digits, vitals"):
+        datasets.schema_of("mnist")

@@ -172,3 +172,19 @@ def test_the_demo_applies_the_device_noise_rule_unless_told():
     long = for_task({"rounds": 200}, dataset="digits")
     assert long.noise_multiplier == least_device_noise(200, DEMO_DEVICE_EPSILON / 2, long.delta)
     assert long.noise_multiplier > cfg.noise_multiplier
+
+
+def test_the_demo_configures_a_built_in_task_without_torch_or_sklearn():
+    """The demo's own process never imports torch or scikit-learn (its fork server does, once,
+    in parallel): choosing a task's settings, device noise included, needs neither."""
+    import subprocess
+    import sys
+
+    code = ("import sys, json; from bedside.demo.run import for_task\n"
+            "for d in ('wdbc', 'digits', 'vitals'): for_task({}, dataset=d)\n"
+            "for_task({'arch': 'mlp'}, dataset='digits')\n"
+            "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'torch', 'sklearn'})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120)
+    assert out.stdout.strip() == "[]"

@@ -142,3 +142,14 @@ def test_cnn_trains_with_dp_sgd():
     net = build(ArchSpec.for_schema("cnn1d", ds.schema), ds.schema, seed=0)
     r = fit(net, ds.x, ds.y, TrainConfig(epochs=1, batch_size=16, seed=0), _plan(60, 16, 1))
     assert r.steps == 4 and np.isfinite(r.final_loss)
+
+
+@pytest.mark.parametrize(("dataset", "arch", "params"), [
+    ("wdbc", "logreg", {}), ("digits", "logreg", {}), ("vitals", "logreg", {}),
+    ("wdbc", "mlp", {}), ("digits", "mlp", {"hidden": [7]}), ("vitals", "mlp", {"hidden": [5, 3]}),
+    ("vitals", "cnn1d", {}), ("vitals", "cnn1d", {"channels": [8], "kernel_size": 3})])
+def test_the_torch_free_parameter_count_is_the_networks(dataset, arch, params):
+    schema = datasets.schema_of(dataset)
+    spec = ArchSpec.for_schema(arch, schema, **params)
+    net = build(spec, schema)
+    assert spec.parameter_count() == sum(p.numel() for p in net.parameters())
