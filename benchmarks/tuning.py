@@ -33,7 +33,8 @@ therefore never searches (its defaults come from the task's shape, ``models/defa
    a point between runs, so finalists (the search's choice, the shipped defaults, a setting the
    search could not reach one dimension at a time) can be scored side by side on
    ``COMPARE_SPLITS`` (10) validation splits. The comparison is kept in the results beside the
-   search, and ``TUNED`` takes its winner.
+   search, and ``TUNED`` takes an override that beats the shipped defaults by more than
+   ``MARGIN`` (:func:`verdict`).
 
 Run from the repository root: ``.venv/bin/python benchmarks/tuning.py`` (``--tasks digits:logreg``
 to tune one: the other tasks of the last run stay in the results, marked with their date;
@@ -273,16 +274,29 @@ def markdown(res: Mapping[str, Any]) -> str:
         for r in c["candidates"]:
             lines.append(f"| `{json.dumps(r['overrides']) if r['overrides'] else 'none'}` | "
                          f"{r['mean']:.4f} | {', '.join(f'{a:.4f}' for a in r['accuracy'])} |")
-        at8 = [r for r in c["candidates"] if "target_epsilon" not in r["overrides"]]
-        if at8:
-            top = max(at8, key=lambda r: r["mean"])
-            lines += ["", "Best at epsilon 8: " + (f"`{json.dumps(top['overrides'])}`"
-                                                   if top["overrides"] else
-                                                   "the shipped defaults, unchanged") + "."]
+        lines += ["", verdict(c)]
     lines += ["", "The per-dataset defaults in `models/defaults.py` (`TUNED`) are the best task "
-              "of each dataset, with its architecture (a comparison's winner where one was run); "
-              "`bedside demo --dataset NAME` uses them.", ""]
+              "of each dataset, with its architecture (or what a comparison decided, where one was "
+              "run); `bedside demo --dataset NAME` uses them.", ""]
     return "\n".join(lines)
+
+
+def verdict(comparison: Mapping[str, Any]) -> str:
+    """What a comparison decides: an override replaces the shipped defaults only when it beats
+    them (``{}``) at epsilon 8 by more than ``MARGIN``, as a value does in the search."""
+    at8 = [r for r in comparison["candidates"] if "target_epsilon" not in r["overrides"]]
+    shipped = [r for r in at8 if not r["overrides"]]
+    if not at8 or not shipped:
+        return "No decision: the comparison does not score the shipped defaults at epsilon 8."
+    top = max(at8, key=lambda r: r["mean"])
+    gain = top["mean"] - shipped[0]["mean"]
+    if not top["overrides"]:
+        return "At epsilon 8 nothing beat the shipped defaults: they stay."
+    if gain > MARGIN:
+        return (f"At epsilon 8 `{json.dumps(top['overrides'])}` beat the shipped defaults by "
+                f"{gain:.4f}: it replaces them.")
+    return (f"At epsilon 8 `{json.dumps(top['overrides'])}` scored highest, {gain:.4f} above the "
+            f"shipped defaults: within the margin ({MARGIN:g}), so the shipped defaults stay.")
 
 
 def carried(previous: Mapping[str, Any] | None, tuned: Sequence[tuple[str, str]],
@@ -351,8 +365,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def compare_main(a: argparse.Namespace, tasks: Sequence[tuple[str, str]]) -> int:
-    """``--compare``: add a comparison to the last run's results (replacing an earlier one of
-    the same task) and rewrite the README section."""
+    """``--compare``: add a comparison to the last run's results (earlier ones stay, with their
+    dates) and rewrite the README section."""
     if len(tasks) != 1:
         raise SystemExit("tuning: --compare needs exactly one --tasks entry (dataset:arch)")
     path = RESULTS / "tuning.json"
@@ -370,8 +384,7 @@ def compare_main(a: argparse.Namespace, tasks: Sequence[tuple[str, str]]) -> int
     if a.no_write:
         print(json.dumps(entry, indent=2))
         return 0
-    res["comparisons"] = [c for c in res.get("comparisons", [])
-                          if (c["dataset"], c["arch"]) != (dataset, arch)] + [entry]
+    res["comparisons"] = [*res.get("comparisons", []), entry]
     path.write_text(json.dumps(res, indent=2) + "\n")
     write_section("tuning", "## Tuning", markdown(res))
     log(f"wrote {path} and the README section")
