@@ -41,7 +41,7 @@ to tune one: the other tasks of the last run stay in the results, marked with th
 ``--splits N``, ``--quick`` for a smoke run). A comparison: ``--tasks digits:logreg --compare
 '{}' '{"server_optimizer": "fedavgm", "server_params": {"lr": 1.0, "momentum": 0.5}}'`` (each
 JSON object overrides the shipped defaults, ``{}`` is them; ``target_epsilon`` may be one of the
-overrides).
+overrides, and ``what_if_dpsgd_noise_factor``, a what-if that is not a setting: ``WHAT_IF_NOISE``).
 """
 
 from __future__ import annotations
@@ -139,10 +139,48 @@ def score(dataset: str, settings: Mapping[str, Any], split_seed: int) -> float:
     from bedside.demo.run import for_task
 
     torch.set_num_threads(1)
-    cfg = for_task(dict(settings), dataset=dataset)  # the device-level noise follows its rule
+    chosen = dict(settings)
+    _what_if_noise(float(chosen.pop(WHAT_IF_NOISE, 1.0)))
+    cfg = for_task(chosen, dataset=dataset)  # the device-level noise follows its rule
     train, val, shards = split(dataset, split_seed)
     run = run_demo_in_process(cfg, train, val, shards)
     return float(run.rounds[-1].metrics.get("accuracy", 0.0))
+
+
+#: A --compare override that is not a setting: every clinic's DP-SGD noise multiplier times this
+#: factor, with the ledgers' budget checks off. ``1 / sqrt(K)`` is what distributed DP over secure
+#: aggregation would let each of K clinics add (docs/privacy.md, "What the device's own noise
+#: costs"); Bedside has no such mode, so its privacy is not what the ledgers would report.
+WHAT_IF_NOISE = "what_if_dpsgd_noise_factor"
+_noise_factor = [1.0]
+
+
+def _what_if_noise(factor: float) -> None:
+    """Scale the clinics' DP-SGD noise in this worker process (1.0: as the devices plan it)."""
+    import dataclasses
+
+    from bedside.federation import device
+    from bedside.privacy.ledger import Ledger
+
+    if not factor > 0:
+        raise SystemExit(f"tuning: {WHAT_IF_NOISE} must be > 0, got {factor!r}")
+    _noise_factor[0] = factor
+    if not hasattr(device, "_planned_record_noise"):  # patch once per worker, then set the factor
+        planned = device.record_noise
+        check = Ledger._check_locked
+        device._planned_record_noise = planned  # type: ignore[attr-defined]
+
+        def record_noise(*a: Any, **k: Any) -> Any:
+            dp = planned(*a, **k)
+            return dp if _noise_factor[0] == 1.0 else dataclasses.replace(
+                dp, noise_multiplier=dp.noise_multiplier * _noise_factor[0])
+
+        def check_locked(self: Any, items: Any) -> None:
+            if _noise_factor[0] == 1.0:
+                check(self, items)
+
+        device.record_noise = record_noise  # type: ignore[assignment]
+        Ledger._check_locked = check_locked  # type: ignore[method-assign]
 
 
 def evaluate(pool: ProcessPoolExecutor, dataset: str, candidates: Sequence[Mapping[str, Any]],
@@ -195,11 +233,12 @@ def compare(pool: ProcessPoolExecutor, dataset: str, arch: str, overrides: Seque
             o = json.loads(text)
         except json.JSONDecodeError as exc:
             raise SystemExit(f"tuning: --compare {text!r} is not JSON: {exc}") from None
-        unknown = sorted(set(o) - set(base) - {"target_epsilon"}) if isinstance(o, dict) else []
+        unknown = (sorted(set(o) - set(base) - {"target_epsilon", WHAT_IF_NOISE})
+                   if isinstance(o, dict) else [])
         if not isinstance(o, dict) or unknown:
             raise SystemExit(f"tuning: --compare {text!r} must be a JSON object of settings "
                              f"(unknown: {', '.join(unknown) or 'not an object'}; known: "
-                             f"{', '.join(sorted(base))}, target_epsilon)")
+                             f"{', '.join(sorted(base))}, target_epsilon, {WHAT_IF_NOISE})")
         parsed.append(o)
     results = evaluate(pool, dataset, [{**base, **o} for o in parsed], splits)
     for o, r in zip(parsed, results, strict=True):
@@ -274,6 +313,11 @@ def markdown(res: Mapping[str, Any]) -> str:
         for r in c["candidates"]:
             lines.append(f"| `{json.dumps(r['overrides']) if r['overrides'] else 'none'}` | "
                          f"{r['mean']:.4f} | {', '.join(f'{a:.4f}' for a in r['accuracy'])} |")
+        if any(WHAT_IF_NOISE in r["overrides"] for r in c["candidates"]):
+            lines += ["", f"`{WHAT_IF_NOISE}` is a what-if, not a setting: every clinic's "
+                      "DP-SGD noise multiplier times that factor, with the ledgers' budget checks "
+                      "off (1/sqrt(5): what distributed DP over secure aggregation would let each "
+                      "of 5 clinics add; docs/privacy.md)."]
         lines += ["", verdict(c)]
     lines += ["", "The per-dataset defaults in `models/defaults.py` (`TUNED`) are the best task "
               "of each dataset, with its architecture (or what a comparison decided, where one was "
@@ -284,7 +328,8 @@ def markdown(res: Mapping[str, Any]) -> str:
 def verdict(comparison: Mapping[str, Any]) -> str:
     """What a comparison decides: an override replaces the shipped defaults only when it beats
     them (``{}``) at epsilon 8 by more than ``MARGIN``, as a value does in the search."""
-    at8 = [r for r in comparison["candidates"] if "target_epsilon" not in r["overrides"]]
+    at8 = [r for r in comparison["candidates"]
+           if not {"target_epsilon", WHAT_IF_NOISE} & set(r["overrides"])]  # what-ifs never win
     shipped = [r for r in at8 if not r["overrides"]]
     if not at8 or not shipped:
         return "No decision: the comparison does not score the shipped defaults at epsilon 8."
