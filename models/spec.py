@@ -85,19 +85,15 @@ class ArchSpec:
         """How many weights the network (:func:`bedside.models.zoo.build`) trains, i.e. a
         federated update carries, computed without torch (a test checks it against the built
         network)."""
-        widths: list[int]
-        if self.name == "cnn1d":
-            k = int(self.params["kernel_size"])
-            count, width = 0, self.n_features
+        count = 0
+        if self.name == "cnn1d":  # Conv1d layers (weights width x c x k, bias c), then Linear
+            k, width = int(self.params["kernel_size"]), self.n_features
             for c in (int(c) for c in self.params["channels"]):
-                count += width * c * k + c
-                width = c
-        else:
-            count, width = 0, self.flat_inputs
-            widths = [int(h) for h in self.params.get("hidden", [])] if self.name == "mlp" else []
-            for h in widths:
-                count += width * h + h
-                width = h
+                count, width = count + width * c * k + c, c
+        else:  # Linear layers over the flattened input
+            width = self.flat_inputs
+            for h in (int(h) for h in self.params.get("hidden", []) if self.name == "mlp"):
+                count, width = count + width * h + h, h
         return count + width * self.head_width + self.head_width
 
     def to_dict(self) -> dict[str, Any]:
