@@ -21,7 +21,6 @@ import pytest
 from bedside import constants
 from bedside.constants import KIND_KEY, KIND_REPORT, KIND_UPDATE
 from bedside.demo.run import to_toml
-from bedside.transport.memory import MemoryTransport
 from bedside.wire.envelope import decode
 from tests.fleet import mem_fleet
 
@@ -51,21 +50,6 @@ REPORT_META = {"fleet", "counter", "state", "reason", "detail", "refusal"}
 READERS: dict[str, set[str] | None] = {"topic_update": {KIND_UPDATE},
                                        "topic_report": {KIND_REPORT, KIND_KEY},
                                        "topic_status": None}
-
-
-@pytest.fixture
-def traffic(monkeypatch):
-    """Every message published on the in-memory broker, with the client that published it:
-    (client id, topic, payload)."""
-    sent: list[tuple[str, str, bytes]] = []
-    publish = MemoryTransport.publish
-
-    def recording(self, topic, payload, **kw):
-        publish(self, topic, payload, **kw)
-        sent.append((self.client_id, topic, bytes(payload)))
-
-    monkeypatch.setattr(MemoryTransport, "publish", recording)
-    return sent
 
 
 def device_topics(fleet: str, device: str) -> dict[str, str]:

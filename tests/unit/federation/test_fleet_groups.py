@@ -20,6 +20,7 @@ from bedside.federation.settings import RoundSettings
 from bedside.privacy import accountant as acct
 from bedside.privacy.ledger import Ledger, releases_event
 from tests.fleet import mem_fleet
+from tests.unit.federation.test_device_privacy import UPDATE_META, published_by_devices
 
 G = GroupCountSettings(attributes=("age_band", "sex"), levels=("18-44/F", "65+/M"),
                        noise_multiplier=3.0, device_records=100, releases=2, release=True)
@@ -200,7 +201,7 @@ def test_reference_groups_that_cannot_be_counted_stop_the_aggregator_at_start(tm
         agg.start()
 
 
-def test_a_federation_reports_fleet_figures_per_group_in_the_manifest(tmp_path):
+def test_a_federation_reports_fleet_figures_per_group_in_the_manifest(tmp_path, traffic):
     """Three vitals clinics, two training rounds; the last asks for group counts. One clinic's
     policy refuses them: it still trains, and the figures come from the other two."""
     mf = mem_fleet(tmp_path / "fed", clients=3, rounds=2, dataset="vitals", arch="cnn1d",
@@ -232,15 +233,13 @@ def test_a_federation_reports_fleet_figures_per_group_in_the_manifest(tmp_path):
     assert any(fairness.is_count_release(r) for r in mf.agents[0]._ledger.releases(UNIT_DEVICE))
     # on the wire: counts only in the round that asked, only from clinics that accounted them,
     # and noised (never exact integers); nothing else new beside the update
-    from tests.unit.federation.test_device_privacy import UPDATE_META, published_by_devices
-
     sent = []
-    for topic, body in published_by_devices(mf):
-        if isinstance(body, dict):
+    for device, topic, body in published_by_devices(mf, traffic):
+        if topic != "topic_update":  # status and reports: tests/unit/federation/test_device_privacy
             continue
         assert set(body.header.meta) <= UPDATE_META | {"group_counts"}
         if "group_counts" in body.header.meta:
-            sent.append(topic.rsplit("/", 1)[-1])
+            sent.append(device)
             assert body.header.round == last.round
             v = np.asarray(body.header.meta["group_counts"])
             assert not np.allclose(v, np.round(v))
