@@ -162,9 +162,7 @@ def _what_if_noise(factor: float) -> None:
     from bedside.federation import device
     from bedside.privacy.ledger import Ledger
 
-    if not factor > 0:
-        raise SystemExit(f"tuning: {WHAT_IF_NOISE} must be > 0, got {factor!r}")
-    _noise_factor[0] = factor
+    _noise_factor[0] = factor  # checked by compare() before any worker runs
     if not hasattr(device, "_planned_record_noise"):  # patch once per worker, then set the factor
         planned = device.record_noise
         check = Ledger._check_locked
@@ -239,6 +237,9 @@ def compare(pool: ProcessPoolExecutor, dataset: str, arch: str, overrides: Seque
             raise SystemExit(f"tuning: --compare {text!r} must be a JSON object of settings "
                              f"(unknown: {', '.join(unknown) or 'not an object'}; known: "
                              f"{', '.join(sorted(base))}, target_epsilon, {WHAT_IF_NOISE})")
+        factor = o.get(WHAT_IF_NOISE, 1.0)
+        if isinstance(factor, bool) or not isinstance(factor, int | float) or not factor > 0:
+            raise SystemExit(f"tuning: {WHAT_IF_NOISE} must be a number > 0, got {factor!r}")
         parsed.append(o)
     results = evaluate(pool, dataset, [{**base, **o} for o in parsed], splits)
     for o, r in zip(parsed, results, strict=True):
